@@ -1,0 +1,1 @@
+"""Megatron-Core native DiT pretraining: model, diffusion, training loop and runtime."""

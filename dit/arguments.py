@@ -1,0 +1,250 @@
+"""The command line: Megatron-LM's flag names, DiT's own flags, YAML recipes, and validation.
+
+Arguments become configs in ONE place (the builders that read ``args``); library code takes
+configs, never ``args``. Validation runs before any heavy work and raises :class:`ConfigError`,
+which the entry point prints as one line naming the flag and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from dit.config import MODEL_SIZES
+from dit.te import have_transformer_engine
+
+
+class ConfigError(ValueError):
+    """A user's configuration mistake: names the flag and says how to fix it."""
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(f"{flag}: {message}")
+        self.flag = flag
+
+
+def _add_parallel(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP degree.")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP degree.")
+    g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None,
+                   help="Model chunks per pipeline stage (interleaved 1F1B).")
+    g.add_argument("--context-parallel-size", type=int, default=1, help="CP degree.")
+    g.add_argument("--sequence-parallel", action="store_true", help="Sequence parallel (needs TP > 1).")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="Shard optimizer state across data-parallel ranks.")
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="DiT-XL",
+                   help="Named size; --num-layers/--hidden-size/--num-attention-heads override it.")
+    g.add_argument("--num-layers", type=int, default=None, help="Transformer layers (default: from --model-size).")
+    g.add_argument("--hidden-size", type=int, default=None, help="Hidden width (default: from --model-size).")
+    g.add_argument("--num-attention-heads", type=int, default=None, help="Heads (default: from --model-size).")
+    g.add_argument("--latent-channels", type=int, default=16, help="Channels of the VAE latent.")
+    g.add_argument("--patch-size", type=int, default=2, help="Spatial patch size (height and width).")
+    g.add_argument("--temporal-patch-size", type=int, default=1, help="Temporal patch size (frames).")
+    g.add_argument("--text-embed-dim", type=int, default=1024, help="Width of the text embeddings (T5: 1024).")
+    g.add_argument("--max-seq-length", type=int, default=8192, help="Tokens per packed sequence.")
+    g.add_argument("--transformer-impl", choices=["transformer_engine", "local"], default=None,
+                   help="Layer backend (default: transformer_engine when importable, else local).")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                   help="Activation recomputation.")
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform",
+                   help="How full recomputation groups layers.")
+    g.add_argument("--recompute-num-layers", type=int, default=1, help="Layers per recomputation group.")
+
+
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("precision")
+    g.add_argument("--bf16", action="store_true", help="bf16 parameters and activations.")
+    g.add_argument("--fp8-format", choices=["e4m3", "hybrid"], default=None,
+                   help="FP8 through Transformer Engine (needs TE and a GPU).")
+    g.add_argument("--fp8-recipe", choices=["delayed", "tensorwise", "mxfp8", "blockwise"], default="delayed",
+                   help="FP8 scaling recipe.")
+
+
+def _add_training(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--objective", choices=["edm", "flow"], default="flow",
+                   help="EDM (preconditioned, log-normal sigma) or rectified flow (logit-normal t).")
+    g.add_argument("--micro-batch-size", type=int, default=1, help="Packed sequences per micro-batch.")
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="Packed sequences per step over all DP ranks (default: micro batch x DP).")
+    g.add_argument("--train-iters", type=int, default=1000, help="Optimizer steps.")
+    g.add_argument("--lr", type=float, default=1e-4, help="Peak learning rate.")
+    g.add_argument("--min-lr", type=float, default=0.0, help="Final learning rate of the decay.")
+    g.add_argument("--lr-warmup-iters", type=int, default=0, help="Linear warm-up steps.")
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="cosine",
+                   help="Decay after warm-up.")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay.")
+    g.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1.")
+    g.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW beta2.")
+    g.add_argument("--clip-grad", type=float, default=1.0, help="Gradient norm clip (0 = off).")
+    g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA of the weights (0 = off).")
+    g.add_argument("--seed", type=int, default=1234, help="Seed of the run (init, noise, data order).")
+
+
+def _add_checkpoint_and_logging(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("checkpointing and logging")
+    g.add_argument("--save", type=str, default=None, help="Checkpoint directory to write.")
+    g.add_argument("--load", type=str, default=None, help="Checkpoint directory to resume from.")
+    g.add_argument("--save-interval", type=int, default=None, help="Steps between checkpoints.")
+    g.add_argument("--log-interval", type=int, default=10, help="Steps between log lines.")
+    g.add_argument("--eval-interval", type=int, default=None, help="Steps between evaluations.")
+    g.add_argument("--eval-iters", type=int, default=10, help="Micro-batches per evaluation.")
+    g.add_argument("--tensorboard-dir", type=str, default=None, help="TensorBoard log directory.")
+    g.add_argument("--wandb-project", type=str, default=None, help="Weights & Biases project.")
+
+
+def _add_data(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", type=str, default=None,
+                   help="An energon dataset (a folder prepared by `energon prepare`).")
+    g.add_argument("--num-workers", type=int, default=2, help="Loader worker processes per rank.")
+    g.add_argument("--packing-buffer-size", type=int, default=200,
+                   help="Samples per packing buffer (larger packs better, see DESIGN.md).")
+    g.add_argument("--max-bad-sample-fraction", type=float, default=0.01,
+                   help="Stop the run when more than this fraction of samples was skipped as broken.")
+
+
+def build_parser(prog: str = "pretrain_dit.py") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Pretrain a diffusion transformer with Megatron-Core on energon data.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", type=str, default=None,
+                   help="YAML recipe whose keys are these flags' names; the command line overrides it.")
+    for add in (_add_parallel, _add_model, _add_precision, _add_training,
+                _add_checkpoint_and_logging, _add_data):
+        add(p)
+    return p
+
+
+def _load_yaml(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise ConfigError("--config", f"{path} does not exist")
+    try:
+        recipe = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError("--config", f"{path} is not valid YAML ({e.__class__.__name__})") from None
+    if not isinstance(recipe, dict):
+        raise ConfigError("--config", f"{path} must hold a mapping of flag names to values")
+    known = {a.dest for a in parser._actions}
+    defaults = {}
+    for key, value in recipe.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        if dest not in known or dest == "config":
+            raise ConfigError("--config", f"{path}: unknown key '{key}' (see --help for the flag names)")
+        defaults[dest] = value
+    return defaults
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse flags over an optional ``--config`` recipe and fill derived values (not validated)."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**_load_yaml(parser, pre.config))
+    args = parser.parse_args(argv)
+    size = MODEL_SIZES[args.model_size]
+    for name in ("num_layers", "hidden_size", "num_attention_heads"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(size, name))
+    if args.transformer_impl is None:
+        args.transformer_impl = "transformer_engine" if have_transformer_engine() else "local"
+    return args
+
+
+def _check_parallel(args: argparse.Namespace, world_size: int) -> None:
+    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+    for flag, value in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
+                        ("--context-parallel-size", cp), ("--micro-batch-size", args.micro_batch_size)):
+        if value < 1:
+            raise ConfigError(flag, f"must be >= 1, got {value}")
+    if world_size % (tp * pp * cp):
+        raise ConfigError(
+            "--tensor-model-parallel-size",
+            f"world size {world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp} = {tp * pp * cp}; "
+            "change the parallel sizes or the number of processes (torchrun --nproc-per-node)")
+    if args.num_attention_heads % tp:
+        raise ConfigError("--tensor-model-parallel-size",
+                          f"{args.num_attention_heads} attention heads are not divisible by tp={tp}; "
+                          "pick a tp that divides the head count")
+    chunks = pp * (args.virtual_pipeline_model_parallel_size or 1)
+    if args.num_layers % chunks:
+        raise ConfigError("--pipeline-model-parallel-size",
+                          f"{args.num_layers} layers are not divisible into {chunks} pipeline chunks; "
+                          "pick a pp (x virtual pp) that divides --num-layers")
+    if args.virtual_pipeline_model_parallel_size is not None and pp < 2:
+        raise ConfigError("--virtual-pipeline-model-parallel-size", "needs --pipeline-model-parallel-size > 1")
+    if args.sequence_parallel and tp == 1:
+        raise ConfigError("--sequence-parallel", "needs --tensor-model-parallel-size > 1; drop the flag or raise tp")
+    dp = world_size // (tp * pp * cp)
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    if args.global_batch_size % (args.micro_batch_size * dp):
+        raise ConfigError("--global-batch-size",
+                          f"{args.global_batch_size} is not a multiple of micro batch x DP = "
+                          f"{args.micro_batch_size}x{dp}")
+
+
+def _check_backend(args: argparse.Namespace) -> None:
+    te = have_transformer_engine()
+    if args.transformer_impl == "transformer_engine" and not te:
+        raise ConfigError("--transformer-impl",
+                          "transformer_engine is not importable here; use --transformer-impl local "
+                          "or run in the NGC PyTorch container")
+    if args.fp8_format is not None:
+        if not te or args.transformer_impl != "transformer_engine":
+            raise ConfigError("--fp8-format",
+                              "FP8 needs Transformer Engine (--transformer-impl transformer_engine) on a GPU; "
+                              "drop --fp8-format here")
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--fp8-format", "FP8 needs a CUDA GPU; drop --fp8-format on CPU")
+    if args.patch_size < 1 or args.temporal_patch_size < 1:
+        raise ConfigError("--patch-size", "patch sizes must be >= 1")
+
+
+def _check_data(args: argparse.Namespace) -> None:
+    if args.data_path is None:
+        raise ConfigError("--data-path", "is required: point it at a dataset prepared with `energon prepare`")
+    path = Path(args.data_path)
+    if not path.exists():
+        raise ConfigError("--data-path", f"{path} does not exist")
+    if path.is_dir() and not (path / ".nv-meta").is_dir():
+        raise ConfigError("--data-path",
+                          f"{path} is not an energon dataset (no .nv-meta); run "
+                          f"`energon prepare {path} --non-interactive --split-ratio 1,0,0 "
+                          "--sample-type CrudeWebdataset` first")
+    if not 0.0 <= args.max_bad_sample_fraction <= 1.0:
+        raise ConfigError("--max-bad-sample-fraction", "must be between 0 and 1")
+
+
+def validate_args(args: argparse.Namespace, world_size: int, *, need_data: bool = True) -> argparse.Namespace:
+    """Check the flags against each other, the world size and this machine; fill the derived ones."""
+    _check_parallel(args, world_size)
+    _check_backend(args)
+    if need_data:
+        _check_data(args)
+    if args.save_interval is not None and args.save is None:
+        raise ConfigError("--save-interval", "needs --save DIR")
+    if args.load is not None and not Path(args.load).exists():
+        raise ConfigError("--load", f"{args.load} does not exist")
+    return args
+
+
+def launched_world_size() -> int:
+    """The world size torchrun announces, or 1 for a plain ``python`` process."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"

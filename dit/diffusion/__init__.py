@@ -1,0 +1,1 @@
+"""Diffusion objectives (EDM, rectified flow) and samplers, apart from the network."""

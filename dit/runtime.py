@@ -1,0 +1,126 @@
+"""Process start-up: distributed init, Megatron's parallel state, and the RNG contract.
+
+RNG contract:
+- model initialisation draws identically on every TP/CP/DP rank of a pipeline stage (Megatron
+  then splits CPU-initialised master weights, so TP shards equal the TP=1 weights);
+- Megatron's tracked "model-parallel" state differs across TP ranks (dropout inside TP regions);
+- the default generator after :func:`set_random_seed` with ``per_data_parallel_rank=True`` is
+  equal across the TP/CP ranks of one replica and distinct across DP replicas;
+- per-sample diffusion draws come from :func:`sample_generator` and depend only on
+  (seed, iteration, sample key): every rank, and every parallel layout, draws the same.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from dit import cpu_backend
+
+log = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_minutes: float = 10.0) -> str:
+    """Join (or create) the default process group; return the backend used.
+
+    Works under torchrun and as a plain single process. NCCL when CUDA is present, gloo (with the
+    CPU compatibility layer) otherwise.
+    """
+    if dist.is_initialized():
+        return dist.get_backend()
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if torch.cuda.is_available():
+        backend = "nccl"
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        backend = "gloo"
+        cpu_backend.enable()
+    dist.init_process_group(
+        backend=backend,
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+    return backend
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """The model-parallel sizes of a run; DP is what is left of the world."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    context: int = 1
+    virtual_pipeline: int | None = None
+
+    def data_parallel_size(self, world_size: int) -> int:
+        model = self.tensor * self.pipeline * self.context
+        if world_size % model:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tp*pp*cp = "
+                f"{self.tensor}*{self.pipeline}*{self.context} = {model}"
+            )
+        return world_size // model
+
+
+def initialize_model_parallel(layout: ParallelLayout) -> None:
+    """Build Megatron's process groups (TP, PP, CP, DP) for ``layout`` over the default group."""
+    layout.data_parallel_size(dist.get_world_size())
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tensor,
+        pipeline_model_parallel_size=layout.pipeline,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
+        context_parallel_size=layout.context,
+    )
+
+
+def set_random_seed(seed: int, *, per_data_parallel_rank: bool) -> None:
+    """Seed python, numpy, torch and Megatron's RNG tracker following the module's contract.
+
+    Call with ``per_data_parallel_rank=False`` before building the model (identical initial
+    weights on every replica) and with ``True`` afterwards (distinct dropout across replicas).
+    """
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    if per_data_parallel_rank:
+        stage_seed += 10 * parallel_state.get_data_parallel_rank()
+    random.seed(stage_seed)
+    np.random.seed(stage_seed % 2**32)
+    torch.manual_seed(stage_seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(stage_seed, force_reset_rng=True)
+
+
+def sample_generator(seed: int, iteration: int, key: str, device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator for one sample's diffusion draws (sigma or t, noise, text drop).
+
+    It depends only on (seed, iteration, sample key), so a resumed run or another parallel layout
+    draws exactly the same numbers for the same sample.
+    """
+    digest = hashlib.blake2b(f"{seed}/{iteration}/{key}".encode(), digest_size=8).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+def destroy() -> None:
+    """Tear down Megatron's groups and the default group (tests, end of a run)."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
