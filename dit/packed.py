@@ -1,0 +1,60 @@
+"""The packed (THD) micro-batch that flows from the data path into the model and the loss.
+
+A pack holds N samples of different lengths one after another. Sample i owns the padded token
+range ``cu_seqlens_padded[i]:cu_seqlens_padded[i+1]`` of which the first ``seqlen_i`` tokens are
+real. Under context parallelism every CP rank holds only its load-balanced share of each sample
+(:func:`thd_partition_indices`), while the ``cu_seqlens`` stay those of the whole pack, as in
+Transformer Engine's THD convention. The text side (cross-attention keys) is never split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+
+
+@dataclass
+class PackedBatch:
+    """One micro-batch. S = tokens this rank holds, N = samples in the pack, K = text tokens."""
+
+    tokens: torch.Tensor  # [S, pt*ph*pw*C] patchified latent (clean, x0)
+    positions: torch.Tensor  # [S, 3] int64 (t, h, w) patch coordinates; 0 on pad tokens
+    loss_mask: torch.Tensor  # [S] bool, True on real tokens
+    cu_seqlens: torch.Tensor  # [N+1] int32, real latent tokens of each sample
+    cu_seqlens_padded: torch.Tensor  # [N+1] int32, padded latent tokens of each sample
+    text: torch.Tensor  # [K, D] text embeddings of the N samples, concatenated
+    cu_seqlens_text: torch.Tensor  # [N+1] int32
+    grid_sizes: torch.Tensor  # [N, 3] int64 latent grid (T, H, W) in patches, for unpatchify
+    keys: list[str] = field(default_factory=list)  # per-sample keys: logging and reproducible draws
+    fps: torch.Tensor | None = None  # [N] float, video frame rate conditioning (None: images)
+    labels: torch.Tensor | None = None  # [N] int64, class conditioning (None: text conditioning)
+
+    @property
+    def num_samples(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    def to(self, device: torch.device | str) -> "PackedBatch":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{k: v.to(device) for k, v in moved.items() if isinstance(v, torch.Tensor)})
+
+
+def thd_partition_indices(cu_seqlens_padded: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Indices (into the whole pack) of the tokens CP rank ``cp_rank`` holds.
+
+    Each sample's padded range is cut into ``2*cp_size`` equal chunks and rank r keeps chunks r and
+    ``2*cp_size-1-r``, which balances causal and non-causal attention work. This is the scheme of
+    Transformer Engine's ``thd_get_partitioned_indices``; lengths must be multiples of 2*cp_size.
+    """
+    bounds = cu_seqlens_padded.tolist()
+    parts = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        length = end - start
+        if length % (2 * cp_size):
+            raise ValueError(f"padded sample length {length} is not a multiple of 2*cp = {2 * cp_size}")
+        chunk = length // (2 * cp_size)
+        for c in (cp_rank, 2 * cp_size - 1 - cp_rank):
+            parts.append(torch.arange(start + c * chunk, start + (c + 1) * chunk))
+    if not parts:
+        return torch.empty(0, dtype=torch.long)
+    return torch.cat(parts)
