@@ -45,12 +45,15 @@ class RankFailed(AssertionError):
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 240) -> list[Any]:
-    """Run ``fn(*args)`` on ``world_size`` gloo ranks; return the results ordered by rank."""
+    """Run ``fn(*args)`` on ``world_size`` gloo ranks; return the results ordered by rank.
+
+    Ranks are not daemonic: Megatron's checkpoint writer starts processes of its own.
+    """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results), daemon=True)
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results))
         for r in range(world_size)
     ]
     for p in procs:

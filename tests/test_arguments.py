@@ -1,0 +1,126 @@
+"""The command line: each user mistake gives one line naming the flag, before any heavy work."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dit import arguments
+from dit.arguments import ConfigError, parse_args, validate_args
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4"]
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """A folder that looks prepared (validation only checks for energon's .nv-meta)."""
+    (tmp_path / "ds" / ".nv-meta").mkdir(parents=True)
+    return str(tmp_path / "ds")
+
+
+def check(argv, world_size=1, **kw):
+    return validate_args(parse_args(argv), world_size, **kw)
+
+
+@pytest.mark.parametrize("argv, world, flag, words", [
+    (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], 6,
+     "--tensor-model-parallel-size", "world size 6 is not divisible by tp*pp*cp = 2*2*1 = 4"),
+    (["--tensor-model-parallel-size", "3"], 3, "--tensor-model-parallel-size", "4 attention heads are not divisible by tp=3"),
+    (["--pipeline-model-parallel-size", "3"], 3, "--pipeline-model-parallel-size", "4 layers are not divisible into 3"),
+    (["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "4"], 2,
+     "--pipeline-model-parallel-size", "not divisible into 8 pipeline chunks"),
+    (["--sequence-parallel"], 1, "--sequence-parallel", "needs --tensor-model-parallel-size > 1"),
+    (["--global-batch-size", "3"], 2, "--global-batch-size", "not a multiple of micro batch x DP = 1x2"),
+    (["--context-parallel-size", "0"], 1, "--context-parallel-size", "must be >= 1"),
+    (["--save-interval", "5"], 1, "--save-interval", "needs --save"),
+])
+def test_parallel_and_training_mistakes(dataset, argv, world, flag, words):
+    with pytest.raises(ConfigError) as e:
+        check(TINY + ["--data-path", dataset] + argv, world)
+    assert e.value.flag == flag
+    assert words in str(e.value)
+
+
+def test_transformer_engine_asked_without_te(dataset, monkeypatch):
+    monkeypatch.setattr(arguments, "have_transformer_engine", lambda: False)
+    with pytest.raises(ConfigError, match="transformer_engine is not importable") as e:
+        check(TINY + ["--data-path", dataset, "--transformer-impl", "transformer_engine"])
+    assert e.value.flag == "--transformer-impl"
+
+
+def test_fp8_without_te(dataset, monkeypatch):
+    monkeypatch.setattr(arguments, "have_transformer_engine", lambda: False)
+    with pytest.raises(ConfigError, match="FP8 needs Transformer Engine") as e:
+        check(TINY + ["--data-path", dataset, "--fp8-format", "hybrid"])
+    assert e.value.flag == "--fp8-format"
+
+
+def test_fp8_with_te_but_no_gpu(dataset, monkeypatch):
+    """TE importable (mocked: it cannot be installed here) but no CUDA device."""
+    monkeypatch.setattr(arguments, "have_transformer_engine", lambda: True)
+    with pytest.raises(ConfigError, match="FP8 needs a CUDA GPU"):
+        check(TINY + ["--data-path", dataset, "--fp8-format", "e4m3", "--transformer-impl", "transformer_engine"])
+
+
+def test_default_backend_follows_te_availability(monkeypatch):
+    monkeypatch.setattr(arguments, "have_transformer_engine", lambda: False)
+    assert parse_args([]).transformer_impl == "local"
+    monkeypatch.setattr(arguments, "have_transformer_engine", lambda: True)
+    assert parse_args([]).transformer_impl == "transformer_engine"
+
+
+def test_data_path_mistakes(tmp_path):
+    with pytest.raises(ConfigError, match="is required") as e:
+        check(TINY)
+    assert e.value.flag == "--data-path"
+    with pytest.raises(ConfigError, match="does not exist"):
+        check(TINY + ["--data-path", str(tmp_path / "missing")])
+    with pytest.raises(ConfigError, match=r"not an energon dataset \(no .nv-meta\); run `energon prepare"):
+        check(TINY + ["--data-path", str(tmp_path)])
+
+
+def test_model_size_fills_and_flags_override(dataset):
+    a = check(["--model-size", "DiT-B", "--data-path", dataset])
+    assert (a.num_layers, a.hidden_size, a.num_attention_heads) == (12, 768, 12)
+    a = check(["--model-size", "DiT-B", "--num-layers", "2", "--data-path", dataset])
+    assert (a.num_layers, a.hidden_size) == (2, 768)
+    assert a.global_batch_size == 1  # micro batch 1 x DP 1
+
+
+def test_yaml_recipe_and_command_line_override(tmp_path, dataset):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model-size: DiT-S\nlr: 3.0e-4\ndata_path: {dataset}\nsequence-parallel: true\n"
+                      "tensor-model-parallel-size: 2\n")
+    a = check(["--config", str(recipe), "--lr", "1e-3"], world_size=2)
+    assert a.lr == 1e-3 and a.hidden_size == 384 and a.sequence_parallel and a.data_path == dataset
+    recipe.write_text("learning-rate: 1\n")
+    with pytest.raises(ConfigError, match="unknown key 'learning-rate'"):
+        parse_args(["--config", str(recipe)])
+    recipe.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        parse_args(["--config", str(recipe)])
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_args(["--config", str(tmp_path / "nope.yaml")])
+
+
+def run_entry(*argv, env=None):
+    return subprocess.run([sys.executable, str(ROOT / "pretrain_dit.py"), *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_help_without_gpu_dataset_or_torchrun():
+    out = run_entry("--help")
+    assert out.returncode == 0
+    for flag in ("--tensor-model-parallel-size", "--model-size", "--objective", "--fp8-recipe",
+                 "--packing-buffer-size", "--config"):
+        assert flag in out.stdout
+    assert "(default: 1)" in out.stdout  # defaults are listed
+
+
+def test_user_mistake_is_one_line_without_traceback(tmp_path):
+    out = run_entry("--data-path", str(tmp_path / "missing"))
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == f"pretrain_dit.py: error: --data-path: {tmp_path / 'missing'} does not exist"
