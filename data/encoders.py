@@ -29,14 +29,21 @@ def _device() -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def load_pretrained(flag: str, load: Callable[..., Any], name: str, subfolder: str | None, **kwargs: Any) -> Any:
-    """``load(name, subfolder=..., **kwargs)``, with a user's wrong name or folder as a ConfigError on ``flag``."""
+def check_source(flag: str, name: str) -> str:
+    """``name`` as a local folder when it is one, else as a hub name; a path that does not exist is a ConfigError."""
     local = Path(name).expanduser()
-    if not local.exists() and (local.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1):
+    if local.exists():
+        return str(local)
+    if local.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
         raise ConfigError(flag, f"{name} does not exist; give a folder written by save_pretrained "
                                 "or a hub name such as org/model")
+    return name
+
+
+def load_pretrained(flag: str, load: Callable[..., Any], name: str, subfolder: str | None, **kwargs: Any) -> Any:
+    """``load(name, subfolder=..., **kwargs)``, with a user's wrong name or folder as a ConfigError on ``flag``."""
     try:
-        return load(str(local) if local.exists() else name, **({"subfolder": subfolder} if subfolder else {}), **kwargs)
+        return load(check_source(flag, name), **({"subfolder": subfolder} if subfolder else {}), **kwargs)
     except (OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else e.__class__.__name__
         raise ConfigError(flag, f"cannot load {name}" + (f" (subfolder {subfolder})" if subfolder else "")

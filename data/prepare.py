@@ -30,7 +30,7 @@ from typing import Iterator
 
 import torch
 
-from data.encoders import TextEncoder, VaeEncoder
+from data.encoders import TextEncoder, VaeEncoder, check_source
 from data.inputs import MediaItem, find_items
 from data.media import Clip, MediaError, PixelSpec, read_image, read_video
 from data.shards import ShardSample, encode_sample, energon_prepare, shard_name, write_shard
@@ -195,6 +195,7 @@ def _shard_samples(items: list[MediaItem], first: int, encoders: Encoders, batch
 
 
 def _load_encoders(config: PrepareConfig) -> Encoders:
+    check_source("--vae", config.vae)  # before the text encoder, which may take minutes to load
     text = TextEncoder(config.text_encoder, config.text_encoder_subfolder, config.tokenizer_subfolder,
                        config.max_text_length)
     vae = VaeEncoder(config.vae, config.vae_subfolder, config.batch_size)
