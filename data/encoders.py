@@ -5,7 +5,7 @@ for pipeline repositories), and run in inference mode on the GPU in bf16 when th
 fp32 on the CPU.
 
 Latents are the mean of the VAE's posterior (deterministic, so a rerun rewrites a shard
-identically), normalised as diffusers pipelines do before denoising:
+with the same values), normalised as diffusers pipelines do before denoising:
 ``(z - shift) * scaling_factor / std``, with shift = ``latents_mean`` or ``shift_factor`` and
 std = ``latents_std`` from the VAE's config (0 and 1 where absent). Videos: a VAE with 3D
 convolutions (AutoencoderKLWan, ...HunyuanVideo, ...LTXVideo, ...) encodes each clip whole, with
@@ -42,10 +42,11 @@ def check_source(flag: str, name: str) -> str:
 
 def load_pretrained(flag: str, load: Callable[..., Any], name: str, subfolder: str | None, **kwargs: Any) -> Any:
     """``load(name, subfolder=..., **kwargs)``, with a user's wrong name or folder as a ConfigError on ``flag``."""
+    source = check_source(flag, name)
     try:
-        return load(check_source(flag, name), **({"subfolder": subfolder} if subfolder else {}), **kwargs)
+        return load(source, **({"subfolder": subfolder} if subfolder else {}), **kwargs)
     except (OSError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else e.__class__.__name__
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
         raise ConfigError(flag, f"cannot load {name}" + (f" (subfolder {subfolder})" if subfolder else "")
                           + f": {reason}") from None
 
@@ -68,8 +69,8 @@ class VaeEncoder:
             raise ConfigError("--vae", f"{name} is a {type(vae).__name__}, not an autoencoder")
         self.vae = vae.to(self.device).eval()
         config = vae.config
+        # a video VAE is fed whole clips [B, 3, T, H, W]; an image VAE single frames [B, 3, H, W]
         self.video = any(isinstance(m, torch.nn.Conv3d) for m in vae.modules())
-        """True: a video VAE, fed whole clips ``[B, 3, T, H, W]``; False: fed frames ``[B, 3, H, W]``."""
         blocks = config.get("block_out_channels")
         self.spatial = int(getattr(vae, "spatial_compression_ratio", None) or config.get("scale_factor_spatial")
                            or (2 ** (len(blocks) - 1) if blocks else 0))

@@ -100,9 +100,10 @@ class Encoders:
 
 
 def _check(config: PrepareConfig) -> None:
-    for flag, value, low in (("--samples-per-shard", config.samples_per_shard, 1), ("--batch-size", config.batch_size, 1),
-                             ("--max-text-length", config.max_text_length, 1), ("--patch-size", config.patch_size, 1),
-                             ("--num-frames", config.num_frames, 0), ("--num-workers", config.num_workers, 1)):
+    for flag, value, low in (("--samples-per-shard", config.samples_per_shard, 1),
+                             ("--batch-size", config.batch_size, 1), ("--max-text-length", config.max_text_length, 1),
+                             ("--patch-size", config.patch_size, 1), ("--num-frames", config.num_frames, 0),
+                             ("--num-workers", config.num_workers, 1)):
         if value < low:
             raise ConfigError(flag, f"must be >= {low}, got {value}")
     for flag, value in (("--resolution", config.resolution), ("--fps", config.fps)):
@@ -184,8 +185,7 @@ def _shard_samples(items: list[MediaItem], first: int, encoders: Encoders, batch
         for position, item, result in batch:
             if isinstance(result, Exception):
                 kind = result.kind if isinstance(result, MediaError) else "unreadable"
-                summary.skip(kind, item.source, str(result).strip().splitlines()[0][:200] if str(result) else
-                             type(result).__name__)
+                summary.skip(kind, item.source, (str(result).strip() or type(result).__name__).splitlines()[0])
             else:
                 good.append((position, item, result))
         if good:
@@ -246,8 +246,8 @@ def prepare(config: PrepareConfig) -> Summary:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", type=Path, metavar="INPUT", help="Folder of images/videos (captions in NAME.txt beside each, "
-                                            "unless --captions is given).")
+    p.add_argument("input", type=Path, metavar="INPUT",
+                   help="Folder of images/videos (captions in NAME.txt beside each, unless --captions is given).")
     p.add_argument("output", type=Path, metavar="OUT", help="Dataset folder to write (rerun on it to resume).")
     p.add_argument("--vae", required=True, help="diffusers VAE: hub name or local folder.")
     p.add_argument("--vae-subfolder", default=None, help="Its subfolder in a pipeline repository (e.g. vae).")
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=None,
                    help="Resize to about RESOLUTION^2 pixels at the input's aspect ratio (default: native size).")
     p.add_argument("--patch-size", type=int, default=2,
-                   help="The model's spatial patch: sides are cropped to a multiple of it times the VAE's downsampling.")
+                   help="The model's spatial patch; sides are cropped to a multiple of it x the VAE's downsampling.")
     p.add_argument("--fps", type=float, default=None, help="Drop video frames down to this rate (default: source).")
     p.add_argument("--num-frames", type=int, default=121, help="Video frames kept at most (0: all).")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="Stored dtype of latents and text.")

@@ -306,6 +306,7 @@ USER_ERRORS = {  # case: (INPUT and the flags that differ from a good run, the s
     "csv without header": (_headerless_csv, "--captions: "),
     "bad shard size": (lambda t: [_captioned(t), "--samples-per-shard", "0"], "--samples-per-shard: "),
     "unknown vae path": (lambda t: [_captioned(t), "--vae", str(t / "no_vae")], "--vae: "),
+    "unknown text encoder path": (lambda t: [_captioned(t), "--text-encoder", "./no/t5"], "--text-encoder: ./no/t5 does"),
     "not a text encoder folder": (lambda t: [_captioned(t), "--text-encoder", str(t)], "--text-encoder: cannot load"),
 }
 
