@@ -3,7 +3,8 @@
 RNG contract:
 - model initialisation draws identically on every TP/CP/DP rank of a pipeline stage (Megatron
   then splits CPU-initialised master weights, so TP shards equal the TP=1 weights);
-- Megatron's tracked "model-parallel" state differs across TP ranks (dropout inside TP regions);
+- Megatron's tracked "model-parallel" state (dropout inside TP regions) differs across TP ranks,
+  and across DP replicas too once seeded ``per_data_parallel_rank``;
 - the default generator after :func:`set_random_seed` with ``per_data_parallel_rank=True`` is
   equal across the TP/CP ranks of one replica and distinct across DP replicas;
 - per-sample diffusion draws come from :func:`sample_generator` and depend only on
