@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.enums import ModelType
 from megatron.core.models.common.vision_module.vision_module import VisionModule
 from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
@@ -55,6 +56,7 @@ class FinalLayer(VisionModule):
 class DiTModel(VisionModule):
     """A diffusion transformer on Megatron-Core; one instance per pipeline stage (``pre/post_process``)."""
 
+    model_type = ModelType.encoder_or_decoder  # read by Megatron's pipeline schedules
     share_embeddings_and_output_weights = False  # read by finalize_model_grads on the first/last stages
 
     def __init__(self, config: DiTConfig, pre_process: bool = True, post_process: bool = True,
