@@ -80,6 +80,8 @@ class DiTConfig(TransformerConfig):
         default_factory=lambda: "transformer_engine" if have_transformer_engine() else "local")
 
     def __post_init__(self) -> None:
+        if self.pipeline_dtype is None:
+            self.pipeline_dtype = self.params_dtype  # stages exchange activations in the parameter dtype
         super().__post_init__()
         if self.conditioning not in ("text", "class"):
             raise ValueError(f"conditioning must be 'text' or 'class', got {self.conditioning!r}")
@@ -120,7 +122,6 @@ def dit_config(size: str, **fields) -> DiTConfig:
 
 def config_from_args(args: argparse.Namespace) -> DiTConfig:
     """The one place where parsed flags (``dit.arguments.parse_args``) become a DiTConfig."""
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
     full = args.recompute_granularity == "full"
     return DiTConfig(
         num_layers=args.num_layers,
@@ -147,8 +148,7 @@ def config_from_args(args: argparse.Namespace) -> DiTConfig:
         recompute_method=args.recompute_method if full else None,
         recompute_num_layers=args.recompute_num_layers if full else None,
         bf16=args.bf16,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         fp8=args.fp8_format,
         fp8_recipe=args.fp8_recipe,
     )
