@@ -75,11 +75,13 @@ def _backend(transformer_impl: str) -> _Backend:
     return _Backend(TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention, TENorm)
 
 
-def get_dit_layer_spec(config: DiTConfig) -> ModuleSpec:
-    """The DiT layer spec for ``config.transformer_impl`` (``transformer_engine`` or ``local``)."""
-    b = _backend(config.transformer_impl)
-    text = config.conditioning == "text"
-    qk_norm = b.qk_norm if config.qk_layernorm else IdentityOp
+def get_dit_layer_spec(transformer_impl: str, *, cross_attention: bool, qk_layernorm: bool) -> ModuleSpec:
+    """The DiT layer spec for ``transformer_impl`` (``transformer_engine`` or ``local``).
+
+    ``cross_attention``: attend to the text (text conditioning); ``qk_layernorm``: RMS-normalise q and k.
+    """
+    b = _backend(transformer_impl)
+    qk_norm = b.qk_norm if qk_layernorm else IdentityOp
     bidirectional = {"attn_mask_type": AttnMaskType.no_mask}  # Megatron's TE wrapper maps it to THD "padding"
     return ModuleSpec(
         module=DiTLayer,
@@ -92,17 +94,17 @@ def get_dit_layer_spec(config: DiTConfig) -> ModuleSpec:
                     linear_qkv=b.column_linear, core_attention=b.core_attention, linear_proj=b.row_linear,
                     q_layernorm=qk_norm, k_layernorm=qk_norm),
             ),
-            pre_cross_attn_layernorm=ModulatedNorm if text else IdentityOp,
+            pre_cross_attn_layernorm=ModulatedNorm if cross_attention else IdentityOp,
             cross_attention=ModuleSpec(
                 module=CrossAttention,
                 params=bidirectional,
                 submodules=CrossAttentionSubmodules(
                     linear_q=b.column_linear, linear_kv=b.column_linear, core_attention=b.core_attention,
                     linear_proj=b.row_linear),
-            ) if text else IdentityOp,
+            ) if cross_attention else IdentityOp,
             pre_mlp_layernorm=ModulatedNorm,
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=b.column_linear, linear_fc2=b.row_linear)),
-            adaln=ModuleSpec(module=AdaLNModulation, params={"num_chunks": 9 if text else 6}),
+            adaln=ModuleSpec(module=AdaLNModulation, params={"num_chunks": 9 if cross_attention else 6}),
         ),
     )
 

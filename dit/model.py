@@ -70,7 +70,9 @@ class DiTModel(VisionModule):
         if pre_process:
             self.patch_embed = nn.Linear(config.token_width, config.hidden_size)  # pt*p*p*C -> h
             self.pos_embed = SinCos3D(config) if config.position_embedding == "sincos3d" else None
-        self.decoder = TransformerBlock(config, get_dit_layer_spec(config), post_layer_norm=False,
+        spec = get_dit_layer_spec(config.transformer_impl, cross_attention=config.conditioning == "text",
+                                  qk_layernorm=config.qk_layernorm)
+        self.decoder = TransformerBlock(config, spec, post_layer_norm=False,
                                         pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
         if post_process:
             self.final_layer = FinalLayer(config)
