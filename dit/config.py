@@ -92,6 +92,11 @@ class DiTConfig(TransformerConfig):
         if self.apply_rope_fusion:
             raise ValueError("apply_rope_fusion must be off: fused THD RoPE restarts positions per sequence, "
                              "3D RoPE needs the per-token (t, h, w) frequencies")
+        layers_per_stage = self.num_layers // self.pipeline_model_parallel_size
+        full_uniform = self.recompute_granularity == "full" and self.recompute_method == "uniform"
+        if full_uniform and layers_per_stage % self.recompute_num_layers:
+            raise ValueError(f"uniform recompute groups {self.recompute_num_layers} layers, which does not divide "
+                             f"the {layers_per_stage} layers of a pipeline stage")
         if self.recompute_granularity == "selective" and set(self.recompute_modules) != {"core_attn"}:
             raise ValueError(f"selective recompute supports recompute_modules=['core_attn'] only, "
                              f"got {self.recompute_modules}")

@@ -22,8 +22,10 @@ def per_sample_loss(prediction: Tensor, target: Tensor, batch: PackedBatch, cp_g
     CP for the value, while the gradient flows through this rank's tokens only: Megatron's schedule scales
     the loss by the CP size and its DDP averages gradients over CP, which together give the exact gradient.
     """
-    per_token = (prediction.float() - target.float()).square().mean(dim=-1)  # [s]
-    per_token = torch.where(batch.loss_mask, per_token, 0.0)  # where, not *: pad rows may hold anything
+    # Mask the difference itself: pad rows may hold anything, even NaN, and neither their value nor a
+    # 0 * NaN in the backward may reach the real tokens.
+    diff = torch.where(batch.loss_mask[:, None], prediction.float() - target.float(), 0.0)  # [s, D]
+    per_token = diff.square().mean(dim=-1)  # [s]
     sample = cp_token_samples(batch.cu_seqlens_padded, cp_group.size()).to(per_token.device)  # [s]
     sums = per_token.new_zeros(batch.num_samples).index_add(0, sample, per_token)  # [N], this rank's share
     if cp_group.size() > 1:
