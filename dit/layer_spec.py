@@ -19,6 +19,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import (
     CrossAttention,
@@ -113,7 +114,8 @@ class DiTLayer(TransformerLayer):
     """adaLN-Zero DiT block over packed samples (see the module docstring for the data flow)."""
 
     def __init__(self, config: DiTConfig, submodules: DiTLayerSubmodules, layer_number: int = 1,
-                 hidden_dropout: float | None = None, pg_collection=None, vp_stage: int | None = None):
+                 hidden_dropout: float | None = None, pg_collection: ProcessGroupCollection | None = None,
+                 vp_stage: int | None = None):
         # The text is whole on every CP rank, so cross-attention must not run context-parallel:
         # build it below from a CP=1 copy of the config (TE's attention reads CP from the config).
         super().__init__(config, dataclasses.replace(submodules, cross_attention=IdentityOp), layer_number,

@@ -6,6 +6,10 @@ Data flow on this rank (s = tokens this CP rank holds; with sequence parallelism
 Every stage recomputes the conditioning from the batch: c = t_embed(timesteps) (+ fps or class) ``[N, h]``,
 one row per sample, and the projected text ``[K, 1, h]``. Megatron's ``finalize_model_grads`` sums the
 conditioning gradients across pipeline stages (``DiTConfig.has_cond_embedder``).
+
+Precision: only the transformer block runs under FP8 (Megatron's FP8 context wraps the block, and only its
+TE linears quantise). The embedders, the adaLN modulations and the final layer are plain Megatron/torch
+linears outside that context, so they stay in the parameter dtype; sinusoids and RoPE angles are fp32.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
 )
+from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 from torch import Tensor, nn
 
@@ -31,7 +36,7 @@ from dit.patchify import unpatchify
 from dit.sequence import PackedSequence, packed_sequence, text_padding
 
 
-class FinalLayer(VisionModule):
+class FinalLayer(MegatronModule):
     """adaLN-modulated norm and a zero-initialised linear back to token width (replicated over TP).
 
     Under sequence parallelism it runs on this rank's token slice, so its gradients are partial and carry

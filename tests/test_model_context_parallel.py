@@ -23,9 +23,9 @@ def _cp(fields, layout, microbatches, state, sequence_parallel):
     return out
 
 
-def _both(microbatches, state_text, state_class, layout, sequence_parallel):
-    return (_cp(TEXT, layout, microbatches, state_text, sequence_parallel),
-            _cp(CLASS, layout, microbatches, state_class, sequence_parallel))
+def _both(microbatches, state_text, state_class, layout, text_sequence_parallel):
+    return (_cp(TEXT, layout, microbatches, state_text, text_sequence_parallel),
+            _cp(CLASS, layout, microbatches, state_class, False))
 
 
 def test_cp2_matches_single_process(single_process):
@@ -36,7 +36,8 @@ def test_cp2_matches_single_process(single_process):
     assert_matches_reference([r[1] for r in per_rank], *klass[:2])
 
 
-def test_tp2_cp2_with_sequence_parallel_matches_single_process(single_process):
+def test_tp2_cp2_with_and_without_sequence_parallel_matches_single_process(single_process):
+    # text-conditioned with sequence parallelism, class-conditioned without
     microbatches = _microbatches(pad_multiple=8)
     text, klass = reference_run(TEXT, microbatches), reference_run(CLASS, microbatches)
     per_rank = run_distributed(_both, 4, microbatches, text[2], klass[2], ParallelLayout(tensor=2, context=2), True)

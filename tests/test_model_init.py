@@ -7,9 +7,11 @@ from tests.model_setup import make_microbatch, single_process, tiny_config  # no
 
 
 def test_fresh_model_outputs_zero_and_blocks_are_identity(single_process):
-    mb = make_microbatch(21, [(1, 4, 6), (1, 2, 2)])
-    for conditioning in ("text", "class"):
-        config = tiny_config(conditioning=conditioning, fps_conditioning=True, adaln_lora_rank=4)
+    images = make_microbatch(21, [(1, 4, 6), (1, 2, 2)])
+    videos = make_microbatch(22, [(4, 4, 6), (2, 2, 2)], temporal_patch=2)  # 2 frames per token
+    for conditioning, pt, mb in (("text", 1, images), ("class", 2, videos)):
+        config = tiny_config(conditioning=conditioning, fps_conditioning=True, adaln_lora_rank=4,
+                             temporal_patch_size=pt, position_embedding="sincos3d" if pt == 2 else "rope3d")
         with torch.no_grad():
             out = DiTModel(config)(mb.batch.tokens, mb.timesteps, mb.batch)
             assert out.shape == mb.batch.tokens.shape
@@ -17,4 +19,7 @@ def test_fresh_model_outputs_zero_and_blocks_are_identity(single_process):
 
             trunk = DiTModel(config, post_process=False)  # patch embedding + blocks only
             hidden = trunk(mb.batch.tokens, mb.timesteps, mb.batch)  # [S, 1, h]
-            assert torch.equal(hidden.squeeze(1), trunk.patch_embed(mb.batch.tokens))
+            embedded = trunk.patch_embed(mb.batch.tokens)
+            if trunk.pos_embed is not None:
+                embedded = embedded + trunk.pos_embed(mb.batch.positions)
+            assert torch.equal(hidden.squeeze(1), embedded)

@@ -2,6 +2,7 @@
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from dit.model import DiTModel
@@ -47,3 +48,10 @@ def test_samples_of_a_pack_are_isolated_and_pads_are_inert(single_process):
         randomize(model, seed=5)
         with torch.no_grad():
             _check_isolation(model, mb)
+
+
+def test_sincos_positions_past_the_table_raise(single_process):
+    mb = make_microbatch(12, [(1, 4, 10)])  # a 2 x 5 patch grid
+    model = DiTModel(tiny_config(position_embedding="sincos3d", max_latent_grid=(1, 4, 4)))
+    with pytest.raises(ValueError, match="exceed the sin-cos table"):
+        model(mb.batch.tokens, mb.timesteps, mb.batch)
