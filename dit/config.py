@@ -87,6 +87,8 @@ class DiTConfig(TransformerConfig):
             raise ValueError(f"conditioning must be 'text' or 'class', got {self.conditioning!r}")
         if self.position_embedding not in ("rope3d", "sincos3d"):
             raise ValueError(f"position_embedding must be 'rope3d' or 'sincos3d', got {self.position_embedding!r}")
+        if self.normalization != "RMSNorm":
+            raise ValueError("normalization names the QK-norm, which is RMSNorm in both backends")
         if self.hidden_dropout or self.attention_dropout:
             raise ValueError("DiT layers have no dropout; set hidden_dropout and attention_dropout to 0")
         if self.apply_rope_fusion:
