@@ -50,6 +50,20 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temporal-patch-size", type=int, default=1, help="Temporal patch size (frames).")
     g.add_argument("--text-embed-dim", type=int, default=1024, help="Width of the text embeddings (T5: 1024).")
     g.add_argument("--max-seq-length", type=int, default=8192, help="Tokens per packed sequence.")
+    g.add_argument("--max-latent-grid", type=int, nargs=3, default=[64, 256, 256], metavar=("T", "H", "W"),
+                   help="Largest latent grid in patches; sin-cos position tables are this big and never alias.")
+    g.add_argument("--conditioning", choices=["text", "class"], default="text",
+                   help="text: cross-attention to text embeddings; class: label embedding (ImageNet-style DiT).")
+    g.add_argument("--num-classes", type=int, default=1000,
+                   help="Classes of --conditioning class; label NUM_CLASSES is the null class for guidance.")
+    g.add_argument("--position-embedding", choices=["rope3d", "sincos3d"], default="rope3d",
+                   help="3D rotary in self-attention, or fixed 3D sin-cos added to the patch embedding.")
+    g.add_argument("--qk-layernorm", action=argparse.BooleanOptionalAction, default=True,
+                   help="RMS-normalise queries and keys per head in self-attention.")
+    g.add_argument("--adaln-lora-rank", type=int, default=0,
+                   help="Rank of each layer's adaLN modulation (0 = a full linear).")
+    g.add_argument("--fps-conditioning", action="store_true",
+                   help="Condition on the video frame rate (added to the timestep embedding).")
     g.add_argument("--transformer-impl", choices=["transformer_engine", "local"], default=None,
                    help="Layer backend (default: transformer_engine when importable, else local).")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,

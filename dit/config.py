@@ -1,8 +1,17 @@
-"""Named DiT sizes (the model issue adds ``DiTConfig`` here)."""
+"""DiTConfig (a Megatron ``TransformerConfig`` with DiT's own fields), named sizes, and args -> config."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import argparse
+import functools
+from dataclasses import dataclass, field
+from typing import Callable, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from dit.te import have_transformer_engine
 
 
 class ModelSize(NamedTuple):
@@ -18,3 +27,135 @@ MODEL_SIZES: dict[str, ModelSize] = {
     "DiT-XL": ModelSize(28, 1152, 16),
     "DiT-7B": ModelSize(32, 3072, 24),
 }
+
+
+@dataclass
+class DiTConfig(TransformerConfig):
+    """Everything that shapes a DiT; Megatron's fields keep their meaning, some get DiT defaults."""
+
+    latent_channels: int = 16
+    """Channels C of the VAE latent [C, T, H, W]."""
+
+    patch_size: int = 2
+    """Spatial patch (height and width) of a token."""
+
+    temporal_patch_size: int = 1
+    """Frames per token; tokens are pt*p*p*C wide."""
+
+    text_embed_dim: int = 1024
+    """Width D of the text-encoder embeddings cross-attention reads (T5: 1024)."""
+
+    max_latent_grid: tuple[int, int, int] = (64, 256, 256)
+    """Largest (T', H', W') patch grid; bounds the sin-cos tables, which never alias past it."""
+
+    conditioning: Literal["text", "class"] = "text"
+    """``text``: cross-attention to the text embeddings; ``class``: a label embedding (no cross-attention)."""
+
+    num_classes: int = 1000
+    """Classes of ``class`` conditioning; label ``num_classes`` is the null class used for guidance."""
+
+    position_embedding: Literal["rope3d", "sincos3d"] = "rope3d"
+    """``rope3d``: rotary over (t, h, w) in self-attention; ``sincos3d``: fixed, added after the patch embedding."""
+
+    adaln_lora_rank: int = 0
+    """0: each layer maps the conditioning to its modulation with a full linear; r > 0: a rank-r factorisation."""
+
+    fps_conditioning: bool = False
+    """Add an embedding of the video frame rate to the timestep embedding."""
+
+    has_cond_embedder: bool = True
+    """Read by Megatron's ``finalize_model_grads``: conditioning embedders live on every pipeline stage and
+    their gradients are all-reduced across stages (parameters marked ``pipeline_parallel``)."""
+
+    # Megatron fields with DiT defaults.
+    qk_layernorm: bool = True
+    normalization: Literal["LayerNorm", "RMSNorm"] = "RMSNorm"  # the QK-norm; adaLN norms have no parameters
+    layernorm_epsilon: float = 1e-6
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    activation_func: Callable = functools.partial(F.gelu, approximate="tanh")
+    variable_seq_lengths: bool = True  # packs differ in length, so pipeline p2p sends shapes first
+    moe_token_dispatcher_type: str = "alltoall"  # no MoE; Megatron rejects its default with variable lengths
+    transformer_impl: Literal["transformer_engine", "local"] = field(
+        default_factory=lambda: "transformer_engine" if have_transformer_engine() else "local")
+
+    def __post_init__(self) -> None:
+        if self.pipeline_dtype is None:
+            self.pipeline_dtype = self.params_dtype  # stages exchange activations in the parameter dtype
+        super().__post_init__()
+        if self.conditioning not in ("text", "class"):
+            raise ValueError(f"conditioning must be 'text' or 'class', got {self.conditioning!r}")
+        if self.position_embedding not in ("rope3d", "sincos3d"):
+            raise ValueError(f"position_embedding must be 'rope3d' or 'sincos3d', got {self.position_embedding!r}")
+        if self.normalization != "RMSNorm":
+            raise ValueError("normalization names the QK-norm, which is RMSNorm in both backends")
+        if self.hidden_dropout or self.attention_dropout:
+            raise ValueError("DiT layers have no dropout; set hidden_dropout and attention_dropout to 0")
+        if self.apply_rope_fusion:
+            raise ValueError("apply_rope_fusion must be off: fused THD RoPE restarts positions per sequence, "
+                             "3D RoPE needs the per-token (t, h, w) frequencies")
+        layers_per_stage = self.num_layers // self.pipeline_model_parallel_size
+        full_uniform = self.recompute_granularity == "full" and self.recompute_method == "uniform"
+        if full_uniform and layers_per_stage % self.recompute_num_layers:
+            raise ValueError(f"uniform recompute groups {self.recompute_num_layers} layers, which does not divide "
+                             f"the {layers_per_stage} layers of a pipeline stage")
+        if self.recompute_granularity == "selective" and set(self.recompute_modules) != {"core_attn"}:
+            raise ValueError(f"selective recompute supports recompute_modules=['core_attn'] only, "
+                             f"got {self.recompute_modules}")
+        self._check_backend()
+
+    def _check_backend(self) -> None:
+        """The machine-dependent choices, as the flag errors the command line reports."""
+        from dit.arguments import ConfigError  # deferred: dit.arguments imports this module
+
+        if self.transformer_impl == "transformer_engine" and not have_transformer_engine():
+            raise ConfigError("--transformer-impl", "transformer_engine is not importable here; use local")
+        if self.fp8 and self.transformer_impl != "transformer_engine":
+            raise ConfigError("--fp8-format", "FP8 runs through Transformer Engine; needs --transformer-impl "
+                              "transformer_engine")
+        if self.fp8 and not torch.cuda.is_available():
+            raise ConfigError("--fp8-format", "FP8 needs a CUDA GPU; drop --fp8-format on CPU")
+
+    @property
+    def token_width(self) -> int:
+        """Width of a patchified latent token, pt*p*p*C."""
+        return self.temporal_patch_size * self.patch_size**2 * self.latent_channels
+
+
+def dit_config(size: str, **fields) -> DiTConfig:
+    """A DiTConfig of the named size (``MODEL_SIZES``); ``fields`` set the rest."""
+    return DiTConfig(**MODEL_SIZES[size]._asdict(), **fields)
+
+
+def config_from_args(args: argparse.Namespace) -> DiTConfig:
+    """The one place where parsed flags (``dit.arguments.parse_args``) become a DiTConfig."""
+    full = args.recompute_granularity == "full"
+    return DiTConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        latent_channels=args.latent_channels,
+        patch_size=args.patch_size,
+        temporal_patch_size=args.temporal_patch_size,
+        text_embed_dim=args.text_embed_dim,
+        max_latent_grid=tuple(args.max_latent_grid),
+        conditioning=args.conditioning,
+        num_classes=args.num_classes,
+        position_embedding=args.position_embedding,
+        qk_layernorm=args.qk_layernorm,
+        adaln_lora_rank=args.adaln_lora_rank,
+        fps_conditioning=args.fps_conditioning,
+        transformer_impl=args.transformer_impl,
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method if full else None,
+        recompute_num_layers=args.recompute_num_layers if full else None,
+        bf16=args.bf16,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        fp8=args.fp8_format,
+        fp8_recipe=args.fp8_recipe,
+    )

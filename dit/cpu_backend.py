@@ -104,7 +104,10 @@ def enable() -> bool:
         setattr(owner, name, value)
 
     patch(torch.Tensor, "type", _cuda_style_type)
-    patch(torch.cuda, "current_device", lambda: 0)
+    # A device, not the ordinal 0: since torch 2.13 torch.autograd.backward dispatches to torch-function
+    # modes, so backward runs with _CudaToCpu switched off, and Megatron's autograd functions allocate
+    # their backward buffers with device=torch.cuda.current_device() (sequence/context-parallel gathers).
+    patch(torch.cuda, "current_device", lambda: torch.device("cpu"))
     patch(torch.cuda, "synchronize", lambda device=None: None)
     patch(torch.cuda, "empty_cache", lambda: None)
     # Checkpointed recomputation saves and restores "the CUDA RNG": on CPU that is the CPU generator.

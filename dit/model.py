@@ -1,0 +1,163 @@
+"""DiTModel: packed latent tokens + per-sample timesteps (+ text or class, fps) -> per-token prediction.
+
+Data flow on this rank (s = tokens this CP rank holds; with sequence parallelism the block sees s/tp):
+    tokens [s, pt*p*p*C] --patch embed (first stage)--> [s, 1, h] --DiT layers--> [s, 1, h]
+    --final adaLN + linear (last stage)--> [s, pt*p*p*C]
+Every stage recomputes the conditioning from the batch: c = t_embed(timesteps) (+ fps or class) ``[N, h]``,
+one row per sample, and the projected text ``[K, 1, h]``. Megatron's ``finalize_model_grads`` sums the
+conditioning gradients across pipeline stages (``DiTConfig.has_cond_embedder``).
+
+Precision: only the transformer block runs under FP8 (Megatron's FP8 context wraps the block, and only its
+TE linears quantise). The embedders, the adaLN modulations and the final layer are plain Megatron/torch
+linears outside that context, so they stay in the parameter dtype; sinusoids and RoPE angles are fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.enums import ModelType
+from megatron.core.models.common.vision_module.vision_module import VisionModule
+from megatron.core.tensor_parallel.mappings import (
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlock
+from torch import Tensor, nn
+
+from dit.adaln import AdaLNModulation, ModulatedNorm
+from dit.config import DiTConfig
+from dit.embeddings import ClassEmbedder, ScalarEmbedder, SinCos3D, TextProjection, rope3d_angles
+from dit.layer_spec import get_dit_layer_spec
+from dit.packed import PackedBatch, thd_partition_indices
+from dit.patchify import unpatchify
+from dit.sequence import PackedSequence, packed_sequence, text_padding
+
+
+class FinalLayer(MegatronModule):
+    """adaLN-modulated norm and a zero-initialised linear back to token width (replicated over TP).
+
+    Under sequence parallelism it runs on this rank's token slice, so its gradients are partial and carry
+    Megatron's ``sequence_parallel`` mark, which makes ``finalize_model_grads`` sum them over TP.
+    """
+
+    def __init__(self, config: DiTConfig):
+        super().__init__(config=config)
+        self.adaln = AdaLNModulation(config, num_chunks=2)
+        self.norm = ModulatedNorm(config, config.hidden_size, config.layernorm_epsilon)
+        self.linear = nn.Linear(config.hidden_size, config.token_width)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        for param in self.linear.parameters():
+            param.sequence_parallel = config.sequence_parallel
+
+    def forward(self, x: Tensor, cond: Tensor, token_sample: Tensor) -> Tensor:
+        shift, scale = self.adaln(cond, token_sample)  # 2 x [s, 1, h]
+        return self.linear(self.norm(x, shift, scale))  # [s, 1, pt*p*p*C]
+
+
+class DiTModel(VisionModule):
+    """A diffusion transformer on Megatron-Core; one instance per pipeline stage (``pre/post_process``)."""
+
+    model_type = ModelType.encoder_or_decoder  # read by Megatron's pipeline schedules
+    share_embeddings_and_output_weights = False  # read by finalize_model_grads on the first/last stages
+
+    def __init__(self, config: DiTConfig, pre_process: bool = True, post_process: bool = True,
+                 vp_stage: int | None = None):
+        super().__init__(config=config)
+        self.pre_process, self.post_process = pre_process, post_process
+        self.t_embedder = ScalarEmbedder(config)
+        self.fps_embedder = ScalarEmbedder(config) if config.fps_conditioning else None
+        self.class_embedder = ClassEmbedder(config) if config.conditioning == "class" else None
+        self.text_projection = TextProjection(config) if config.conditioning == "text" else None
+        if pre_process:
+            self.patch_embed = nn.Linear(config.token_width, config.hidden_size)  # pt*p*p*C -> h
+            self.pos_embed = SinCos3D(config) if config.position_embedding == "sincos3d" else None
+        spec = get_dit_layer_spec(config.transformer_impl, cross_attention=config.conditioning == "text",
+                                  qk_layernorm=config.qk_layernorm)
+        self.decoder = TransformerBlock(config, spec, post_layer_norm=False,
+                                        pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+        if post_process:
+            self.final_layer = FinalLayer(config)
+
+    def set_input_tensor(self, input_tensor: Tensor | list[Tensor]) -> None:
+        """Pipeline schedules hand a non-first stage its input here instead of through ``forward``."""
+        tensors = input_tensor if isinstance(input_tensor, list) else [input_tensor]
+        assert len(tensors) == 1, "DiTModel takes one input tensor per stage"
+        self.decoder.set_input_tensor(tensors[0])
+
+    def forward(self, tokens: Tensor | None, timesteps: Tensor, batch: PackedBatch) -> Tensor:
+        """tokens ``[s, pt*p*p*C]`` (noisy, this CP rank's share; ignored after the first stage), timesteps
+        ``[N]`` (one per sample) -> ``[s, pt*p*p*C]`` on the last stage, hidden ``[s(/tp), 1, h]`` before."""
+        if timesteps.shape != (batch.num_samples,):
+            raise ValueError(f"need one timestep per sample: {batch.num_samples} samples, got {tuple(timesteps.shape)}")
+        sp = self.config.sequence_parallel
+        seq = packed_sequence(batch, sp)
+        cond = self._conditioning(timesteps, batch)  # [N, h]
+        hidden = self._embed(tokens, batch) if self.pre_process else None  # [s(/tp), 1, h]
+        hidden = self.decoder(hidden_states=hidden, attention_mask=cond, context=self._text(batch),
+                              rotary_pos_emb=self._rope(batch, seq), packed_seq_params=seq)
+        if not self.post_process:
+            return hidden
+        out = self.final_layer(hidden, cond, seq.token_sample)  # [s(/tp), 1, pt*p*p*C]
+        if sp:
+            out = gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False)
+        return out.squeeze(1)
+
+    def _conditioning(self, timesteps: Tensor, batch: PackedBatch) -> Tensor:
+        """One conditioning vector per sample ``[N, h]``, never one per pack."""
+        cond = self.t_embedder(timesteps)
+        if self.fps_embedder is not None:
+            if batch.fps is None:
+                raise ValueError("fps_conditioning is on but the batch carries no fps")
+            cond = cond + self.fps_embedder(batch.fps)
+        if self.class_embedder is not None:
+            if batch.labels is None:
+                raise ValueError("class conditioning needs batch.labels")
+            cond = cond + self.class_embedder(batch.labels)
+        return cond
+
+    def _text(self, batch: PackedBatch) -> Tensor | None:
+        """Projected text ``[K, 1, h]``; under SP zero-padded to a multiple of tp and split ``[K/tp, 1, h]``."""
+        if self.text_projection is None:
+            return None
+        text = self.text_projection(batch.text).unsqueeze(1)  # [K, 1, h]
+        if not self.config.sequence_parallel:
+            return text
+        pad = text_padding(text.shape[0], sequence_parallel=True)
+        return scatter_to_sequence_parallel_region(F.pad(text, (0, 0, 0, 0, 0, pad)))
+
+    def _embed(self, tokens: Tensor, batch: PackedBatch) -> Tensor:
+        x = self.patch_embed(tokens)  # [s, h]
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(batch.positions).to(x.dtype)
+        x = x.unsqueeze(1)  # [s, 1, h]
+        return scatter_to_sequence_parallel_region(x) if self.config.sequence_parallel else x
+
+    def _rope(self, batch: PackedBatch, seq: PackedSequence) -> Tensor | None:
+        """Per-token 3D RoPE angles laid out over the whole pack ``[S, 1, 1, hn]``.
+
+        Megatron's THD RoPE takes a table with one row per token of the pack (it then picks this CP rank's
+        chunks itself), so this rank's rows are placed at their pack positions; the other rows are unused.
+        """
+        if self.config.position_embedding != "rope3d":
+            return None
+        local = rope3d_angles(batch.positions, self.config.kv_channels)  # [s, 1, 1, hn]
+        cu_padded = seq.self_attention.cu_seqlens_q_padded
+        rows = thd_partition_indices(cu_padded, parallel_state.get_context_parallel_world_size(),
+                                     parallel_state.get_context_parallel_rank()).to(local.device)
+        pack = local.new_zeros(int(cu_padded[-1]), *local.shape[1:])  # [S, 1, 1, hn]
+        pack[rows] = local
+        return pack
+
+    def unpatchify(self, prediction: Tensor, batch: PackedBatch) -> list[Tensor]:
+        """Whole-pack prediction ``[S, pt*p*p*C]`` -> one latent ``[C, T, H, W]`` per sample (real tokens)."""
+        cu, cu_padded = batch.cu_seqlens.tolist(), batch.cu_seqlens_padded.tolist()
+        if prediction.shape[0] != cu_padded[-1]:
+            raise ValueError(f"unpatchify needs the whole pack ({cu_padded[-1]} tokens), got {prediction.shape[0]}; "
+                             "gather the context-parallel shares first")
+        return [unpatchify(prediction[start:start + cu[i + 1] - cu[i]], tuple(grid), self.config.patch_size,
+                           self.config.temporal_patch_size)
+                for i, (start, grid) in enumerate(zip(cu_padded[:-1], batch.grid_sizes.tolist()))]

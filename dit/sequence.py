@@ -1,0 +1,70 @@
+"""This rank's view of a packed micro-batch: what every DiT layer needs besides the hidden states.
+
+Three layouts of the same pack appear in a step (S = padded tokens of the whole pack):
+- the pack: ``cu_seqlens_padded`` over S tokens, as the data path builds it;
+- the CP share: this CP rank's S/cp tokens, sample by sample (chunks r and 2cp-1-r of each sample,
+  see :func:`dit.packed.thd_partition_indices`), so sample i owns local rows
+  ``cu_seqlens_padded[i]/cp : cu_seqlens_padded[i+1]/cp``;
+- the SP share: with sequence parallelism each TP rank holds a contiguous 1/tp slice of the CP share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
+from torch import Tensor
+
+from dit.packed import PackedBatch
+
+
+@dataclass
+class PackedSequence:
+    """Passed to the transformer block as ``packed_seq_params``; each layer takes what it needs."""
+
+    self_attention: PackedSeqParams  # the whole pack's cu_seqlens (TE's THD + context-parallel convention)
+    cross_attention: PackedSeqParams  # this rank's latent tokens (all of them) -> each sample's text
+    token_sample: Tensor  # [s] int64: the sample of each token this rank holds after CP and SP splits
+
+
+def cp_token_samples(cu_seqlens_padded: Tensor, cp_size: int) -> Tensor:
+    """Sample index of each token of this rank's CP share, ``[S/cp]`` int64."""
+    lengths = (cu_seqlens_padded[1:] - cu_seqlens_padded[:-1]).long() // cp_size
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+
+
+def text_padding(num_text_tokens: int, sequence_parallel: bool) -> int:
+    """Zero rows appended to the text so sequence parallelism can split it evenly across TP."""
+    return -num_text_tokens % parallel_state.get_tensor_model_parallel_world_size() if sequence_parallel else 0
+
+
+def packed_sequence(batch: PackedBatch, sequence_parallel: bool) -> PackedSequence:
+    """Build the attention parameters and token->sample map of ``batch`` for this rank."""
+    cp = parallel_state.get_context_parallel_world_size()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    cu, cu_padded = batch.cu_seqlens.int(), batch.cu_seqlens_padded.int()
+    cu_text = batch.cu_seqlens_text.int()
+    cu_text_padded = cu_text.clone()
+    cu_text_padded[-1] += text_padding(batch.text.shape[0], sequence_parallel)
+    max_len = int((cu_padded[1:] - cu_padded[:-1]).max())
+    max_text = int((cu_text_padded[1:] - cu_text_padded[:-1]).max())
+    cu_local = cu_padded // cp
+    token_sample = cp_token_samples(cu_padded, cp)  # [S/cp]
+    if sequence_parallel:
+        if token_sample.numel() % tp:
+            raise ValueError(f"{token_sample.numel()} tokens per CP rank do not split over tp={tp}: sequence "
+                             "parallelism needs every sample padded to a multiple of 2*cp*tp")
+        share = token_sample.numel() // tp
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        token_sample = token_sample[rank * share:(rank + 1) * share]  # [S/cp/tp]
+    return PackedSequence(
+        self_attention=PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_padded,
+            cu_seqlens_kv_padded=cu_padded, max_seqlen_q=max_len, max_seqlen_kv=max_len),
+        cross_attention=PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu_local, cu_seqlens_kv=cu_text, cu_seqlens_q_padded=cu_local,
+            cu_seqlens_kv_padded=cu_text_padded, max_seqlen_q=max_len // cp, max_seqlen_kv=max_text),
+        token_sample=token_sample,
+    )

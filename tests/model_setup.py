@@ -1,0 +1,211 @@
+"""Shared pieces of the model tests: a tiny DiT, packed micro-batches, and the reference comparison.
+
+The reference is the single-process model (TP=PP=CP=1) with random weights, run in the test process;
+each parallel rank loads the same weights (sharded explicitly, not re-drawn from a seed), runs Megatron's
+forward-backward schedule with DDP and ``finalize_model_grads``, and returns its loss and its gradients
+gathered to full tensors under their global names.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from dataclasses import dataclass, replace
+from functools import partial
+
+import pytest
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from dit import cpu_backend, runtime
+from dit.config import DiTConfig
+from dit.model import DiTModel
+from dit.packed import PackedBatch, thd_partition_indices
+from dit.patchify import patchify
+
+TINY = dict(num_layers=2, hidden_size=48, num_attention_heads=4, latent_channels=4, patch_size=2,
+            text_embed_dim=16, num_classes=10, use_cpu_initialization=True, transformer_impl="local")
+
+# fp32 on both sides; the parallel run differs only in summation order (split matmuls, all-reduces,
+# per-rank partial sums), which moves results by a few ulps (~1e-7 relative) per operation.
+RTOL = 1e-5
+
+
+def tiny_config(**fields) -> DiTConfig:
+    return DiTConfig(**{**TINY, **fields})
+
+
+@dataclass
+class MicroBatch:
+    batch: PackedBatch  # tokens double as the noisy model input
+    timesteps: torch.Tensor  # [N]
+    target: torch.Tensor  # [S, width]
+
+
+def make_microbatch(seed: int, grids: list[tuple[int, int, int]], *, pad_multiple: int = 8, channels: int = 4,
+                    patch: int = 2, temporal_patch: int = 1, text_dim: int = 16) -> MicroBatch:
+    """A pack of samples with latent shapes ``grids`` (T, H, W), each padded to ``pad_multiple`` tokens."""
+    g = torch.Generator().manual_seed(seed)
+    tokens, positions, masks, lengths, padded, grid_sizes = [], [], [], [], [], []
+    for t, h, w in grids:
+        tok, pos = patchify(torch.randn(channels, t, h, w, generator=g), patch, temporal_patch)
+        n = tok.shape[0]
+        pad = -n % pad_multiple
+        tokens.append(torch.cat([tok, torch.randn(pad, tok.shape[1], generator=g)]))  # pad rows hold junk
+        positions.append(torch.cat([pos, torch.zeros(pad, 3, dtype=torch.long)]))
+        masks.append(torch.arange(n + pad) < n)
+        lengths.append(n)
+        padded.append(n + pad)
+        grid_sizes.append((t // temporal_patch, h // patch, w // patch))
+    text_lengths = [3 + (seed + i) % 4 for i in range(len(grids))]
+    cum = lambda xs: torch.tensor([0] + xs, dtype=torch.int32).cumsum(0, dtype=torch.int32)  # noqa: E731
+    batch = PackedBatch(
+        tokens=torch.cat(tokens), positions=torch.cat(positions), loss_mask=torch.cat(masks),
+        cu_seqlens=cum(lengths), cu_seqlens_padded=cum(padded),
+        text=torch.randn(sum(text_lengths), text_dim, generator=g), cu_seqlens_text=cum(text_lengths),
+        grid_sizes=torch.tensor(grid_sizes), keys=[f"s{seed}_{i}" for i in range(len(grids))],
+        fps=torch.rand(len(grids), generator=g) * 30, labels=torch.randint(0, 11, (len(grids),), generator=g))
+    return MicroBatch(batch, torch.rand(len(grids), generator=g), torch.randn(batch.tokens.shape, generator=g))
+
+
+def cp_share(mb: MicroBatch, cp: int, rank: int) -> MicroBatch:
+    """What CP rank ``rank`` receives: its load-balanced chunks of every sample, the whole text."""
+    rows = thd_partition_indices(mb.batch.cu_seqlens_padded, cp, rank)
+    b = mb.batch
+    return MicroBatch(replace(b, tokens=b.tokens[rows], positions=b.positions[rows], loss_mask=b.loss_mask[rows]),
+                      mb.timesteps, mb.target[rows])
+
+
+def hand_loss(prediction: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+    """Per-sample MSE over real tokens of a whole pack, written out sample by sample ``[N]``."""
+    cu, cu_padded = mb.batch.cu_seqlens.tolist(), mb.batch.cu_seqlens_padded.tolist()
+    return torch.stack([
+        (prediction[s:s + cu[i + 1] - cu[i]] - mb.target[s:s + cu[i + 1] - cu[i]]).square().mean()
+        for i, s in enumerate(cu_padded[:-1])])
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Random weights everywhere: adaLN-Zero starts at zero, which would make most gradients zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if name.endswith("layernorm.weight") else 0.0))
+
+
+def reference_run(fields: dict, microbatches: list[MicroBatch], seed: int = 0):
+    """Single-process model: (loss, {name: grad}, {name: weight}) for the mean loss over all samples."""
+    model = DiTModel(tiny_config(**fields))
+    randomize(model, seed)
+    losses = torch.cat([hand_loss(model(mb.batch.tokens, mb.timesteps, mb.batch), mb) for mb in microbatches])
+    loss = losses.mean()
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return loss.item(), grads, state
+
+
+def _global_name(name: str, offset: int) -> str:
+    return re.sub(r"decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name)
+
+
+def _tp_slice(full: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
+    if not getattr(param, "tensor_model_parallel", False):
+        return full
+    return full.chunk(ps.get_tensor_model_parallel_world_size(), dim=param.partition_dim)[
+        ps.get_tensor_model_parallel_rank()]
+
+
+def _tp_gather(shard: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
+    if not getattr(param, "tensor_model_parallel", False):
+        return shard
+    parts = [torch.empty_like(shard) for _ in range(ps.get_tensor_model_parallel_world_size())]
+    dist.all_gather(parts, shard.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=param.partition_dim)
+
+
+def parallel_run(fields: dict, layout: runtime.ParallelLayout, microbatches: list[MicroBatch], state: dict,
+                 sequence_parallel: bool = False, set_config: dict | None = None):
+    """On each rank: Megatron's forward-backward schedule over ``microbatches`` with ``state`` as weights.
+
+    Returns (loss or None off the last stage, {global name: full gradient}). ``set_config`` overrides
+    config attributes after construction (to switch off a mechanism and see the test fail).
+    """
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from dit.loss import microbatch_loss
+
+    runtime.initialize_model_parallel(layout)
+    runtime.set_random_seed(1234, per_data_parallel_rank=False)
+    config = tiny_config(**fields, tensor_model_parallel_size=layout.tensor, context_parallel_size=layout.context,
+                         pipeline_model_parallel_size=layout.pipeline, sequence_parallel=sequence_parallel)
+    for key, value in (set_config or {}).items():
+        setattr(config, key, value)
+    model = DiTModel(config, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    offset = get_transformer_layer_offset(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(_tp_slice(state[_global_name(name, offset)], p))
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
+    config.finalize_model_grads_func = finalize_model_grads
+
+    cp, cp_group = layout.context, ps.get_context_parallel_group()
+    mine = [cp_share(mb, cp, ps.get_context_parallel_rank()) for mb in microbatches]
+    samples_per_microbatch = sum(mb.batch.num_samples for mb in microbatches) / len(microbatches)
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        out = model(mb.batch.tokens, mb.timesteps, mb.batch)
+        return out, partial(microbatch_loss, target=mb.target, batch=mb.batch, cp_group=cp_group,
+                            samples_per_microbatch=samples_per_microbatch)
+
+    logged = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(mine), model=[ddp], num_microbatches=len(mine),
+        seq_length=max(mb.batch.tokens.shape[0] for mb in mine), micro_batch_size=1)
+    loss = None
+    if logged:
+        total = torch.stack([x["loss"] for x in logged]).sum(0)
+        loss = (total[0] / total[1]).item()
+    # numpy arrays travel back to the test by value; torch tensors would be shared through file
+    # descriptors that vanish when the worker exits
+    grads = {_global_name(n, offset): _tp_gather(p.main_grad, p).numpy() for n, p in model.named_parameters()}
+    return loss, grads
+
+
+def assert_matches_reference(results: list, ref_loss: float, ref_grads: dict) -> None:
+    """Every rank's loss (where it has one) and every gradient copy equal the reference."""
+    losses = [loss for loss, _ in results if loss is not None]
+    assert losses, "no rank reported a loss"
+    for loss in losses:
+        assert loss == pytest.approx(ref_loss, rel=RTOL)
+    seen = set()
+    for _, grads in results:
+        for name, grad in grads.items():
+            grad, expected = torch.from_numpy(grad), ref_grads[name]
+            error = (grad - expected).norm() / expected.norm()
+            assert error < RTOL, f"{name}: relative gradient error {error:.2e}"
+            seen.add(name)
+    assert seen == set(ref_grads), f"parameters missing from the parallel model: {set(ref_grads) - seen}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def single_process(monkeypatch):
+    """World 1 in the test process itself (gloo and the CPU layer), torn down afterwards."""
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(_free_port())).items():
+        monkeypatch.setenv(key, value)
+    runtime.init_distributed()
+    runtime.initialize_model_parallel(runtime.ParallelLayout())
+    runtime.set_random_seed(1234, per_data_parallel_rank=False)
+    yield
+    runtime.destroy()
+    cpu_backend.disable()
+

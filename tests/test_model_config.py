@@ -1,0 +1,59 @@
+"""Flags -> DiTConfig in one function: model flags, recompute, FP8 onto Megatron's own fields, and the
+FP8/TE errors on a machine without them."""
+
+import pytest
+import torch
+
+import dit.config
+from dit.arguments import ConfigError, parse_args
+from dit.config import DiTConfig, config_from_args
+
+
+def test_flags_become_config_fields():
+    config = config_from_args(parse_args([
+        "--model-size", "DiT-B", "--conditioning", "class", "--num-classes", "10", "--position-embedding",
+        "sincos3d", "--no-qk-layernorm", "--adaln-lora-rank", "16", "--fps-conditioning", "--latent-channels", "4",
+        "--temporal-patch-size", "2", "--max-latent-grid", "8", "16", "16", "--recompute-granularity", "full",
+        "--recompute-num-layers", "2", "--tensor-model-parallel-size", "2", "--sequence-parallel"]))
+    assert isinstance(config, DiTConfig)
+    assert (config.num_layers, config.hidden_size, config.num_attention_heads) == (12, 768, 12)
+    assert (config.conditioning, config.num_classes, config.position_embedding) == ("class", 10, "sincos3d")
+    assert (config.qk_layernorm, config.adaln_lora_rank, config.fps_conditioning) == (False, 16, True)
+    assert (config.token_width, config.max_latent_grid) == (2 * 2 * 2 * 4, (8, 16, 16))
+    assert (config.recompute_granularity, config.recompute_method, config.recompute_num_layers) == ("full", "uniform", 2)
+    assert config.tensor_model_parallel_size == 2 and config.sequence_parallel
+    assert config.transformer_impl == "local" and config.fp8 is None and config.has_cond_embedder
+
+
+def test_selective_recompute_drops_the_full_recompute_fields():
+    config = config_from_args(parse_args(["--recompute-granularity", "selective"]))
+    assert (config.recompute_granularity, config.recompute_method, config.recompute_num_layers) == (
+        "selective", None, None)
+
+
+def test_fp8_without_te_or_gpu_is_a_config_error():
+    with pytest.raises(ConfigError, match="--fp8-format"):
+        config_from_args(parse_args(["--fp8-format", "e4m3", "--transformer-impl", "local"]))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="--transformer-impl|--fp8-format"):
+            config_from_args(parse_args(["--fp8-format", "e4m3", "--transformer-impl", "transformer_engine"]))
+
+
+def test_fp8_flags_map_onto_megatron_fields(monkeypatch):
+    # pretend to be the NGC container on a GPU: the mapping itself is what is checked
+    monkeypatch.setattr(dit.config, "have_transformer_engine", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    config = config_from_args(parse_args(["--transformer-impl", "transformer_engine", "--fp8-format", "hybrid",
+                                          "--fp8-recipe", "tensorwise", "--bf16"]))
+    assert (config.fp8, config.fp8_recipe, config.bf16, config.params_dtype) == (
+        "hybrid", "tensorwise", True, torch.bfloat16)
+
+
+def test_invalid_dit_settings_are_rejected():
+    with pytest.raises(ValueError, match="dropout"):
+        DiTConfig(num_layers=2, hidden_size=32, num_attention_heads=2, transformer_impl="local", hidden_dropout=0.1)
+    with pytest.raises(ValueError, match="rope_fusion"):
+        DiTConfig(num_layers=2, hidden_size=32, num_attention_heads=2, transformer_impl="local", apply_rope_fusion=True)
+    with pytest.raises(ValueError, match="uniform recompute"):
+        DiTConfig(num_layers=3, hidden_size=32, num_attention_heads=2, transformer_impl="local",
+                  recompute_granularity="full", recompute_method="uniform", recompute_num_layers=2)
