@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -33,7 +34,8 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
 
     try:
         runtime.init_distributed(timeout_minutes=3)
-        results.put((rank, True, fn(*args)))
+        # pickled here: tensors sent as shared memory would vanish when this process exits
+        results.put((rank, True, pickle.dumps(fn(*args))))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -71,7 +73,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
                     + "".join(failures)
                 ) from None
             if ok:
-                out[rank] = value
+                out[rank] = pickle.loads(value)
             else:
                 failures.append(f"\n--- rank {rank} of {world_size} failed ---\n{value}")
                 break  # the other ranks are likely blocked in a collective now
