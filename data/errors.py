@@ -91,7 +91,7 @@ class DataStats:
     def describe(self) -> str:
         """One line for the log: counts by kind and the first few skipped samples."""
         kinds = ", ".join(f"{k}={n}" for k, n in sorted(self.skipped.items())) or "none"
-        first = "; ".join(f"{e.kind} {e.shard}/{e.key} ({e.detail})" for e in self.examples)
+        first = "; ".join(f"{e.kind} {e.key} ({e.detail})" for e in self.examples)
         return f"skipped {sum(self.skipped.values())} of {self.read} read [{kinds}]" + (f"; first: {first}" if first else "")
 
     def state_dict(self) -> dict[str, Any]:

@@ -74,6 +74,12 @@ class DiTDataLoader:
                                "--max-seq-length or pass --oversize-policy skip")
         self.stats.check(self.max_bad_sample_fraction)
 
+    def close(self) -> None:
+        """Stop the worker processes now (left to garbage collection, each takes seconds to stop)."""
+        if self._packs is not None:
+            self._packs.close()
+            self._packs = None
+
     def state_dict(self) -> dict[str, Any]:
         """energon's per-rank state and the counts so far (store both in the training checkpoint)."""
         return {"loader": self.loader.save_state_rank(), "stats": self.stats.state_dict()}
