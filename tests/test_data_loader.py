@@ -10,18 +10,7 @@ from data.errors import BadDataError, DataStats, SkipKind, SkipRecord
 from data.loader import DiTDataLoader, energon_loader, task_encoder
 from data.rank_split import RankLayout
 from dit.arguments import parse_args
-from tests.tiny_data import DEFECTS, good_entries, write_dataset
-
-GOOD = 30
-
-
-@pytest.fixture(scope="module")
-def mixed_dataset(tmp_path_factory):
-    """30 good samples with the defects spread among them, 8 samples a shard."""
-    good = good_entries(GOOD, seed=1)
-    bad = [(f"bad_{i:02d}", files) for i, (files, _) in enumerate(DEFECTS.values())]
-    entries = [e for pair in zip(good, bad) for e in pair] + good[len(bad):]
-    return write_dataset(tmp_path_factory.mktemp("mixed"), entries, per_shard=8)
+from tests.tiny_data import DEFECTS, GOOD, mixed_dataset  # noqa: F401 (a fixture)
 
 
 def _loader(path, *extra, workers=0, repeat=True, max_bad=1.0, reject_oversize=False):

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from data.errors import SkipKind
 from data.sample import DiffusionSample, EncodedSample, SkippedSample
 from data.task_encoder import DiTTaskEncoder
 from dit.patchify import patchify

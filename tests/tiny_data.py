@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 
 from data.errors import SkipKind
@@ -97,3 +98,15 @@ DEFECTS: dict[str, tuple[dict[str, bytes], SkipKind]] = {
     "odd latent width": (with_members(pth=torch_bytes(torch.zeros(4, 2, 5))), SkipKind.GRID_NOT_DIVISIBLE),
     "longer than max": (with_members(pth=torch_bytes(torch.zeros(4, 3, 8, 8))), SkipKind.OVERSIZE),  # 48 > 32
 }
+
+
+GOOD = 30  # good samples in the mixed dataset
+
+
+@pytest.fixture(scope="module")
+def mixed_dataset(tmp_path_factory):
+    """30 good samples with every defect of :data:`DEFECTS` spread among them, 8 a shard."""
+    good = good_entries(GOOD, seed=1)
+    bad = [(f"bad_{i:02d}", files) for i, (files, _) in enumerate(DEFECTS.values())]
+    entries = [e for pair in zip(good, bad) for e in pair] + good[len(bad):]
+    return write_dataset(tmp_path_factory.mktemp("mixed"), entries, per_shard=8)
