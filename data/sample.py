@@ -94,6 +94,9 @@ def _load_metadata(payload: bytes) -> dict[str, Any]:
         raise BadSample(SkipKind.INVALID_JSON, f"not JSON ({e})") from None
     if not isinstance(metadata, dict) or "caption" not in metadata:
         raise BadSample(SkipKind.INVALID_JSON, "not a JSON object with a 'caption'")
+    for key, kind in (("fps", (int, float)), ("label", int)):  # the keys the model conditions on
+        if metadata.get(key) is not None and (not isinstance(metadata[key], kind) or isinstance(metadata[key], bool)):
+            raise BadSample(SkipKind.INVALID_JSON, f"'{key}' is {metadata[key]!r}, not a number")
     return metadata
 
 
@@ -138,7 +141,7 @@ def _text_embedding(payload: bytes, dim: int) -> torch.Tensor:
     except Exception as e:  # truncated or garbage pickle
         raise BadSample(SkipKind.CORRUPT_MEMBER, f".pickle does not load ({type(e).__name__})") from None
     if isinstance(value, np.ndarray) and value.dtype.kind == "f":
-        value = torch.from_numpy(value)
+        value = torch.from_numpy(value.astype(np.float32, copy=False))
     if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point:
         raise BadSample(SkipKind.BAD_TEXT_EMBEDDING, f".pickle holds a {type(value).__name__} {getattr(value, 'dtype', '')}, not a float array")
     if value.dim() != 2 or value.shape[0] == 0 or value.shape[1] != dim:

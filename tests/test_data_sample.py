@@ -28,6 +28,9 @@ VARIANTS = {
         meta={"caption": "c", "image_height": 32, "image_width": 48, "aspect_ratio": 1.5}),
     "image fp16 [C,1,H,W], numpy fp16 text": dict(
         shape=(4, 1, 2, 2), dtype=torch.float16, text=np.ones((2, 8), dtype=np.float16)),
+    "image fp32, numpy float64 text, class label": dict(
+        shape=(4, 2, 2), dtype=torch.float32, text=np.ones((3, 8), dtype=np.float64),
+        meta={"caption": "c", "height": 16, "width": 16, "label": 7}),
     "video bf16, torch bf16 text, fps/num_frames, unknown keys": dict(
         shape=(4, 2, 2, 4), dtype=torch.bfloat16, text=torch.ones(5, 8, dtype=torch.bfloat16),
         meta={"caption": "c", "height": 16, "width": 32, "fps": 24, "num_frames": 5, "aspect_ratio": 2.0,
@@ -55,7 +58,8 @@ def test_cooker_and_decoder_on_format_variants(name):
     assert torch.equal(encoded.tokens, tokens) and torch.equal(encoded.positions, positions)
     text = pickle.loads(files["pickle"])
     assert torch.equal(encoded.text, torch.as_tensor(text).float()) and encoded.text.dtype == torch.float32
-    assert encoded.fps == spec.get("meta", {}).get("fps") and encoded.label is None
+    meta = spec.get("meta", {})
+    assert encoded.fps == meta.get("fps") and encoded.label == meta.get("label")
 
 
 @pytest.mark.parametrize("name", DEFECTS)

@@ -92,6 +92,7 @@ DEFECTS: dict[str, tuple[dict[str, bytes], SkipKind]] = {
     "missing .json": (with_members(json=None), SkipKind.MISSING_MEMBER),
     "invalid JSON": (with_members(json=b"{caption: oops"), SkipKind.INVALID_JSON),
     "JSON without caption": (with_members(json=b'{"height": 8}'), SkipKind.INVALID_JSON),
+    "fps as text": (with_members(json=b'{"caption": "c", "fps": "24"}'), SkipKind.INVALID_JSON),
     "text width 7": (with_members(pickle=pickle.dumps(np.zeros((3, 7), np.float32))), SkipKind.BAD_TEXT_EMBEDDING),
     "text of rank 1": (with_members(pickle=pickle.dumps(np.zeros(8, np.float32))), SkipKind.BAD_TEXT_EMBEDDING),
     "text as a list": (with_members(pickle=pickle.dumps([[0.0] * 8])), SkipKind.BAD_TEXT_EMBEDDING),
