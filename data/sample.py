@@ -30,6 +30,7 @@ from data.errors import BadSample, SkipKind, SkipRecord
 from dit.patchify import as_video, grid_size, patchify
 
 MEMBERS = ("pth", "pickle", "json")
+NUMPY_FLOATS = (np.float16, np.float32, np.float64)  # the ones torch.from_numpy takes
 
 
 @dataclass(frozen=True)
@@ -140,10 +141,11 @@ def _text_embedding(payload: bytes, dim: int) -> torch.Tensor:
         value = pickle.loads(payload)
     except Exception as e:  # truncated or garbage pickle
         raise BadSample(SkipKind.CORRUPT_MEMBER, f".pickle does not load ({type(e).__name__})") from None
-    if isinstance(value, np.ndarray) and value.dtype.kind == "f":
-        value = torch.from_numpy(value.astype(np.float32, copy=False))
+    if isinstance(value, np.ndarray) and value.dtype in NUMPY_FLOATS:
+        value = torch.from_numpy(value)
     if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point:
-        raise BadSample(SkipKind.BAD_TEXT_EMBEDDING, f".pickle holds a {type(value).__name__} {getattr(value, 'dtype', '')}, not a float array")
+        raise BadSample(SkipKind.BAD_TEXT_EMBEDDING,
+                        f".pickle holds a {type(value).__name__} {getattr(value, 'dtype', '')}, not a float array")
     if value.dim() != 2 or value.shape[0] == 0 or value.shape[1] != dim:
         raise BadSample(SkipKind.BAD_TEXT_EMBEDDING, f"text embedding of shape {tuple(value.shape)}, expected [L >= 1, --text-embed-dim {dim}]")
     return value.float()
