@@ -10,11 +10,14 @@ energon's order with a packing buffer (``get_train_dataset(..., packing_buffer_s
 Without packing, step 2 is gone and :meth:`batch` pads each sample to ``max_seq_length`` and
 concatenates a micro-batch of them. Broken samples become :class:`SkippedSample` markers at
 whichever step finds them; they travel in the pack and are counted there (:class:`LoadedPack`),
-never raised to energon, whose error handler therefore only sees bugs.
+never raised to energon, whose error handler therefore only sees bugs. A defect found only by
+decoding (NaN/Inf, a bad embedding) leaves its room in the pack unused: bad data is rare, and
+checking values before packing would decode every sample twice or hold its tensors in the buffer.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Sequence
 
 from megatron.energon import Cooker, DefaultTaskEncoder, Sample, stateless
@@ -98,10 +101,7 @@ class DiTTaskEncoder(DefaultTaskEncoder):
     def _loaded_pack(self, samples: Sequence[EncodedSample | SkippedSample]) -> LoadedPack:
         encoded = [s for s in samples if isinstance(s, EncodedSample)]
         markers = [s for s in samples if isinstance(s, SkippedSample)]
-        stats = DataStats(read=len(samples), trained=len(encoded))
-        for m in markers:
-            stats.skipped[m.kind.value] = stats.skipped.get(m.kind.value, 0) + 1
-        stats.examples = [m.record() for m in markers]
-        return LoadedPack(
-            __key__=",".join(s.__key__ for s in samples), __restore_key__=(), batch=build_pack(encoded) if encoded else None,
-            stats=stats)
+        stats = DataStats(read=len(samples), trained=len(encoded), skipped=dict(Counter(m.kind.value for m in markers)),
+                          examples=[m.record() for m in markers])
+        return LoadedPack(__key__=",".join(s.__key__ for s in samples), __restore_key__=(),
+                          batch=build_pack(encoded) if encoded else None, stats=stats)
