@@ -32,7 +32,7 @@ class ShardSample:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def _member(tar: tarfile.TarFile, name: str, payload: bytes, mtime: float) -> None:
+def _member(tar: tarfile.TarFile, name: str, payload: bytes, mtime: int) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(payload)
     info.mtime = mtime
@@ -58,7 +58,7 @@ def write_shard(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> 
     """Write ``(key, {ext: payload})`` pairs as ``samples/KEY.EXT`` members; atomic; returns the count."""
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
-    mtime = time.time()
+    mtime = int(time.time())  # whole seconds: a float mtime costs every member an extra PAX header
     count = 0
     with tarfile.open(tmp, "w") as tar:
         for key, files in samples:

@@ -124,6 +124,10 @@ def _add_data(p: argparse.ArgumentParser) -> None:
                    help="Samples per packing buffer (larger packs better, see DESIGN.md).")
     g.add_argument("--max-bad-sample-fraction", type=float, default=0.01,
                    help="Stop the run when more than this fraction of samples was skipped as broken.")
+    g.add_argument("--no-packing", action="store_true",
+                   help="Pad each sample to --max-seq-length instead of packing (comparison, models without THD).")
+    g.add_argument("--oversize-policy", choices=["skip", "error"], default="skip",
+                   help="A sample longer than --max-seq-length is skipped and counted, or stops the run.")
 
 
 def build_parser(prog: str = "pretrain_dit.py") -> argparse.ArgumentParser:
@@ -240,6 +244,11 @@ def _check_data(args: argparse.Namespace) -> None:
                           "--sample-type CrudeWebdataset` first")
     if not 0.0 <= args.max_bad_sample_fraction <= 1.0:
         raise ConfigError("--max-bad-sample-fraction", "must be between 0 and 1")
+    if args.packing_buffer_size < 1:
+        raise ConfigError("--packing-buffer-size", f"must be >= 1, got {args.packing_buffer_size}")
+    if not args.no_packing and args.micro_batch_size != 1:
+        raise ConfigError("--micro-batch-size", "with sequence packing a micro-batch is one pack; use 1 and size "
+                          "--max-seq-length instead, or pass --no-packing")
 
 
 def validate_args(args: argparse.Namespace, world_size: int, *, need_data: bool = True) -> argparse.Namespace:

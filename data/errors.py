@@ -1,0 +1,103 @@
+"""Bad data: the kinds of defect, the exception that names one, and the counts that travel to the trainer.
+
+A broken sample never crashes a run and is never trained on silently. The task encoder turns each
+defect into a :class:`SkippedSample` that rides in the pack it would have joined, so every skip is
+counted exactly once, in the batch that reaches the trainer, even across loader worker processes
+and checkpoint restores. :class:`DataStats` sums those per-pack counts on the trainer side and
+stops the run when more than ``--max-bad-sample-fraction`` of the samples read were broken.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+MAX_EXAMPLES = 8  # skipped samples remembered by key and shard, for the log
+
+
+class SkipKind(str, enum.Enum):
+    """Why a sample was left out of training."""
+
+    CORRUPT_MEMBER = "corrupt_member"  # a .pth / .pickle payload that does not decode (truncated, garbage)
+    NOT_A_LATENT = "not_a_latent"  # .pth is not a float tensor [C, T, H, W] / [C, H, W] with --latent-channels
+    NON_FINITE = "non_finite"  # NaN or Inf in the latent or the text embedding
+    MISSING_MEMBER = "missing_member"  # no .pth, .pickle or .json in the sample
+    INVALID_JSON = "invalid_json"  # .json is not a JSON object with a caption
+    BAD_TEXT_EMBEDDING = "bad_text_embedding"  # .pickle is not [L, --text-embed-dim], L >= 1
+    GRID_NOT_DIVISIBLE = "grid_not_divisible"  # latent frames/height/width not divisible by the patch
+    OVERSIZE = "oversize"  # longer than --max-seq-length: a sizing problem, not broken data
+
+
+BAD_DATA = frozenset(SkipKind) - {SkipKind.OVERSIZE}
+
+
+class BadSample(Exception):
+    """Raised by the format checks; the task encoder turns it into a :class:`SkippedSample` marker."""
+
+    def __init__(self, kind: SkipKind, detail: str):
+        super().__init__(f"{kind.value}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
+
+class BadDataError(RuntimeError):
+    """The run stops: too much of the dataset is broken, or a sample broke a rejecting policy."""
+
+
+@dataclass
+class SkipRecord:
+    kind: str
+    key: str
+    shard: str
+    detail: str
+
+
+@dataclass
+class DataStats:
+    """Counts over the samples of some packs: one pack's in a batch, the run's on the trainer."""
+
+    read: int = 0  # samples drawn from the dataset, good or not
+    trained: int = 0  # samples placed in a pack
+    skipped: dict[str, int] = field(default_factory=dict)  # by SkipKind value
+    examples: list[SkipRecord] = field(default_factory=list)  # the first MAX_EXAMPLES skips
+
+    @property
+    def bad(self) -> int:
+        return sum(n for kind, n in self.skipped.items() if SkipKind(kind) in BAD_DATA)
+
+    def add(self, other: DataStats) -> None:
+        self.read += other.read
+        self.trained += other.trained
+        self.skipped = dict(Counter(self.skipped) + Counter(other.skipped))
+        self.examples.extend(other.examples[: MAX_EXAMPLES - len(self.examples)])
+
+    def check(self, max_bad_fraction: float) -> None:
+        """Raise :class:`BadDataError` when the broken fraction of the samples read exceeds the limit.
+
+        It is checked once at least ``1 / max_bad_fraction`` samples were read: before that, a
+        single broken sample would already exceed the fraction.
+        """
+        if max_bad_fraction > 0 and self.read < math.ceil(1 / max_bad_fraction):
+            return
+        if self.bad > max_bad_fraction * self.read:
+            raise BadDataError(
+                f"{self.bad} of {self.read} samples read ({self.bad / self.read:.1%}) were broken, more than "
+                f"--max-bad-sample-fraction {max_bad_fraction}: {self.describe()}. Fix or drop those shards "
+                "(python -m data.report DATASET lists them), or raise the limit if this is expected.")
+
+    def describe(self) -> str:
+        """One line for the log: counts by kind and the first few skipped samples."""
+        kinds = ", ".join(f"{k}={n}" for k, n in sorted(self.skipped.items())) or "none"
+        first = "; ".join(f"{e.kind} {e.key} ({e.detail})" for e in self.examples)
+        return f"skipped {sum(self.skipped.values())} of {self.read} read [{kinds}]" + (f"; first: {first}" if first else "")
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> DataStats:
+        return cls(state["read"], state["trained"], dict(state["skipped"]),
+                   [SkipRecord(**e) for e in state["examples"]])

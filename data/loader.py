@@ -1,0 +1,102 @@
+"""The training loader: energon's savable loader over the task encoder, seen from one rank.
+
+The trainer iterates :class:`DiTDataLoader` for :class:`PackedBatch` es already cut to this rank,
+reads ``loader.stats`` at its log interval, and stores ``loader.state_dict()`` in its checkpoint;
+a loader restored with :meth:`DiTDataLoader.load_state_dict` yields exactly the next pack.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Iterator
+
+from megatron.energon import SavableDataLoader, get_savable_loader, get_train_dataset
+
+from data.errors import BadDataError, DataStats, SkipKind
+from data.rank_split import RankLayout, shard_for_rank
+from data.sample import LatentFormat
+from data.task_encoder import DiTTaskEncoder, LoadedPack
+from dit.packed import PackedBatch
+
+
+def task_encoder(args: argparse.Namespace, pad_multiple: int) -> DiTTaskEncoder:
+    """The task encoder for parsed flags and the layout's padding multiple."""
+    fmt = LatentFormat(args.patch_size, args.temporal_patch_size, args.latent_channels, args.text_embed_dim)
+    return DiTTaskEncoder(fmt, max_seq_length=args.max_seq_length, pad_multiple=pad_multiple, packing=not args.no_packing)
+
+
+def energon_loader(data_path: str | Path, encoder: DiTTaskEncoder, layout: RankLayout, *, num_workers: int,
+                   seed: int, packing_buffer_size: int, micro_batch_size: int, repeat: bool = True) -> SavableDataLoader:
+    """energon's savable loader yielding :class:`LoadedPack` s for this replica."""
+    dataset = get_train_dataset(
+        data_path,
+        worker_config=layout.worker_config(num_workers, seed),
+        batch_size=None if encoder.packing else micro_batch_size,  # a pack is one micro-batch
+        packing_buffer_size=packing_buffer_size if encoder.packing else None,
+        shuffle_buffer_size=None,  # the packing buffer already mixes samples of many shards
+        max_samples_per_sequence=None,
+        task_encoder=encoder,
+        repeat=repeat,
+    )
+    return get_savable_loader(dataset)
+
+
+class DiTDataLoader:
+    """Packs for this rank, with the bad-data accounting and limits of the run."""
+
+    def __init__(self, loader: SavableDataLoader, layout: RankLayout, *, max_bad_sample_fraction: float,
+                 reject_oversize: bool = False):
+        self.loader = loader
+        self.layout = layout
+        self.max_bad_sample_fraction = max_bad_sample_fraction
+        self.reject_oversize = reject_oversize
+        self.stats = DataStats()  # over every pack this rank has consumed, restored with the state
+        self._packs: Iterator[LoadedPack] | None = None
+
+    def __iter__(self) -> DiTDataLoader:
+        return self
+
+    def __next__(self) -> PackedBatch:
+        if self._packs is None:
+            self._packs = iter(self.loader)
+        while True:
+            item = next(self._packs)
+            self.stats.add(item.stats)
+            self._check(item.stats)
+            if item.batch is not None:  # a pack of only skipped samples brings counts, no data
+                return shard_for_rank(item.batch, self.layout)
+
+    def _check(self, pack: DataStats) -> None:
+        if self.reject_oversize and pack.skipped.get(SkipKind.OVERSIZE.value):
+            first = next(e for e in pack.examples if e.kind == SkipKind.OVERSIZE.value)
+            raise BadDataError(f"--oversize-policy error: {first.shard}/{first.key} has {first.detail}; raise "
+                               "--max-seq-length or pass --oversize-policy skip")
+        self.stats.check(self.max_bad_sample_fraction)
+
+    def close(self) -> None:
+        """Stop the worker processes now (left to garbage collection, each takes seconds to stop)."""
+        if self._packs is not None:
+            self._packs.close()
+            self._packs = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """energon's per-rank state and the counts so far (store both in the training checkpoint)."""
+        return {"loader": self.loader.save_state_rank(), "stats": self.stats.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore before the first ``next``: iteration continues on exactly the next pack."""
+        if self._packs is not None:
+            raise RuntimeError("restore the loader state before iterating")
+        self.loader.restore_state_rank(state["loader"])
+        self.stats = DataStats.from_state_dict(state["stats"])
+
+
+def build_train_loader(args: argparse.Namespace) -> DiTDataLoader:
+    """The training loader for parsed, validated flags; Megatron's parallel state must be initialised."""
+    layout = RankLayout.from_parallel_state(args.sequence_parallel)
+    loader = energon_loader(args.data_path, task_encoder(args, layout.pad_multiple), layout,
+                            num_workers=args.num_workers, seed=args.seed,
+                            packing_buffer_size=args.packing_buffer_size, micro_batch_size=args.micro_batch_size)
+    return DiTDataLoader(loader, layout, max_bad_sample_fraction=args.max_bad_sample_fraction,
+                         reject_oversize=args.oversize_policy == "error")

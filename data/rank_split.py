@@ -1,0 +1,83 @@
+"""Matching the data to Megatron's ranks: who reads what, how samples are padded, what each rank keeps.
+
+- energon's :class:`WorkerConfig` gets the pure data-parallel rank and size, so every TP, CP and
+  PP rank of one model replica reads the same packs, and replicas read disjoint ones.
+- Each sample is padded to :func:`pad_multiple`: a multiple of 2*cp so that it splits into 2*cp
+  equal chunks, times tp under sequence parallelism so that each CP share splits over TP ranks.
+- After loading, a CP rank keeps chunks r and 2cp-1-r of every sample (TE's THD scheme), and a
+  pipeline stage that is neither first nor last drops the latent tokens and the loss mask: it
+  needs only the conditioning (text, positions, timesteps from the keys) and the cu_seqlens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.energon import WorkerConfig
+from megatron.energon.errors import reraise_exception
+
+from dit.packed import PackedBatch, thd_partition_indices
+from dit.te import have_transformer_engine
+
+
+def pad_multiple(cp_size: int, tp_size: int, sequence_parallel: bool) -> int:
+    """The smallest multiple every sample's token count must be padded to for this layout."""
+    multiple = 2 * cp_size if cp_size > 1 else 1
+    return multiple * tp_size if sequence_parallel else multiple
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    """This rank's place in the parallel layout, as far as the data path cares."""
+
+    dp_rank: int = 0
+    dp_size: int = 1
+    cp_rank: int = 0
+    cp_size: int = 1
+    tp_size: int = 1
+    sequence_parallel: bool = False
+    first_stage: bool = True
+    last_stage: bool = True
+
+    @classmethod
+    def from_parallel_state(cls, sequence_parallel: bool) -> RankLayout:
+        """Read Megatron's initialised parallel state (DP without CP: CP ranks share the data)."""
+        return cls(
+            dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
+            cp_rank=ps.get_context_parallel_rank(), cp_size=ps.get_context_parallel_world_size(),
+            tp_size=ps.get_tensor_model_parallel_world_size(), sequence_parallel=sequence_parallel,
+            first_stage=ps.is_pipeline_first_stage(ignore_virtual=True),
+            last_stage=ps.is_pipeline_last_stage(ignore_virtual=True),
+        )
+
+    @property
+    def pad_multiple(self) -> int:
+        return pad_multiple(self.cp_size, self.tp_size, self.sequence_parallel)
+
+    def worker_config(self, num_workers: int, seed: int) -> WorkerConfig:
+        """energon's config for this replica. Data faults never reach energon's error handler (the
+        task encoder turns them into counted skips), so whatever does is a bug and is raised."""
+        return WorkerConfig(rank=self.dp_rank, world_size=self.dp_size, num_workers=num_workers,
+                            seed_offset=seed, global_error_handler=reraise_exception)
+
+
+def cp_partition_indices(cu_seqlens_padded: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Token indices CP rank ``cp_rank`` keeps: TE's kernel where TE and a GPU exist, else ours."""
+    if have_transformer_engine() and torch.cuda.is_available():
+        import transformer_engine_torch as tex
+
+        cu = cu_seqlens_padded.to("cuda", torch.int32)
+        return tex.thd_get_partitioned_indices(cu, int(cu[-1]), cp_size, cp_rank).long().cpu()
+    return thd_partition_indices(cu_seqlens_padded, cp_size, cp_rank)
+
+
+def shard_for_rank(batch: PackedBatch, layout: RankLayout) -> PackedBatch:
+    """This rank's part of a pack: its CP share of the latent tokens; none on middle PP stages."""
+    if layout.cp_size > 1:
+        idx = cp_partition_indices(batch.cu_seqlens_padded, layout.cp_size, layout.cp_rank)  # [S / cp]
+        batch = replace(batch, tokens=batch.tokens[idx], positions=batch.positions[idx], loss_mask=batch.loss_mask[idx])
+    if not (layout.first_stage or layout.last_stage):
+        batch = replace(batch, tokens=None, loss_mask=None)
+    return batch

@@ -1,0 +1,137 @@
+"""The packing report: run the real loader (task encoder, packing, worker processes) over one epoch.
+
+    python -m data.report DATASET --max-seq-length N --patch-size P --temporal-patch-size PT \\
+        --context-parallel-size CP [--tensor-model-parallel-size TP --sequence-parallel] [--json]
+
+Any training flag (``--packing-buffer-size``, ``--num-workers``, ``--text-embed-dim``,
+``--no-packing``, ...) applies with its training default. It prints samples read and skipped by
+kind, packs built, ``packing_efficiency`` = real tokens / (packs x max-seq-length), the padding
+added for CP/SP alignment, the histogram of sample lengths and the loader's tokens/s; then the same
+samples packed the way NeMo/DFM do it (each padded to a multiple of 64; and padded to
+max-seq-length without packing), simulated over the same packing-buffer windows, and with DFM's
+default buffer of 40 samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from data.errors import DataStats
+from data.loader import energon_loader, task_encoder
+from data.packing import first_fit_decreasing, padded_length
+from data.rank_split import RankLayout
+
+DFM_MULTIPLE = 64  # NeMo's / DFM's per-sample padding
+DFM_BUFFER = 40  # DFM's recipe default packing buffer
+
+
+def simulated_efficiency(lengths: Sequence[int], *, multiple: int, buffer_size: int, max_seq_length: int) -> float:
+    """Real tokens / pack capacity when ``lengths`` (stream order) are padded to ``multiple`` and
+    packed first-fit-decreasing in consecutive windows of ``buffer_size`` samples."""
+    packs = 0
+    for start in range(0, len(lengths), buffer_size):
+        padded = [padded_length(n, multiple) for n in lengths[start:start + buffer_size]]
+        packs += len(first_fit_decreasing([p for p in padded if p <= max_seq_length], max_seq_length))
+    return sum(lengths) / (packs * max_seq_length) if packs else 0.0
+
+
+def histogram(lengths: Sequence[int], max_seq_length: int, bins: int = 6) -> dict[str, int]:
+    """Counts of sample lengths in power-of-two buckets ending at ``max_seq_length``."""
+    edges = [0] + [max_seq_length >> i for i in reversed(range(bins))]
+    return {f"{lo + 1}-{hi}": sum(lo < n <= hi for n in lengths) for lo, hi in zip(edges[:-1], edges[1:])}
+
+
+def measure(args: argparse.Namespace, data_path: str) -> dict[str, Any]:
+    """One pass over the dataset through the real loader; the report as a dict."""
+    layout = RankLayout(cp_size=args.context_parallel_size, tp_size=args.tensor_model_parallel_size,
+                        sequence_parallel=args.sequence_parallel)
+    encoder = task_encoder(args, layout.pad_multiple)
+    loader = energon_loader(data_path, encoder, layout, num_workers=args.num_workers, seed=args.seed,
+                            packing_buffer_size=args.packing_buffer_size, micro_batch_size=args.micro_batch_size,
+                            repeat=False)
+    stats, lengths, padded, rows = DataStats(), [], 0, 0
+    start = time.perf_counter()  # everything counts: worker start-up, every buffer fill, the epoch's tail
+    for item in loader:
+        stats.add(item.stats)
+        if item.batch is None:
+            continue
+        lengths += item.batch.cu_seqlens.diff().tolist()
+        padded += int(item.batch.cu_seqlens_padded[-1])
+        rows += item.batch.num_samples if args.no_packing else 1
+    end = time.perf_counter()
+    real = sum(lengths)
+    shard_bytes = sum(f.stat().st_size for f in Path(data_path).glob("**/*.tar"))
+    sim = dict(buffer_size=args.packing_buffer_size, max_seq_length=args.max_seq_length)
+    return {
+        "dataset": str(data_path),
+        "layout": {"cp": layout.cp_size, "tp": layout.tp_size, "sequence_parallel": layout.sequence_parallel,
+                   "pad_multiple": layout.pad_multiple, "packing": not args.no_packing},
+        "max_seq_length": args.max_seq_length,
+        "packing_buffer_size": args.packing_buffer_size,
+        "samples_read": stats.read,
+        "samples_trained": stats.trained,
+        "samples_skipped": dict(sorted(stats.skipped.items())),
+        "skipped_examples": [f"{e.kind} {e.key}: {e.detail}" for e in stats.examples],
+        "packs": rows if not args.no_packing else None,
+        "micro_batches_without_packing": rows if args.no_packing else None,
+        "real_tokens": real,
+        "padded_tokens": padded,
+        "packing_efficiency": real / (rows * args.max_seq_length) if rows else 0.0,
+        "alignment_padding_fraction": (padded - real) / padded if padded else 0.0,
+        "length_histogram": histogram(lengths, args.max_seq_length),
+        "packing_buffer_mb": shard_bytes / max(stats.read, 1) * args.packing_buffer_size / 2**20,
+        "num_workers": args.num_workers,
+        "loader_tokens_per_s": real / (end - start),
+        "loader_wall_s": end - start,
+        "load_average_1m": os.getloadavg()[0],
+        "comparison": {
+            "this_recipe_simulated": simulated_efficiency(lengths, multiple=layout.pad_multiple, **sim),
+            "nemo_dfm_pad64_packed": simulated_efficiency(lengths, multiple=DFM_MULTIPLE, **sim),
+            "dfm_pad64_buffer40": simulated_efficiency(lengths, multiple=DFM_MULTIPLE, buffer_size=DFM_BUFFER,
+                                                       max_seq_length=args.max_seq_length),
+            "nemo_pad_to_max_unpacked": real / (len(lengths) * args.max_seq_length) if lengths else 0.0,
+        },
+    }
+
+
+def format_text(r: dict[str, Any]) -> str:
+    lay = r["layout"]
+    lines = [
+        f"dataset {r['dataset']}: cp={lay['cp']} tp={lay['tp']} sp={lay['sequence_parallel']} -> samples padded to "
+        f"multiples of {lay['pad_multiple']}; max-seq-length {r['max_seq_length']}, buffer {r['packing_buffer_size']}",
+        f"samples read {r['samples_read']}, trained {r['samples_trained']}, skipped {r['samples_skipped'] or 'none'}",
+        *(f"  {e}" for e in r["skipped_examples"]),
+        f"packs {r['packs'] if lay['packing'] else r['micro_batches_without_packing']} "
+        f"({'packed' if lay['packing'] else 'micro-batches, unpacked'})",
+        f"packing_efficiency {r['packing_efficiency']:.4f} (real tokens / pack capacity)",
+        f"alignment padding {r['alignment_padding_fraction']:.4%} of padded tokens "
+        f"({r['padded_tokens'] - r['real_tokens']} tokens)",
+        "sample lengths (tokens): " + ", ".join(f"{k}: {v}" for k, v in r["length_histogram"].items()),
+        f"loader {r['loader_tokens_per_s']:,.0f} real tokens/s with {r['num_workers']} workers "
+        f"(wall {r['loader_wall_s']:.1f} s, load average {r['load_average_1m']:.1f}); "
+        f"packing buffer ~{r['packing_buffer_mb']:.0f} MB",
+        "same samples, simulated: " + ", ".join(f"{k} {v:.4f}" for k, v in r["comparison"].items()),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from dit.arguments import parse_args
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Other flags: see `python pretrain_dit.py --help` (data, model, parallelism).")
+    p.add_argument("dataset", help="An energon dataset folder (prepared as CrudeWebdataset).")
+    p.add_argument("--json", action="store_true", help="Print one JSON object instead of text.")
+    known, rest = p.parse_known_args(argv)
+    args = parse_args(rest)
+    report = measure(args, known.dataset)
+    print(json.dumps(report) if known.json else format_text(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""One sample of the on-disk format, in its two in-memory forms, and the checks that reject bad ones.
+
+energon hands the cooker a crude sample of raw bytes: ``.pth`` latent ``[C, T, H, W]`` or
+``[C, H, W]`` (any float dtype), ``.pickle`` text embedding ``[L, D]`` (numpy or torch) and
+``.json`` metadata (a caption at least; other keys kept as they are).
+
+- :func:`read_header` makes a :class:`DiffusionSample`: the lengths come from the tensor header
+  (a meta-device load reads no tensor data) and the payloads stay raw bytes, so a packing buffer
+  of hundreds of samples holds only their compressed-size bytes, no tensors.
+- :func:`decode` runs after packing, on the samples of one pack: it decodes, checks values and
+  patchifies into an :class:`EncodedSample`.
+
+Both raise :class:`~data.errors.BadSample` naming the defect.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from megatron.energon import Sample
+from megatron.energon.edataclass import edataclass
+
+from data.errors import BadSample, SkipKind, SkipRecord
+from dit.patchify import as_video, grid_size, patchify
+
+MEMBERS = ("pth", "pickle", "json")
+NUMPY_FLOATS = (np.float16, np.float32, np.float64)  # the ones torch.from_numpy takes
+
+
+@dataclass(frozen=True)
+class LatentFormat:
+    """What a sample must look like for this model."""
+
+    patch_size: int
+    temporal_patch_size: int
+    latent_channels: int
+    text_embed_dim: int
+
+
+@edataclass
+class DiffusionSample(Sample):
+    """A cooked sample: cheap to hold in the packing buffer (lengths + raw payloads)."""
+
+    shard: str
+    latent_payload: bytes  # the .pth member, decoded only after packing
+    text_payload: bytes  # the .pickle member
+    latent_shape: tuple[int, int, int, int]  # [C, T, H, W] from the tensor header
+    grid: tuple[int, int, int]  # (T', H', W') in patches
+    seq_len: int  # real latent tokens = T' * H' * W'
+    padded_len: int  # seq_len rounded up to the layout's multiple (or --max-seq-length without packing)
+    metadata: dict[str, Any]
+
+
+@edataclass
+class EncodedSample(Sample):
+    """A decoded sample, ready to be concatenated into a pack."""
+
+    tokens: torch.Tensor  # [seq_len, pt*ph*pw*C] float32
+    positions: torch.Tensor  # [seq_len, 3] int64 (t, h, w)
+    text: torch.Tensor  # [L, D] float32
+    seq_len: int
+    padded_len: int
+    grid: tuple[int, int, int]
+    fps: float | None  # from the metadata (videos)
+    label: int | None  # from the metadata (class-conditional datasets)
+
+
+@edataclass
+class SkippedSample(Sample):
+    """A marker that takes a broken (or oversize) sample's place so that its skip is counted once."""
+
+    kind: SkipKind
+    shard: str
+    detail: str
+
+    def record(self) -> SkipRecord:
+        return SkipRecord(self.kind.value, self.__key__, self.shard, self.detail)
+
+
+def sample_key(crude: dict) -> str:
+    """A key unique across the dataset (shards may reuse member names): ``SHARD/NAME``."""
+    return f"{crude.get('__shard__', '')}/{crude['__key__']}"
+
+
+def _load_metadata(payload: bytes) -> dict[str, Any]:
+    try:
+        metadata = json.loads(payload)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise BadSample(SkipKind.INVALID_JSON, f"not JSON ({e})") from None
+    if not isinstance(metadata, dict) or "caption" not in metadata:
+        raise BadSample(SkipKind.INVALID_JSON, "not a JSON object with a 'caption'")
+    for key, kind in (("fps", (int, float)), ("label", int)):  # the keys the model conditions on
+        if metadata.get(key) is not None and (not isinstance(metadata[key], kind) or isinstance(metadata[key], bool)):
+            raise BadSample(SkipKind.INVALID_JSON, f"'{key}' is {metadata[key]!r}, not a number")
+    return metadata
+
+
+def _load_tensor(payload: bytes, **kwargs: Any) -> Any:
+    try:
+        return torch.load(io.BytesIO(payload), weights_only=True, **kwargs)
+    except Exception as e:  # truncated zip, garbage bytes, a pickled non-tensor object
+        raise BadSample(SkipKind.CORRUPT_MEMBER, f".pth does not load ({type(e).__name__})") from None
+
+
+def _latent_shape(header: Any, fmt: LatentFormat) -> tuple[int, int, int, int]:
+    if not isinstance(header, torch.Tensor):
+        raise BadSample(SkipKind.NOT_A_LATENT, f".pth holds a {type(header).__name__}, not a tensor")
+    if not header.dtype.is_floating_point:
+        raise BadSample(SkipKind.NOT_A_LATENT, f".pth holds a {header.dtype} tensor, not a float one")
+    try:
+        shape = tuple(as_video(header).shape)
+    except ValueError:
+        raise BadSample(SkipKind.NOT_A_LATENT, f".pth has shape {tuple(header.shape)}, not [C, T, H, W] or [C, H, W]") from None
+    if shape[0] != fmt.latent_channels:
+        raise BadSample(SkipKind.NOT_A_LATENT, f"{shape[0]} latent channels, expected --latent-channels {fmt.latent_channels}")
+    return shape
+
+
+def read_header(crude: dict, fmt: LatentFormat) -> tuple[tuple[int, int, int, int], tuple[int, int, int], dict[str, Any]]:
+    """Latent shape, patch grid and metadata of a crude sample, reading no tensor data."""
+    missing = [ext for ext in MEMBERS if ext not in crude]
+    if missing:
+        raise BadSample(SkipKind.MISSING_MEMBER, "no ." + ", .".join(missing))
+    metadata = _load_metadata(crude["json"])
+    shape = _latent_shape(_load_tensor(crude["pth"], map_location="meta"), fmt)
+    try:
+        grid = grid_size(shape, fmt.patch_size, fmt.temporal_patch_size)
+    except ValueError as e:
+        raise BadSample(SkipKind.GRID_NOT_DIVISIBLE, str(e)) from None
+    return shape, grid, metadata
+
+
+def _text_embedding(payload: bytes, dim: int) -> torch.Tensor:
+    try:
+        value = pickle.loads(payload)
+    except Exception as e:  # truncated or garbage pickle
+        raise BadSample(SkipKind.CORRUPT_MEMBER, f".pickle does not load ({type(e).__name__})") from None
+    if isinstance(value, np.ndarray) and value.dtype in NUMPY_FLOATS:
+        value = torch.from_numpy(value)
+    if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point:
+        raise BadSample(SkipKind.BAD_TEXT_EMBEDDING,
+                        f".pickle holds a {type(value).__name__} {getattr(value, 'dtype', '')}, not a float array")
+    if value.dim() != 2 or value.shape[0] == 0 or value.shape[1] != dim:
+        raise BadSample(SkipKind.BAD_TEXT_EMBEDDING, f"text embedding of shape {tuple(value.shape)}, expected [L >= 1, --text-embed-dim {dim}]")
+    return value.float()
+
+
+def _finite(name: str, t: torch.Tensor) -> None:
+    # A NaN or Inf anywhere makes the float64 sum non-finite; finite float32 values cannot overflow
+    # it. 5x faster than isfinite(t).all(), which allocates a mask.
+    if not torch.isfinite(t.sum(dtype=torch.float64)):
+        raise BadSample(SkipKind.NON_FINITE, f"NaN or Inf in the {name}")
+
+
+def decode(sample: DiffusionSample, fmt: LatentFormat) -> EncodedSample:
+    """Decode, check and patchify one cooked sample."""
+    latent = as_video(_load_tensor(sample.latent_payload)).float()  # [C, T, H, W]
+    _finite("latent", latent)
+    text = _text_embedding(sample.text_payload, fmt.text_embed_dim)  # [L, D]
+    _finite("text embedding", text)
+    tokens, positions = patchify(latent, fmt.patch_size, fmt.temporal_patch_size)
+    fps, label = sample.metadata.get("fps"), sample.metadata.get("label")
+    return EncodedSample.derive_from(
+        sample, tokens=tokens, positions=positions, text=text, seq_len=sample.seq_len,
+        padded_len=sample.padded_len, grid=sample.grid,
+        fps=None if fps is None else float(fps), label=None if label is None else int(label))

@@ -1,0 +1,107 @@
+"""The energon task encoder: crude sample -> cheap DiffusionSample -> packs of decoded samples.
+
+energon's order with a packing buffer (``get_train_dataset(..., packing_buffer_size=N)``):
+
+1. :meth:`DiTTaskEncoder.cook` on each crude sample (no decoding, see :mod:`data.sample`);
+2. :meth:`select_samples_to_pack` on a full buffer: first-fit-decreasing into packs;
+3. :meth:`postencode_sample` on each sample of one chosen pack: decode and check;
+4. :meth:`pack_selected_samples`: concatenate into a :class:`PackedBatch`.
+
+Without packing, step 2 is gone and :meth:`batch` pads each sample to ``max_seq_length`` and
+concatenates a micro-batch of them. Broken samples become :class:`SkippedSample` markers at
+whichever step finds them; they travel in the pack and are counted there (:class:`LoadedPack`),
+never raised to energon, whose error handler therefore only sees bugs. A defect found only by
+decoding (NaN/Inf, a bad embedding) leaves its room in the pack unused: bad data is rare, and
+checking values before packing would decode every sample twice or hold its tensors in the buffer.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Sequence
+
+from megatron.energon import Cooker, DefaultTaskEncoder, Sample, stateless
+from megatron.energon.edataclass import edataclass
+from megatron.energon.task_encoder.cooking import basic_sample_keys
+
+from data.errors import BadSample, DataStats, SkipKind
+from data.packing import build_pack, first_fit_decreasing, padded_length
+from data.sample import DiffusionSample, EncodedSample, LatentFormat, SkippedSample, decode, read_header, sample_key
+from dit.packed import PackedBatch
+
+AnySample = DiffusionSample | EncodedSample | SkippedSample
+
+
+@edataclass
+class LoadedPack(Sample):
+    """What a loader worker yields: the pack (None when all its samples were skipped) and its counts."""
+
+    batch: PackedBatch | None
+    stats: DataStats
+
+
+class DiTTaskEncoder(DefaultTaskEncoder):
+    """Cooks, packs and encodes DiT samples; ``pad_multiple`` comes from the run's parallel layout."""
+
+    decoder = None  # the cooker gets raw bytes: decoding waits until a sample is in a chosen pack
+
+    def __init__(self, fmt: LatentFormat, *, max_seq_length: int, pad_multiple: int, packing: bool = True):
+        super().__init__()
+        if not packing and max_seq_length % pad_multiple:
+            raise ValueError(f"max_seq_length {max_seq_length} is not a multiple of the layout's padding multiple {pad_multiple}")
+        self.fmt = fmt
+        self.max_seq_length = max_seq_length
+        self.pad_multiple = pad_multiple
+        self.packing = packing
+        self.cookers = [Cooker(self.cook)]
+
+    @stateless
+    def cook(self, crude: dict) -> DiffusionSample | SkippedSample:
+        base = {**basic_sample_keys(crude), "__key__": sample_key(crude)}
+        shard = crude.get("__shard__", "")
+        try:
+            shape, grid, metadata = read_header(crude, self.fmt)
+            seq_len = grid[0] * grid[1] * grid[2]
+            padded = padded_length(seq_len, self.pad_multiple) if self.packing else self.max_seq_length
+            if max(seq_len, padded) > self.max_seq_length:
+                raise BadSample(SkipKind.OVERSIZE, f"{seq_len} tokens ({padded} padded) > --max-seq-length {self.max_seq_length}")
+        except BadSample as e:
+            return SkippedSample(**base, kind=e.kind, shard=shard, detail=e.detail)
+        return DiffusionSample(**base, shard=shard, latent_payload=crude["pth"], text_payload=crude["pickle"],
+                               latent_shape=shape, grid=grid, seq_len=seq_len, padded_len=padded, metadata=metadata)
+
+    def select_samples_to_pack(self, samples: list[AnySample]) -> list[list[AnySample]]:
+        """First-fit-decreasing over the buffer. energon drops what no group holds, so every sample
+        is placed: the skip markers join the first pack, or form a pack of their own."""
+        good = [s for s in samples if isinstance(s, DiffusionSample)]
+        groups = [[good[i] for i in b] for b in first_fit_decreasing([s.padded_len for s in good], self.max_seq_length)]
+        markers = [s for s in samples if isinstance(s, SkippedSample)]
+        if markers:
+            groups = [groups[0] + markers, *groups[1:]] if groups else [markers]
+        return groups
+
+    @stateless
+    def postencode_sample(self, sample: AnySample) -> EncodedSample | SkippedSample:
+        if isinstance(sample, SkippedSample):
+            return sample
+        try:
+            return decode(sample, self.fmt)
+        except BadSample as e:
+            return SkippedSample.derive_from(sample, kind=e.kind, shard=sample.shard, detail=e.detail)
+
+    @stateless
+    def pack_selected_samples(self, samples: list[EncodedSample | SkippedSample]) -> LoadedPack:
+        return self._loaded_pack(samples)
+
+    @stateless
+    def batch(self, samples: list[EncodedSample | SkippedSample]) -> LoadedPack:
+        """Without packing: a micro-batch of samples, each already padded to ``max_seq_length``."""
+        return self._loaded_pack(samples)
+
+    def _loaded_pack(self, samples: Sequence[EncodedSample | SkippedSample]) -> LoadedPack:
+        encoded = [s for s in samples if isinstance(s, EncodedSample)]
+        markers = [s for s in samples if isinstance(s, SkippedSample)]
+        stats = DataStats(read=len(samples), trained=len(encoded), skipped=dict(Counter(m.kind.value for m in markers)),
+                          examples=[m.record() for m in markers])
+        return LoadedPack(__key__=",".join(s.__key__ for s in samples), __restore_key__=(),
+                          batch=build_pack(encoded) if encoded else None, stats=stats)

@@ -1,0 +1,95 @@
+"""The loader over real energon datasets: bad data counted exactly once, the limits, save/restore, no packing."""
+
+from collections import Counter
+from contextlib import closing
+
+import pytest
+import torch
+
+from data.errors import BadDataError, DataStats, SkipKind, SkipRecord
+from data.loader import DiTDataLoader, energon_loader, task_encoder
+from data.rank_split import RankLayout
+from dit.arguments import parse_args
+from tests.tiny_data import DEFECTS, GOOD, mixed_dataset  # noqa: F401 (a fixture)
+
+
+def _loader(path, *extra, workers=0, repeat=True, max_bad=1.0, reject_oversize=False):
+    args = parse_args(["--max-seq-length", "32", "--patch-size", "2", "--latent-channels", "4", "--text-embed-dim", "8",
+                       "--packing-buffer-size", "6", "--micro-batch-size", "3", *extra])
+    encoder = task_encoder(args, pad_multiple=4)
+    loader = energon_loader(path, encoder, RankLayout(), num_workers=workers, seed=3,
+                            packing_buffer_size=args.packing_buffer_size, micro_batch_size=args.micro_batch_size,
+                            repeat=repeat)
+    return DiTDataLoader(loader, RankLayout(), max_bad_sample_fraction=max_bad, reject_oversize=reject_oversize)
+
+
+def test_every_defect_is_skipped_and_counted_exactly_once_across_workers(mixed_dataset):
+    with closing(_loader(mixed_dataset, workers=2, repeat=False)) as loader:
+        keys = [k for pack in loader for k in pack.keys]
+    assert sorted(k.rsplit("/", 1)[-1] for k in keys) == [f"good_{i:04d}" for i in range(GOOD)]  # each once
+    stats = loader.stats
+    assert stats.skipped == dict(Counter(kind.value for _, kind in DEFECTS.values()))
+    assert (stats.read, stats.trained, stats.bad) == (GOOD + len(DEFECTS), GOOD, len(DEFECTS) - 1)  # oversize is not "bad"
+    assert len(stats.examples) == 8
+    assert all(e.shard.startswith("shard_") and e.key.startswith(e.shard + "/samples/bad_") for e in stats.examples)
+
+def test_bad_fraction_limit_stops_the_run_with_a_clear_error(mixed_dataset):
+    with pytest.raises(BadDataError, match=r"--max-bad-sample-fraction 0\.1: .*first: .*shard_\d+\.tar/samples/bad_"):
+        for _ in _loader(mixed_dataset, max_bad=0.1):
+            pass
+
+
+def test_bad_fraction_check_by_hand():
+    stats = DataStats(read=99, trained=97, skipped={"non_finite": 2})
+    stats.check(0.01)  # fewer than 1/0.01 samples read: not judged yet
+    stats.read = 100
+    with pytest.raises(BadDataError, match="2 of 100"):
+        stats.check(0.01)
+    DataStats(read=100, trained=99, skipped={"non_finite": 1}).check(0.01)  # exactly at the limit is fine
+    DataStats(read=100, trained=50, skipped={"oversize": 50}).check(0.01)  # oversize is a sizing issue, not bad data
+    with pytest.raises(BadDataError):
+        DataStats(read=1, trained=0, skipped={"invalid_json": 1}).check(0.0)
+
+
+def test_stats_add_and_state_round_trip():
+    a = DataStats(read=3, trained=2, skipped={"oversize": 1}, examples=[SkipRecord("oversize", "k", "s", "d")])
+    total = DataStats()
+    for _ in range(10):
+        total.add(a)
+    assert (total.read, total.trained, total.skipped, len(total.examples)) == (30, 20, {"oversize": 10}, 8)
+    assert DataStats.from_state_dict(total.state_dict()) == total
+
+
+def test_oversize_policy_error_rejects_the_run(mixed_dataset):
+    with pytest.raises(BadDataError, match="--oversize-policy error.*48 tokens"):
+        for _ in _loader(mixed_dataset, reject_oversize=True):
+            pass
+
+
+def _same(a, b):
+    return a.keys == b.keys and torch.equal(a.tokens, b.tokens) and torch.equal(a.cu_seqlens_padded, b.cu_seqlens_padded)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_restored_loader_continues_on_the_next_pack(mixed_dataset, workers):
+    with closing(_loader(mixed_dataset, workers=workers)) as first:
+        for _ in range(3):
+            next(first)
+        state = first.state_dict()
+        expected = [next(first) for _ in range(5)]  # crosses an epoch: 47 samples make about 6 packs
+    with closing(_loader(mixed_dataset, workers=workers)) as resumed:
+        resumed.load_state_dict(state)
+        got = [next(resumed) for _ in range(5)]
+    assert all(_same(a, b) for a, b in zip(expected, got))
+    assert resumed.stats == first.stats
+
+
+def test_without_packing_each_sample_is_padded_to_max_length(mixed_dataset):
+    loader = _loader(mixed_dataset, "--no-packing", repeat=False)
+    batches = list(loader)
+    assert sum(b.num_samples for b in batches) == GOOD and all(b.num_samples <= 3 for b in batches)
+    for b in batches:
+        assert b.cu_seqlens_padded.tolist() == [32 * i for i in range(b.num_samples + 1)]
+        assert b.tokens.shape[0] == 32 * b.num_samples
+        assert int(b.loss_mask.sum()) == int(b.cu_seqlens[-1])
+    assert loader.stats.skipped[SkipKind.OVERSIZE.value] == 1

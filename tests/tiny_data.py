@@ -1,0 +1,113 @@
+"""Tiny datasets in the real on-disk format (shards written by data.shards, indexed by `energon prepare`).
+
+Latents have 4 channels and patch 2, text embeddings width 8: an image ``[4, 4, 6]`` is 6 tokens,
+a video ``[4, 3, 4, 4]`` 12. Payloads are built by hand so that tests can break them on purpose.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from data.errors import SkipKind
+from data.sample import LatentFormat
+from data.shards import ShardSample, encode_sample, energon_prepare, shard_name, write_shard
+
+FMT = LatentFormat(patch_size=2, temporal_patch_size=1, latent_channels=4, text_embed_dim=8)
+
+Entry = tuple[str, dict[str, bytes]]
+
+
+def payloads(shape: tuple[int, ...], *, seed: int = 0, dtype: torch.dtype = torch.float32, text_len: int = 3,
+             text: Any = None, meta: dict[str, Any] | None = None) -> dict[str, bytes]:
+    """The three members of one sample; the text embedding defaults to numpy float32 ``[text_len, 8]``."""
+    g = torch.Generator().manual_seed(seed)
+    if text is None:
+        text = np.random.default_rng(seed).standard_normal((text_len, FMT.text_embed_dim)).astype(np.float32)
+    metadata = {"caption": f"sample {seed}", "height": 8 * shape[-2], "width": 8 * shape[-1]} if meta is None else meta
+    return encode_sample(ShardSample(torch.randn(shape, generator=g).to(dtype), text, metadata))
+
+
+def good_entries(n: int, seed: int = 0, prefix: str = "good") -> list[Entry]:
+    """Mixed images and videos of 4 to 24 tokens, a few dtypes."""
+    rng = random.Random(seed)
+    entries = []
+    for i in range(n):
+        h, w = 2 * rng.randint(1, 3), 2 * rng.randint(1, 4)
+        shape = (4, rng.randint(1, 2), h, w) if rng.random() < 0.4 else (4, h, w)
+        dtype = rng.choice([torch.float32, torch.bfloat16, torch.float16])
+        entries.append((f"{prefix}_{i:04d}", payloads(shape, seed=seed * 1000 + i, dtype=dtype, text_len=rng.randint(1, 5))))
+    return entries
+
+
+def write_dataset(root: Path, entries: list[Entry], per_shard: int = 8) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for index, start in enumerate(range(0, len(entries), per_shard)):
+        write_shard(root / shard_name(index), entries[start:start + per_shard])
+    energon_prepare(root)
+    return root
+
+
+def crude(files: dict[str, bytes], key: str = "samples/x", shard: str = "shard_000000.tar") -> dict[str, Any]:
+    """A crude sample as energon hands it to the cooker (decoder off: raw bytes)."""
+    return {"__key__": key, "__shard__": shard, "__restore_key__": ("Webdataset", 0), "__subflavors__": None,
+            "__sources__": (), **files}
+
+
+def torch_bytes(value: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(value, buf)
+    return buf.getvalue()
+
+
+def with_members(**members: bytes | None) -> dict[str, bytes]:
+    """A good image sample ``[4, 2, 4]`` with members replaced (bytes) or removed (None)."""
+    files = payloads((4, 2, 4))
+    for ext, payload in members.items():
+        if payload is None:
+            files.pop(ext)
+        else:
+            files[ext] = payload
+    return files
+
+
+# every defect the loader must skip, with the kind it is counted as
+DEFECTS: dict[str, tuple[dict[str, bytes], SkipKind]] = {
+    "truncated .pth": (with_members(pth=payloads((4, 2, 4))["pth"][:300]), SkipKind.CORRUPT_MEMBER),
+    "garbage .pickle": (with_members(pickle=b"\x80\x05garbage"), SkipKind.CORRUPT_MEMBER),
+    ".pth holds a dict": (with_members(pth=torch_bytes({"latent": torch.zeros(4, 2, 4)})), SkipKind.NOT_A_LATENT),
+    ".pth of rank 2": (with_members(pth=torch_bytes(torch.zeros(4, 4))), SkipKind.NOT_A_LATENT),
+    ".pth of ints": (with_members(pth=torch_bytes(torch.zeros(4, 2, 4, dtype=torch.int64))), SkipKind.NOT_A_LATENT),
+    "wrong channel count": (with_members(pth=torch_bytes(torch.zeros(3, 2, 4))), SkipKind.NOT_A_LATENT),
+    "NaN in latent": (with_members(pth=torch_bytes(torch.tensor([float("nan")]).expand(4, 2, 4).clone())), SkipKind.NON_FINITE),
+    "Inf in text": (with_members(pickle=pickle.dumps(np.full((2, 8), np.inf, np.float32))), SkipKind.NON_FINITE),
+    "missing .pickle": (with_members(pickle=None), SkipKind.MISSING_MEMBER),
+    "missing .json": (with_members(json=None), SkipKind.MISSING_MEMBER),
+    "invalid JSON": (with_members(json=b"{caption: oops"), SkipKind.INVALID_JSON),
+    "JSON without caption": (with_members(json=b'{"height": 8}'), SkipKind.INVALID_JSON),
+    "fps as text": (with_members(json=b'{"caption": "c", "fps": "24"}'), SkipKind.INVALID_JSON),
+    "text width 7": (with_members(pickle=pickle.dumps(np.zeros((3, 7), np.float32))), SkipKind.BAD_TEXT_EMBEDDING),
+    "text of rank 1": (with_members(pickle=pickle.dumps(np.zeros(8, np.float32))), SkipKind.BAD_TEXT_EMBEDDING),
+    "text as a list": (with_members(pickle=pickle.dumps([[0.0] * 8])), SkipKind.BAD_TEXT_EMBEDDING),
+    "odd latent width": (with_members(pth=torch_bytes(torch.zeros(4, 2, 5))), SkipKind.GRID_NOT_DIVISIBLE),
+    "longer than max": (with_members(pth=torch_bytes(torch.zeros(4, 3, 8, 8))), SkipKind.OVERSIZE),  # 48 > 32
+}
+
+
+GOOD = 30  # good samples in the mixed dataset
+
+
+@pytest.fixture(scope="module")
+def mixed_dataset(tmp_path_factory):
+    """30 good samples with every defect of :data:`DEFECTS` spread among them, 8 a shard."""
+    good = good_entries(GOOD, seed=1)
+    bad = [(f"bad_{i:02d}", files) for i, (files, _) in enumerate(DEFECTS.values())]
+    entries = [e for pair in zip(good, bad) for e in pair] + good[len(bad):]
+    return write_dataset(tmp_path_factory.mktemp("mixed"), entries, per_shard=8)
