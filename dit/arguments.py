@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from dit.config import MODEL_SIZES
+from dit.sizes import MODEL_SIZES
 from dit.te import have_transformer_engine
 
 

@@ -5,28 +5,14 @@ from __future__ import annotations
 import argparse
 import functools
 from dataclasses import dataclass, field
-from typing import Callable, Literal, NamedTuple
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from dit.sizes import MODEL_SIZES
 from dit.te import have_transformer_engine
-
-
-class ModelSize(NamedTuple):
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-
-
-MODEL_SIZES: dict[str, ModelSize] = {
-    "DiT-S": ModelSize(12, 384, 6),
-    "DiT-B": ModelSize(12, 768, 12),
-    "DiT-L": ModelSize(24, 1024, 16),
-    "DiT-XL": ModelSize(28, 1152, 16),
-    "DiT-7B": ModelSize(32, 3072, 24),
-}
 
 
 @dataclass

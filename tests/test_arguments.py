@@ -124,3 +124,11 @@ def test_user_mistake_is_one_line_without_traceback(tmp_path):
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1] == f"pretrain_dit.py: error: --data-path: {tmp_path / 'missing'} does not exist"
+
+
+def test_command_line_does_not_import_megatron():
+    """--help and config mistakes answer at once: the parser must not pull in Megatron-Core or torch."""
+    out = subprocess.run([sys.executable, "-c", "import sys, dit.arguments; "
+                          "print(sorted(m for m in ('megatron', 'torch') if m in sys.modules))"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stderr
