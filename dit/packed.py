@@ -18,9 +18,9 @@ import torch
 class PackedBatch:
     """One micro-batch. S = tokens this rank holds, N = samples in the pack, K = text tokens."""
 
-    tokens: torch.Tensor  # [S, pt*ph*pw*C] patchified latent (clean, x0)
+    tokens: torch.Tensor | None  # [S, pt*ph*pw*C] patchified latent (clean, x0); None on middle PP stages
     positions: torch.Tensor  # [S, 3] int64 (t, h, w) patch coordinates; 0 on pad tokens
-    loss_mask: torch.Tensor  # [S] bool, True on real tokens
+    loss_mask: torch.Tensor | None  # [S] bool, True on real tokens; None on middle PP stages
     cu_seqlens: torch.Tensor  # [N+1] int32, real latent tokens of each sample
     cu_seqlens_padded: torch.Tensor  # [N+1] int32, padded latent tokens of each sample
     text: torch.Tensor  # [K, D] text embeddings of the N samples, concatenated
