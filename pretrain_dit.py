@@ -11,7 +11,8 @@ import sys
 
 import warnings
 
-from dit.arguments import ConfigError, is_main_process, launched_world_size, parse_args, validate_args
+from dit.arguments import is_main_process, launched_world_size, parse_args, validate_args
+from dit.errors import ConfigError
 
 # Megatron-Core warns four times per process that TE and apex are absent; dit.te reports it once.
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from dit.arguments import ConfigError
+from dit.errors import ConfigError
 
 
 def _device() -> tuple[torch.device, torch.dtype]:

@@ -34,7 +34,7 @@ from data.encoders import TextEncoder, VaeEncoder, check_source
 from data.inputs import MediaItem, find_items
 from data.media import Clip, MediaError, PixelSpec, read_image, read_video
 from data.shards import ShardSample, encode_sample, energon_prepare, shard_name, write_shard
-from dit.arguments import ConfigError
+from dit.errors import ConfigError
 
 MANIFEST = "prepare.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -2,7 +2,7 @@
 
 Arguments become configs in ONE place (the builders that read ``args``); library code takes
 configs, never ``args``. Validation runs before any heavy work and raises :class:`ConfigError`,
-which the entry point prints as one line naming the flag and the fix.
+(dit/errors.py), which the entry point prints as one line naming the flag and the fix.
 """
 
 from __future__ import annotations
@@ -15,15 +15,8 @@ from typing import Any, Sequence
 import yaml
 
 from dit.sizes import MODEL_SIZES
-from dit.te import have_transformer_engine
-
-
-class ConfigError(ValueError):
-    """A user's configuration mistake: names the flag and says how to fix it."""
-
-    def __init__(self, flag: str, message: str):
-        super().__init__(f"{flag}: {message}")
-        self.flag = flag
+from dit import te
+from dit.errors import ConfigError
 
 
 def _add_parallel(p: argparse.ArgumentParser) -> None:
@@ -175,7 +168,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, getattr(size, name))
     if args.transformer_impl is None:
-        args.transformer_impl = "transformer_engine" if have_transformer_engine() else "local"
+        args.transformer_impl = "transformer_engine" if te.have_transformer_engine() else "local"
     return args
 
 
@@ -213,20 +206,7 @@ def _check_parallel(args: argparse.Namespace, world_size: int) -> None:
 
 
 def _check_backend(args: argparse.Namespace) -> None:
-    te = have_transformer_engine()
-    if args.transformer_impl == "transformer_engine" and not te:
-        raise ConfigError("--transformer-impl",
-                          "transformer_engine is not importable here; use --transformer-impl local "
-                          "or run in the NGC PyTorch container")
-    if args.fp8_format is not None:
-        if not te or args.transformer_impl != "transformer_engine":
-            raise ConfigError("--fp8-format",
-                              "FP8 needs Transformer Engine (--transformer-impl transformer_engine) on a GPU; "
-                              "drop --fp8-format here")
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("--fp8-format", "FP8 needs a CUDA GPU; drop --fp8-format on CPU")
+    te.check_backend(args.transformer_impl, args.fp8_format)
     if args.patch_size < 1 or args.temporal_patch_size < 1:
         raise ConfigError("--patch-size", "patch sizes must be >= 1")
 

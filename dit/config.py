@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from dit.sizes import MODEL_SIZES
-from dit.te import have_transformer_engine
+from dit import te
 
 
 @dataclass
@@ -63,7 +63,7 @@ class DiTConfig(TransformerConfig):
     variable_seq_lengths: bool = True  # packs differ in length, so pipeline p2p sends shapes first
     moe_token_dispatcher_type: str = "alltoall"  # no MoE; Megatron rejects its default with variable lengths
     transformer_impl: Literal["transformer_engine", "local"] = field(
-        default_factory=lambda: "transformer_engine" if have_transformer_engine() else "local")
+        default_factory=lambda: "transformer_engine" if te.have_transformer_engine() else "local")
 
     def __post_init__(self) -> None:
         if self.pipeline_dtype is None:
@@ -88,19 +88,7 @@ class DiTConfig(TransformerConfig):
         if self.recompute_granularity == "selective" and set(self.recompute_modules) != {"core_attn"}:
             raise ValueError(f"selective recompute supports recompute_modules=['core_attn'] only, "
                              f"got {self.recompute_modules}")
-        self._check_backend()
-
-    def _check_backend(self) -> None:
-        """The machine-dependent choices, as the flag errors the command line reports."""
-        from dit.arguments import ConfigError  # deferred: dit.arguments imports this module
-
-        if self.transformer_impl == "transformer_engine" and not have_transformer_engine():
-            raise ConfigError("--transformer-impl", "transformer_engine is not importable here; use local")
-        if self.fp8 and self.transformer_impl != "transformer_engine":
-            raise ConfigError("--fp8-format", "FP8 runs through Transformer Engine; needs --transformer-impl "
-                              "transformer_engine")
-        if self.fp8 and not torch.cuda.is_available():
-            raise ConfigError("--fp8-format", "FP8 needs a CUDA GPU; drop --fp8-format on CPU")
+        te.check_backend(self.transformer_impl, self.fp8)  # the machine-dependent choices, as flag errors
 
     @property
     def token_width(self) -> int:

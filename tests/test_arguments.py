@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from dit import arguments
-from dit.arguments import ConfigError, parse_args, validate_args
+from dit import te
+from dit.arguments import parse_args, validate_args
+from dit.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4"]
@@ -44,14 +45,14 @@ def test_parallel_and_training_mistakes(dataset, argv, world, flag, words):
 
 
 def test_transformer_engine_asked_without_te(dataset, monkeypatch):
-    monkeypatch.setattr(arguments, "have_transformer_engine", lambda: False)
+    monkeypatch.setattr(te, "have_transformer_engine", lambda: False)
     with pytest.raises(ConfigError, match="transformer_engine is not importable") as e:
         check(TINY + ["--data-path", dataset, "--transformer-impl", "transformer_engine"])
     assert e.value.flag == "--transformer-impl"
 
 
 def test_fp8_without_te(dataset, monkeypatch):
-    monkeypatch.setattr(arguments, "have_transformer_engine", lambda: False)
+    monkeypatch.setattr(te, "have_transformer_engine", lambda: False)
     with pytest.raises(ConfigError, match="FP8 needs Transformer Engine") as e:
         check(TINY + ["--data-path", dataset, "--fp8-format", "hybrid"])
     assert e.value.flag == "--fp8-format"
@@ -59,15 +60,15 @@ def test_fp8_without_te(dataset, monkeypatch):
 
 def test_fp8_with_te_but_no_gpu(dataset, monkeypatch):
     """TE importable (mocked: it cannot be installed here) but no CUDA device."""
-    monkeypatch.setattr(arguments, "have_transformer_engine", lambda: True)
+    monkeypatch.setattr(te, "have_transformer_engine", lambda: True)
     with pytest.raises(ConfigError, match="FP8 needs a CUDA GPU"):
         check(TINY + ["--data-path", dataset, "--fp8-format", "e4m3", "--transformer-impl", "transformer_engine"])
 
 
 def test_default_backend_follows_te_availability(monkeypatch):
-    monkeypatch.setattr(arguments, "have_transformer_engine", lambda: False)
+    monkeypatch.setattr(te, "have_transformer_engine", lambda: False)
     assert parse_args([]).transformer_impl == "local"
-    monkeypatch.setattr(arguments, "have_transformer_engine", lambda: True)
+    monkeypatch.setattr(te, "have_transformer_engine", lambda: True)
     assert parse_args([]).transformer_impl == "transformer_engine"
 
 

@@ -4,8 +4,9 @@ FP8/TE errors on a machine without them."""
 import pytest
 import torch
 
-import dit.config
-from dit.arguments import ConfigError, parse_args
+import dit.te
+from dit.arguments import parse_args
+from dit.errors import ConfigError
 from dit.config import DiTConfig, config_from_args
 
 
@@ -41,7 +42,7 @@ def test_fp8_without_te_or_gpu_is_a_config_error():
 
 def test_fp8_flags_map_onto_megatron_fields(monkeypatch):
     # pretend to be the NGC container on a GPU: the mapping itself is what is checked
-    monkeypatch.setattr(dit.config, "have_transformer_engine", lambda: True)
+    monkeypatch.setattr(dit.te, "have_transformer_engine", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     config = config_from_args(parse_args(["--transformer-impl", "transformer_engine", "--fp8-format", "hybrid",
                                           "--fp8-recipe", "tensorwise", "--bf16"]))
