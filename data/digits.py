@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.shards import ShardSample, encode_sample, energon_prepare, shard_name, write_shard
+from data.shards import ShardSample, write_dataset
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -47,15 +47,7 @@ def digit_samples(text_embed_dim: int) -> list[tuple[str, ShardSample]]:
 
 def write_digits(out: Path, text_embed_dim: int = 64, samples_per_shard: int = 256) -> int:
     """Write the shards (skipping complete ones) and index them; return the number of samples."""
-    out.mkdir(parents=True, exist_ok=True)
-    samples = digit_samples(text_embed_dim)
-    for index, start in enumerate(range(0, len(samples), samples_per_shard)):
-        path = out / shard_name(index)
-        if not path.exists():
-            chunk = samples[start:start + samples_per_shard]
-            write_shard(path, ((key, encode_sample(s)) for key, s in chunk))
-    energon_prepare(out)
-    return len(samples)
+    return write_dataset(out, digit_samples(text_embed_dim), samples_per_shard)
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ half-written tar that looks finished. :func:`energon_prepare` indexes the folder
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import pickle
@@ -67,6 +68,24 @@ def write_shard(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> 
             count += 1
     os.replace(tmp, path)
     return count
+
+
+def write_dataset(out: Path, samples: Iterable[tuple[str, ShardSample]], samples_per_shard: int) -> int:
+    """Write keyed samples into consecutive shards of ``out`` and index them; return the sample count.
+
+    Shards already complete are kept (their samples are still drawn from ``samples``, so a
+    deterministic stream resumes where it stopped).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    stream = iter(samples)
+    total, index = 0, 0
+    while chunk := list(itertools.islice(stream, samples_per_shard)):
+        path = out / shard_name(index)
+        if not path.exists():
+            write_shard(path, ((key, encode_sample(s)) for key, s in chunk))
+        total, index = total + len(chunk), index + 1
+    energon_prepare(out)
+    return total
 
 
 def energon_prepare(root: Path) -> None:
