@@ -44,8 +44,10 @@ def thd_partition_indices(cu_seqlens_padded: torch.Tensor, cp_size: int, cp_rank
 
     Each sample's padded range is cut into ``2*cp_size`` equal chunks and rank r keeps chunks r and
     ``2*cp_size-1-r``, which balances causal and non-causal attention work. This is the scheme of
-    Transformer Engine's ``thd_get_partitioned_indices``; lengths must be multiples of 2*cp_size.
+    Transformer Engine's ``thd_get_partitioned_indices``; with CP, lengths must be multiples of 2*cp_size.
     """
+    if cp_size == 1:  # the whole pack, whatever its lengths (without CP, samples need no alignment)
+        return torch.arange(int(cu_seqlens_padded[-1]))
     bounds = cu_seqlens_padded.tolist()
     parts = []
     for start, end in zip(bounds[:-1], bounds[1:]):
