@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.shards import ShardSample, write_dataset
+from data.shards import ShardSample, encode_sample, write_dataset
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -47,7 +47,7 @@ def digit_samples(text_embed_dim: int) -> list[tuple[str, ShardSample]]:
 
 def write_digits(out: Path, text_embed_dim: int = 64, samples_per_shard: int = 256) -> int:
     """Write the shards (skipping complete ones) and index them; return the number of samples."""
-    return write_dataset(out, digit_samples(text_embed_dim), samples_per_shard)
+    return write_dataset(out, ((key, encode_sample(s)) for key, s in digit_samples(text_embed_dim)), samples_per_shard)
 
 
 def main() -> None:

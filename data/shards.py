@@ -70,8 +70,9 @@ def write_shard(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> 
     return count
 
 
-def write_dataset(out: Path, samples: Iterable[tuple[str, ShardSample]], samples_per_shard: int) -> int:
-    """Write keyed samples into consecutive shards of ``out`` and index them; return the sample count.
+def write_dataset(out: Path, samples: Iterable[tuple[str, dict[str, bytes]]], samples_per_shard: int) -> int:
+    """Write ``(key, {ext: payload})`` pairs into consecutive shards of ``out`` and index them for
+    energon; return the sample count.
 
     Shards already complete are kept (their samples are still drawn from ``samples``, so a
     deterministic stream resumes where it stopped).
@@ -82,7 +83,7 @@ def write_dataset(out: Path, samples: Iterable[tuple[str, ShardSample]], samples
     while chunk := list(itertools.islice(stream, samples_per_shard)):
         path = out / shard_name(index)
         if not path.exists():
-            write_shard(path, ((key, encode_sample(s)) for key, s in chunk))
+            write_shard(path, chunk)
         total, index = total + len(chunk), index + 1
     energon_prepare(out)
     return total

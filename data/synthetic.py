@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from data.shards import ShardSample, write_dataset
+from data.shards import ShardSample, encode_sample, write_dataset
 
 IMAGE_SIZES = (256, 512)  # square, px
 VIDEO_SIZES = ((256, 256), (192, 320), (320, 192), (240, 240), (160, 368))  # (height, width) px
@@ -56,7 +56,8 @@ def synthetic_samples(n: int, video_fraction: float, seed: int, **kw: int) -> It
 def write_synthetic(out: Path, samples: int = 2400, video_fraction: float = 0.3, seed: int = 0,
                     samples_per_shard: int = 100, **kw: int) -> int:
     """Write the shards and index them with ``energon prepare``; return the number of samples."""
-    return write_dataset(out, synthetic_samples(samples, video_fraction, seed, **kw), samples_per_shard)
+    stream = synthetic_samples(samples, video_fraction, seed, **kw)
+    return write_dataset(out, ((key, encode_sample(s)) for key, s in stream), samples_per_shard)
 
 
 def main() -> None:

@@ -18,7 +18,8 @@ import torch
 
 from data.errors import SkipKind
 from data.sample import LatentFormat
-from data.shards import ShardSample, encode_sample, energon_prepare, shard_name, write_shard
+from data import shards
+from data.shards import ShardSample, encode_sample
 
 FMT = LatentFormat(patch_size=2, temporal_patch_size=1, latent_channels=4, text_embed_dim=8)
 
@@ -48,10 +49,7 @@ def good_entries(n: int, seed: int = 0, prefix: str = "good") -> list[Entry]:
 
 
 def write_dataset(root: Path, entries: list[Entry], per_shard: int = 8) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    for index, start in enumerate(range(0, len(entries), per_shard)):
-        write_shard(root / shard_name(index), entries[start:start + per_shard])
-    energon_prepare(root)
+    shards.write_dataset(root, entries, per_shard)
     return root
 
 
