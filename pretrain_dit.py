@@ -2,38 +2,69 @@
 
     torchrun --nproc-per-node 2 pretrain_dit.py --config examples/digits.yaml
 
-Like Megatron-LM's pretrain_gpt.py this file holds only the hooks; the pieces live in dit/ and data/.
+Like Megatron-LM's pretrain_gpt.py this file holds only the hooks (model provider, data provider)
+and a short main; the pieces live in dit/ and data/.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
-
 import warnings
 
 from dit.arguments import is_main_process, launched_world_size, parse_args, validate_args
 from dit.errors import ConfigError
 
-# Megatron-Core warns four times per process that TE and apex are absent; dit.te reports it once.
+# Megatron-Core warns four times per process that TE and apex are absent; the backend line says it once.
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+
+
+def model_provider(args: argparse.Namespace, pre_process: bool = True, post_process: bool = True):
+    """This pipeline stage's DiTModel."""
+    from dit.config import config_from_args
+    from dit.model import DiTModel
+
+    return DiTModel(config_from_args(args), pre_process=pre_process, post_process=post_process)
+
+
+def train_data_provider(args: argparse.Namespace):
+    """The energon loader of packed micro-batches, already cut to this rank."""
+    from data.loader import build_train_loader
+
+    return build_train_loader(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = validate_args(parse_args(argv), launched_world_size())
-    except ConfigError as e:
+        from dit.config import config_from_args
+
+        config_from_args(args)  # the model's own checks, before any process group exists
+    except (ConfigError, ValueError) as e:
         if is_main_process():
             print(f"pretrain_dit.py: error: {e}", file=sys.stderr)
         return 2
+    from megatron.core import parallel_state
+
     from dit import runtime
 
     runtime.init_distributed()
     runtime.initialize_model_parallel(runtime.ParallelLayout(
         tensor=args.tensor_model_parallel_size, pipeline=args.pipeline_model_parallel_size,
         context=args.context_parallel_size, virtual_pipeline=args.virtual_pipeline_model_parallel_size))
+    runtime.set_random_seed(args.seed, per_data_parallel_rank=False)
+    model = model_provider(args, parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage())
+    loader = train_data_provider(args)
+    try:
+        pack = next(loader)
+    finally:
+        loader.close()
     if is_main_process():
-        print("pretrain_dit.py: the configuration is valid and the parallel groups are up; "
-              "the training loop is not built yet (it is the next issue), so nothing was trained.")
+        params = sum(p.numel() for p in model.parameters())
+        print(f"pretrain_dit.py: {args.transformer_impl} backend; {params:,} parameters on this rank; first pack: "
+              f"{pack.num_samples} samples, {int(pack.cu_seqlens[-1])} real tokens of {args.max_seq_length}")
+        print("pretrain_dit.py: the model and the data path are built; the training loop is not (it is the "
+              "next issue), so nothing was trained and no checkpoint was written.")
     runtime.destroy()
     return 0
 

@@ -13,6 +13,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from dit.sizes import MODEL_SIZES
 from dit import te
+from dit.errors import ConfigError
 
 
 @dataclass
@@ -62,6 +63,7 @@ class DiTConfig(TransformerConfig):
     activation_func: Callable = functools.partial(F.gelu, approximate="tanh")
     variable_seq_lengths: bool = True  # packs differ in length, so pipeline p2p sends shapes first
     moe_token_dispatcher_type: str = "alltoall"  # no MoE; Megatron rejects its default with variable lengths
+    cuda_graph_scope: list = field(default_factory=list)  # the whole layer; Megatron's default "full" is deprecated
     transformer_impl: Literal["transformer_engine", "local"] = field(
         default_factory=lambda: "transformer_engine" if te.have_transformer_engine() else "local")
 
@@ -83,8 +85,9 @@ class DiTConfig(TransformerConfig):
         layers_per_stage = self.num_layers // self.pipeline_model_parallel_size
         full_uniform = self.recompute_granularity == "full" and self.recompute_method == "uniform"
         if full_uniform and layers_per_stage % self.recompute_num_layers:
-            raise ValueError(f"uniform recompute groups {self.recompute_num_layers} layers, which does not divide "
-                             f"the {layers_per_stage} layers of a pipeline stage")
+            raise ConfigError("--recompute-num-layers",
+                              f"uniform recompute groups {self.recompute_num_layers} layers, which does not divide "
+                              f"the {layers_per_stage} layers of a pipeline stage; pick a divisor")
         if self.recompute_granularity == "selective" and set(self.recompute_modules) != {"core_attn"}:
             raise ValueError(f"selective recompute supports recompute_modules=['core_attn'] only, "
                              f"got {self.recompute_modules}")

@@ -133,3 +133,12 @@ def test_command_line_does_not_import_megatron():
                           "print(sorted(m for m in ('megatron', 'torch') if m in sys.modules))"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_model_config_mistake_is_one_line_too(tmp_path):
+    (tmp_path / "ds" / ".nv-meta").mkdir(parents=True)
+    out = run_entry(*TINY, "--data-path", str(tmp_path / "ds"), "--recompute-granularity", "full",
+                    "--recompute-num-layers", "3")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        "pretrain_dit.py: error: --recompute-num-layers: uniform recompute groups 3 layers")
