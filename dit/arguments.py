@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import yaml
 
@@ -137,7 +138,8 @@ def build_parser(prog: str = "pretrain_dit.py") -> argparse.ArgumentParser:
     return p
 
 
-def _load_yaml(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+def _recipe_tokens(parser: argparse.ArgumentParser, path: str) -> list[str]:
+    """A YAML recipe as command-line tokens, so argparse checks its types and choices like flags'."""
     if not Path(path).is_file():
         raise ConfigError("--config", f"{path} does not exist")
     try:
@@ -146,23 +148,36 @@ def _load_yaml(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
         raise ConfigError("--config", f"{path} is not valid YAML ({e.__class__.__name__})") from None
     if not isinstance(recipe, dict):
         raise ConfigError("--config", f"{path} must hold a mapping of flag names to values")
-    known = {a.dest for a in parser._actions}
-    defaults = {}
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    tokens: list[str] = []
     for key, value in recipe.items():
-        dest = str(key).lstrip("-").replace("-", "_")
-        if dest not in known or dest == "config":
+        action = actions.get(str(key).lstrip("-").replace("-", "_"))
+        if action is None or action.dest in ("config", "help"):
             raise ConfigError("--config", f"{path}: unknown key '{key}' (see --help for the flag names)")
-        defaults[dest] = value
-    return defaults
+        flag = action.option_strings[0]
+        if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+            if not isinstance(value, bool):
+                raise ConfigError("--config", f"{path}: '{key}' takes true or false, got {value!r}")
+            if isinstance(action, argparse.BooleanOptionalAction):
+                tokens.append(flag if value else "--no-" + flag[2:])
+            elif value:
+                tokens.append(flag)
+        else:
+            tokens += [flag, *map(str, value if isinstance(value, list) else [value])]
+    try:  # the recipe alone first, so that its mistakes name the recipe
+        argparse.ArgumentParser(parents=[parser], add_help=False, exit_on_error=False).parse_args(tokens)
+    except argparse.ArgumentError as e:
+        raise ConfigError("--config", f"{path}: {e}") from None
+    return tokens
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse flags over an optional ``--config`` recipe and fill derived values (not validated)."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        parser.set_defaults(**_load_yaml(parser, pre.config))
-    args = parser.parse_args(argv)
+    recipe = _recipe_tokens(parser, pre.config) if pre.config else []
+    args = parser.parse_args(recipe + argv)  # later tokens win: the command line overrides the recipe
     size = MODEL_SIZES[args.model_size]
     for name in ("num_layers", "hidden_size", "num_attention_heads"):
         if getattr(args, name) is None:

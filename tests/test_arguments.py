@@ -106,6 +106,29 @@ def test_yaml_recipe_and_command_line_override(tmp_path, dataset):
         parse_args(["--config", str(tmp_path / "nope.yaml")])
 
 
+@pytest.mark.parametrize("line, words", [
+    ("model-size: DiT-XXL", "argument --model-size: invalid choice: 'DiT-XXL'"),
+    ("max-latent-grid: 8", "argument --max-latent-grid: expected 3 arguments"),
+    ("objective: foo", "argument --objective: invalid choice: 'foo'"),
+    ("lr: fast", "argument --lr: invalid float value: 'fast'"),
+    ("sequence-parallel: 'no'", "'sequence-parallel' takes true or false, got 'no'"),
+])
+def test_recipe_values_are_checked_like_flags(tmp_path, line, words):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(line + "\n")
+    with pytest.raises(ConfigError) as e:
+        parse_args(["--config", str(recipe)])
+    assert e.value.flag == "--config" and words in str(e.value)
+
+
+def test_recipe_lists_and_negated_booleans(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("max-latent-grid: [4, 8, 16]\nqk-layernorm: false\nsequence-parallel: false\n")
+    a = parse_args(["--config", str(recipe)])
+    assert a.max_latent_grid == [4, 8, 16] and a.qk_layernorm is False and a.sequence_parallel is False
+    assert parse_args(["--config", str(recipe), "--qk-layernorm"]).qk_layernorm is True
+
+
 def run_entry(*argv, env=None):
     return subprocess.run([sys.executable, str(ROOT / "pretrain_dit.py"), *argv], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, env=env)
