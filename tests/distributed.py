@@ -10,15 +10,11 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
-import socket
+import time
 import traceback
 from typing import Any, Callable
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from dit.runtime import free_port
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results) -> None:
@@ -46,6 +42,12 @@ class RankFailed(AssertionError):
     pass
 
 
+def _deaths(procs: list, reported: dict) -> list[str]:
+    """A line for each rank that exited abnormally without reporting (segfault, OOM kill, os._exit)."""
+    return [f"\n--- rank {r} of {len(procs)} died (exit code {p.exitcode}) without a result ---"
+            for r, p in enumerate(procs) if r not in reported and p.exitcode not in (None, 0)]
+
+
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 240) -> list[Any]:
     """Run ``fn(*args)`` on ``world_size`` gloo ranks; return the results ordered by rank.
 
@@ -53,7 +55,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results))
         for r in range(world_size)
@@ -62,23 +64,26 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
         p.start()
     out: dict[int, Any] = {}
     failures: list[str] = []
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world_size):
+        while len(out) < world_size and not failures:
             try:
-                rank, ok, value = results.get(timeout=timeout)
+                rank, ok, value = results.get(timeout=1)
             except queue.Empty:
-                missing = sorted(set(range(world_size)) - set(out))
-                raise RankFailed(
-                    f"{fn.__name__}: ranks {missing} gave no result within {timeout:.0f}s (hung?)"
-                    + "".join(failures)
-                ) from None
+                crashed = _deaths(procs, out)
+                if crashed:  # a segfault or an OOM kill: no traceback to wait for
+                    raise RankFailed(f"{fn.__name__} failed:" + "".join(crashed)) from None
+                if time.monotonic() > deadline:
+                    missing = sorted(set(range(world_size)) - set(out))
+                    raise RankFailed(f"{fn.__name__}: ranks {missing} gave no result within {timeout:.0f}s (hung?)") from None
+                continue
             if ok:
                 out[rank] = pickle.loads(value)
-            else:
+            else:  # the other ranks are likely blocked in a collective now: stop at the first failure
                 failures.append(f"\n--- rank {rank} of {world_size} failed ---\n{value}")
-                break  # the other ranks are likely blocked in a collective now
         if failures:
-            raise RankFailed(f"{fn.__name__} failed:" + "".join(failures))
+            time.sleep(2)  # a peer's death often shows first as another rank's gloo error: name it too
+            raise RankFailed(f"{fn.__name__} failed:" + "".join(failures + _deaths(procs, out)))
     finally:
         for p in procs:
             p.join(timeout=5)

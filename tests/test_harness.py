@@ -1,5 +1,6 @@
 """The multi-process harness itself: results by rank, a failing rank's traceback, hangs time out."""
 
+import os
 import time
 
 import pytest
@@ -16,6 +17,12 @@ def _rank_one_fails():
     if dist.get_rank() == 1:
         raise ValueError("planted failure on rank one")
     dist.barrier()  # rank 0 is left waiting, as in a real collective
+
+
+def _rank_one_dies():
+    if dist.get_rank() == 1:
+        os._exit(3)  # as a segfault or an OOM kill would: no traceback, no result
+    dist.barrier()
 
 
 def _rank_one_hangs():
@@ -39,3 +46,10 @@ def test_hung_rank_times_out():
     with pytest.raises(RankFailed, match=r"ranks \[(0, )?1\] gave no result within 20s"):
         run_distributed(_rank_one_hangs, 2, timeout=20)
     assert time.monotonic() - start < 60  # the hung process is killed, not awaited
+
+
+def test_dead_rank_is_reported_at_once():
+    start = time.monotonic()
+    with pytest.raises(RankFailed, match=r"rank 1 of 2 died \(exit code 3\) without a result"):
+        run_distributed(_rank_one_dies, 2, timeout=200)
+    assert time.monotonic() - start < 100  # not the full timeout
