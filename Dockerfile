@@ -10,7 +10,6 @@ WORKDIR /workspace/megatron-dit
 # Dependencies first (cached layer); the container's own torch, TE and apex are kept.
 COPY pyproject.toml README.md ./
 COPY dit/__init__.py dit/
-COPY dit/diffusion/__init__.py dit/diffusion/
 RUN pip install --no-cache-dir -e ".[prep,log]"
 COPY . .
 ENV OMP_NUM_THREADS=8

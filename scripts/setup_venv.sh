@@ -4,10 +4,9 @@
 #
 #   bash scripts/setup_venv.sh test        # extras: test, quickstart, prep, log (comma-separated)
 #
-# torch is installed first (TORCH_SPEC, default the tested torch==2.13.0) so that the project's
+# torch is installed first (TORCH_SPEC, default the tested torch==2.13.0; on a machine without an
+# NVIDIA GPU its CPU build, from PyTorch's CPU wheel index or TORCH_CPU_INDEX) so that the project's
 # `torch>=2.6` is already met and pip never pulls a multi-GB CUDA build onto a CPU-only machine.
-# Where the CPU wheel is not on your package index, point pip at PyTorch's CPU wheel index first
-# (PIP_EXTRA_INDEX_URL=<PyTorch CPU index>).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=${1:-test}
@@ -21,7 +20,13 @@ fi
 stamp=".venv/.installed-$(cat pyproject.toml | sha1sum | cut -c1-12)-${extras//,/+}"
 if [ ! -f "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+    if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
+        # Without an NVIDIA GPU take PyTorch's CPU build: a plain `pip install torch` on Linux brings
+        # several GB of CUDA libraries. (Where that index cannot be reached, pip warns and goes on.)
+        index=()
+        command -v nvidia-smi >/dev/null 2>&1 || index=(--extra-index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}")
+        .venv/bin/python -m pip install -q "${index[@]}" "${TORCH_SPEC:-torch==2.13.0}"
+    fi
     .venv/bin/python -m pip install -q -e ".[${extras}]"
     touch "$stamp"
 fi

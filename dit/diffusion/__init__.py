@@ -1,1 +1,0 @@
-"""Diffusion objectives (EDM, rectified flow) and samplers, apart from the network."""
