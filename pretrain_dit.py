@@ -11,23 +11,28 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from typing import TYPE_CHECKING
 
 from dit.arguments import is_main_process, launched_world_size, parse_args, validate_args
 from dit.errors import ConfigError
+
+if TYPE_CHECKING:  # the heavy imports wait until the flags are known to be good
+    from data.loader import DiTDataLoader
+    from dit.config import DiTConfig
+    from dit.model import DiTModel
 
 # Megatron-Core warns four times per process that TE and apex are absent; the backend line says it once.
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 
-def model_provider(args: argparse.Namespace, pre_process: bool = True, post_process: bool = True):
+def model_provider(config: DiTConfig, pre_process: bool = True, post_process: bool = True) -> DiTModel:
     """This pipeline stage's DiTModel."""
-    from dit.config import config_from_args
     from dit.model import DiTModel
 
-    return DiTModel(config_from_args(args), pre_process=pre_process, post_process=post_process)
+    return DiTModel(config, pre_process=pre_process, post_process=post_process)
 
 
-def train_data_provider(args: argparse.Namespace):
+def train_data_provider(args: argparse.Namespace) -> DiTDataLoader:
     """The energon loader of packed micro-batches, already cut to this rank."""
     from data.loader import build_train_loader
 
@@ -39,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         args = validate_args(parse_args(argv), launched_world_size())
         from dit.config import config_from_args
 
-        config_from_args(args)  # the model's own checks, before any process group exists
+        config = config_from_args(args)  # the model's own checks, before any process group exists
     except (ConfigError, ValueError) as e:
         if is_main_process():
             print(f"pretrain_dit.py: error: {e}", file=sys.stderr)
@@ -53,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         tensor=args.tensor_model_parallel_size, pipeline=args.pipeline_model_parallel_size,
         context=args.context_parallel_size, virtual_pipeline=args.virtual_pipeline_model_parallel_size))
     runtime.set_random_seed(args.seed, per_data_parallel_rank=False)
-    model = model_provider(args, parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage())
+    model = model_provider(config, parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage())
     loader = train_data_provider(args)
     try:
         pack = next(loader)
