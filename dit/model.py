@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.enums import ModelType
 from megatron.core.models.common.vision_module.vision_module import VisionModule
 from megatron.core.tensor_parallel.mappings import (
@@ -29,7 +30,14 @@ from torch import Tensor, nn
 
 from dit.adaln import AdaLNModulation, ModulatedNorm
 from dit.config import DiTConfig
-from dit.embeddings import ClassEmbedder, ScalarEmbedder, SinCos3D, TextProjection, rope3d_angles
+from dit.embeddings import (
+    ClassEmbedder,
+    ScalarEmbedder,
+    SinCos3D,
+    TextProjection,
+    rope3d_angles,
+    tie_pipeline_replicated,
+)
 from dit.layer_spec import get_dit_layer_spec
 from dit.packed import PackedBatch, thd_partition_indices
 from dit.patchify import unpatchify
@@ -81,6 +89,20 @@ class DiTModel(VisionModule):
                                         pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
         if post_process:
             self.final_layer = FinalLayer(config)
+        if config.pipeline_model_parallel_size > 1:
+            tie_pipeline_replicated(self)  # the conditioning: the same weights on every stage, counted once
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: dict | None = None) -> ShardedStateDict:
+        """Megatron's dist-checkpoint view; the conditioning, held by every stage under one key, is saved by
+        the first stage: the pipeline rank leads its ``replica_id``, so only stage 0 holds the main replica."""
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        for name, param in self.named_parameters():
+            if getattr(param, "pipeline_parallel", False):
+                tensor = sharded[f"{prefix}{name}"]
+                tensor.replica_id = (pp_rank, *tensor.replica_id[1:])  # (pp, tp, dp) instead of (0, tp, dp)
+        return sharded
 
     def set_input_tensor(self, input_tensor: Tensor | list[Tensor]) -> None:
         """Pipeline schedules hand a non-first stage its input here instead of through ``forward``."""
