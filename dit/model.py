@@ -72,9 +72,12 @@ class DiTModel(VisionModule):
     model_type = ModelType.encoder_or_decoder  # read by Megatron's pipeline schedules
     share_embeddings_and_output_weights = False  # read by finalize_model_grads on the first/last stages
 
-    def __init__(self, config: DiTConfig, pre_process: bool = True, post_process: bool = True,
-                 vp_stage: int | None = None):
+    def __init__(self, config: DiTConfig, pre_process: bool = True, post_process: bool = True):
         super().__init__(config=config)
+        if config.virtual_pipeline_model_parallel_size is not None:
+            # each model chunk would hold its own copy of the conditioning, drawn and checkpointed apart
+            raise ValueError("virtual pipeline stages are not supported yet: "
+                             "leave virtual_pipeline_model_parallel_size unset")
         self.pre_process, self.post_process = pre_process, post_process
         self.t_embedder = ScalarEmbedder(config)
         self.fps_embedder = ScalarEmbedder(config) if config.fps_conditioning else None
@@ -86,7 +89,7 @@ class DiTModel(VisionModule):
         spec = get_dit_layer_spec(config.transformer_impl, cross_attention=config.conditioning == "text",
                                   qk_layernorm=config.qk_layernorm)
         self.decoder = TransformerBlock(config, spec, post_layer_norm=False,
-                                        pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+                                        pre_process=pre_process, post_process=post_process)
         if post_process:
             self.final_layer = FinalLayer(config)
         if config.pipeline_model_parallel_size > 1:

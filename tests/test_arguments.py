@@ -32,6 +32,8 @@ def check(argv, world_size=1, **kw):
     (["--pipeline-model-parallel-size", "3"], 3, "--pipeline-model-parallel-size", "4 layers are not divisible into 3"),
     (["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "4"], 2,
      "--pipeline-model-parallel-size", "not divisible into 8 pipeline chunks"),
+    (["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2"], 2,
+     "--virtual-pipeline-model-parallel-size", "not supported yet"),
     (["--sequence-parallel"], 1, "--sequence-parallel", "needs --tensor-model-parallel-size > 1"),
     (["--global-batch-size", "3"], 2, "--global-batch-size", "not a multiple of micro batch x DP = 1x2"),
     (["--context-parallel-size", "0"], 1, "--context-parallel-size", "must be >= 1"),
