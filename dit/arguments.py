@@ -210,7 +210,7 @@ def _check_parallel(args: argparse.Namespace, world_size: int) -> None:
 
 
 def _check_backend(args: argparse.Namespace) -> None:
-    te.check_backend(args.transformer_impl, args.fp8_format)
+    te.check_backend(args.transformer_impl, args.fp8_format, half_precision=args.bf16)
     if args.patch_size < 1 or args.temporal_patch_size < 1:
         raise ConfigError("--patch-size", "patch sizes must be >= 1")
 

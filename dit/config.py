@@ -94,7 +94,8 @@ class DiTConfig(TransformerConfig):
         if self.recompute_granularity == "selective" and set(self.recompute_modules) != {"core_attn"}:
             raise ValueError(f"selective recompute supports recompute_modules=['core_attn'] only, "
                              f"got {self.recompute_modules}")
-        te.check_backend(self.transformer_impl, self.fp8)  # the machine-dependent choices, as flag errors
+        # the machine- and precision-dependent choices, as flag errors
+        te.check_backend(self.transformer_impl, self.fp8, half_precision=self.bf16 or self.fp16)
 
     @property
     def token_width(self) -> int:

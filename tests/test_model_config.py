@@ -75,3 +75,17 @@ def test_model_rejects_virtual_pipeline_stages():
                        pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
     with pytest.raises(ValueError, match="virtual pipeline stages are not supported yet"):
         DiTModel(config)
+
+
+def test_transformer_engine_config_needs_bf16_and_a_gpu(monkeypatch):
+    """DiTConfig users get the flag errors too (TE mocked importable: it cannot be installed here)."""
+    monkeypatch.setattr(dit.te, "have_transformer_engine", lambda: True)
+    tiny = dict(num_layers=2, hidden_size=32, num_attention_heads=2, transformer_impl="transformer_engine")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="transformer_engine needs a CUDA GPU"):
+            DiTConfig(**tiny, bf16=True, params_dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match="add --bf16") as e:
+        DiTConfig(**tiny)
+    assert e.value.flag == "--bf16"
+    assert DiTConfig(**tiny, bf16=True, params_dtype=torch.bfloat16).transformer_impl == "transformer_engine"
