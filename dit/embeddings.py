@@ -67,8 +67,8 @@ class ScalarEmbedder(MegatronModule):
     def __init__(self, config: DiTConfig):
         super().__init__(config=config)
         self.mlp = nn.Sequential(
-            nn.Linear(FREQUENCY_EMBEDDING_SIZE, config.hidden_size), nn.SiLU(),
-            nn.Linear(config.hidden_size, config.hidden_size))
+            nn.Linear(FREQUENCY_EMBEDDING_SIZE, config.hidden_size, dtype=config.params_dtype), nn.SiLU(),
+            nn.Linear(config.hidden_size, config.hidden_size, dtype=config.params_dtype))
         mark_pipeline_replicated(self)
 
     def forward(self, values: Tensor) -> Tensor:
@@ -81,7 +81,7 @@ class ClassEmbedder(MegatronModule):
 
     def __init__(self, config: DiTConfig):
         super().__init__(config=config)
-        self.table = nn.Embedding(config.num_classes + 1, config.hidden_size)
+        self.table = nn.Embedding(config.num_classes + 1, config.hidden_size, dtype=config.params_dtype)
         mark_pipeline_replicated(self)
 
     def forward(self, labels: Tensor) -> Tensor:
@@ -93,11 +93,11 @@ class TextProjection(MegatronModule):
 
     def __init__(self, config: DiTConfig):
         super().__init__(config=config)
-        self.linear = nn.Linear(config.text_embed_dim, config.hidden_size)
+        self.linear = nn.Linear(config.text_embed_dim, config.hidden_size, dtype=config.params_dtype)
         mark_pipeline_replicated(self)
 
     def forward(self, text: Tensor) -> Tensor:
-        return self.linear(text)
+        return self.linear(text.to(self.linear.weight.dtype))
 
 
 def axis_split(dim: int) -> tuple[int, int, int]:

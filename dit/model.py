@@ -55,7 +55,7 @@ class FinalLayer(MegatronModule):
         super().__init__(config=config)
         self.adaln = AdaLNModulation(config, num_chunks=2)
         self.norm = ModulatedNorm(config, config.hidden_size, config.layernorm_epsilon)
-        self.linear = nn.Linear(config.hidden_size, config.token_width)
+        self.linear = nn.Linear(config.hidden_size, config.token_width, dtype=config.params_dtype)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
         for param in self.linear.parameters():
@@ -84,7 +84,7 @@ class DiTModel(VisionModule):
         self.class_embedder = ClassEmbedder(config) if config.conditioning == "class" else None
         self.text_projection = TextProjection(config) if config.conditioning == "text" else None
         if pre_process:
-            self.patch_embed = nn.Linear(config.token_width, config.hidden_size)  # pt*p*p*C -> h
+            self.patch_embed = nn.Linear(config.token_width, config.hidden_size, dtype=config.params_dtype)  # pt*p*p*C -> h
             self.pos_embed = SinCos3D(config) if config.position_embedding == "sincos3d" else None
         spec = get_dit_layer_spec(config.transformer_impl, cross_attention=config.conditioning == "text",
                                   qk_layernorm=config.qk_layernorm)
@@ -155,7 +155,7 @@ class DiTModel(VisionModule):
         return scatter_to_sequence_parallel_region(F.pad(text, (0, 0, 0, 0, 0, pad)))
 
     def _embed(self, tokens: Tensor, batch: PackedBatch) -> Tensor:
-        x = self.patch_embed(tokens)  # [s, h]
+        x = self.patch_embed(tokens.to(self.patch_embed.weight.dtype))  # [s, h] in the parameter dtype
         if self.pos_embed is not None:
             x = x + self.pos_embed(batch.positions).to(x.dtype)
         x = x.unsqueeze(1)  # [s, 1, h]
