@@ -119,7 +119,7 @@ class DiTModel(VisionModule):
         if timesteps.shape != (batch.num_samples,):
             raise ValueError(f"need one timestep per sample: {batch.num_samples} samples, got {tuple(timesteps.shape)}")
         sp = self.config.sequence_parallel
-        seq = packed_sequence(batch, sp)
+        seq = packed_sequence(batch, sp, fp8=self.config.fp8 is not None)
         cond = self._conditioning(timesteps, batch)  # [N, h]
         hidden = self._embed(tokens, batch) if self.pre_process else None  # [s(/tp), 1, h]
         hidden = self.decoder(hidden_states=hidden, attention_mask=cond, context=self._text(batch),
@@ -145,14 +145,14 @@ class DiTModel(VisionModule):
         return cond
 
     def _text(self, batch: PackedBatch) -> Tensor | None:
-        """Projected text ``[K, 1, h]``; under SP zero-padded to a multiple of tp and split ``[K/tp, 1, h]``."""
+        """Projected text ``[K, 1, h]``, zero-padded to a multiple of tp under SP (then split ``[K/tp, 1, h]``)
+        and of 8 under FP8 (``dit.sequence.text_padding``)."""
         if self.text_projection is None:
             return None
         text = self.text_projection(batch.text).unsqueeze(1)  # [K, 1, h]
-        if not self.config.sequence_parallel:
-            return text
-        pad = text_padding(text.shape[0], sequence_parallel=True)
-        return scatter_to_sequence_parallel_region(F.pad(text, (0, 0, 0, 0, 0, pad)))
+        pad = text_padding(text.shape[0], self.config.sequence_parallel, fp8=self.config.fp8 is not None)
+        text = F.pad(text, (0, 0, 0, 0, 0, pad))  # [K + pad, 1, h]
+        return scatter_to_sequence_parallel_region(text) if self.config.sequence_parallel else text
 
     def _embed(self, tokens: Tensor, batch: PackedBatch) -> Tensor:
         x = self.patch_embed(tokens.to(self.patch_embed.weight.dtype))  # [s, h] in the parameter dtype
