@@ -32,7 +32,7 @@ class AdaLNModulation(MegatronModule):
         width, rank = config.hidden_size, config.adaln_lora_rank
         # The input is one vector per sample, not a sequence: never all-gather it as SP would.
         per_sample = dataclasses.replace(config, sequence_parallel=False)
-        self.down = nn.Linear(width, rank, bias=False) if rank else nn.Identity()  # replicated, rank << h
+        self.down = nn.Linear(width, rank, bias=False, dtype=config.params_dtype) if rank else nn.Identity()  # replicated, rank << h
         self.up = ColumnParallelLinear(
             rank or width, num_chunks * width, config=per_sample, init_method=nn.init.zeros_, bias=True,
             gather_output=True)  # Megatron zeroes the bias

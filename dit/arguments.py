@@ -209,6 +209,10 @@ def _check_parallel(args: argparse.Namespace, world_size: int) -> None:
                           "pick a pp (x virtual pp) that divides --num-layers")
     if args.virtual_pipeline_model_parallel_size is not None and pp < 2:
         raise ConfigError("--virtual-pipeline-model-parallel-size", "needs --pipeline-model-parallel-size > 1")
+    if args.virtual_pipeline_model_parallel_size is not None:
+        raise ConfigError("--virtual-pipeline-model-parallel-size",
+                          "not supported yet (the conditioning embedders are not tied across model chunks); "
+                          "drop the flag")
     if args.sequence_parallel and tp == 1:
         raise ConfigError("--sequence-parallel", "needs --tensor-model-parallel-size > 1; drop the flag or raise tp")
     dp = world_size // (tp * pp * cp)
@@ -221,7 +225,7 @@ def _check_parallel(args: argparse.Namespace, world_size: int) -> None:
 
 
 def _check_backend(args: argparse.Namespace) -> None:
-    te.check_backend(args.transformer_impl, args.fp8_format)
+    te.check_backend(args.transformer_impl, args.fp8_format, half_precision=args.bf16)
     if args.patch_size < 1 or args.temporal_patch_size < 1:
         raise ConfigError("--patch-size", "patch sizes must be >= 1")
 

@@ -1,4 +1,5 @@
-"""DiTConfig (a Megatron ``TransformerConfig`` with DiT's own fields), named sizes, and args -> config."""
+"""DiTConfig (a Megatron ``TransformerConfig`` with DiT's own fields), a named size -> config
+(:func:`dit_config`, sizes in ``dit/sizes.py``), and parsed flags -> config (:func:`config_from_args`)."""
 
 from __future__ import annotations
 
@@ -82,16 +83,19 @@ class DiTConfig(TransformerConfig):
         if self.apply_rope_fusion:
             raise ValueError("apply_rope_fusion must be off: fused THD RoPE restarts positions per sequence, "
                              "3D RoPE needs the per-token (t, h, w) frequencies")
-        layers_per_stage = self.num_layers // self.pipeline_model_parallel_size
+        # each model chunk (pipeline stage, or virtual stage under VPP) is one TransformerBlock that recomputes
+        chunks = self.pipeline_model_parallel_size * (self.virtual_pipeline_model_parallel_size or 1)
+        layers_per_chunk = self.num_layers // chunks
         full_uniform = self.recompute_granularity == "full" and self.recompute_method == "uniform"
-        if full_uniform and layers_per_stage % self.recompute_num_layers:
+        if full_uniform and layers_per_chunk % self.recompute_num_layers:
             raise ConfigError("--recompute-num-layers",
                               f"uniform recompute groups {self.recompute_num_layers} layers, which does not divide "
-                              f"the {layers_per_stage} layers of a pipeline stage; pick a divisor")
+                              f"the {layers_per_chunk} layers of a pipeline model chunk; pick a divisor")
         if self.recompute_granularity == "selective" and set(self.recompute_modules) != {"core_attn"}:
             raise ValueError(f"selective recompute supports recompute_modules=['core_attn'] only, "
                              f"got {self.recompute_modules}")
-        te.check_backend(self.transformer_impl, self.fp8)  # the machine-dependent choices, as flag errors
+        # the machine- and precision-dependent choices, as flag errors
+        te.check_backend(self.transformer_impl, self.fp8, half_precision=self.bf16 or self.fp16)
 
     @property
     def token_width(self) -> int:

@@ -2,7 +2,8 @@
 
 Conditioning embedders (timestep, fps, class, text) exist on every pipeline stage, are recomputed there
 from the batch, and mark their parameters ``pipeline_parallel`` so Megatron's ``finalize_model_grads``
-sums their gradients across stages (``DiTConfig.has_cond_embedder``).
+sums their gradients across stages (``DiTConfig.has_cond_embedder``). Under PP,
+:func:`tie_pipeline_replicated` makes the stages' copies one parameter for the rest of Megatron.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 from torch import Tensor, nn
 
@@ -33,14 +35,40 @@ def mark_pipeline_replicated(module: nn.Module) -> nn.Module:
     return module
 
 
+def tie_pipeline_replicated(module: nn.Module) -> None:
+    """Make the ``pipeline_parallel`` copies on the PP stages act as one parameter (call it when PP > 1).
+
+    - Initial values: the first stage's, broadcast over the PP group (each stage draws its own weights,
+      as ``dit.runtime.set_random_seed`` offsets the seed per stage);
+    - ``shared`` on every stage but the first, so Megatron's gradient norm (clipping) counts them once;
+    - ``shared_embedding``, so Megatron's DDP gives each a gradient bucket of its own: with the
+      distributed optimizer such a bucket splits into the same DP shards on every stage, and the
+      cross-stage sum of ``finalize_model_grads`` (after the DP reduce-scatter) then adds up shards that
+      were reduced over DP on both sides (as Megatron does for tied word embeddings).
+    """
+    group = parallel_state.get_pipeline_model_parallel_group()
+    first_rank = parallel_state.get_pipeline_model_parallel_first_rank()
+    first_stage = parallel_state.get_pipeline_model_parallel_rank() == 0
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    for param in module.parameters():
+        if not getattr(param, "pipeline_parallel", False):
+            continue
+        with torch.no_grad():
+            value = param.data.to(device)  # NCCL needs a GPU tensor; parameters may still be on the CPU
+            torch.distributed.broadcast(value, src=first_rank, group=group)
+            param.data.copy_(value)
+        param.shared_embedding = True
+        param.shared = not first_stage
+
+
 class ScalarEmbedder(MegatronModule):
     """A per-sample scalar (diffusion timestep, video fps) -> ``[n, h]``: sinusoid, then a 2-layer MLP."""
 
     def __init__(self, config: DiTConfig):
         super().__init__(config=config)
         self.mlp = nn.Sequential(
-            nn.Linear(FREQUENCY_EMBEDDING_SIZE, config.hidden_size), nn.SiLU(),
-            nn.Linear(config.hidden_size, config.hidden_size))
+            nn.Linear(FREQUENCY_EMBEDDING_SIZE, config.hidden_size, dtype=config.params_dtype), nn.SiLU(),
+            nn.Linear(config.hidden_size, config.hidden_size, dtype=config.params_dtype))
         mark_pipeline_replicated(self)
 
     def forward(self, values: Tensor) -> Tensor:
@@ -53,7 +81,7 @@ class ClassEmbedder(MegatronModule):
 
     def __init__(self, config: DiTConfig):
         super().__init__(config=config)
-        self.table = nn.Embedding(config.num_classes + 1, config.hidden_size)
+        self.table = nn.Embedding(config.num_classes + 1, config.hidden_size, dtype=config.params_dtype)
         mark_pipeline_replicated(self)
 
     def forward(self, labels: Tensor) -> Tensor:
@@ -65,11 +93,11 @@ class TextProjection(MegatronModule):
 
     def __init__(self, config: DiTConfig):
         super().__init__(config=config)
-        self.linear = nn.Linear(config.text_embed_dim, config.hidden_size)
+        self.linear = nn.Linear(config.text_embed_dim, config.hidden_size, dtype=config.params_dtype)
         mark_pipeline_replicated(self)
 
     def forward(self, text: Tensor) -> Tensor:
-        return self.linear(text)
+        return self.linear(text.to(self.linear.weight.dtype))
 
 
 def axis_split(dim: int) -> tuple[int, int, int]:

@@ -53,7 +53,7 @@ class QKNorm(nn.RMSNorm):
     ``WrappedTorchNorm`` refuses under sequence parallelism although QK-norm acts after the SP gather)."""
 
     def __init__(self, config: DiTConfig, hidden_size: int, eps: float):
-        super().__init__(hidden_size, eps=eps)
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
 
 
 class _Backend(NamedTuple):

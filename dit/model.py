@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.enums import ModelType
 from megatron.core.models.common.vision_module.vision_module import VisionModule
 from megatron.core.tensor_parallel.mappings import (
@@ -29,7 +30,14 @@ from torch import Tensor, nn
 
 from dit.adaln import AdaLNModulation, ModulatedNorm
 from dit.config import DiTConfig
-from dit.embeddings import ClassEmbedder, ScalarEmbedder, SinCos3D, TextProjection, rope3d_angles
+from dit.embeddings import (
+    ClassEmbedder,
+    ScalarEmbedder,
+    SinCos3D,
+    TextProjection,
+    rope3d_angles,
+    tie_pipeline_replicated,
+)
 from dit.layer_spec import get_dit_layer_spec
 from dit.packed import PackedBatch, thd_partition_indices
 from dit.patchify import unpatchify
@@ -47,7 +55,7 @@ class FinalLayer(MegatronModule):
         super().__init__(config=config)
         self.adaln = AdaLNModulation(config, num_chunks=2)
         self.norm = ModulatedNorm(config, config.hidden_size, config.layernorm_epsilon)
-        self.linear = nn.Linear(config.hidden_size, config.token_width)
+        self.linear = nn.Linear(config.hidden_size, config.token_width, dtype=config.params_dtype)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
         for param in self.linear.parameters():
@@ -64,23 +72,40 @@ class DiTModel(VisionModule):
     model_type = ModelType.encoder_or_decoder  # read by Megatron's pipeline schedules
     share_embeddings_and_output_weights = False  # read by finalize_model_grads on the first/last stages
 
-    def __init__(self, config: DiTConfig, pre_process: bool = True, post_process: bool = True,
-                 vp_stage: int | None = None):
+    def __init__(self, config: DiTConfig, pre_process: bool = True, post_process: bool = True):
         super().__init__(config=config)
+        if config.virtual_pipeline_model_parallel_size is not None:
+            # each model chunk would hold its own copy of the conditioning, drawn and checkpointed apart
+            raise ValueError("virtual pipeline stages are not supported yet: "
+                             "leave virtual_pipeline_model_parallel_size unset")
         self.pre_process, self.post_process = pre_process, post_process
         self.t_embedder = ScalarEmbedder(config)
         self.fps_embedder = ScalarEmbedder(config) if config.fps_conditioning else None
         self.class_embedder = ClassEmbedder(config) if config.conditioning == "class" else None
         self.text_projection = TextProjection(config) if config.conditioning == "text" else None
         if pre_process:
-            self.patch_embed = nn.Linear(config.token_width, config.hidden_size)  # pt*p*p*C -> h
+            self.patch_embed = nn.Linear(config.token_width, config.hidden_size, dtype=config.params_dtype)  # pt*p*p*C -> h
             self.pos_embed = SinCos3D(config) if config.position_embedding == "sincos3d" else None
         spec = get_dit_layer_spec(config.transformer_impl, cross_attention=config.conditioning == "text",
                                   qk_layernorm=config.qk_layernorm)
         self.decoder = TransformerBlock(config, spec, post_layer_norm=False,
-                                        pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+                                        pre_process=pre_process, post_process=post_process)
         if post_process:
             self.final_layer = FinalLayer(config)
+        if config.pipeline_model_parallel_size > 1:
+            tie_pipeline_replicated(self)  # the conditioning: the same weights on every stage, counted once
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: dict | None = None) -> ShardedStateDict:
+        """Megatron's dist-checkpoint view; the conditioning, held by every stage under one key, is saved by
+        the first stage: the pipeline rank leads its ``replica_id``, so only stage 0 holds the main replica."""
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        for name, param in self.named_parameters():
+            if getattr(param, "pipeline_parallel", False):
+                tensor = sharded[f"{prefix}{name}"]
+                tensor.replica_id = (pp_rank, *tensor.replica_id[1:])  # (pp, tp, dp) instead of (0, tp, dp)
+        return sharded
 
     def set_input_tensor(self, input_tensor: Tensor | list[Tensor]) -> None:
         """Pipeline schedules hand a non-first stage its input here instead of through ``forward``."""
@@ -94,7 +119,7 @@ class DiTModel(VisionModule):
         if timesteps.shape != (batch.num_samples,):
             raise ValueError(f"need one timestep per sample: {batch.num_samples} samples, got {tuple(timesteps.shape)}")
         sp = self.config.sequence_parallel
-        seq = packed_sequence(batch, sp)
+        seq = packed_sequence(batch, sp, fp8=self.config.fp8 is not None)
         cond = self._conditioning(timesteps, batch)  # [N, h]
         hidden = self._embed(tokens, batch) if self.pre_process else None  # [s(/tp), 1, h]
         hidden = self.decoder(hidden_states=hidden, attention_mask=cond, context=self._text(batch),
@@ -120,17 +145,17 @@ class DiTModel(VisionModule):
         return cond
 
     def _text(self, batch: PackedBatch) -> Tensor | None:
-        """Projected text ``[K, 1, h]``; under SP zero-padded to a multiple of tp and split ``[K/tp, 1, h]``."""
+        """Projected text ``[K, 1, h]``, zero-padded to a multiple of tp under SP (then split ``[K/tp, 1, h]``)
+        and of 8 under FP8 (``dit.sequence.text_padding``)."""
         if self.text_projection is None:
             return None
         text = self.text_projection(batch.text).unsqueeze(1)  # [K, 1, h]
-        if not self.config.sequence_parallel:
-            return text
-        pad = text_padding(text.shape[0], sequence_parallel=True)
-        return scatter_to_sequence_parallel_region(F.pad(text, (0, 0, 0, 0, 0, pad)))
+        pad = text_padding(text.shape[0], self.config.sequence_parallel, fp8=self.config.fp8 is not None)
+        text = F.pad(text, (0, 0, 0, 0, 0, pad))  # [K + pad, 1, h]
+        return scatter_to_sequence_parallel_region(text) if self.config.sequence_parallel else text
 
     def _embed(self, tokens: Tensor, batch: PackedBatch) -> Tensor:
-        x = self.patch_embed(tokens)  # [s, h]
+        x = self.patch_embed(tokens.to(self.patch_embed.weight.dtype))  # [s, h] in the parameter dtype
         if self.pos_embed is not None:
             x = x + self.pos_embed(batch.positions).to(x.dtype)
         x = x.unsqueeze(1)  # [s, 1, h]

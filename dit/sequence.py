@@ -10,6 +10,7 @@ Three layouts of the same pack appear in a step (S = padded tokens of the whole 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,19 +36,32 @@ def cp_token_samples(cu_seqlens_padded: Tensor, cp_size: int) -> Tensor:
     return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
 
 
-def text_padding(num_text_tokens: int, sequence_parallel: bool) -> int:
-    """Zero rows appended to the text so sequence parallelism can split it evenly across TP."""
-    return -num_text_tokens % parallel_state.get_tensor_model_parallel_world_size() if sequence_parallel else 0
+# TE's FP8 GEMMs (``transformer_engine.pytorch.utils.assert_dim_for_fp8_exec``) need the rows of every
+# input, here the tokens of a linear's input, to be a multiple of 8 (and its width of 16: the model sizes).
+# Under sequence parallelism TE's linears see the gathered CP share, so the row count is the CP share's.
+FP8_ROWS = 8
 
 
-def packed_sequence(batch: PackedBatch, sequence_parallel: bool) -> PackedSequence:
+def text_padding(num_text_tokens: int, sequence_parallel: bool, fp8: bool = False) -> int:
+    """Zero rows appended to the text so sequence parallelism can split it evenly across TP and FP8 GEMMs
+    get a multiple of 8 rows; they are padding of the pack's last sample (``cu_seqlens_kv_padded``)."""
+    multiple = math.lcm(parallel_state.get_tensor_model_parallel_world_size() if sequence_parallel else 1,
+                        FP8_ROWS if fp8 else 1)
+    return -num_text_tokens % multiple
+
+
+def packed_sequence(batch: PackedBatch, sequence_parallel: bool, fp8: bool = False) -> PackedSequence:
     """Build the attention parameters and token->sample map of ``batch`` for this rank."""
     cp = parallel_state.get_context_parallel_world_size()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     cu, cu_padded = batch.cu_seqlens.int(), batch.cu_seqlens_padded.int()
+    if fp8 and int(cu_padded[-1]) // cp % FP8_ROWS:
+        raise ValueError(f"FP8 needs the tokens of each CP rank in multiples of {FP8_ROWS}; this pack gives "
+                         f"{int(cu_padded[-1])} tokens / cp={cp}: pad the pack's last sample to a multiple of "
+                         f"{FP8_ROWS * cp} tokens")
     cu_text = batch.cu_seqlens_text.int()
     cu_text_padded = cu_text.clone()
-    cu_text_padded[-1] += text_padding(batch.text.shape[0], sequence_parallel)
+    cu_text_padded[-1] += text_padding(batch.text.shape[0], sequence_parallel, fp8)
     max_len = int((cu_padded[1:] - cu_padded[:-1]).max())
     max_text = int((cu_text_padded[1:] - cu_text_padded[:-1]).max())
     cu_local = cu_padded // cp

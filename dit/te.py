@@ -25,19 +25,27 @@ def have_apex() -> bool:
     return importlib.util.find_spec("apex") is not None
 
 
-def check_backend(transformer_impl: str, fp8_format: str | None) -> None:
-    """Raise :class:`ConfigError` when this machine cannot run the asked backend or FP8."""
-    if transformer_impl == "transformer_engine" and not have_transformer_engine():
-        raise ConfigError("--transformer-impl",
-                          "transformer_engine is not importable here; use --transformer-impl local "
-                          "or run in the NGC PyTorch container")
-    if fp8_format is None:
-        return
-    if transformer_impl != "transformer_engine":
+def check_backend(transformer_impl: str, fp8_format: str | None, half_precision: bool) -> None:
+    """Raise :class:`ConfigError` when this machine or the precision cannot run the asked backend or FP8.
+
+    ``half_precision``: bf16 (or fp16) parameters and activations. TE's fused and flash attention for packed
+    (THD) sequences, and its context parallelism, have no fp32 kernels.
+    """
+    if transformer_impl == "transformer_engine":
+        if not have_transformer_engine():
+            raise ConfigError("--transformer-impl",
+                              "transformer_engine is not importable here; use --transformer-impl local "
+                              "or run in the NGC PyTorch container")
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--transformer-impl",
+                              "transformer_engine needs a CUDA GPU and there is none here; use --transformer-impl local")
+        if not half_precision:
+            raise ConfigError("--bf16",
+                              "transformer_engine runs attention on packed (THD) sequences and context parallel "
+                              "only in bf16/fp16; add --bf16 (or use --transformer-impl local for fp32)")
+    if fp8_format is not None and transformer_impl != "transformer_engine":
         raise ConfigError("--fp8-format",
                           "FP8 needs Transformer Engine (--transformer-impl transformer_engine) on a GPU; "
                           "drop --fp8-format here")
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ConfigError("--fp8-format", "FP8 needs a CUDA GPU; drop --fp8-format on CPU")

@@ -31,6 +31,12 @@ TINY = dict(num_layers=2, hidden_size=48, num_attention_heads=4, latent_channels
 # per-rank partial sums), which moves results by a few ulps (~1e-7 relative) per operation.
 RTOL = 1e-5
 
+# The optimizer runs take one Adam step (the only optimizer Megatron's distributed optimizer takes) with an
+# epsilon far above every gradient, so the step is lr * g / (|g| + eps) = STEP * g * (1 - |g|/eps): a plain
+# gradient step to ~1e-8 relative. STEP is large so that the gradient read back from it,
+# (before - after) / STEP, keeps its digits next to weights of size ~0.1.
+STEP, ADAM_EPS = 1e4, 1e8
+
 
 def tiny_config(**fields) -> DiTConfig:
     return DiTConfig(**{**TINY, **fields})
@@ -105,7 +111,7 @@ def reference_run(fields: dict, microbatches: list[MicroBatch], seed: int = 0):
     return loss.item(), grads, state
 
 
-def _global_name(name: str, offset: int) -> str:
+def global_name(name: str, offset: int) -> str:
     return re.sub(r"decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name)
 
 
@@ -125,13 +131,18 @@ def _tp_gather(shard: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
 
 
 def parallel_run(fields: dict, layout: runtime.ParallelLayout, microbatches: list[MicroBatch], state: dict,
-                 sequence_parallel: bool = False, set_config: dict | None = None):
+                 sequence_parallel: bool = False, set_config: dict | None = None, optimizer: dict | None = None):
     """On each rank: Megatron's forward-backward schedule over ``microbatches`` with ``state`` as weights.
 
-    Returns (loss or None off the last stage, {global name: full gradient}). ``set_config`` overrides
-    config attributes after construction (to switch off a mechanism and see the test fail).
+    Each data-parallel rank takes every DP-th micro-batch. Returns (loss or None off the last stage,
+    {global name: full gradient}). ``set_config`` overrides config attributes after construction (to
+    switch off a mechanism and see the test fail). ``optimizer``: fields of Megatron's ``OptimizerConfig``
+    (``use_distributed_optimizer`` also sets up DDP for it); Megatron's optimizer then takes one gradient
+    step of ``STEP`` (see ``ADAM_EPS``), the gradients returned are the ones that step applied, read back
+    from the updated weights, and a third item is the gradient norm the optimizer computed (for clipping).
     """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
@@ -147,12 +158,21 @@ def parallel_run(fields: dict, layout: runtime.ParallelLayout, microbatches: lis
     offset = get_transformer_layer_offset(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(_tp_slice(state[_global_name(name, offset)], p))
-    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
+            p.copy_(_tp_slice(state[global_name(name, offset)], p))
+    distributed_optimizer = bool((optimizer or {}).get("use_distributed_optimizer"))
+    ddp = DistributedDataParallel(
+        config, DistributedDataParallelConfig(use_distributed_optimizer=distributed_optimizer), model)
     config.finalize_model_grads_func = finalize_model_grads
+    opt = None
+    if optimizer is not None:
+        opt = get_megatron_optimizer(OptimizerConfig(**{
+            "optimizer": "adam", "lr": STEP * ADAM_EPS, "adam_eps": ADAM_EPS, "weight_decay": 0.0,
+            "clip_grad": 1e30, **optimizer}), [ddp])  # clip_grad > 0 makes it compute the norm; 1e30 never clips
 
     cp, cp_group = layout.context, ps.get_context_parallel_group()
-    mine = [cp_share(mb, cp, ps.get_context_parallel_rank()) for mb in microbatches]
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    mine = [cp_share(mb, cp, ps.get_context_parallel_rank()) for mb in microbatches[dp_rank::dp]]
+    # samples in the global batch / (micro-batches per rank x DP), as dit.loss.microbatch_loss asks
     samples_per_microbatch = sum(mb.batch.num_samples for mb in microbatches) / len(microbatches)
 
     def forward_step(data_iterator, model):
@@ -167,21 +187,29 @@ def parallel_run(fields: dict, layout: runtime.ParallelLayout, microbatches: lis
     loss = None
     if logged:
         total = torch.stack([x["loss"] for x in logged]).sum(0)
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
         loss = (total[0] / total[1]).item()
     # numpy arrays travel back to the test by value; torch tensors would be shared through file
     # descriptors that vanish when the worker exits
-    grads = {_global_name(n, offset): _tp_gather(p.main_grad, p).numpy() for n, p in model.named_parameters()}
-    return loss, grads
+    if opt is None:
+        grads = {global_name(n, offset): _tp_gather(p.main_grad, p).numpy() for n, p in model.named_parameters()}
+        return loss, grads
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ok, grad_norm, _ = opt.step()
+    assert ok
+    grads = {global_name(n, offset): _tp_gather((before[n] - p.detach()) / STEP, p).numpy()
+             for n, p in model.named_parameters()}
+    return loss, grads, grad_norm
 
 
 def assert_matches_reference(results: list, ref_loss: float, ref_grads: dict) -> None:
     """Every rank's loss (where it has one) and every gradient copy equal the reference."""
-    losses = [loss for loss, _ in results if loss is not None]
+    losses = [loss for loss, *_ in results if loss is not None]
     assert losses, "no rank reported a loss"
     for loss in losses:
         assert loss == pytest.approx(ref_loss, rel=RTOL)
     seen = set()
-    for _, grads in results:
+    for _, grads, *_ in results:
         for name, grad in grads.items():
             grad, expected = torch.from_numpy(grad), ref_grads[name]
             error = (grad - expected).norm() / expected.norm()

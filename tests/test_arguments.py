@@ -32,6 +32,8 @@ def check(argv, world_size=1, **kw):
     (["--pipeline-model-parallel-size", "3"], 3, "--pipeline-model-parallel-size", "4 layers are not divisible into 3"),
     (["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "4"], 2,
      "--pipeline-model-parallel-size", "not divisible into 8 pipeline chunks"),
+    (["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2"], 2,
+     "--virtual-pipeline-model-parallel-size", "not supported yet"),
     (["--sequence-parallel"], 1, "--sequence-parallel", "needs --tensor-model-parallel-size > 1"),
     (["--global-batch-size", "3"], 2, "--global-batch-size", "not a multiple of micro batch x DP = 1x2"),
     (["--context-parallel-size", "0"], 1, "--context-parallel-size", "must be >= 1"),
@@ -58,11 +60,25 @@ def test_fp8_without_te(dataset, monkeypatch):
     assert e.value.flag == "--fp8-format"
 
 
-def test_fp8_with_te_but_no_gpu(dataset, monkeypatch):
-    """TE importable (mocked: it cannot be installed here) but no CUDA device."""
+def test_transformer_engine_with_te_but_no_gpu(dataset, monkeypatch):
+    """TE importable (mocked: it cannot be installed here) but no CUDA device, with or without FP8."""
     monkeypatch.setattr(te, "have_transformer_engine", lambda: True)
-    with pytest.raises(ConfigError, match="FP8 needs a CUDA GPU"):
-        check(TINY + ["--data-path", dataset, "--fp8-format", "e4m3", "--transformer-impl", "transformer_engine"])
+    for fp8 in ([], ["--fp8-format", "e4m3"]):
+        with pytest.raises(ConfigError, match="transformer_engine needs a CUDA GPU") as e:
+            check(TINY + ["--data-path", dataset, "--transformer-impl", "transformer_engine", "--bf16"] + fp8)
+        assert e.value.flag == "--transformer-impl"
+
+
+def test_transformer_engine_needs_bf16(dataset, monkeypatch):
+    """TE and a GPU (both mocked): fp32 is refused, TE's THD attention and context parallel need bf16."""
+    monkeypatch.setattr(te, "have_transformer_engine", lambda: True)
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match="add --bf16") as e:
+        check(TINY + ["--data-path", dataset, "--transformer-impl", "transformer_engine"])
+    assert e.value.flag == "--bf16"
+    check(TINY + ["--data-path", dataset, "--transformer-impl", "transformer_engine", "--bf16"])
 
 
 def test_default_backend_follows_te_availability(monkeypatch):

@@ -58,3 +58,34 @@ def test_invalid_dit_settings_are_rejected():
     with pytest.raises(ValueError, match="uniform recompute"):
         DiTConfig(num_layers=3, hidden_size=32, num_attention_heads=2, transformer_impl="local",
                   recompute_granularity="full", recompute_method="uniform", recompute_num_layers=2)
+
+
+def test_uniform_recompute_groups_divide_the_layers_of_a_virtual_pipeline_chunk():
+    # 4 layers over pp=2 x vpp=2 chunks: one layer per chunk, which a group of 2 does not divide
+    with pytest.raises(ConfigError, match="the 1 layers of a pipeline model chunk"):
+        DiTConfig(num_layers=4, hidden_size=32, num_attention_heads=2, transformer_impl="local",
+                  pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2,
+                  recompute_granularity="full", recompute_method="uniform", recompute_num_layers=2)
+
+
+def test_model_rejects_virtual_pipeline_stages():
+    from dit.model import DiTModel
+
+    config = DiTConfig(num_layers=4, hidden_size=32, num_attention_heads=2, transformer_impl="local",
+                       pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
+    with pytest.raises(ValueError, match="virtual pipeline stages are not supported yet"):
+        DiTModel(config)
+
+
+def test_transformer_engine_config_needs_bf16_and_a_gpu(monkeypatch):
+    """DiTConfig users get the flag errors too (TE mocked importable: it cannot be installed here)."""
+    monkeypatch.setattr(dit.te, "have_transformer_engine", lambda: True)
+    tiny = dict(num_layers=2, hidden_size=32, num_attention_heads=2, transformer_impl="transformer_engine")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="transformer_engine needs a CUDA GPU"):
+            DiTConfig(**tiny, bf16=True, params_dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match="add --bf16") as e:
+        DiTConfig(**tiny)
+    assert e.value.flag == "--bf16"
+    assert DiTConfig(**tiny, bf16=True, params_dtype=torch.bfloat16).transformer_impl == "transformer_engine"

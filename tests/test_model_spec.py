@@ -10,6 +10,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from dit.attention import PackedAttention
 from dit.layer_spec import QKNorm, get_dit_layer_spec
 from dit.te import have_transformer_engine
+from tests.model_setup import single_process  # noqa: F401
 
 
 def _slots(spec):
@@ -41,6 +42,32 @@ def test_class_conditioning_has_no_cross_attention_and_qk_norm_is_optional():
     assert spec.submodules.adaln.params == {"num_chunks": 6}
 
 
+# bf16 keeps 8 bits of mantissa (relative step 2^-8 = 0.004); two tiny layers of bf16 matmuls against fp32
+# stay within a few steps of outputs of size ~1
+BF16_TOL = 3e-2
+
+
+def test_bf16_local_model_matches_fp32(single_process):
+    """Every parameter in the parameter dtype and the inputs cast to it: a bf16 model runs forward and backward."""
+    from dit.model import DiTModel
+    from tests.model_setup import make_microbatch, randomize, tiny_config
+
+    mb = make_microbatch(52, [(1, 4, 6), (1, 2, 4)])
+    for fields in (dict(conditioning="text", fps_conditioning=True), dict(conditioning="class", adaln_lora_rank=4)):
+        fp32 = DiTModel(tiny_config(**fields))
+        bf16 = DiTModel(tiny_config(**fields, bf16=True, params_dtype=torch.bfloat16))
+        randomize(fp32, seed=4)
+        bf16.load_state_dict(fp32.state_dict())
+        assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+        expected = fp32(mb.batch.tokens, mb.timesteps, mb.batch)
+        got = bf16(mb.batch.tokens, mb.timesteps, mb.batch)
+        assert got.dtype == torch.bfloat16
+        real = mb.batch.loss_mask
+        torch.testing.assert_close(got[real].float(), expected[real].detach(), rtol=BF16_TOL, atol=BF16_TOL)
+        got[real].float().square().mean().backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in bf16.parameters())
+
+
 _MISSING = [what for what, present in (
     ("Transformer Engine is not importable (it ships in the NGC PyTorch container)", have_transformer_engine()),
     ("no CUDA GPU", torch.cuda.is_available())) if not present]
@@ -57,8 +84,9 @@ def test_te_spec_matches_local_spec_on_gpu():
     try:
         mb = make_microbatch(51, [(1, 4, 6), (1, 2, 4)])
         batch = mb.batch.to("cuda")
-        local = DiTModel(tiny_config(use_cpu_initialization=False)).cuda()
-        te = DiTModel(tiny_config(use_cpu_initialization=False, transformer_impl="transformer_engine")).cuda()
+        bf16 = dict(use_cpu_initialization=False, bf16=True, params_dtype=torch.bfloat16)
+        local = DiTModel(tiny_config(use_cpu_initialization=False)).cuda()  # the fp32 reference
+        te = DiTModel(tiny_config(**bf16, transformer_impl="transformer_engine")).cuda()  # TE's THD attention: bf16
         randomize(local, seed=3)
         missing, unexpected = te.load_state_dict(local.state_dict(), strict=False)
         assert not unexpected and all(k.endswith("_extra_state") for k in missing)
@@ -66,6 +94,7 @@ def test_te_spec_matches_local_spec_on_gpu():
             expected = local(batch.tokens, mb.timesteps.cuda(), batch)
             got = te(batch.tokens, mb.timesteps.cuda(), batch)
         real = batch.loss_mask
-        torch.testing.assert_close(got[real], expected[real], rtol=1e-3, atol=1e-3)  # TE kernels may use TF32
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got[real].float(), expected[real], rtol=BF16_TOL, atol=BF16_TOL)
     finally:
         runtime.destroy()
