@@ -20,11 +20,6 @@ def have_transformer_engine() -> bool:
     return True
 
 
-@functools.cache
-def have_apex() -> bool:
-    return importlib.util.find_spec("apex") is not None
-
-
 def check_backend(transformer_impl: str, fp8_format: str | None, half_precision: bool) -> None:
     """Raise :class:`ConfigError` when this machine or the precision cannot run the asked backend or FP8.
 

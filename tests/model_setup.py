@@ -9,7 +9,6 @@ gathered to full tensors under their global names.
 from __future__ import annotations
 
 import re
-import socket
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -218,17 +217,11 @@ def assert_matches_reference(results: list, ref_loss: float, ref_grads: dict) ->
     assert seen == set(ref_grads), f"parameters missing from the parallel model: {set(ref_grads) - seen}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def single_process(monkeypatch):
     """World 1 in the test process itself (gloo and the CPU layer), torn down afterwards."""
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(_free_port())).items():
+                           MASTER_PORT=str(runtime.free_port())).items():
         monkeypatch.setenv(key, value)
     runtime.init_distributed()
     runtime.initialize_model_parallel(runtime.ParallelLayout())
