@@ -27,6 +27,7 @@ from megatron.energon import Sample
 from megatron.energon.edataclass import edataclass
 
 from data.errors import BadSample, SkipKind, SkipRecord
+from data.shard_reads import UNREADABLE
 from dit.patchify import as_video, grid_size, patchify
 
 MEMBERS = ("pth", "pickle", "json")
@@ -124,6 +125,8 @@ def _latent_shape(header: Any, fmt: LatentFormat) -> tuple[int, int, int, int]:
 
 def read_header(crude: dict, fmt: LatentFormat) -> tuple[tuple[int, int, int, int], tuple[int, int, int], dict[str, Any]]:
     """Latent shape, patch grid and metadata of a crude sample, reading no tensor data."""
+    if UNREADABLE in crude:  # its tar bytes did not read (see data.shard_reads)
+        raise BadSample(SkipKind.CORRUPT_SHARD, crude[UNREADABLE])
     missing = [ext for ext in MEMBERS if ext not in crude]
     if missing:
         raise BadSample(SkipKind.MISSING_MEMBER, "no ." + ", .".join(missing))

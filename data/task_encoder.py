@@ -18,7 +18,7 @@ checking values before packing would decode every sample twice or hold its tenso
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from typing import Any, Sequence
 
 from megatron.energon import Cooker, DefaultTaskEncoder, Sample, stateless
 from megatron.energon.edataclass import edataclass
@@ -27,6 +27,7 @@ from megatron.energon.task_encoder.cooking import basic_sample_keys
 from data.errors import BadSample, DataStats, SkipKind
 from data.packing import build_pack, first_fit_decreasing, padded_length
 from data.sample import DiffusionSample, EncodedSample, LatentFormat, SkippedSample, decode, read_header, sample_key
+from data.shard_reads import tolerate_unreadable_shards
 from dit.packed import PackedBatch
 
 AnySample = DiffusionSample | EncodedSample | SkippedSample
@@ -54,6 +55,12 @@ class DiTTaskEncoder(DefaultTaskEncoder):
         self.pad_multiple = pad_multiple
         self.packing = packing
         self.cookers = [Cooker(self.cook)]
+
+    def build_cook_crude_sample(self, dataset: Any, **kwargs: Any) -> Any:
+        """energon's cooking step, over tar readers that turn a shard's read errors into samples the
+        cooker counts as ``corrupt_shard`` (energon would raise them below its error handlers)."""
+        tolerate_unreadable_shards(dataset, self.__default_failure_tolerance__)
+        return super().build_cook_crude_sample(dataset, **kwargs)
 
     @stateless
     def cook(self, crude: dict) -> DiffusionSample | SkippedSample:
