@@ -23,7 +23,7 @@ class SkipKind(str, enum.Enum):
 
     CORRUPT_MEMBER = "corrupt_member"  # a .pth / .pickle payload that does not decode (truncated, garbage)
     CORRUPT_SHARD = "corrupt_shard"  # the tar does not read where its index points (cut short or damaged after prepare)
-    NOT_A_LATENT = "not_a_latent"  # .pth is not a float tensor [C, T, H, W] / [C, H, W] with --latent-channels
+    NOT_A_LATENT = "not_a_latent"  # .pth is not a float tensor [C, T, H, W] / [C, H, W] with --latent-channels, no side 0
     NON_FINITE = "non_finite"  # NaN or Inf in the latent or the text embedding
     MISSING_MEMBER = "missing_member"  # no .pth, .pickle or .json in the sample
     INVALID_JSON = "invalid_json"  # .json is not a JSON object with a caption

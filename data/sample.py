@@ -118,6 +118,8 @@ def _latent_shape(header: Any, fmt: LatentFormat) -> tuple[int, int, int, int]:
         shape = tuple(as_video(header).shape)
     except ValueError:
         raise BadSample(SkipKind.NOT_A_LATENT, f".pth has shape {tuple(header.shape)}, not [C, T, H, W] or [C, H, W]") from None
+    if min(shape) == 0:  # 0 tokens: its per-sample loss would be 0/0 = NaN
+        raise BadSample(SkipKind.NOT_A_LATENT, f".pth has shape {tuple(header.shape)}, with a side of size 0")
     if shape[0] != fmt.latent_channels:
         raise BadSample(SkipKind.NOT_A_LATENT, f"{shape[0]} latent channels, expected --latent-channels {fmt.latent_channels}")
     return shape

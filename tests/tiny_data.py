@@ -84,6 +84,8 @@ DEFECTS: dict[str, tuple[dict[str, bytes], SkipKind]] = {
     ".pth holds a dict": (with_members(pth=torch_bytes({"latent": torch.zeros(4, 2, 4)})), SkipKind.NOT_A_LATENT),
     ".pth of rank 2": (with_members(pth=torch_bytes(torch.zeros(4, 4))), SkipKind.NOT_A_LATENT),
     ".pth of ints": (with_members(pth=torch_bytes(torch.zeros(4, 2, 4, dtype=torch.int64))), SkipKind.NOT_A_LATENT),
+    "image with a zero-sized side": (with_members(pth=torch_bytes(torch.zeros(4, 0, 4))), SkipKind.NOT_A_LATENT),
+    "video of zero frames": (with_members(pth=torch_bytes(torch.zeros(4, 0, 2, 4))), SkipKind.NOT_A_LATENT),
     "wrong channel count": (with_members(pth=torch_bytes(torch.zeros(3, 2, 4))), SkipKind.NOT_A_LATENT),
     "NaN in latent": (with_members(pth=torch_bytes(torch.tensor([float("nan")]).expand(4, 2, 4).clone())), SkipKind.NON_FINITE),
     "Inf in text": (with_members(pickle=pickle.dumps(np.full((2, 8), np.inf, np.float32))), SkipKind.NON_FINITE),
