@@ -42,6 +42,9 @@ class LatentFormat:
     temporal_patch_size: int
     latent_channels: int
     text_embed_dim: int
+    num_classes: int | None = None
+    """Classes of a class-conditioned run (``--conditioning class``): every sample needs a label in
+    ``[0, num_classes)``. None: a text-conditioned run, which ignores labels."""
 
 
 @edataclass
@@ -69,7 +72,7 @@ class EncodedSample(Sample):
     padded_len: int
     grid: tuple[int, int, int]
     fps: float | None  # from the metadata (videos)
-    label: int | None  # from the metadata (class-conditional datasets)
+    label: int | None  # from the metadata under class conditioning; None in text-conditioned runs
 
 
 @edataclass
@@ -138,7 +141,16 @@ def read_header(crude: dict, fmt: LatentFormat) -> tuple[tuple[int, int, int, in
         grid = grid_size(shape, fmt.patch_size, fmt.temporal_patch_size)
     except ValueError as e:
         raise BadSample(SkipKind.GRID_NOT_DIVISIBLE, str(e)) from None
+    if fmt.num_classes is not None:
+        _check_label(metadata.get("label"), fmt.num_classes)
     return shape, grid, metadata
+
+
+def _check_label(label: int | None, num_classes: int) -> None:
+    if label is None:
+        raise BadSample(SkipKind.BAD_LABEL, "no 'label' in the .json of a class-conditioned run")
+    if not 0 <= label < num_classes:
+        raise BadSample(SkipKind.BAD_LABEL, f"label {label} outside [0, --num-classes {num_classes})")
 
 
 def _text_embedding(payload: bytes, dim: int) -> torch.Tensor:
@@ -170,8 +182,8 @@ def decode(sample: DiffusionSample, fmt: LatentFormat) -> EncodedSample:
     text = _text_embedding(sample.text_payload, fmt.text_embed_dim)  # [L, D]
     _finite("text embedding", text)
     tokens, positions = patchify(latent, fmt.patch_size, fmt.temporal_patch_size)
-    fps, label = sample.metadata.get("fps"), sample.metadata.get("label")
+    fps = sample.metadata.get("fps")
     return EncodedSample.derive_from(
         sample, tokens=tokens, positions=positions, text=text, seq_len=sample.seq_len,
-        padded_len=sample.padded_len, grid=sample.grid,
-        fps=None if fps is None else float(fps), label=None if label is None else int(label))
+        padded_len=sample.padded_len, grid=sample.grid, fps=None if fps is None else float(fps),
+        label=None if fmt.num_classes is None else int(sample.metadata["label"]))  # checked by read_header

@@ -82,6 +82,12 @@ def test_unreadable_samples_count_towards_the_bad_fraction_limit(truncated_datas
             pass
 
 
+def test_the_task_encoder_knows_the_runs_conditioning():
+    flags = ["--patch-size", "2", "--latent-channels", "4", "--text-embed-dim", "8"]
+    assert task_encoder(parse_args(flags), 1).fmt.num_classes is None
+    assert task_encoder(parse_args([*flags, "--conditioning", "class", "--num-classes", "10"]), 1).fmt.num_classes == 10
+
+
 def test_bad_fraction_limit_stops_the_run_with_a_clear_error(mixed_dataset):
     with pytest.raises(BadDataError, match=r"--max-bad-sample-fraction 0\.1: .*first: .*shard_\d+\.tar/samples/bad_"):
         for _ in _loader(mixed_dataset, max_bad=0.1):
