@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from data.errors import DataStats
-from data.loader import energon_loader, task_encoder
 from data.packing import first_fit_decreasing, padded_length
-from data.rank_split import RankLayout
+from dit.errors import ConfigError
 
 DFM_MULTIPLE = 64  # NeMo's / DFM's per-sample padding
 DFM_BUFFER = 40  # DFM's recipe default packing buffer
@@ -48,6 +47,10 @@ def histogram(lengths: Sequence[int], max_seq_length: int, bins: int = 6) -> dic
 
 def measure(args: argparse.Namespace, data_path: str) -> dict[str, Any]:
     """One pass over the dataset through the real loader; the report as a dict."""
+    from data.errors import DataStats  # the loader's imports take seconds: after the flags are checked
+    from data.loader import energon_loader, task_encoder
+    from data.rank_split import RankLayout
+
     layout = RankLayout(cp_size=args.context_parallel_size, tp_size=args.tensor_model_parallel_size,
                         sequence_parallel=args.sequence_parallel)
     encoder = task_encoder(args, layout.pad_multiple)
@@ -120,18 +123,44 @@ def format_text(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def check_dataset(path: str) -> None:
+    """A user's mistake in DATASET, as a :class:`ConfigError` (energon would raise a traceback)."""
+    if not Path(path).exists():
+        raise ConfigError("DATASET", f"{path} does not exist; pass an energon dataset folder "
+                                     "(`python -m data.synthetic OUT` writes a synthetic one)")
+    if Path(path).is_dir() and not (Path(path) / ".nv-meta").is_dir():
+        raise ConfigError("DATASET", f"{path} is not an energon dataset (no .nv-meta); run `energon prepare {path} "
+                                     "--non-interactive --split-ratio 1,0,0 --sample-type CrudeWebdataset` first")
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """The flags the report uses that energon or the task encoder would reject with a traceback."""
+    if args.packing_buffer_size < 1:
+        raise ConfigError("--packing-buffer-size", f"must be >= 1, got {args.packing_buffer_size}")
+    if args.num_workers < 0:
+        raise ConfigError("--num-workers", f"must be >= 0, got {args.num_workers}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     from dit.arguments import parse_args
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(prog="data.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Other flags: see `python pretrain_dit.py --help` (data, model, parallelism).")
     p.add_argument("dataset", help="An energon dataset folder (prepared as CrudeWebdataset).")
     p.add_argument("--json", action="store_true", help="Print one JSON object instead of text.")
     known, rest = p.parse_known_args(argv)
-    args = parse_args(rest)
+    try:
+        check_dataset(known.dataset)
+        args = parse_args(rest)
+        check_flags(args)
+    except ConfigError as e:  # one line naming the flag and the fix, as pretrain_dit.py does
+        print(f"data.report: error: {e}", file=sys.stderr)
+        return 2
     report = measure(args, known.dataset)
     print(json.dumps(report) if known.json else format_text(report))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

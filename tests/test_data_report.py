@@ -2,8 +2,11 @@
 
 import io
 import json
+import subprocess
+import sys
 from collections import Counter
 
+import pytest
 import torch
 
 from data.packing import padded_length
@@ -55,3 +58,23 @@ def test_synthetic_shapes(tmp_path):
         else:
             assert meta["image_height"] in (256, 512) and s.latent.shape == (16, meta["image_height"] // 8,
                                                                              meta["image_width"] // 8)
+
+
+def _report(*argv):
+    return subprocess.run([sys.executable, "-m", "data.report", *argv], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("mistake", ["missing dataset", "missing --config"])
+def test_user_mistakes_are_one_line_naming_the_flag_and_exit_2(tmp_path, mixed_dataset, mistake):
+    if mistake == "missing dataset":
+        result, flag = _report(str(tmp_path / "nowhere"), "--max-seq-length", "32"), "DATASET"
+    else:
+        result, flag = _report(str(mixed_dataset), "--config", str(tmp_path / "nope.yaml")), "--config"
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"data.report: error: {flag}: ") and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_a_folder_that_energon_never_prepared_is_a_user_mistake(tmp_path, capsys):
+    assert main([str(tmp_path), "--max-seq-length", "32"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("data.report: error: DATASET: ") and "energon prepare" in err and err.count("\n") == 1
