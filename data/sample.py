@@ -52,6 +52,7 @@ class DiffusionSample(Sample):
     """A cooked sample: cheap to hold in the packing buffer (lengths + raw payloads)."""
 
     shard: str
+    read_index: int  # place in the loader's read order (energon's sample index of the cooker): the report's stream
     latent_payload: bytes  # the .pth member, decoded only after packing
     text_payload: bytes  # the .pickle member
     latent_shape: tuple[int, int, int, int]  # [C, T, H, W] from the tensor header
@@ -71,6 +72,7 @@ class EncodedSample(Sample):
     seq_len: int
     padded_len: int
     grid: tuple[int, int, int]
+    read_index: int  # as in the DiffusionSample
     fps: float | None  # from the metadata (videos)
     label: int | None  # from the metadata under class conditioning; None in text-conditioned runs
 
@@ -185,5 +187,5 @@ def decode(sample: DiffusionSample, fmt: LatentFormat) -> EncodedSample:
     fps = sample.metadata.get("fps")
     return EncodedSample.derive_from(
         sample, tokens=tokens, positions=positions, text=text, seq_len=sample.seq_len,
-        padded_len=sample.padded_len, grid=sample.grid, fps=None if fps is None else float(fps),
+        padded_len=sample.padded_len, grid=sample.grid, read_index=sample.read_index, fps=None if fps is None else float(fps),
         label=None if fmt.num_classes is None else int(sample.metadata["label"]))  # checked by read_header
