@@ -22,10 +22,12 @@ class SkipKind(str, enum.Enum):
     """Why a sample was left out of training."""
 
     CORRUPT_MEMBER = "corrupt_member"  # a .pth / .pickle payload that does not decode (truncated, garbage)
-    NOT_A_LATENT = "not_a_latent"  # .pth is not a float tensor [C, T, H, W] / [C, H, W] with --latent-channels
+    CORRUPT_SHARD = "corrupt_shard"  # the tar does not read where its index points (cut short or damaged after prepare)
+    NOT_A_LATENT = "not_a_latent"  # .pth is not a float tensor [C, T, H, W] / [C, H, W] with --latent-channels, no side 0
     NON_FINITE = "non_finite"  # NaN or Inf in the latent or the text embedding
     MISSING_MEMBER = "missing_member"  # no .pth, .pickle or .json in the sample
     INVALID_JSON = "invalid_json"  # .json is not a JSON object with a caption
+    BAD_LABEL = "bad_label"  # class-conditioned run: no label in the .json, or one outside [0, --num-classes)
     BAD_TEXT_EMBEDDING = "bad_text_embedding"  # .pickle is not [L, --text-embed-dim], L >= 1
     GRID_NOT_DIVISIBLE = "grid_not_divisible"  # latent frames/height/width not divisible by the patch
     OVERSIZE = "oversize"  # longer than --max-seq-length: a sizing problem, not broken data

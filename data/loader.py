@@ -22,7 +22,8 @@ from dit.packed import PackedBatch
 
 def task_encoder(args: argparse.Namespace, pad_multiple: int) -> DiTTaskEncoder:
     """The task encoder for parsed flags and the layout's padding multiple."""
-    fmt = LatentFormat(args.patch_size, args.temporal_patch_size, args.latent_channels, args.text_embed_dim)
+    fmt = LatentFormat(args.patch_size, args.temporal_patch_size, args.latent_channels, args.text_embed_dim,
+                       num_classes=args.num_classes if args.conditioning == "class" else None)
     return DiTTaskEncoder(fmt, max_seq_length=args.max_seq_length, pad_multiple=pad_multiple, packing=not args.no_packing)
 
 

@@ -61,8 +61,9 @@ def build_pack(samples: Sequence[EncodedSample]) -> PackedBatch:
         tokens[start:start + s.seq_len] = s.tokens
         positions[start:start + s.seq_len] = s.positions
         loss_mask[start:start + s.seq_len] = True
-    fps = [s.fps for s in samples]
     labels = [s.label for s in samples]
+    if len({label is None for label in labels}) > 1:
+        raise ValueError(f"a pack mixes samples with and without a class label: {[s.__key__ for s in samples]}")
     return PackedBatch(
         tokens=tokens,
         positions=positions,
@@ -73,7 +74,8 @@ def build_pack(samples: Sequence[EncodedSample]) -> PackedBatch:
         cu_seqlens_text=_cumulative([s.text.shape[0] for s in samples]),
         grid_sizes=torch.tensor([s.grid for s in samples], dtype=torch.int64),  # [N, 3]
         keys=[s.__key__ for s in samples],
-        # images in a pack with videos get fps 0: one conditioning value for "not a video"
-        fps=None if all(f is None for f in fps) else torch.tensor([f or 0.0 for f in fps]),
-        labels=None if any(x is None for x in labels) else torch.tensor(labels, dtype=torch.int64),
+        # always [N]: images get fps 0, one conditioning value for "not a video" (packs of only images too)
+        fps=torch.tensor([s.fps or 0.0 for s in samples], dtype=torch.float32),
+        # [N] under class conditioning, where the cooker skips samples without a label; else None
+        labels=None if labels[0] is None else torch.tensor(labels, dtype=torch.int64),
     )

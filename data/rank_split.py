@@ -58,7 +58,8 @@ class RankLayout:
 
     def worker_config(self, num_workers: int, seed: int) -> WorkerConfig:
         """energon's config for this replica. Data faults never reach energon's error handler (the
-        task encoder turns them into counted skips), so whatever does is a bug and is raised."""
+        task encoder turns them into counted skips, shard read errors included: see
+        :mod:`data.shard_reads`), so whatever does is a bug and is raised."""
         return WorkerConfig(rank=self.dp_rank, world_size=self.dp_size, num_workers=num_workers,
                             seed_offset=seed, global_error_handler=reraise_exception)
 

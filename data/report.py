@@ -8,8 +8,8 @@ Any training flag (``--packing-buffer-size``, ``--num-workers``, ``--text-embed-
 kind, packs built, ``packing_efficiency`` = real tokens / (packs x max-seq-length), the padding
 added for CP/SP alignment, the histogram of sample lengths and the loader's tokens/s; then the same
 samples packed the way NeMo/DFM do it (each padded to a multiple of 64; and padded to
-max-seq-length without packing), simulated over the same packing-buffer windows, and with DFM's
-default buffer of 40 samples.
+max-seq-length without packing), simulated over the same packing-buffer windows of the stream as
+read (each worker's read order, not the packs' order), and with DFM's default buffer of 40 samples.
 """
 
 from __future__ import annotations
@@ -17,27 +17,41 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from data.errors import DataStats
-from data.loader import energon_loader, task_encoder
 from data.packing import first_fit_decreasing, padded_length
-from data.rank_split import RankLayout
+from dit.errors import ConfigError
 
 DFM_MULTIPLE = 64  # NeMo's / DFM's per-sample padding
 DFM_BUFFER = 40  # DFM's recipe default packing buffer
 
 
-def simulated_efficiency(lengths: Sequence[int], *, multiple: int, buffer_size: int, max_seq_length: int) -> float:
-    """Real tokens / pack capacity when ``lengths`` (stream order) are padded to ``multiple`` and
-    packed first-fit-decreasing in consecutive windows of ``buffer_size`` samples."""
-    packs = 0
-    for start in range(0, len(lengths), buffer_size):
-        padded = [padded_length(n, multiple) for n in lengths[start:start + buffer_size]]
-        packs += len(first_fit_decreasing([p for p in padded if p <= max_seq_length], max_seq_length))
-    return sum(lengths) / (packs * max_seq_length) if packs else 0.0
+Read = tuple[int, int, int]  # (loader worker, place in that worker's read order, real tokens)
+
+
+def simulated_efficiency(reads: Sequence[Read], *, multiple: int, buffer_size: int, max_seq_length: int) -> float:
+    """Real tokens / pack capacity when the samples read are padded to ``multiple`` and packed
+    first-fit-decreasing in the windows energon's packing buffer takes: per worker, places
+    ``[k * buffer_size, (k + 1) * buffer_size)`` of its read order (a skipped sample holds its place)."""
+    windows: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for worker, place, length in reads:
+        windows[worker, place // buffer_size].append(length)
+    real, packs = 0, 0
+    for lengths in windows.values():
+        fits = [n for n in lengths if padded_length(n, multiple) <= max_seq_length]
+        real += sum(fits)
+        packs += len(first_fit_decreasing([padded_length(n, multiple) for n in fits], max_seq_length))
+    return real / (packs * max_seq_length) if packs else 0.0
+
+
+def read_order(read_indices: Sequence[int], lengths: Sequence[int], num_workers: int) -> list[Read]:
+    """(worker, place, length) of samples from energon's read indices (place * workers + worker)."""
+    workers = max(num_workers, 1)
+    return [(i % workers, i // workers, n) for i, n in zip(read_indices, lengths)]
 
 
 def histogram(lengths: Sequence[int], max_seq_length: int, bins: int = 6) -> dict[str, int]:
@@ -48,19 +62,25 @@ def histogram(lengths: Sequence[int], max_seq_length: int, bins: int = 6) -> dic
 
 def measure(args: argparse.Namespace, data_path: str) -> dict[str, Any]:
     """One pass over the dataset through the real loader; the report as a dict."""
+    from data.errors import DataStats  # the loader's imports take seconds: after the flags are checked
+    from data.loader import energon_loader, task_encoder
+    from data.rank_split import RankLayout
+
     layout = RankLayout(cp_size=args.context_parallel_size, tp_size=args.tensor_model_parallel_size,
                         sequence_parallel=args.sequence_parallel)
     encoder = task_encoder(args, layout.pad_multiple)
     loader = energon_loader(data_path, encoder, layout, num_workers=args.num_workers, seed=args.seed,
                             packing_buffer_size=args.packing_buffer_size, micro_batch_size=args.micro_batch_size,
                             repeat=False)
-    stats, lengths, padded, rows = DataStats(), [], 0, 0
+    stats, lengths, reads, padded, rows = DataStats(), [], [], 0, 0
     start = time.perf_counter()  # everything counts: worker start-up, every buffer fill, the epoch's tail
     for item in loader:
         stats.add(item.stats)
         if item.batch is None:
             continue
-        lengths += item.batch.cu_seqlens.diff().tolist()
+        pack_lengths = item.batch.cu_seqlens.diff().tolist()  # in pack order (sorted by the packer)
+        lengths += pack_lengths
+        reads += read_order(item.read_indices, pack_lengths, args.num_workers)  # in read order: the stream
         padded += int(item.batch.cu_seqlens_padded[-1])
         rows += item.batch.num_samples if args.no_packing else 1
     end = time.perf_counter()
@@ -90,9 +110,9 @@ def measure(args: argparse.Namespace, data_path: str) -> dict[str, Any]:
         "loader_wall_s": end - start,
         "load_average_1m": os.getloadavg()[0],
         "comparison": {
-            "this_recipe_simulated": simulated_efficiency(lengths, multiple=layout.pad_multiple, **sim),
-            "nemo_dfm_pad64_packed": simulated_efficiency(lengths, multiple=DFM_MULTIPLE, **sim),
-            "dfm_pad64_buffer40": simulated_efficiency(lengths, multiple=DFM_MULTIPLE, buffer_size=DFM_BUFFER,
+            "this_recipe_simulated": simulated_efficiency(reads, multiple=layout.pad_multiple, **sim),
+            "nemo_dfm_pad64_packed": simulated_efficiency(reads, multiple=DFM_MULTIPLE, **sim),
+            "dfm_pad64_buffer40": simulated_efficiency(reads, multiple=DFM_MULTIPLE, buffer_size=DFM_BUFFER,
                                                        max_seq_length=args.max_seq_length),
             "nemo_pad_to_max_unpacked": real / (len(lengths) * args.max_seq_length) if lengths else 0.0,
         },
@@ -120,18 +140,44 @@ def format_text(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def check_dataset(path: str) -> None:
+    """A user's mistake in DATASET, as a :class:`ConfigError` (energon would raise a traceback)."""
+    if not Path(path).exists():
+        raise ConfigError("DATASET", f"{path} does not exist; pass an energon dataset folder "
+                                     "(`python -m data.synthetic OUT` writes a synthetic one)")
+    if Path(path).is_dir() and not (Path(path) / ".nv-meta").is_dir():
+        raise ConfigError("DATASET", f"{path} is not an energon dataset (no .nv-meta); run `energon prepare {path} "
+                                     "--non-interactive --split-ratio 1,0,0 --sample-type CrudeWebdataset` first")
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """The flags the report uses that energon or the task encoder would reject with a traceback."""
+    if args.packing_buffer_size < 1:
+        raise ConfigError("--packing-buffer-size", f"must be >= 1, got {args.packing_buffer_size}")
+    if args.num_workers < 0:
+        raise ConfigError("--num-workers", f"must be >= 0, got {args.num_workers}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     from dit.arguments import parse_args
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(prog="data.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Other flags: see `python pretrain_dit.py --help` (data, model, parallelism).")
     p.add_argument("dataset", help="An energon dataset folder (prepared as CrudeWebdataset).")
     p.add_argument("--json", action="store_true", help="Print one JSON object instead of text.")
     known, rest = p.parse_known_args(argv)
-    args = parse_args(rest)
+    try:
+        check_dataset(known.dataset)
+        args = parse_args(rest)
+        check_flags(args)
+    except ConfigError as e:  # one line naming the flag and the fix, as pretrain_dit.py does
+        print(f"data.report: error: {e}", file=sys.stderr)
+        return 2
     report = measure(args, known.dataset)
     print(json.dumps(report) if known.json else format_text(report))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

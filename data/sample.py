@@ -27,6 +27,7 @@ from megatron.energon import Sample
 from megatron.energon.edataclass import edataclass
 
 from data.errors import BadSample, SkipKind, SkipRecord
+from data.shard_reads import UNREADABLE
 from dit.patchify import as_video, grid_size, patchify
 
 MEMBERS = ("pth", "pickle", "json")
@@ -41,6 +42,9 @@ class LatentFormat:
     temporal_patch_size: int
     latent_channels: int
     text_embed_dim: int
+    num_classes: int | None = None
+    """Classes of a class-conditioned run (``--conditioning class``): every sample needs a label in
+    ``[0, num_classes)``. None: a text-conditioned run, which ignores labels."""
 
 
 @edataclass
@@ -48,6 +52,7 @@ class DiffusionSample(Sample):
     """A cooked sample: cheap to hold in the packing buffer (lengths + raw payloads)."""
 
     shard: str
+    read_index: int  # place in the loader's read order (energon's sample index of the cooker): the report's stream
     latent_payload: bytes  # the .pth member, decoded only after packing
     text_payload: bytes  # the .pickle member
     latent_shape: tuple[int, int, int, int]  # [C, T, H, W] from the tensor header
@@ -67,8 +72,9 @@ class EncodedSample(Sample):
     seq_len: int
     padded_len: int
     grid: tuple[int, int, int]
+    read_index: int  # as in the DiffusionSample
     fps: float | None  # from the metadata (videos)
-    label: int | None  # from the metadata (class-conditional datasets)
+    label: int | None  # from the metadata under class conditioning; None in text-conditioned runs
 
 
 @edataclass
@@ -117,6 +123,8 @@ def _latent_shape(header: Any, fmt: LatentFormat) -> tuple[int, int, int, int]:
         shape = tuple(as_video(header).shape)
     except ValueError:
         raise BadSample(SkipKind.NOT_A_LATENT, f".pth has shape {tuple(header.shape)}, not [C, T, H, W] or [C, H, W]") from None
+    if min(shape) == 0:  # 0 tokens: its per-sample loss would be 0/0 = NaN
+        raise BadSample(SkipKind.NOT_A_LATENT, f".pth has shape {tuple(header.shape)}, with a side of size 0")
     if shape[0] != fmt.latent_channels:
         raise BadSample(SkipKind.NOT_A_LATENT, f"{shape[0]} latent channels, expected --latent-channels {fmt.latent_channels}")
     return shape
@@ -124,6 +132,8 @@ def _latent_shape(header: Any, fmt: LatentFormat) -> tuple[int, int, int, int]:
 
 def read_header(crude: dict, fmt: LatentFormat) -> tuple[tuple[int, int, int, int], tuple[int, int, int], dict[str, Any]]:
     """Latent shape, patch grid and metadata of a crude sample, reading no tensor data."""
+    if UNREADABLE in crude:  # its tar bytes did not read (see data.shard_reads)
+        raise BadSample(SkipKind.CORRUPT_SHARD, crude[UNREADABLE])
     missing = [ext for ext in MEMBERS if ext not in crude]
     if missing:
         raise BadSample(SkipKind.MISSING_MEMBER, "no ." + ", .".join(missing))
@@ -133,7 +143,16 @@ def read_header(crude: dict, fmt: LatentFormat) -> tuple[tuple[int, int, int, in
         grid = grid_size(shape, fmt.patch_size, fmt.temporal_patch_size)
     except ValueError as e:
         raise BadSample(SkipKind.GRID_NOT_DIVISIBLE, str(e)) from None
+    if fmt.num_classes is not None:
+        _check_label(metadata.get("label"), fmt.num_classes)
     return shape, grid, metadata
+
+
+def _check_label(label: int | None, num_classes: int) -> None:
+    if label is None:
+        raise BadSample(SkipKind.BAD_LABEL, "no 'label' in the .json of a class-conditioned run")
+    if not 0 <= label < num_classes:
+        raise BadSample(SkipKind.BAD_LABEL, f"label {label} outside [0, --num-classes {num_classes})")
 
 
 def _text_embedding(payload: bytes, dim: int) -> torch.Tensor:
@@ -165,8 +184,8 @@ def decode(sample: DiffusionSample, fmt: LatentFormat) -> EncodedSample:
     text = _text_embedding(sample.text_payload, fmt.text_embed_dim)  # [L, D]
     _finite("text embedding", text)
     tokens, positions = patchify(latent, fmt.patch_size, fmt.temporal_patch_size)
-    fps, label = sample.metadata.get("fps"), sample.metadata.get("label")
+    fps = sample.metadata.get("fps")
     return EncodedSample.derive_from(
         sample, tokens=tokens, positions=positions, text=text, seq_len=sample.seq_len,
-        padded_len=sample.padded_len, grid=sample.grid,
-        fps=None if fps is None else float(fps), label=None if label is None else int(label))
+        padded_len=sample.padded_len, grid=sample.grid, read_index=sample.read_index, fps=None if fps is None else float(fps),
+        label=None if fmt.num_classes is None else int(sample.metadata["label"]))  # checked by read_header

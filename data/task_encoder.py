@@ -18,15 +18,16 @@ checking values before packing would decode every sample twice or hold its tenso
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from typing import Any, Sequence
 
-from megatron.energon import Cooker, DefaultTaskEncoder, Sample, stateless
+from megatron.energon import Cooker, DefaultTaskEncoder, Sample, WorkerConfig, stateless
 from megatron.energon.edataclass import edataclass
 from megatron.energon.task_encoder.cooking import basic_sample_keys
 
 from data.errors import BadSample, DataStats, SkipKind
 from data.packing import build_pack, first_fit_decreasing, padded_length
 from data.sample import DiffusionSample, EncodedSample, LatentFormat, SkippedSample, decode, read_header, sample_key
+from data.shard_reads import tolerate_unreadable_shards
 from dit.packed import PackedBatch
 
 AnySample = DiffusionSample | EncodedSample | SkippedSample
@@ -38,6 +39,7 @@ class LoadedPack(Sample):
 
     batch: PackedBatch | None
     stats: DataStats
+    read_indices: list[int]  # each sample's place in the loader's read order, in the batch's order
 
 
 class DiTTaskEncoder(DefaultTaskEncoder):
@@ -55,6 +57,12 @@ class DiTTaskEncoder(DefaultTaskEncoder):
         self.packing = packing
         self.cookers = [Cooker(self.cook)]
 
+    def build_cook_crude_sample(self, dataset: Any, **kwargs: Any) -> Any:
+        """energon's cooking step, over tar readers that turn a shard's read errors into samples the
+        cooker counts as ``corrupt_shard`` (energon would raise them below its error handlers)."""
+        tolerate_unreadable_shards(dataset, self.__default_failure_tolerance__)
+        return super().build_cook_crude_sample(dataset, **kwargs)
+
     @stateless
     def cook(self, crude: dict) -> DiffusionSample | SkippedSample:
         base = {**basic_sample_keys(crude), "__key__": sample_key(crude)}
@@ -67,7 +75,7 @@ class DiTTaskEncoder(DefaultTaskEncoder):
                 raise BadSample(SkipKind.OVERSIZE, f"{seq_len} tokens ({padded} padded) > --max-seq-length {self.max_seq_length}")
         except BadSample as e:
             return SkippedSample(**base, kind=e.kind, shard=shard, detail=e.detail)
-        return DiffusionSample(**base, shard=shard, latent_payload=crude["pth"], text_payload=crude["pickle"],
+        return DiffusionSample(**base, shard=shard, read_index=_read_index(), latent_payload=crude["pth"], text_payload=crude["pickle"],
                                latent_shape=shape, grid=grid, seq_len=seq_len, padded_len=padded, metadata=metadata)
 
     def select_samples_to_pack(self, samples: list[AnySample]) -> list[list[AnySample]]:
@@ -104,4 +112,12 @@ class DiTTaskEncoder(DefaultTaskEncoder):
         stats = DataStats(read=len(samples), trained=len(encoded), skipped=dict(Counter(m.kind.value for m in markers)),
                           examples=[m.record() for m in markers])
         return LoadedPack(__key__=",".join(s.__key__ for s in samples), __restore_key__=(),
-                          batch=build_pack(encoded) if encoded else None, stats=stats)
+                          batch=build_pack(encoded) if encoded else None, stats=stats,
+                          read_indices=[s.read_index for s in encoded])
+
+
+def _read_index() -> int:
+    """energon's index of the sample being cooked: (its place in its worker's stream) * workers + worker.
+    energon restores it with the sample, so it is the same after a restore; 0 outside a loader."""
+    config = WorkerConfig.active_worker_config
+    return config.active_worker_sample_index if config is not None else 0

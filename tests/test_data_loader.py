@@ -1,16 +1,19 @@
 """The loader over real energon datasets: bad data counted exactly once, the limits, save/restore, no packing."""
 
+import tarfile
 from collections import Counter
 from contextlib import closing
 
 import pytest
 import torch
+from megatron.energon.errors import FatalSampleError
 
 from data.errors import BadDataError, DataStats, SkipKind, SkipRecord
 from data.loader import DiTDataLoader, energon_loader, task_encoder
 from data.rank_split import RankLayout
+from data.shard_reads import UNREADABLE, TolerantTarReader
 from dit.arguments import parse_args
-from tests.tiny_data import DEFECTS, GOOD, mixed_dataset  # noqa: F401 (a fixture)
+from tests.tiny_data import DEFECTS, GOOD, TRUNCATED_GOOD, mixed_dataset, truncated_dataset  # noqa: F401 (fixtures)
 
 
 def _loader(path, *extra, workers=0, repeat=True, max_bad=1.0, reject_oversize=False):
@@ -32,6 +35,58 @@ def test_every_defect_is_skipped_and_counted_exactly_once_across_workers(mixed_d
     assert (stats.read, stats.trained, stats.bad) == (GOOD + len(DEFECTS), GOOD, len(DEFECTS) - 1)  # oversize is not "bad"
     assert len(stats.examples) == 8
     assert all(e.shard.startswith("shard_") and e.key.startswith(e.shard + "/samples/bad_") for e in stats.examples)
+
+
+def test_a_shard_cut_short_after_prepare_is_skipped_and_counted_across_workers(truncated_dataset):
+    root, lost = truncated_dataset
+    assert 0 < len(lost) < 8  # the cut falls inside the shard: some of its samples still read
+    with closing(_loader(root, workers=2, repeat=False)) as loader:
+        keys = [k for pack in loader for k in pack.keys]
+    names = sorted(k.rsplit("/", 1)[-1] for k in keys)
+    assert names == sorted(f"good_{i:04d}" for i in range(TRUNCATED_GOOD) if f"good_{i:04d}" not in lost)  # each once
+    stats = loader.stats
+    assert stats.skipped == {SkipKind.CORRUPT_SHARD.value: len(lost)}
+    assert (stats.read, stats.trained, stats.bad) == (TRUNCATED_GOOD, TRUNCATED_GOOD - len(lost), len(lost))
+    assert all(e.shard == "shard_000001.tar" and e.kind == "corrupt_shard" for e in stats.examples)
+    names = [e.key.rsplit("/", 1)[-1] for e in stats.examples]  # by name where its first header reads, else @OFFSET
+    assert len(names) == len(lost) and "good_0012" in names and all(n in lost or n[0] == "@" for n in names)
+
+
+class _Reader:
+    """A tar reader that fails every read with ``error``, and whose index is broken too."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def __getitem__(self, index):
+        raise self.error
+
+    def _get_itar_sample_pointer(self, index):
+        raise IndexError(index)
+
+
+def test_unreadable_samples_in_a_row_stop_the_run_as_energon_would_and_bugs_are_raised():
+    reader = TolerantTarReader(_Reader(tarfile.ReadError("unexpected end of data")), tolerance=3)
+    marker = reader[5]
+    assert marker[UNREADABLE] == "its shard does not read (ReadError: unexpected end of data)" and marker["__key__"] == "#5"
+    reader[6]
+    with pytest.raises(FatalSampleError, match="3 samples in a row did not read"):
+        reader[7]
+    with pytest.raises(KeyError):  # not a read error: a bug, raised as it is
+        TolerantTarReader(_Reader(KeyError("bug")), tolerance=3)[0]
+
+
+def test_unreadable_samples_count_towards_the_bad_fraction_limit(truncated_dataset):
+    with pytest.raises(BadDataError, match="corrupt_shard=4.*first: corrupt_shard shard_000001.tar/"):
+        for _ in _loader(truncated_dataset[0], max_bad=0.1):
+            pass
+
+
+def test_the_task_encoder_knows_the_runs_conditioning():
+    flags = ["--patch-size", "2", "--latent-channels", "4", "--text-embed-dim", "8"]
+    assert task_encoder(parse_args(flags), 1).fmt.num_classes is None
+    assert task_encoder(parse_args([*flags, "--conditioning", "class", "--num-classes", "10"]), 1).fmt.num_classes == 10
+
 
 def test_bad_fraction_limit_stops_the_run_with_a_clear_error(mixed_dataset):
     with pytest.raises(BadDataError, match=r"--max-bad-sample-fraction 0\.1: .*first: .*shard_\d+\.tar/samples/bad_"):
@@ -76,7 +131,7 @@ def test_restored_loader_continues_on_the_next_pack(mixed_dataset, workers):
         for _ in range(3):
             next(first)
         state = first.state_dict()
-        expected = [next(first) for _ in range(5)]  # crosses an epoch: 47 samples make about 6 packs
+        expected = [next(first) for _ in range(5)]  # crosses an epoch: 30 good samples make about 6 packs
     with closing(_loader(mixed_dataset, workers=workers)) as resumed:
         resumed.load_state_dict(state)
         got = [next(resumed) for _ in range(5)]

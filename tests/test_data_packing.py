@@ -59,7 +59,7 @@ def _encoded(key, shape, padded_len, text_len, fps=None, label=None):
     latent = torch.randn(shape)
     tokens, positions = patchify(latent, 2, 1)
     return EncodedSample(__key__=key, __restore_key__=(), tokens=tokens, positions=positions,
-                         text=torch.randn(text_len, 8), seq_len=tokens.shape[0], padded_len=padded_len,
+                         text=torch.randn(text_len, 8), seq_len=tokens.shape[0], padded_len=padded_len, read_index=0,
                          grid=(shape[1], shape[2] // 2, shape[3] // 2), fps=fps, label=label), latent
 
 
@@ -83,7 +83,13 @@ def test_build_pack_against_hand_counts():
         assert torch.equal(pack.positions[start:start + n], patchify(latent, 2, 1)[1])
 
 
-def test_build_pack_labels_only_when_every_sample_has_one():
+def test_build_pack_always_carries_fps_and_labels_only_from_class_conditioned_samples():
     a, _ = _encoded("a", (4, 1, 2, 2), 1, 1, label=3)
     b, _ = _encoded("b", (4, 1, 2, 2), 1, 1, label=7)
-    assert build_pack([a, b]).labels.tolist() == [3, 7] and build_pack([a, b]).fps is None
+    pack = build_pack([a, b])  # images only: --fps-conditioning still gets an fps per sample
+    assert pack.labels.tolist() == [3, 7] and pack.labels.dtype == torch.int64
+    assert pack.fps.tolist() == [0.0, 0.0] and pack.fps.dtype == torch.float32
+    c, _ = _encoded("c", (4, 1, 2, 2), 1, 1)
+    assert build_pack([c]).labels is None  # text conditioning: the decoder leaves labels out
+    with pytest.raises(ValueError, match="label"):  # the cooker makes this impossible: a bug if it happens
+        build_pack([a, c])

@@ -2,15 +2,25 @@
 
 import io
 import json
+import subprocess
+import sys
 from collections import Counter
 
+import pytest
 import torch
 
+from megatron.energon import stateless
+
+from data.loader import energon_loader, task_encoder
 from data.packing import padded_length
-from data.report import histogram, main, simulated_efficiency
+from data.rank_split import RankLayout
+from data.report import histogram, main, read_order, simulated_efficiency
+from data.sample import sample_key
 from data.shards import shard_name
+from data.task_encoder import DiTTaskEncoder
+from dit.arguments import parse_args
 from data.synthetic import synthetic_samples, write_synthetic
-from tests.tiny_data import DEFECTS, GOOD, good_entries, mixed_dataset  # noqa: F401 (a fixture)
+from tests.tiny_data import DEFECTS, GOOD, good_entries, mixed_dataset, truncated_dataset  # noqa: F401 (fixtures)
 
 
 def _tokens(files):
@@ -37,9 +47,45 @@ def test_report_json_matches_hand_counts(mixed_dataset, capsys):
     assert r["loader_tokens_per_s"] > 0
 
 
+def test_report_simulates_the_buffer_windows_of_the_stream_as_read(truncated_dataset, capsys):
+    """Simulated over the same windows as energon's packing buffer (each worker's read order, a
+    skipped sample holding its slot), our own padding must give exactly the packs the loader built."""
+    main([str(truncated_dataset[0]), "--json", "--max-seq-length", "32", "--patch-size", "2",
+          "--context-parallel-size", "2", "--latent-channels", "4", "--text-embed-dim", "8",
+          "--packing-buffer-size", "6", "--num-workers", "2"])
+    r = json.loads(capsys.readouterr().out)
+    assert r["samples_skipped"] == {"corrupt_shard": len(truncated_dataset[1])}
+    assert r["comparison"]["this_recipe_simulated"] == r["packing_efficiency"]
+
+
+def test_packs_carry_each_samples_place_in_the_read_order(mixed_dataset, monkeypatch):
+    """The report's stream is the order the cooker read samples in, not the packs' (sorted) order."""
+    read = []
+    cook = DiTTaskEncoder.cook
+
+    @stateless
+    def recording_cook(self, crude):
+        read.append(sample_key(crude))
+        return cook(self, crude)
+
+    monkeypatch.setattr(DiTTaskEncoder, "cook", recording_cook)
+    args = parse_args(["--max-seq-length", "32", "--patch-size", "2", "--latent-channels", "4", "--text-embed-dim", "8"])
+    loader = energon_loader(mixed_dataset, task_encoder(args, 4), RankLayout(), num_workers=0, seed=3,
+                            packing_buffer_size=6, micro_batch_size=1, repeat=False)
+    packs = [item for item in loader if item.batch is not None]
+    assert all(item.read_indices == [read.index(k) for k in item.batch.keys] for item in packs)
+    in_pack_order = [i for item in packs for i in item.read_indices]
+    assert sorted(in_pack_order) != in_pack_order  # the packer reorders: pack order is not the stream
+
+
 def test_simulated_efficiency_and_histogram_by_hand():
     # multiple 4: 5 -> 8, 3 -> 4, 6 -> 8, 9 -> 12; windows of 2: [8, 4] -> 1 pack, [8, 12] -> 2 packs
-    assert simulated_efficiency([5, 3, 6, 9], multiple=4, buffer_size=2, max_seq_length=16) == 23 / (3 * 16)
+    one_worker = [(0, place, n) for place, n in enumerate([5, 3, 6, 9])]
+    assert simulated_efficiency(one_worker, multiple=4, buffer_size=2, max_seq_length=16) == 23 / (3 * 16)
+    # two workers: each its own windows; worker 0's place 1 was skipped but held its slot
+    reads = [(0, 0, 5), (0, 2, 6), (0, 3, 9), (1, 0, 3), (1, 1, 3)]  # windows [8], [8, 12], [4, 4] -> 1 + 2 + 1
+    assert simulated_efficiency(reads, multiple=4, buffer_size=2, max_seq_length=16) == 26 / (4 * 16)
+    assert read_order([0, 3, 4, 7], [5, 6, 9, 3], num_workers=2) == [(0, 0, 5), (1, 1, 6), (0, 2, 9), (1, 3, 3)]
     assert histogram([1, 2, 3, 4, 8, 9, 16], 16, bins=3) == {"1-4": 4, "5-8": 1, "9-16": 2}
 
 
@@ -55,3 +101,23 @@ def test_synthetic_shapes(tmp_path):
         else:
             assert meta["image_height"] in (256, 512) and s.latent.shape == (16, meta["image_height"] // 8,
                                                                              meta["image_width"] // 8)
+
+
+def _report(*argv):
+    return subprocess.run([sys.executable, "-m", "data.report", *argv], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("mistake", ["missing dataset", "missing --config"])
+def test_user_mistakes_are_one_line_naming_the_flag_and_exit_2(tmp_path, mixed_dataset, mistake):
+    if mistake == "missing dataset":
+        result, flag = _report(str(tmp_path / "nowhere"), "--max-seq-length", "32"), "DATASET"
+    else:
+        result, flag = _report(str(mixed_dataset), "--config", str(tmp_path / "nope.yaml")), "--config"
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"data.report: error: {flag}: ") and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_a_folder_that_energon_never_prepared_is_a_user_mistake(tmp_path, capsys):
+    assert main([str(tmp_path), "--max-seq-length", "32"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("data.report: error: DATASET: ") and "energon prepare" in err and err.count("\n") == 1

@@ -3,17 +3,20 @@
 import io
 import json
 import pickle
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from data.errors import SkipKind
 from data.sample import DiffusionSample, EncodedSample, SkippedSample
 from data.task_encoder import DiTTaskEncoder
 from dit.patchify import patchify
 from tests.tiny_data import DEFECTS, FMT, crude, payloads
 
 ENCODER = DiTTaskEncoder(FMT, max_seq_length=32, pad_multiple=4)
+CLASS_ENCODER = DiTTaskEncoder(replace(FMT, num_classes=10), max_seq_length=32, pad_multiple=4)  # --conditioning class
 
 
 def cook_and_decode(files, encoder=ENCODER):
@@ -42,7 +45,7 @@ VARIANTS = {
 def test_cooker_and_decoder_on_format_variants(name):
     spec = VARIANTS[name]
     files = payloads(spec["shape"], dtype=spec["dtype"], text=spec.get("text"), meta=spec.get("meta"))
-    cooked, encoded = cook_and_decode(files)
+    cooked, encoded = cook_and_decode(files, CLASS_ENCODER if "label" in spec.get("meta", {}) else ENCODER)
     latent = torch.load(io.BytesIO(files["pth"])).float()
     video = latent if latent.dim() == 4 else latent[:, None]
     c, t, h, w = video.shape
@@ -79,3 +82,20 @@ def test_padding_follows_the_layout_multiple():
     assert unpacked.padded_len == 32
     with pytest.raises(ValueError, match="multiple"):
         DiTTaskEncoder(FMT, max_seq_length=30, pad_multiple=4, packing=False)
+
+
+@pytest.mark.parametrize("label, kind", [(None, SkipKind.BAD_LABEL), (10, SkipKind.BAD_LABEL), (-1, SkipKind.BAD_LABEL),
+                                         (3.0, SkipKind.INVALID_JSON), (0, None), (9, None)])
+def test_class_conditioning_needs_a_label_in_range(label, kind):
+    meta = {"caption": "c"} if label is None else {"caption": "c", "label": label}
+    cooked, encoded = cook_and_decode(payloads((4, 2, 4), meta=meta), CLASS_ENCODER)
+    if kind is None:
+        assert isinstance(encoded, EncodedSample) and encoded.label == label
+    else:
+        assert isinstance(encoded, SkippedSample) and encoded.kind == kind, encoded
+
+
+def test_text_conditioning_ignores_labels():
+    for meta in ({"caption": "c"}, {"caption": "c", "label": 12345}):
+        _, encoded = cook_and_decode(payloads((4, 2, 4), meta=meta))
+        assert isinstance(encoded, EncodedSample) and encoded.label is None

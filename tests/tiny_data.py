@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import pickle
 import random
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,8 @@ DEFECTS: dict[str, tuple[dict[str, bytes], SkipKind]] = {
     ".pth holds a dict": (with_members(pth=torch_bytes({"latent": torch.zeros(4, 2, 4)})), SkipKind.NOT_A_LATENT),
     ".pth of rank 2": (with_members(pth=torch_bytes(torch.zeros(4, 4))), SkipKind.NOT_A_LATENT),
     ".pth of ints": (with_members(pth=torch_bytes(torch.zeros(4, 2, 4, dtype=torch.int64))), SkipKind.NOT_A_LATENT),
+    "image with a zero-sized side": (with_members(pth=torch_bytes(torch.zeros(4, 0, 4))), SkipKind.NOT_A_LATENT),
+    "video of zero frames": (with_members(pth=torch_bytes(torch.zeros(4, 0, 2, 4))), SkipKind.NOT_A_LATENT),
     "wrong channel count": (with_members(pth=torch_bytes(torch.zeros(3, 2, 4))), SkipKind.NOT_A_LATENT),
     "NaN in latent": (with_members(pth=torch_bytes(torch.tensor([float("nan")]).expand(4, 2, 4).clone())), SkipKind.NON_FINITE),
     "Inf in text": (with_members(pickle=pickle.dumps(np.full((2, 8), np.inf, np.float32))), SkipKind.NON_FINITE),
@@ -109,3 +112,27 @@ def mixed_dataset(tmp_path_factory):
     bad = [(f"bad_{i:02d}", files) for i, (files, _) in enumerate(DEFECTS.values())]
     entries = [e for pair in zip(good, bad) for e in pair] + good[len(bad):]
     return write_dataset(tmp_path_factory.mktemp("mixed"), entries, per_shard=8)
+
+
+def cut_shard(path: Path, keep: float = 0.5) -> list[str]:
+    """Cut a shard file short after ``energon prepare`` indexed it (storage corruption), as a
+    reviewer did by hand; return the names of its samples that lost a byte of a member or header."""
+    data = path.read_bytes()
+    cut = int(len(data) * keep)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        members = tar.getmembers()
+    lost = {m.name.rsplit(".", 1)[0] for m in members if m.offset_data + m.size > cut}
+    path.write_bytes(data[:cut])
+    return sorted(name.rsplit("/", 1)[-1] for name in lost)
+
+
+TRUNCATED_GOOD = 24  # good samples in the dataset with a shard cut short
+
+
+@pytest.fixture(scope="module")
+def truncated_dataset(tmp_path_factory):
+    """24 good samples in 3 shards of 8; the middle shard cut in half after indexing.
+
+    Returns the dataset folder and the names of the samples the cut made unreadable."""
+    root = write_dataset(tmp_path_factory.mktemp("truncated"), good_entries(TRUNCATED_GOOD, seed=2), per_shard=8)
+    return root, cut_shard(root / shards.shard_name(1))
