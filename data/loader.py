@@ -95,7 +95,7 @@ class DiTDataLoader:
 
 def build_train_loader(args: argparse.Namespace) -> DiTDataLoader:
     """The training loader for parsed, validated flags; Megatron's parallel state must be initialised."""
-    layout = RankLayout.from_parallel_state(args.sequence_parallel)
+    layout = RankLayout.from_parallel_state(args.sequence_parallel, fp8=args.fp8_format is not None)
     loader = energon_loader(args.data_path, task_encoder(args, layout.pad_multiple), layout,
                             num_workers=args.num_workers, seed=args.seed,
                             packing_buffer_size=args.packing_buffer_size, micro_batch_size=args.micro_batch_size)

@@ -3,7 +3,8 @@
 - energon's :class:`WorkerConfig` gets the pure data-parallel rank and size, so every TP, CP and
   PP rank of one model replica reads the same packs, and replicas read disjoint ones.
 - Each sample is padded to :func:`pad_multiple`: a multiple of 2*cp so that it splits into 2*cp
-  equal chunks, times tp under sequence parallelism so that each CP share splits over TP ranks.
+  equal chunks, times tp under sequence parallelism so that each CP share splits over TP ranks,
+  and under FP8 to whole multiples of 8 tokens per CP rank.
 - After loading, a CP rank keeps chunks r and 2cp-1-r of every sample (TE's THD scheme), and a
   pipeline stage that is neither first nor last drops the latent tokens and the loss mask: it
   needs only the conditioning (text, positions, timesteps from the keys) and the cu_seqlens.
@@ -11,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -19,13 +21,20 @@ from megatron.energon import WorkerConfig
 from megatron.energon.errors import reraise_exception
 
 from dit.packed import PackedBatch, thd_partition_indices
+from dit.sequence import FP8_ROWS
 from dit.te import have_transformer_engine
 
 
-def pad_multiple(cp_size: int, tp_size: int, sequence_parallel: bool) -> int:
-    """The smallest multiple every sample's token count must be padded to for this layout."""
+def pad_multiple(cp_size: int, tp_size: int, sequence_parallel: bool, fp8: bool = False) -> int:
+    """The smallest multiple every sample's token count must be padded to for this layout.
+
+    Under FP8, TE's GEMMs also need each CP rank's tokens in multiples of ``FP8_ROWS``
+    (``dit.sequence``): each sample then gives every CP rank a multiple of that many.
+    """
     multiple = 2 * cp_size if cp_size > 1 else 1
-    return multiple * tp_size if sequence_parallel else multiple
+    if sequence_parallel:
+        multiple *= tp_size
+    return math.lcm(multiple, FP8_ROWS * cp_size) if fp8 else multiple
 
 
 @dataclass(frozen=True)
@@ -38,23 +47,24 @@ class RankLayout:
     cp_size: int = 1
     tp_size: int = 1
     sequence_parallel: bool = False
+    fp8: bool = False
     first_stage: bool = True
     last_stage: bool = True
 
     @classmethod
-    def from_parallel_state(cls, sequence_parallel: bool) -> RankLayout:
+    def from_parallel_state(cls, sequence_parallel: bool, fp8: bool = False) -> RankLayout:
         """Read Megatron's initialised parallel state (DP without CP: CP ranks share the data)."""
         return cls(
             dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
             cp_rank=ps.get_context_parallel_rank(), cp_size=ps.get_context_parallel_world_size(),
-            tp_size=ps.get_tensor_model_parallel_world_size(), sequence_parallel=sequence_parallel,
+            tp_size=ps.get_tensor_model_parallel_world_size(), sequence_parallel=sequence_parallel, fp8=fp8,
             first_stage=ps.is_pipeline_first_stage(ignore_virtual=True),
             last_stage=ps.is_pipeline_last_stage(ignore_virtual=True),
         )
 
     @property
     def pad_multiple(self) -> int:
-        return pad_multiple(self.cp_size, self.tp_size, self.sequence_parallel)
+        return pad_multiple(self.cp_size, self.tp_size, self.sequence_parallel, self.fp8)
 
     def worker_config(self, num_workers: int, seed: int) -> WorkerConfig:
         """energon's config for this replica. Data faults never reach energon's error handler (the

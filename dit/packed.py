@@ -27,7 +27,7 @@ class PackedBatch:
     cu_seqlens_text: torch.Tensor  # [N+1] int32
     grid_sizes: torch.Tensor  # [N, 3] int64 latent grid (T, H, W) in patches, for unpatchify
     keys: list[str] = field(default_factory=list)  # per-sample keys: logging and reproducible draws
-    fps: torch.Tensor | None = None  # [N] float, video frame rate conditioning (None: images)
+    fps: torch.Tensor | None = None  # [N] float frame rate, 0 for images (the data path always fills it)
     labels: torch.Tensor | None = None  # [N] int64, class conditioning (None: text conditioning)
 
     @property

@@ -20,6 +20,15 @@ def test_pad_multiple_for_cp_tp_sp(cp, tp, sp, expected):
     assert pad_multiple(cp, tp, sp) == expected
 
 
+@pytest.mark.parametrize("cp, tp, sp, expected", [
+    (1, 1, False, 8), (1, 2, True, 8), (2, 1, False, 16), (2, 2, True, 16), (4, 1, False, 32), (2, 8, True, 32),
+])
+def test_pad_multiple_under_fp8_gives_each_cp_rank_multiples_of_8_tokens(cp, tp, sp, expected):
+    assert pad_multiple(cp, tp, sp, fp8=True) == expected
+    # by hand: every CP rank holds expected / cp tokens of each sample, a multiple of 8 (and of tp under SP)
+    assert (expected // cp) % 8 == 0 and (not sp or (expected // cp) % tp == 0)
+
+
 def test_padded_length():
     assert [padded_length(n, 4) for n in (1, 4, 5, 8, 9)] == [4, 4, 8, 8, 12]
     assert padded_length(7, 1) == 7
