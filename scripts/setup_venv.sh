@@ -22,10 +22,11 @@ if [ ! -f "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
     if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
         # Without an NVIDIA GPU take PyTorch's CPU build: a plain `pip install torch` on Linux brings
-        # several GB of CUDA libraries. (Where that index cannot be reached, pip warns and goes on.)
+        # several GB of CUDA libraries. Only torch comes from that index (--no-deps); its small
+        # dependencies come with the project below. Where the index cannot be reached, pip warns and goes on.
         index=()
         command -v nvidia-smi >/dev/null 2>&1 || index=(--extra-index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}")
-        .venv/bin/python -m pip install -q "${index[@]}" "${TORCH_SPEC:-torch==2.13.0}"
+        .venv/bin/python -m pip install -q --no-deps "${index[@]}" "${TORCH_SPEC:-torch==2.13.0}"
     fi
     .venv/bin/python -m pip install -q -e ".[${extras}]"
     touch "$stamp"
