@@ -74,19 +74,12 @@ class ParallelLayout:
     context: int = 1
     virtual_pipeline: int | None = None
 
-    def data_parallel_size(self, world_size: int) -> int:
-        model = self.tensor * self.pipeline * self.context
-        if world_size % model:
-            raise ValueError(
-                f"world size {world_size} is not divisible by tp*pp*cp = "
-                f"{self.tensor}*{self.pipeline}*{self.context} = {model}"
-            )
-        return world_size // model
-
 
 def initialize_model_parallel(layout: ParallelLayout) -> None:
-    """Build Megatron's process groups (TP, PP, CP, DP) for ``layout`` over the default group."""
-    layout.data_parallel_size(dist.get_world_size())
+    """Build Megatron's process groups (TP, PP, CP, DP) for ``layout`` over the default group.
+
+    The flags were checked against the world size already (``dit.arguments``); Megatron checks again.
+    """
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tensor,
         pipeline_model_parallel_size=layout.pipeline,
