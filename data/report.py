@@ -140,26 +140,8 @@ def format_text(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def check_dataset(path: str) -> None:
-    """A user's mistake in DATASET, as a :class:`ConfigError` (energon would raise a traceback)."""
-    if not Path(path).exists():
-        raise ConfigError("DATASET", f"{path} does not exist; pass an energon dataset folder "
-                                     "(`python -m data.synthetic OUT` writes a synthetic one)")
-    if Path(path).is_dir() and not (Path(path) / ".nv-meta").is_dir():
-        raise ConfigError("DATASET", f"{path} is not an energon dataset (no .nv-meta); run `energon prepare {path} "
-                                     "--non-interactive --split-ratio 1,0,0 --sample-type CrudeWebdataset` first")
-
-
-def check_flags(args: argparse.Namespace) -> None:
-    """The flags the report uses that energon or the task encoder would reject with a traceback."""
-    if args.packing_buffer_size < 1:
-        raise ConfigError("--packing-buffer-size", f"must be >= 1, got {args.packing_buffer_size}")
-    if args.num_workers < 0:
-        raise ConfigError("--num-workers", f"must be >= 0, got {args.num_workers}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    from dit.arguments import parse_args
+    from dit.arguments import check_energon_dataset, check_loader_flags, parse_args
 
     p = argparse.ArgumentParser(prog="data.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -168,9 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="Print one JSON object instead of text.")
     known, rest = p.parse_known_args(argv)
     try:
-        check_dataset(known.dataset)
+        check_energon_dataset(known.dataset, "DATASET")
         args = parse_args(rest)
-        check_flags(args)
+        check_loader_flags(args)
     except ConfigError as e:  # one line naming the flag and the fix, as pretrain_dit.py does
         print(f"data.report: error: {e}", file=sys.stderr)
         return 2

@@ -230,24 +230,36 @@ def _check_backend(args: argparse.Namespace) -> None:
         raise ConfigError("--patch-size", "patch sizes must be >= 1")
 
 
-def _check_data(args: argparse.Namespace) -> None:
-    if args.data_path is None:
-        raise ConfigError("--data-path", "is required: point it at a dataset prepared with `energon prepare`")
-    path = Path(args.data_path)
+def check_energon_dataset(path: str | Path, flag: str = "--data-path") -> None:
+    """An existing dataset prepared by ``energon prepare`` (a folder with .nv-meta, or a metadataset file)."""
+    path = Path(path)
     if not path.exists():
-        raise ConfigError("--data-path", f"{path} does not exist")
+        raise ConfigError(flag, f"{path} does not exist")
     if path.is_dir() and not (path / ".nv-meta").is_dir():
-        raise ConfigError("--data-path",
+        raise ConfigError(flag,
                           f"{path} is not an energon dataset (no .nv-meta); run "
                           f"`energon prepare {path} --non-interactive --split-ratio 1,0,0 "
                           "--sample-type CrudeWebdataset` first")
+
+
+def check_loader_flags(args: argparse.Namespace) -> None:
+    """The loader's flags, which energon or the task encoder would otherwise reject with a traceback."""
     if not 0.0 <= args.max_bad_sample_fraction <= 1.0:
         raise ConfigError("--max-bad-sample-fraction", "must be between 0 and 1")
     if args.packing_buffer_size < 1:
         raise ConfigError("--packing-buffer-size", f"must be >= 1, got {args.packing_buffer_size}")
+    if args.num_workers < 0:
+        raise ConfigError("--num-workers", f"must be >= 0, got {args.num_workers}")
     if not args.no_packing and args.micro_batch_size != 1:
         raise ConfigError("--micro-batch-size", "with sequence packing a micro-batch is one pack; use 1 and size "
                           "--max-seq-length instead, or pass --no-packing")
+
+
+def _check_data(args: argparse.Namespace) -> None:
+    if args.data_path is None:
+        raise ConfigError("--data-path", "is required: point it at a dataset prepared with `energon prepare`")
+    check_energon_dataset(args.data_path)
+    check_loader_flags(args)
 
 
 def validate_args(args: argparse.Namespace, world_size: int, *, need_data: bool = True) -> argparse.Namespace:
