@@ -8,6 +8,8 @@ configs, never ``args``. Validation runs before any heavy work and raises :class
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import math
 import os
 import sys
 from pathlib import Path
@@ -78,35 +80,103 @@ def _add_precision(p: argparse.ArgumentParser) -> None:
 
 def _add_training(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--objective", choices=["edm", "flow"], default="flow",
-                   help="EDM (preconditioned, log-normal sigma) or rectified flow (logit-normal t).")
     g.add_argument("--micro-batch-size", type=int, default=1, help="Packed sequences per micro-batch.")
     g.add_argument("--global-batch-size", type=int, default=None,
                    help="Packed sequences per step over all DP ranks (default: micro batch x DP).")
     g.add_argument("--train-iters", type=int, default=1000, help="Optimizer steps.")
-    g.add_argument("--lr", type=float, default=1e-4, help="Peak learning rate.")
-    g.add_argument("--min-lr", type=float, default=0.0, help="Final learning rate of the decay.")
-    g.add_argument("--lr-warmup-iters", type=int, default=0, help="Linear warm-up steps.")
-    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="cosine",
-                   help="Decay after warm-up.")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay.")
-    g.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1.")
-    g.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW beta2.")
-    g.add_argument("--clip-grad", type=float, default=1.0, help="Gradient norm clip (0 = off).")
-    g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA of the weights (0 = off).")
+    g.add_argument("--max-skipped-steps", type=int, default=10,
+                   help="Stop after this many consecutive steps skipped for a non-finite loss or grad norm.")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="Overlap the data-parallel gradient reduction with the backward pass (Megatron DDP).")
     g.add_argument("--seed", type=int, default=1234, help="Seed of the run (init, noise, data order).")
 
 
-def _add_checkpoint_and_logging(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("checkpointing and logging")
-    g.add_argument("--save", type=str, default=None, help="Checkpoint directory to write.")
-    g.add_argument("--load", type=str, default=None, help="Checkpoint directory to resume from.")
+def _add_optimizer(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("optimizer and learning rate (Megatron's AdamW and OptimizerParamScheduler)")
+    g.add_argument("--lr", type=float, default=1e-4, help="Peak learning rate.")
+    g.add_argument("--min-lr", type=float, default=0.0, help="Final learning rate of the decay.")
+    g.add_argument("--lr-warmup-iters", type=int, default=0, help="Linear warm-up steps from 0 to --lr.")
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="cosine",
+                   help="Decay after warm-up.")
+    g.add_argument("--lr-decay-iters", type=int, default=None,
+                   help="Steps over which the rate decays to --min-lr (unset: --train-iters).")
+    g.add_argument("--weight-decay", type=float, default=0.0,
+                   help="AdamW weight decay (never applied to biases, norms and embedding tables).")
+    g.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1.")
+    g.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW beta2.")
+    g.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon.")
+    g.add_argument("--clip-grad", type=float, default=1.0, help="Gradient norm clip (0 = off).")
+
+
+def _flow_shift(value: str) -> str | float:
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {value!r}") from None
+
+
+def _add_diffusion(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("diffusion objective")
+    g.add_argument("--objective", choices=["edm", "flow"], default="flow",
+                   help="EDM (preconditioned, log-normal sigma) or rectified flow (logit-normal t).")
+    g.add_argument("--edm-p-mean", type=float, default=-1.2, help="EDM: mean of ln(sigma) in training.")
+    g.add_argument("--edm-p-std", type=float, default=1.2, help="EDM: standard deviation of ln(sigma).")
+    g.add_argument("--sigma-data", type=float, default=0.5, help="EDM: standard deviation of the data.")
+    g.add_argument("--flow-logit-mean", type=float, default=0.0, help="Flow: mean of logit(t).")
+    g.add_argument("--flow-logit-std", type=float, default=1.0, help="Flow: standard deviation of logit(t).")
+    g.add_argument("--flow-shift", type=_flow_shift, default="auto",
+                   help="Flow: time shift s in t' = s t / (1 + (s - 1) t); 'auto' sets s = sqrt(tokens / 256) "
+                        "per sample (SD3's resolution rule), 1 turns it off.")
+    g.add_argument("--text-drop-prob", type=float, default=0.1,
+                   help="Guidance dropout: chance that a sample trains unconditionally (text -> null text, "
+                        "class -> the null class) so that classifier-free guidance works.")
+
+
+def _add_ema_and_validation(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("EMA and validation")
+    g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA of the weights (0 = off).")
+    g.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="Ramp the EMA decay up as min(decay, (1 + step) / (10 + step)), so that short runs "
+                        "get a useful EMA too.")
+    g.add_argument("--eval-interval", type=int, default=None, help="Steps between validations (unset: no validation).")
+    g.add_argument("--eval-iters", type=int, default=10, help="Validation batches (of --global-batch-size packs).")
+    g.add_argument("--valid-data-path", type=str, default=None,
+                   help="Validation dataset (unset: the val split of --data-path, if it has one).")
+    g.add_argument("--no-ema", action="store_true", help="Validate the raw weights instead of the EMA.")
+
+
+def _add_checkpointing(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("checkpointing and exit")
+    g.add_argument("--save", type=str, default=None, help="Checkpoint directory to write (and to resume from).")
     g.add_argument("--save-interval", type=int, default=None, help="Steps between checkpoints.")
+    g.add_argument("--save-retain", type=int, default=None,
+                   help="Keep only the newest N checkpoints in --save (unset: keep all).")
+    g.add_argument("--async-save", action="store_true", help="Write checkpoints in the background (GPU).")
+    g.add_argument("--load", type=str, default=None,
+                   help="Checkpoint directory to resume from (unset: --save, when it holds a checkpoint).")
+    g.add_argument("--ckpt-step", type=int, default=None, help="Load this iteration instead of the latest.")
+    g.add_argument("--finetune", action="store_true",
+                   help="Load the weights only: fresh optimizer, scheduler, iteration and data stream.")
+    g.add_argument("--no-load-optim", action="store_true", help="Do not load the optimizer and scheduler state.")
+    g.add_argument("--no-load-rng", action="store_true", help="Do not load the RNG states.")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="On SIGTERM (slurm's preemption notice) finish the step, save and exit 0.")
+    g.add_argument("--exit-interval", type=int, default=None, help="Save and exit when the iteration is a multiple of N.")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="Save and exit once the run has trained this many minutes.")
+
+
+def _add_logging(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=10, help="Steps between log lines.")
-    g.add_argument("--eval-interval", type=int, default=None, help="Steps between evaluations.")
-    g.add_argument("--eval-iters", type=int, default=10, help="Micro-batches per evaluation.")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="Peak dense TFLOP/s of one accelerator, for MFU (unset: from the GPU's name; no MFU on CPU).")
     g.add_argument("--tensorboard-dir", type=str, default=None, help="TensorBoard log directory.")
-    g.add_argument("--wandb-project", type=str, default=None, help="Weights & Biases project.")
+    g.add_argument("--wandb-project", type=str, default=None,
+                   help="Weights & Biases project (WANDB_MODE=offline is honoured).")
+    g.add_argument("--wandb-exp-name", type=str, default=None, help="Weights & Biases run name.")
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
@@ -132,8 +202,8 @@ def build_parser(prog: str = "pretrain_dit.py") -> argparse.ArgumentParser:
     )
     p.add_argument("--config", type=str, default=None,
                    help="YAML recipe whose keys are these flags' names; the command line overrides it.")
-    for add in (_add_parallel, _add_model, _add_precision, _add_training,
-                _add_checkpoint_and_logging, _add_data):
+    for add in (_add_parallel, _add_model, _add_precision, _add_training, _add_optimizer, _add_diffusion,
+                _add_ema_and_validation, _add_checkpointing, _add_logging, _add_data):
         add(p)
     return p
 
@@ -230,6 +300,57 @@ def _check_backend(args: argparse.Namespace) -> None:
         raise ConfigError("--patch-size", "patch sizes must be >= 1")
 
 
+def _require(flag: str, ok: bool, message: str) -> None:
+    """Raise the flag's one-line error unless ``ok`` (written so that NaN fails every range check)."""
+    if not ok:
+        raise ConfigError(flag, message)
+
+
+def _check_training(args: argparse.Namespace) -> None:
+    _require("--train-iters", args.train_iters >= 1, f"must be >= 1, got {args.train_iters}")
+    _require("--max-skipped-steps", args.max_skipped_steps >= 1, f"must be >= 1, got {args.max_skipped_steps}")
+    _require("--lr", 0 < args.lr < math.inf, f"must be a positive number, got {args.lr}")
+    _require("--min-lr", 0 <= args.min_lr <= args.lr, f"must be between 0 and --lr {args.lr}, got {args.min_lr}")
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    _require("--lr-decay-iters", args.lr_decay_iters >= 1, f"must be >= 1, got {args.lr_decay_iters}")
+    _require("--lr-warmup-iters", 0 <= args.lr_warmup_iters < args.lr_decay_iters,
+             f"must be >= 0 and shorter than the decay ({args.lr_decay_iters} steps: --lr-decay-iters, by default "
+             f"--train-iters), got {args.lr_warmup_iters}")
+    _require("--weight-decay", 0 <= args.weight_decay < math.inf, f"must be >= 0, got {args.weight_decay}")
+    for flag, beta in (("--adam-beta1", args.adam_beta1), ("--adam-beta2", args.adam_beta2)):
+        _require(flag, 0 <= beta < 1, f"must be in [0, 1), got {beta}")
+    _require("--adam-eps", 0 < args.adam_eps < math.inf, f"must be a positive number, got {args.adam_eps}")
+    _require("--clip-grad", 0 <= args.clip_grad < math.inf, f"must be >= 0 (0 turns clipping off), got {args.clip_grad}")
+    for flag, value in (("--edm-p-std", args.edm_p_std), ("--sigma-data", args.sigma_data),
+                        ("--flow-logit-std", args.flow_logit_std)):
+        _require(flag, 0 < value < math.inf, f"must be a positive number, got {value}")
+    for flag, value in (("--edm-p-mean", args.edm_p_mean), ("--flow-logit-mean", args.flow_logit_mean)):
+        _require(flag, math.isfinite(value), f"must be a finite number, got {value}")
+    if args.flow_shift != "auto":
+        _require("--flow-shift", 0 < args.flow_shift < math.inf, f"must be 'auto' or a positive number, got {args.flow_shift}")
+    _require("--text-drop-prob", 0 <= args.text_drop_prob <= 1, f"must be in [0, 1], got {args.text_drop_prob}")
+    _require("--ema-decay", 0 <= args.ema_decay < 1, f"must be in [0, 1) (0 turns the EMA off), got {args.ema_decay}")
+
+
+def _check_intervals(args: argparse.Namespace) -> None:
+    for flag in ("--log-interval", "--eval-interval", "--eval-iters", "--save-interval", "--save-retain",
+                 "--exit-interval"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        _require(flag, value is None or value >= 1, f"must be >= 1, got {value}")
+    _require("--exit-duration-in-mins", args.exit_duration_in_mins is None or args.exit_duration_in_mins > 0,
+             f"must be a positive number of minutes, got {args.exit_duration_in_mins}")
+    _require("--ckpt-step", args.ckpt_step is None or args.ckpt_step >= 0, f"must be >= 0, got {args.ckpt_step}")
+    _require("--peak-tflops", args.peak_tflops is None or 0 < args.peak_tflops < math.inf,
+             f"must be a positive number, got {args.peak_tflops}")
+    _require("--save-interval", args.save_interval is None or args.save is not None, "needs --save DIR")
+    _require("--save-retain", args.save_retain is None or args.save is not None, "needs --save DIR")
+    for flag, module, extra in (("--tensorboard-dir", "tensorboard", args.tensorboard_dir),
+                                ("--wandb-project", "wandb", args.wandb_project)):
+        _require(flag, extra is None or importlib.util.find_spec(module) is not None,
+                 f"needs the {module} package: pip install -e '.[log]' (or drop the flag)")
+
+
 def check_energon_dataset(path: str | Path, flag: str = "--data-path") -> None:
     """An existing dataset prepared by ``energon prepare`` (a folder with .nv-meta, or a metadataset file)."""
     path = Path(path)
@@ -266,10 +387,10 @@ def validate_args(args: argparse.Namespace, world_size: int, *, need_data: bool 
     """Check the flags against each other, the world size and this machine; fill the derived ones."""
     _check_parallel(args, world_size)
     _check_backend(args)
+    _check_training(args)
+    _check_intervals(args)
     if need_data:
         _check_data(args)
-    if args.save_interval is not None and args.save is None:
-        raise ConfigError("--save-interval", "needs --save DIR")
     if args.load is not None and not Path(args.load).exists():
         raise ConfigError("--load", f"{args.load} does not exist")
     return args
