@@ -154,6 +154,9 @@ def _add_checkpointing(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-retain", type=int, default=None,
                    help="Keep only the newest N checkpoints in --save (unset: keep all).")
     g.add_argument("--async-save", action="store_true", help="Write checkpoints in the background (GPU).")
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
+                   help="Save the distributed optimizer's state so that it loads under another TP/PP layout too "
+                        "(gathers each DP group's state on one rank while saving; without it only DP may change).")
     g.add_argument("--load", type=str, default=None,
                    help="Checkpoint directory to resume from (unset: --save, when it holds a checkpoint).")
     g.add_argument("--ckpt-step", type=int, default=None, help="Load this iteration instead of the latest.")
@@ -177,6 +180,8 @@ def _add_logging(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wandb-project", type=str, default=None,
                    help="Weights & Biases project (WANDB_MODE=offline is honoured).")
     g.add_argument("--wandb-exp-name", type=str, default=None, help="Weights & Biases run name.")
+    g.add_argument("--sample-log", type=str, default=None,
+                   help="Directory for a JSON line per step and DP replica: its loss and the keys of its samples.")
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
