@@ -39,7 +39,9 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from dit.errors import ConfigError
+from dit.training.ema import EMA
 from dit.training.hooks import TrainLoader
+from dit.training.optimizer import allocate_state
 from dit.training.state import TrainState
 from dit.training.step import TrainingSetup
 
@@ -147,26 +149,11 @@ def optimizer_format(args: argparse.Namespace) -> str:
     return "fully_reshardable" if args.dist_ckpt_optim_fully_reshardable else "dp_reshardable"
 
 
-def _allocate_adam_state(setup: TrainingSetup) -> None:
-    """Give a distributed optimizer that never stepped its Adam state (zeros, step 0) before a load.
-
-    Without TE or apex Megatron's ``DistributedOptimizer.state_dict`` reads each state's ``step`` (torch's
-    Adam keeps one per parameter), which a fresh optimizer lacks; the load then overwrites the moments and
-    :func:`_restore_adam_step` the step.
-    """
-    for chained in setup.optimizer.chained_optimizers:
-        adam = chained.optimizer
-        for group in adam.param_groups:
-            for p in group["params"]:
-                if not adam.state[p]:
-                    adam.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                     "exp_avg_sq": torch.zeros_like(p)}
-
-
 def _restore_adam_step(setup: TrainingSetup, loaded: dict) -> None:
     """Set torch Adam's per-parameter step to the checkpoint's: ``load_state_dict`` sets it from the saved
     param groups, but then copies the per-parameter states of the load request over it, whose step is the
-    placeholder of :func:`_allocate_adam_state` (Megatron's non-TE path; TE's and apex's Adam keep no step)."""
+    placeholder of ``dit.training.optimizer.allocate_state`` (Megatron's non-TE path; TE's and apex's Adam keep
+    no step)."""
     steps = {group["step"] for group in loaded["optimizer"]["param_groups"]}
     assert len(steps) == 1, steps
     step = torch.tensor(float(steps.pop()))
@@ -176,13 +163,13 @@ def _restore_adam_step(setup: TrainingSetup, loaded: dict) -> None:
 
 
 def _optimizer_state(setup: TrainingSetup, model: dict, is_loading: bool) -> dict:
-    if is_loading and setup.args.use_distributed_optimizer:
-        _allocate_adam_state(setup)
+    if is_loading:
+        allocate_state(setup.optimizer)
     metadata = ensure_metadata_has_dp_cp_group({"distrib_optim_sharding_type": optimizer_format(setup.args)})
     return setup.optimizer.sharded_state_dict(model, is_loading=is_loading, metadata=metadata)
 
 
-def sharded_state(setup: TrainingSetup, state: TrainState, loader: TrainLoader) -> dict[str, Any]:
+def sharded_state(setup: TrainingSetup, state: TrainState, loader: TrainLoader, ema: EMA | None) -> dict[str, Any]:
     """What a checkpoint holds, as a sharded state dict for ``dist_checkpointing.save``."""
     model = _model_state(setup)
     return {
@@ -191,7 +178,7 @@ def sharded_state(setup: TrainingSetup, state: TrainState, loader: TrainLoader) 
         "optimizer_format": optimizer_format(setup.args),
         "scheduler": setup.scheduler.state_dict(),
         "train_state": state.state_dict(),
-        "ema": None,  # filled once the EMA lands
+        "ema": None if ema is None else ema.state_dict(),  # its tensors are in the optimizer state
         "args": {k: v for k, v in vars(setup.args).items()},
         "layout": Layout.current().__dict__,
         "rng": _per_rank("rng_state", _rng_state()),
@@ -211,7 +198,7 @@ class Checkpointer:
         self.queue = AsyncCallsQueue() if args.async_save else None
         self.last: Path | None = None
 
-    def save(self, setup: TrainingSetup, state: TrainState, loader: TrainLoader) -> None:
+    def save(self, setup: TrainingSetup, state: TrainState, loader: TrainLoader, ema: EMA | None) -> None:
         """Write ``SAVE/iter_NNNNNNN.partial``, then publish it: rename, tracker, ``--save-retain``."""
         final = checkpoint_dir(self.root, state.iteration)
         partial = final.with_name(final.name + ".partial")
@@ -220,7 +207,7 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
             partial.mkdir(parents=True)
         dist.barrier()
-        contents = sharded_state(setup, state, loader)
+        contents = sharded_state(setup, state, loader, ema)
         if self.queue is None:
             dist_checkpointing.save(contents, str(partial))
             self._publish(partial, final, state.iteration, start)
@@ -313,7 +300,7 @@ def check_optimizer_format(common: dict, args: argparse.Namespace, saved: Layout
                           "--no-load-optim, or save it with --dist-ckpt-optim-fully-reshardable")
 
 
-def load_checkpoint(setup: TrainingSetup, state: TrainState, loader: TrainLoader, path: Path) -> None:
+def load_checkpoint(setup: TrainingSetup, state: TrainState, loader: TrainLoader, ema: EMA | None, path: Path) -> None:
     """Restore what ``args`` ask for from ``path`` into the run (before the loader's first ``next``)."""
     args = setup.args
     start = time.monotonic()
@@ -324,6 +311,9 @@ def load_checkpoint(setup: TrainingSetup, state: TrainState, loader: TrainLoader
     request = {"model": _model_state(setup)}
     if not (weights_only or args.no_load_optim):
         check_optimizer_format(common, args, saved_layout, layout, path)
+        if ema is not None and common["ema"] is None:
+            raise ConfigError("--ema-decay", f"the checkpoint {path} has no EMA to continue; pass --ema-decay 0, or "
+                                             "--no-load-optim to start an EMA from its weights")
         request["optimizer"] = _optimizer_state(setup, request["model"], is_loading=True)
     load_rng = not (weights_only or args.no_load_rng) and saved_layout == layout
     if load_rng:
@@ -342,6 +332,10 @@ def load_checkpoint(setup: TrainingSetup, state: TrainState, loader: TrainLoader
             setup.optimizer.reload_model_params()  # fp32 main weights from the loaded model
     if "optimizer" in request:
         setup.scheduler.load_state_dict(loaded["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(common["ema"])
+    elif ema is not None:
+        ema.reset()  # from the loaded weights
     if not weights_only:
         restored = TrainState.from_state_dict(loaded["train_state"])
         for name, value in restored.__dict__.items():

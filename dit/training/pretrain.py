@@ -20,6 +20,7 @@ from dit import runtime
 from dit.config import config_from_args
 from dit.diffusion import build_objective
 from dit.errors import TrainingStopped
+from dit.training.ema import EMA
 from dit.training.checkpointing import Checkpointer, find_checkpoint, load_checkpoint
 from dit.training.exits import ExitConditions
 from dit.training.flops import peak_tflops
@@ -28,6 +29,7 @@ from dit.training.metrics import TrainingLogger
 from dit.training.optimizer import build_optimizer, build_scheduler, wrap_model
 from dit.training.sample_log import SampleLog
 from dit.training.state import TrainState
+from dit.training.validation import ValidationResult, Validator
 from dit.training.step import ForwardStep, StepResult, TrainingSetup, train_step
 
 
@@ -47,6 +49,8 @@ class TrainResult:
     setup: TrainingSetup
     history: list[StepRecord] = field(default_factory=list)  # the steps of this run (not of a resumed one)
     exit_reason: str | None = None  # why it stopped before --train-iters
+    ema: EMA | None = None
+    validations: list[tuple[int, ValidationResult]] = field(default_factory=list)  # (iteration, result)
 
 
 def setup_training(args: argparse.Namespace, hooks: Hooks) -> TrainingSetup:
@@ -108,7 +112,15 @@ def _advance(state: TrainState, result: StepResult, max_skipped: int, last_check
             f"(python -m data.report); {resume}")
 
 
-def train(setup: TrainingSetup, loader: TrainLoader, forward_step: ForwardStep, state: TrainState) -> TrainResult:
+def _validate(validator: Validator | None, logger: TrainingLogger, result: TrainResult) -> None:
+    if validator is not None:
+        outcome = validator.run()
+        result.validations.append((result.state.iteration, outcome))
+        logger.log_validation(result.state.iteration, outcome, validator.ema is not None)
+
+
+def train(setup: TrainingSetup, loader: TrainLoader, forward_step: ForwardStep, state: TrainState,
+          ema: EMA | None, validator: Validator | None) -> TrainResult:
     """Steps from ``state`` until ``--train-iters`` or an exit condition; each takes ``global / (micro x DP)``
     packs from this rank's loader. Saves every ``--save-interval``, on exit and at the end."""
     args = setup.args
@@ -128,14 +140,19 @@ def train(setup: TrainingSetup, loader: TrainLoader, forward_step: ForwardStep, 
               f"cp={args.context_parallel_size} dp={dp}; {args.objective} objective; {args.global_batch_size} "
               f"packs of up to {args.max_seq_length} tokens a step ({num_microbatches} per DP rank); "
               f"from iteration {state.iteration} to {args.train_iters}", flush=True)
-    result = TrainResult(state=state, setup=setup)
+    result = TrainResult(state=state, setup=setup, ema=ema)
     checkpointer = Checkpointer(args)
     try:
+        if args.skip_train:
+            _validate(validator, logger, result)
+            return result
         while state.iteration < args.train_iters:
             start = time.monotonic()
             packs = [next(loader) for _ in range(num_microbatches)]
             step = train_step(setup, forward_step, packs, state.iteration + 1)
             checkpointer.poll()
+            if ema is not None and not step.skipped:
+                ema.update()
             _advance(state, step, args.max_skipped_steps, checkpointer.last)
             logger.record(step, time.monotonic() - start)
             samples.write(state.iteration, step)
@@ -143,10 +160,13 @@ def train(setup: TrainingSetup, loader: TrainLoader, forward_step: ForwardStep, 
             result.history.append(StepRecord(state.iteration, step.loss, step.grad_norm, step.skipped, lr, step.keys))
             if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
                 logger.log(state, lr, gather_data_stats(loader.stats))
+            last = state.iteration == args.train_iters
+            if args.eval_interval and (state.iteration % args.eval_interval == 0 or last):
+                _validate(validator, logger, result)
             result.exit_reason = exits.reason(state.iteration)
             due = args.save_interval and state.iteration % args.save_interval == 0
-            if args.save and (due or result.exit_reason or state.iteration == args.train_iters):
-                checkpointer.save(setup, state, loader)
+            if args.save and (due or result.exit_reason or last):
+                checkpointer.save(setup, state, loader, ema)
             if result.exit_reason:
                 break
         checkpointer.finish()
@@ -161,12 +181,16 @@ def pretrain(args: argparse.Namespace, hooks: Hooks) -> TrainResult:
     """Train with validated ``args``, from ``--load`` / ``--save`` when they hold a checkpoint. The process
     groups stay up for the caller (tests read the model)."""
     setup = setup_training(args, hooks)
+    ema = EMA(setup, args.ema_decay, args.ema_warmup) if args.ema_decay > 0 else None
     loader = hooks.train_data_provider(args)
     state = TrainState()
     try:
         path = find_checkpoint(args)
         if path is not None:
-            load_checkpoint(setup, state, loader, path)
-        return train(setup, loader, hooks.forward_step, state)
+            load_checkpoint(setup, state, loader, ema, path)
+        validator = None
+        if args.eval_interval or args.skip_train:
+            validator = Validator(setup, hooks.forward_step, lambda: hooks.valid_data_provider(args), ema)
+        return train(setup, loader, hooks.forward_step, state, ema, validator)
     finally:
         loader.close()
