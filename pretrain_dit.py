@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from typing import TYPE_CHECKING
 
-from dit.arguments import is_main_process, launched_world_size, parse_args, validate_args
+from dit.arguments import is_main_process, parse_args
 from dit.errors import ConfigError
+from dit.launch import quiet_library_warnings, user_error
 
 if TYPE_CHECKING:  # the heavy imports wait until the flags are known to be good
     from data.loader import DiTDataLoader
     from dit.config import DiTConfig
     from dit.model import DiTModel
 
-# Megatron-Core warns four times per process that TE and apex are absent; the backend line says it once.
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+quiet_library_warnings()
 
 
 def model_provider(config: DiTConfig, pre_process: bool = True, post_process: bool = True) -> DiTModel:
@@ -41,14 +40,16 @@ def train_data_provider(args: argparse.Namespace) -> DiTDataLoader:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = validate_args(parse_args(argv), launched_world_size())
-        from dit.config import config_from_args
+        args = parse_args(argv)  # --help and flag syntax answer before the heavy imports
+        from data.preflight import check_launch
 
-        config = config_from_args(args)  # the model's own checks, before any process group exists
+        launch = check_launch(args)  # flags, model, layout, dataset: before any process group exists
     except (ConfigError, ValueError) as e:
-        if is_main_process():
-            print(f"pretrain_dit.py: error: {e}", file=sys.stderr)
-        return 2
+        return user_error("pretrain_dit.py", e)
+    if args.validate_only:
+        print(f"pretrain_dit.py: ok: {launch.summary}")
+        return 0
+    config = launch.config
     from megatron.core import parallel_state
 
     from dit import runtime
