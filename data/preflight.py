@@ -38,9 +38,9 @@ PROBE_SHARDS = 8
 PROBE_PER_SHARD = 4
 
 # what to tell the user when no probed sample fits, by the flag the samples contradict; {values}: what
-# they have instead, {least} / {most}: its extremes, {detail}: the first sample's defect
+# they have instead ({s}: its plural ending), {least} / {most}: its extremes, {detail}: the first sample's defect
 FIXES = {
-    "--latent-channels": "the latents of {path} have {values} channels: pass --latent-channels {least}",
+    "--latent-channels": "the latents of {path} have {values} channel{s}: pass --latent-channels {least}",
     "--text-embed-dim": "the text embeddings of {path} are {values} wide: pass --text-embed-dim {least}",
     "--max-seq-length": "none of the {n} samples probed in {path} fits: they take {least} to {most} tokens in this "
                         "layout; pass --max-seq-length {most} (at least {least})",
@@ -182,7 +182,8 @@ def _mismatch(flag: str, path: str, failures: list[BadSample]) -> ConfigError:
         cases = [f for f in failures if f.flag == culprit]
         values = sorted({f.value for f in cases if f.value is not None}) or [0]
         text = FIXES[culprit].format(path=path, n=len(failures), values=" or ".join(map(str, values[:4])),
-                                     least=values[0], most=values[-1], detail=cases[0].detail)
+                                     s="" if values == [1] else "s", least=values[0], most=values[-1],
+                                     detail=cases[0].detail)
         return ConfigError(culprit, text)
     kinds = ", ".join(f"{k}={n}" for k, n in Counter(f.kind.value for f in failures).most_common())
     first = f"; first: {failures[0].detail}" if failures else ""
