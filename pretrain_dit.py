@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from functools import partial
 from typing import TYPE_CHECKING, Iterator
 
+from dit.launch import quiet_library_warnings
 from dit.training.hooks import Hooks
 from dit.training.main import main
 
@@ -22,12 +22,19 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from data.loader import DiTDataLoader
+    from data.preflight import Launch
     from dit.config import DiTConfig
     from dit.diffusion.microbatch import DiffusionMicroBatch
     from dit.model import DiTModel
 
-# Megatron-Core warns four times per process that TE and apex are absent; the backend line says it once.
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+quiet_library_warnings()
+
+
+def launch_check(args: argparse.Namespace) -> Launch:
+    """Flags, recipe, model, layout and the dataset itself, before any process group (data/preflight.py)."""
+    from data.preflight import check_launch
+
+    return check_launch(args)
 
 
 def model_provider(config: DiTConfig, pre_process: bool = True, post_process: bool = True) -> DiTModel:
@@ -69,8 +76,8 @@ def valid_data_provider(args: argparse.Namespace) -> DiTDataLoader:
     return build_valid_loader(args)
 
 
-HOOKS = Hooks(model_provider=model_provider, forward_step=forward_step, train_data_provider=train_data_provider,
-              valid_data_provider=valid_data_provider)
+HOOKS = Hooks(launch_check=launch_check, model_provider=model_provider, forward_step=forward_step,
+              train_data_provider=train_data_provider, valid_data_provider=valid_data_provider)
 
 if __name__ == "__main__":  # spawn-safe: dist checkpointing's writer re-imports __main__
     sys.exit(main(HOOKS))

@@ -5,13 +5,17 @@ The caption is "a handwritten digit N"; with no text encoder installed, each wor
 pseudo-random vector (seeded by the word), standing in for T5: the embedding ``[L, D]`` then
 differs between classes only in the digit's word, as a real encoder's would mostly.
 
-    python -m data.digits OUT_DIR [--text-embed-dim 64] [--samples-per-shard 256]
+    python -m data.digits OUT_DIR [--text-embed-dim 64] [--samples-per-shard 256] [--prompts DIR]
+
+``--prompts DIR`` also writes each class's caption embedding, ``DIR/digit_N.pickle`` in the dataset's
+format, for ``python -m dit.generate --text-embedding``.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -50,14 +54,29 @@ def write_digits(out: Path, text_embed_dim: int = 64, samples_per_shard: int = 2
     return write_dataset(out, ((key, encode_sample(s)) for key, s in digit_samples(text_embed_dim)), samples_per_shard)
 
 
+def write_prompts(out: Path, text_embed_dim: int = 64) -> list[Path]:
+    """One caption embedding per class, ``out/digit_N.pickle``, as the shards store them."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for label, word in enumerate(NUMBER_WORDS):
+        path = out / f"digit_{label}.pickle"
+        path.write_bytes(pickle.dumps(caption_embedding(f"a handwritten digit {word}", text_embed_dim)))
+        paths.append(path)
+    return paths
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path, help="Dataset folder to write.")
     p.add_argument("--text-embed-dim", type=int, default=64, help="Width of the stand-in text embedding.")
     p.add_argument("--samples-per-shard", type=int, default=256, help="Samples per tar shard.")
+    p.add_argument("--prompts", type=Path, default=None, help="Also write each class's caption embedding here.")
     a = p.parse_args()
     n = write_digits(a.out, a.text_embed_dim, a.samples_per_shard)
     print(f"wrote {n} digit samples to {a.out} and indexed them with `energon prepare`")
+    if a.prompts is not None:
+        write_prompts(a.prompts, a.text_embed_dim)
+        print(f"wrote the caption embeddings of the 10 classes to {a.prompts}")
 
 
 if __name__ == "__main__":

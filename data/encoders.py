@@ -58,7 +58,7 @@ def _per_channel(value: float | list[float]) -> torch.Tensor:
 
 
 class VaeEncoder:
-    """Pixels ``[N, T, 3, H, W]`` uint8 -> normalised latents ``[N, C, T', H/s, W/s]``."""
+    """Pixels ``[N, T, 3, H, W]`` uint8 -> normalised latents ``[N, C, T', H/s, W/s]``, and back (sampling)."""
 
     def __init__(self, name: str, subfolder: str | None = None, batch_size: int = 8):
         from diffusers import AutoModel
@@ -111,6 +111,21 @@ class VaeEncoder:
                                f"[N, C, T', H', W'] = {expected} (its stated compression "
                                f"{self.temporal}x{self.spatial}x{self.spatial} is wrong)")
         return (z - self.shift) * self.scale
+
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents ``[N, C, T', H', W']`` -> pixels ``[N, T, 3, H, W]`` uint8 (the inverse of encode)."""
+        z = latents.float() / self.scale + self.shift
+        frames = []
+        for batch in z.split(self.batch_size):
+            if self.video:  # whole clips: [B, C, T', H', W'] -> [B, 3, T, H, W]
+                x = self.vae.decode(batch.to(self.device, self.dtype)).sample.float().cpu().transpose(1, 2)
+            else:  # each latent frame on its own
+                flat = batch.transpose(1, 2).flatten(0, 1).to(self.device, self.dtype)  # [B*T', C, H', W']
+                x = self.vae.decode(flat).sample.float().cpu().unflatten(0, (batch.shape[0], batch.shape[2]))
+            frames.append(x)
+        return ((torch.cat(frames).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 class TextEncoder:

@@ -24,27 +24,46 @@ class SkipKind(str, enum.Enum):
     """Why a sample was left out of training."""
 
     CORRUPT_MEMBER = "corrupt_member"  # a .pth / .pickle payload that does not decode (truncated, garbage)
-    CORRUPT_SHARD = "corrupt_shard"  # the tar does not read where its index points (cut short or damaged after prepare)
-    NOT_A_LATENT = "not_a_latent"  # .pth is not a float tensor [C, T, H, W] / [C, H, W] with --latent-channels, no side 0
+    CORRUPT_SHARD = "corrupt_shard"  # the tar does not read where its index points (deleted, emptied, cut short after prepare)
+    UNSAFE_PICKLE = "unsafe_pickle"  # .pickle names code (a global no array needs); refused, never run (data.safe_pickle)
+    SAMPLE_ERROR = "sample_error"  # reading, cooking or decoding raised an exception no check foresaw
+    NOT_A_LATENT = "not_a_latent"  # .pth is not a dense float tensor [C, T, H, W] / [C, H, W] with --latent-channels, no side 0
+    OVERSIZED_STORAGE = "oversized_storage"  # a tensor stored with far more data than it shows (a view of a larger one)
     NON_FINITE = "non_finite"  # NaN or Inf in the latent or the text embedding
     MISSING_MEMBER = "missing_member"  # no .pth, .pickle or .json in the sample
-    INVALID_JSON = "invalid_json"  # .json is not a JSON object with a caption
+    INVALID_JSON = "invalid_json"  # .json is not a JSON object with a caption (too deeply nested included)
+    BAD_METADATA = "bad_metadata"  # fps, frame count or size in the .json that cannot describe its latent
     BAD_LABEL = "bad_label"  # class-conditioned run: no label in the .json, or one outside [0, --num-classes)
-    BAD_TEXT_EMBEDDING = "bad_text_embedding"  # .pickle is not [L, --text-embed-dim], L >= 1
+    BAD_TEXT_EMBEDDING = "bad_text_embedding"  # .pickle is not a dense float [L, --text-embed-dim], L >= 1
     GRID_NOT_DIVISIBLE = "grid_not_divisible"  # latent frames/height/width not divisible by the patch
     OVERSIZE = "oversize"  # longer than --max-seq-length: a sizing problem, not broken data
+    TEXT_OVERSIZE = "text_oversize"  # text embedding longer than --max-text-length: a sizing problem too
 
 
-BAD_DATA = frozenset(SkipKind) - {SkipKind.OVERSIZE}
+SIZING = frozenset({SkipKind.OVERSIZE, SkipKind.TEXT_OVERSIZE})
+BAD_DATA = frozenset(SkipKind) - SIZING
 
 
 class BadSample(Exception):
-    """Raised by the format checks; the task encoder turns it into a :class:`SkippedSample` marker."""
+    """Raised by the format checks; the task encoder turns it into a :class:`SkippedSample` marker.
 
-    def __init__(self, kind: SkipKind, detail: str):
+    ``flag`` names the flag the sample contradicts where there is one (``--latent-channels``), and
+    ``value`` what the sample has instead (its channel count): when no sample of a dataset fits,
+    :mod:`data.preflight` tells the user which flag to set, and to what.
+    """
+
+    def __init__(self, kind: SkipKind, detail: str, flag: str | None = None, value: int | None = None):
         super().__init__(f"{kind.value}: {detail}")
         self.kind = kind
         self.detail = detail
+        self.flag = flag
+        self.value = value
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one short line for the skip log: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
 
 
 class BadDataError(TrainingStopped):
@@ -67,6 +86,7 @@ class DataStats:
     trained: int = 0  # samples placed in a pack
     skipped: dict[str, int] = field(default_factory=dict)  # by SkipKind value
     examples: list[SkipRecord] = field(default_factory=list)  # the first MAX_EXAMPLES skips
+    longest: int = 0  # tokens (padded) of the longest sample read, oversize ones included: what --max-seq-length needs
 
     @property
     def bad(self) -> int:
@@ -77,6 +97,7 @@ class DataStats:
         self.trained += other.trained
         self.skipped = dict(Counter(self.skipped) + Counter(other.skipped))
         self.examples.extend(other.examples[: MAX_EXAMPLES - len(self.examples)])
+        self.longest = max(self.longest, other.longest)
 
     def check(self, max_bad_fraction: float) -> None:
         """Raise :class:`BadDataError` when the broken fraction of the samples read exceeds the limit.
@@ -103,5 +124,4 @@ class DataStats:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> DataStats:
-        return cls(state["read"], state["trained"], dict(state["skipped"]),
-                   [SkipRecord(**e) for e in state["examples"]])
+        return cls(**{**state, "skipped": dict(state["skipped"]), "examples": [SkipRecord(**e) for e in state["examples"]]})

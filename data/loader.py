@@ -3,6 +3,10 @@
 The trainer iterates :class:`DiTDataLoader` for :class:`PackedBatch` es already cut to this rank,
 reads ``loader.stats`` at its log interval, and stores ``loader.state_dict()`` in its checkpoint;
 a loader restored with :meth:`DiTDataLoader.load_state_dict` yields exactly the next pack.
+
+No silent hang: when every sample is skipped (all longer than ``--max-seq-length``, say) energon
+would keep filling packing buffers forever. Once this process has read :func:`stall_limit`
+samples without one it could train, the loader stops the run with one line naming the likely flag.
 """
 
 from __future__ import annotations
@@ -13,16 +17,28 @@ from typing import Any, Iterator
 
 from megatron.energon import SavableDataLoader, get_savable_loader, get_train_dataset, get_val_dataset
 
-from data.errors import BadDataError, DataStats, SkipKind
+from data.errors import SIZING, BadDataError, DataStats, SkipKind
 from data.rank_split import RankLayout, shard_for_rank
 from data.sample import LatentFormat
 from data.task_encoder import DiTTaskEncoder, LoadedPack
+from dit.errors import ConfigError
 from dit.packed import PackedBatch
+
+STALL_SAMPLES = 1000
+"""Samples read with none trainable before the run stops (at least a packing buffer from every worker)."""
+
+
+def stall_limit(packing_buffer_size: int, num_workers: int) -> int:
+    """Samples this process reads, none trainable, before the run stops: a full packing buffer from
+    every worker, and never fewer than :data:`STALL_SAMPLES` (a dataset may start with a run of
+    long samples it is meant to skip)."""
+    return max(STALL_SAMPLES, packing_buffer_size * max(num_workers, 1))
 
 
 def task_encoder(args: argparse.Namespace, pad_multiple: int) -> DiTTaskEncoder:
     """The task encoder for parsed flags and the layout's padding multiple."""
     fmt = LatentFormat(args.patch_size, args.temporal_patch_size, args.latent_channels, args.text_embed_dim,
+                       max_text_length=args.max_text_length, fps_conditioning=args.fps_conditioning,
                        num_classes=args.num_classes if args.conditioning == "class" else None)
     return DiTTaskEncoder(fmt, max_seq_length=args.max_seq_length, pad_multiple=pad_multiple, packing=not args.no_packing)
 
@@ -53,12 +69,14 @@ class DiTDataLoader:
     """Packs for this rank, with the bad-data accounting and limits of the run."""
 
     def __init__(self, loader: SavableDataLoader, layout: RankLayout, *, max_bad_sample_fraction: float,
-                 reject_oversize: bool = False):
+                 reject_oversize: bool = False, stall_samples: int = STALL_SAMPLES):
         self.loader = loader
         self.layout = layout
         self.max_bad_sample_fraction = max_bad_sample_fraction
         self.reject_oversize = reject_oversize
+        self.stall_samples = stall_samples
         self.stats = DataStats()  # over every pack this rank has consumed, restored with the state
+        self._here = DataStats()  # over the packs of this process only: the stall check's view
         self._packs: Iterator[LoadedPack] | None = None
 
     def __iter__(self) -> DiTDataLoader:
@@ -70,16 +88,34 @@ class DiTDataLoader:
         while True:
             item = next(self._packs)
             self.stats.add(item.stats)
+            self._here.add(item.stats)
             self._check(item.stats)
             if item.batch is not None:  # a pack of only skipped samples brings counts, no data
                 return shard_for_rank(item.batch, self.layout)
 
     def _check(self, pack: DataStats) -> None:
-        if self.reject_oversize and pack.skipped.get(SkipKind.OVERSIZE.value):
-            first = next(e for e in pack.examples if e.kind == SkipKind.OVERSIZE.value)
-            raise BadDataError(f"--oversize-policy error: {first.shard}/{first.key} has {first.detail}; raise "
-                               "--max-seq-length or pass --oversize-policy skip")
+        sizing = [e for e in pack.examples if SkipKind(e.kind) in SIZING]
+        if self.reject_oversize and sizing:
+            raise BadDataError(f"--oversize-policy error: {sizing[0].key} has {sizing[0].detail}; raise that flag "
+                               "or pass --oversize-policy skip")
         self.stats.check(self.max_bad_sample_fraction)
+        if self._here.trained == 0 and self._here.read >= self.stall_samples:
+            raise self._stalled()
+
+    def _stalled(self) -> ConfigError:
+        """The line for a stream in which nothing trains: the flag the skips point at."""
+        here = self._here
+        kind = max(here.skipped, key=here.skipped.get)
+        first = next((e for e in here.examples if e.kind == kind), None)
+        detail = f" ({first.detail})" if first else ""
+        if kind == SkipKind.OVERSIZE.value:
+            return ConfigError("--max-seq-length", f"none of the {here.read} samples read fits{detail}; the longest "
+                                                   f"takes {here.longest} tokens: raise --max-seq-length")
+        if kind == SkipKind.TEXT_OVERSIZE.value:
+            return ConfigError("--max-text-length", f"none of the {here.read} samples read has a text embedding "
+                                                    f"that short{detail}: raise --max-text-length")
+        return ConfigError("--data-path", f"none of the {here.read} samples read can train: {here.describe()}; "
+                                          "python -m data.report DATASET lists them")
 
     def close(self) -> None:
         """Stop the worker processes now (left to garbage collection, each takes seconds to stop)."""
@@ -106,7 +142,8 @@ def build_train_loader(args: argparse.Namespace) -> DiTDataLoader:
                             num_workers=args.num_workers, seed=args.seed,
                             packing_buffer_size=args.packing_buffer_size, micro_batch_size=args.micro_batch_size)
     return DiTDataLoader(loader, layout, max_bad_sample_fraction=args.max_bad_sample_fraction,
-                         reject_oversize=args.oversize_policy == "error")
+                         reject_oversize=args.oversize_policy == "error",
+                         stall_samples=stall_limit(args.packing_buffer_size, args.num_workers))
 
 
 def build_valid_loader(args: argparse.Namespace) -> DiTDataLoader:

@@ -141,17 +141,19 @@ def format_text(r: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from dit.arguments import check_energon_dataset, check_loader_flags, parse_args
+    from dit.arguments import ArgumentParser, check_energon_dataset, check_loader_flags, parse_args
+    from dit.launch import quiet_library_warnings
 
-    p = argparse.ArgumentParser(prog="data.report", description=__doc__,
+    quiet_library_warnings()
+    p = ArgumentParser(prog="data.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Other flags: see `python pretrain_dit.py --help` (data, model, parallelism).")
-    p.add_argument("dataset", help="An energon dataset folder (prepared as CrudeWebdataset).")
+    p.add_argument("dataset", metavar="DATASET", help="An energon dataset folder (prepared as CrudeWebdataset).")
     p.add_argument("--json", action="store_true", help="Print one JSON object instead of text.")
-    known, rest = p.parse_known_args(argv)
     try:
+        known, rest = p.parse_known_args(argv)
         check_energon_dataset(known.dataset, "DATASET")
-        args = parse_args(rest)
+        args = parse_args(rest, prog="data.report")
         check_loader_flags(args)
     except ConfigError as e:  # one line naming the flag and the fix, as pretrain_dit.py does
         print(f"data.report: error: {e}", file=sys.stderr)

@@ -8,8 +8,10 @@ error (under :data:`UNREADABLE`); the cooker turns it into a ``corrupt_shard`` s
 pack like every other defect and judged by ``--max-bad-sample-fraction`` on the trainer.
 
 Only the tar layer's read errors are caught, and only around the read: anything else is a bug and
-stops the run. Like energon's own error handling, ``tolerance`` unreadable samples in a row in one
-worker raise :class:`FatalSampleError`: then the dataset is gone, not damaged.
+stops the run. There is no limit on unreadable samples in a row (energon's own is 100): a shard
+deleted or emptied after prepare makes every sample it held one ``corrupt_shard`` skip, however
+many it held, and the run goes on with the other shards. If the whole dataset is gone, the bad
+fraction limit, or the loader's check that something trains, stops the run (:mod:`data.loader`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import tarfile
 from typing import Any
 
-from megatron.energon.errors import FatalSampleError
 from megatron.energon.flavors.webdataset.config import split_name_re
 from megatron.energon.flavors.webdataset.sample_loader import WebdatasetSampleLoaderDataset
 
@@ -30,25 +31,16 @@ READ_ERRORS = (tarfile.TarError, EOFError, OSError, ValueError)
 class TolerantTarReader:
     """An energon tar reader whose read errors become :data:`UNREADABLE` samples."""
 
-    def __init__(self, reader: Any, tolerance: int):
+    def __init__(self, reader: Any):
         self.reader = reader  # energon's ITarReader
-        self.tolerance = tolerance  # unreadable samples in a row before the run stops; 0: never
-        self._in_a_row = 0
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         try:
             sample = self.reader[index]
         except READ_ERRORS as e:
-            self._in_a_row += 1
             shard, name = self._locate(index)
-            if self.tolerance and self._in_a_row >= self.tolerance:
-                raise FatalSampleError(
-                    f"{self._in_a_row} samples in a row did not read from their shards (last: {shard}/{name}: "
-                    f"{type(e).__name__}: {e}); the dataset's files no longer match its index: re-copy them, "
-                    "or run `energon prepare` again") from e
             return {"__key__": name, "__shard__": shard, "__restore_key__": ("Webdataset", index),
                     "__sources__": (), UNREADABLE: f"{shard or 'its shard'} does not read ({type(e).__name__}: {e})"}
-        self._in_a_row = 0
         return sample
 
     def _locate(self, index: int) -> tuple[str, str]:
@@ -68,10 +60,10 @@ class TolerantTarReader:
             return shard, f"@{pointer.byte_offset}"
 
     def __repr__(self) -> str:
-        return f"TolerantTarReader({self.reader!r}, tolerance={self.tolerance})"
+        return f"TolerantTarReader({self.reader!r})"
 
 
-def tolerate_unreadable_shards(dataset: Any, tolerance: int) -> None:
+def tolerate_unreadable_shards(dataset: Any) -> None:
     """Wrap the tar readers of the webdataset under ``dataset`` (a chain of energon wrappers)."""
     inner = dataset
     while not isinstance(inner, WebdatasetSampleLoaderDataset):
@@ -79,5 +71,5 @@ def tolerate_unreadable_shards(dataset: Any, tolerance: int) -> None:
             raise TypeError(f"no WebdatasetSampleLoaderDataset under {dataset!r}: energon's dataset layout changed, "
                             "so unreadable shards would crash the run; update data/shard_reads.py")
         inner = inner.dataset
-    inner.join_readers = [r if isinstance(r, TolerantTarReader) else TolerantTarReader(r, tolerance)
+    inner.join_readers = [r if isinstance(r, TolerantTarReader) else TolerantTarReader(r)
                           for r in inner.join_readers]

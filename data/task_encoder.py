@@ -10,9 +10,11 @@ energon's order with a packing buffer (``get_train_dataset(..., packing_buffer_s
 Without packing, step 2 is gone and :meth:`batch` pads each sample to ``max_seq_length`` and
 concatenates a micro-batch of them. Broken samples become :class:`SkippedSample` markers at
 whichever step finds them; they travel in the pack and are counted there (:class:`LoadedPack`),
-never raised to energon, whose error handler therefore only sees bugs. A defect found only by
-decoding (NaN/Inf, a bad embedding) leaves its room in the pack unused: bad data is rare, and
-checking values before packing would decode every sample twice or hold its tensors in the buffer.
+never raised to energon: any exception while cooking or decoding ONE sample, foreseen or not, is
+that sample's counted skip (``sample_error`` with the exception's one-line message where no check
+named it), so energon's fatal error for failures in a row never ends a run. A defect found only
+by decoding the latent (NaN/Inf) leaves its room in the pack unused: bad data is rare, and
+checking values before packing would decode every latent twice or hold its tensor in the buffer.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from megatron.energon import Cooker, DefaultTaskEncoder, Sample, WorkerConfig, s
 from megatron.energon.edataclass import edataclass
 from megatron.energon.task_encoder.cooking import basic_sample_keys
 
-from data.errors import BadSample, DataStats, SkipKind
+from data.errors import BadSample, DataStats, SkipKind, one_line
 from data.packing import build_pack, first_fit_decreasing, padded_length
 from data.sample import DiffusionSample, EncodedSample, LatentFormat, SkippedSample, decode, read_header, sample_key
 from data.shard_reads import tolerate_unreadable_shards
@@ -60,23 +62,27 @@ class DiTTaskEncoder(DefaultTaskEncoder):
     def build_cook_crude_sample(self, dataset: Any, **kwargs: Any) -> Any:
         """energon's cooking step, over tar readers that turn a shard's read errors into samples the
         cooker counts as ``corrupt_shard`` (energon would raise them below its error handlers)."""
-        tolerate_unreadable_shards(dataset, self.__default_failure_tolerance__)
+        tolerate_unreadable_shards(dataset)
         return super().build_cook_crude_sample(dataset, **kwargs)
+
+    def cooked(self, crude: dict) -> DiffusionSample:
+        """The cooked sample, or :class:`BadSample` naming why it cannot train (``data.preflight`` uses it too)."""
+        header = read_header(crude, self.fmt)
+        seq_len = header.grid[0] * header.grid[1] * header.grid[2]
+        padded = padded_length(seq_len, self.pad_multiple) if self.packing else self.max_seq_length
+        if max(seq_len, padded) > self.max_seq_length:
+            raise BadSample(SkipKind.OVERSIZE, f"{seq_len} tokens ({padded} padded) > --max-seq-length {self.max_seq_length}",
+                            "--max-seq-length", max(seq_len, padded))
+        return DiffusionSample(**_base(crude), shard=crude.get("__shard__", ""), read_index=_read_index(), latent_payload=crude["pth"], text=header.text,
+                               latent_shape=header.shape, grid=header.grid, seq_len=seq_len, padded_len=padded,
+                               metadata=header.metadata)
 
     @stateless
     def cook(self, crude: dict) -> DiffusionSample | SkippedSample:
-        base = {**basic_sample_keys(crude), "__key__": sample_key(crude)}
-        shard = crude.get("__shard__", "")
         try:
-            shape, grid, metadata = read_header(crude, self.fmt)
-            seq_len = grid[0] * grid[1] * grid[2]
-            padded = padded_length(seq_len, self.pad_multiple) if self.packing else self.max_seq_length
-            if max(seq_len, padded) > self.max_seq_length:
-                raise BadSample(SkipKind.OVERSIZE, f"{seq_len} tokens ({padded} padded) > --max-seq-length {self.max_seq_length}")
-        except BadSample as e:
-            return SkippedSample(**base, kind=e.kind, shard=shard, detail=e.detail)
-        return DiffusionSample(**base, shard=shard, read_index=_read_index(), latent_payload=crude["pth"], text_payload=crude["pickle"],
-                               latent_shape=shape, grid=grid, seq_len=seq_len, padded_len=padded, metadata=metadata)
+            return self.cooked(crude)
+        except Exception as e:  # noqa: BLE001 -- one sample's failure, of any kind, is its own counted skip
+            return SkippedSample(**_base(crude), shard=crude.get("__shard__", ""), **_skip_fields(e))
 
     def select_samples_to_pack(self, samples: list[AnySample]) -> list[list[AnySample]]:
         """First-fit-decreasing over the buffer. energon drops what no group holds, so every sample
@@ -94,8 +100,8 @@ class DiTTaskEncoder(DefaultTaskEncoder):
             return sample
         try:
             return decode(sample, self.fmt)
-        except BadSample as e:
-            return SkippedSample.derive_from(sample, kind=e.kind, shard=sample.shard, detail=e.detail)
+        except Exception as e:  # noqa: BLE001 -- as in cook
+            return SkippedSample.derive_from(sample, shard=sample.shard, **_skip_fields(e))
 
     @stateless
     def pack_selected_samples(self, samples: list[EncodedSample | SkippedSample]) -> LoadedPack:
@@ -110,10 +116,24 @@ class DiTTaskEncoder(DefaultTaskEncoder):
         encoded = [s for s in samples if isinstance(s, EncodedSample)]
         markers = [s for s in samples if isinstance(s, SkippedSample)]
         stats = DataStats(read=len(samples), trained=len(encoded), skipped=dict(Counter(m.kind.value for m in markers)),
-                          examples=[m.record() for m in markers])
+                          examples=[m.record() for m in markers],
+                          longest=max([s.padded_len for s in encoded] + [m.tokens for m in markers]))
         return LoadedPack(__key__=",".join(s.__key__ for s in samples), __restore_key__=(),
                           batch=build_pack(encoded) if encoded else None, stats=stats,
                           read_indices=[s.read_index for s in encoded])
+
+
+def _base(crude: dict) -> dict[str, Any]:
+    """energon's sample keys of a crude sample, with a key unique across the dataset."""
+    return {**basic_sample_keys(crude), "__key__": sample_key(crude)}
+
+
+def _skip_fields(error: Exception) -> dict[str, Any]:
+    """A skip marker's kind, detail and tokens for the exception a sample raised."""
+    if isinstance(error, BadSample):
+        return {"kind": error.kind, "detail": error.detail,
+                "tokens": error.value if error.kind == SkipKind.OVERSIZE else 0}
+    return {"kind": SkipKind.SAMPLE_ERROR, "detail": one_line(error), "tokens": 0}
 
 
 def _read_index() -> int:

@@ -13,13 +13,35 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 import yaml
 
 from dit.sizes import MODEL_SIZES
 from dit import te
 from dit.errors import ConfigError
+
+MIN_ROPE_HEAD_DIM = 12
+"""3D RoPE splits a head's rotary pairs over (t, h, w) (``dit.embeddings.axis_split``): from 6 pairs on
+every axis gets at least one; below that h and w would get none and the model would not see them."""
+MAX_SEED = 2**31  # Megatron offsets the seed per rank; torch refuses seeds past 2**63
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are :class:`ConfigError` s: one line naming the flag, no usage dump."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)  # --lr-warmup must not pass for --lr-warmup-iters
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("argument "):  # "argument --lr: invalid float value: 'x'"
+            names, _, reason = message[len("argument "):].partition(": ")
+            raise ConfigError(names.split("/")[0], reason)
+        if message.startswith("the following arguments are required: "):
+            raise ConfigError(message.split(": ", 1)[1], "is required")
+        if message.startswith("unrecognized arguments: "):
+            raise ConfigError(message.split()[2], "not a flag of this command (see --help)")
+        raise ConfigError("usage", message)
 
 
 def _add_parallel(p: argparse.ArgumentParser) -> None:
@@ -197,12 +219,25 @@ def _add_data(p: argparse.ArgumentParser) -> None:
                    help="Stop the run when more than this fraction of samples was skipped as broken.")
     g.add_argument("--no-packing", action="store_true",
                    help="Pad each sample to --max-seq-length instead of packing (comparison, models without THD).")
+    g.add_argument("--max-text-length", type=int, default=512,
+                   help="Rows a text embedding may have (T5: 512 tokens); longer ones are skipped and counted.")
     g.add_argument("--oversize-policy", choices=["skip", "error"], default="skip",
-                   help="A sample longer than --max-seq-length is skipped and counted, or stops the run.")
+                   help="A sample longer than --max-seq-length (or its text longer than --max-text-length) is "
+                        "skipped and counted, or stops the run.")
 
 
-def build_parser(prog: str = "pretrain_dit.py") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def _add_launch(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("launch check")
+    g.add_argument("--validate-only", action="store_true",
+                   help="Check the flags, the recipe and the dataset for a launch, in one plain process, then exit "
+                        "(0: all good; 2 and one line naming the flag otherwise). Run it before torchrun.")
+    g.add_argument("--world-size", type=int, default=None,
+                   help="With --validate-only: the number of processes of the launch to check "
+                        "(nodes x --nproc-per-node; default: 1, or torchrun's WORLD_SIZE).")
+
+
+def build_parser(prog: str = "pretrain_dit.py") -> ArgumentParser:
+    p = ArgumentParser(
         prog=prog,
         description="Pretrain a diffusion transformer with Megatron-Core on energon data.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -210,7 +245,7 @@ def build_parser(prog: str = "pretrain_dit.py") -> argparse.ArgumentParser:
     p.add_argument("--config", type=str, default=None,
                    help="YAML recipe whose keys are these flags' names; the command line overrides it.")
     for add in (_add_parallel, _add_model, _add_precision, _add_training, _add_optimizer, _add_diffusion,
-                _add_ema_and_validation, _add_checkpointing, _add_logging, _add_data):
+                _add_ema_and_validation, _add_checkpointing, _add_logging, _add_data, _add_launch):
         add(p)
     return p
 
@@ -239,18 +274,24 @@ def _recipe_tokens(parser: argparse.ArgumentParser, path: str) -> list[str]:
                 tokens.append(flag if value else "--no-" + flag[2:])
             elif value:
                 tokens.append(flag)
+        elif value is None:  # YAML null: the flag's "unset", where it has one
+            if action.default is not None:
+                raise ConfigError("--config", f"{path}: '{key}' is null; give it a value or delete the line "
+                                              f"(its default is {action.default})")
+        elif isinstance(value, (list, dict)) and (action.nargs is None or isinstance(value, dict)):
+            raise ConfigError("--config", f"{path}: '{key}' takes one value, got {value!r}")
         else:
             tokens += [flag, *map(str, value if isinstance(value, list) else [value])]
     try:  # the recipe alone first, so that its mistakes name the recipe
-        argparse.ArgumentParser(parents=[parser], add_help=False, exit_on_error=False).parse_args(tokens)
-    except argparse.ArgumentError as e:
+        ArgumentParser(parents=[parser], add_help=False).parse_args(tokens)
+    except ConfigError as e:
         raise ConfigError("--config", f"{path}: {e}") from None
     return tokens
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None, prog: str = "pretrain_dit.py") -> argparse.Namespace:
     """Parse flags over an optional ``--config`` recipe and fill derived values (not validated)."""
-    parser = build_parser()
+    parser = build_parser(prog)
     argv = list(sys.argv[1:] if argv is None else argv)
     pre, _ = parser.parse_known_args(argv)
     recipe = _recipe_tokens(parser, pre.config) if pre.config else []
@@ -303,8 +344,6 @@ def _check_parallel(args: argparse.Namespace, world_size: int) -> None:
 
 def _check_backend(args: argparse.Namespace) -> None:
     te.check_backend(args.transformer_impl, args.fp8_format, half_precision=args.bf16)
-    if args.patch_size < 1 or args.temporal_patch_size < 1:
-        raise ConfigError("--patch-size", "patch sizes must be >= 1")
 
 
 def _require(flag: str, ok: bool, message: str) -> None:
@@ -313,7 +352,34 @@ def _require(flag: str, ok: bool, message: str) -> None:
         raise ConfigError(flag, message)
 
 
+def _at_least(low: int, *flags: str, args: argparse.Namespace) -> None:
+    for flag in flags:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        _require(flag, value >= low, f"must be >= {low}, got {value}")
+
+
+def _check_model(args: argparse.Namespace) -> None:
+    _at_least(1, "--num-layers", "--hidden-size", "--num-attention-heads", "--latent-channels", "--patch-size",
+              "--temporal-patch-size", "--text-embed-dim", "--max-seq-length", "--num-classes",
+              "--recompute-num-layers", "--max-text-length", args=args)
+    _at_least(0, "--adaln-lora-rank", args=args)
+    _require("--max-latent-grid", min(args.max_latent_grid) >= 1, f"each side must be >= 1, got {args.max_latent_grid}")
+    heads, hidden = args.num_attention_heads, args.hidden_size
+    _require("--hidden-size", hidden % heads == 0,
+             f"{hidden} is not divisible by --num-attention-heads {heads}; pick a multiple of the head count")
+    head_dim = hidden // heads
+    if args.position_embedding == "rope3d":
+        _require("--hidden-size", head_dim % 2 == 0 and head_dim >= MIN_ROPE_HEAD_DIM,
+                 f"3D RoPE needs an even head dim (--hidden-size / --num-attention-heads) of at least "
+                 f"{MIN_ROPE_HEAD_DIM}, so that t, h and w each get a rotary pair; got {hidden}/{heads} = {head_dim}")
+    else:  # sin-cos splits the hidden size over (t, h, w) in sin/cos pairs
+        _require("--hidden-size", hidden % 2 == 0 and hidden >= 6,
+                 f"3D sin-cos needs an even --hidden-size of at least 6, got {hidden}")
+
+
 def _check_training(args: argparse.Namespace) -> None:
+    _require("--global-batch-size", args.global_batch_size >= 1, f"must be >= 1, got {args.global_batch_size}")
+    _require("--seed", 0 <= args.seed < MAX_SEED, f"must be in [0, 2**31), got {args.seed}")
     _require("--train-iters", args.train_iters >= 1, f"must be >= 1, got {args.train_iters}")
     _require("--max-skipped-steps", args.max_skipped_steps >= 1, f"must be >= 1, got {args.max_skipped_steps}")
     _require("--lr", 0 < args.lr < math.inf, f"must be a positive number, got {args.lr}")
@@ -352,22 +418,57 @@ def _check_intervals(args: argparse.Namespace) -> None:
              f"must be a positive number, got {args.peak_tflops}")
     _require("--save-interval", args.save_interval is None or args.save is not None, "needs --save DIR")
     _require("--save-retain", args.save_retain is None or args.save is not None, "needs --save DIR")
+    _require("--async-save", not args.async_save or args.save is not None, "needs --save DIR")
+    _require("--save", args.save is None or not Path(args.save).is_file(), f"{args.save} is a file; give a directory")
+    _require("--dist-ckpt-optim-fully-reshardable", not args.dist_ckpt_optim_fully_reshardable
+             or args.use_distributed_optimizer, "concerns the distributed optimizer: add --use-distributed-optimizer "
+                                                "or drop the flag")
+    _require("--sample-log", args.sample_log is None or not Path(args.sample_log).is_file(),
+             f"{args.sample_log} is a file; give a directory")
+    for flag, used in (("--ckpt-step", args.ckpt_step is not None), ("--finetune", args.finetune),
+                       ("--skip-train", args.skip_train)):
+        _require(flag, not used or args.load is not None or args.save is not None,
+                 "needs a checkpoint to load: --load DIR (or --save DIR holding one)")
+    _require("--wandb-exp-name", args.wandb_exp_name is None or args.wandb_project is not None,
+             "needs --wandb-project")
     for flag, module, extra in (("--tensorboard-dir", "tensorboard", args.tensorboard_dir),
                                 ("--wandb-project", "wandb", args.wandb_project)):
         _require(flag, extra is None or importlib.util.find_spec(module) is not None,
                  f"needs the {module} package: pip install -e '.[log]' (or drop the flag)")
 
 
+NV_META = (("dataset.yaml",), ("split.yaml",), (".info.json", ".info.yaml"), ("index.sqlite",))
+"""What ``energon prepare`` writes into ``.nv-meta`` (either name of a tuple), all needed to read."""
+
+
 def check_energon_dataset(path: str | Path, flag: str = "--data-path") -> None:
     """An existing dataset prepared by ``energon prepare`` (a folder with .nv-meta, or a metadataset file)."""
     path = Path(path)
+    prepare = (f"`energon prepare {path} --non-interactive --split-ratio 1,0,0 --sample-type CrudeWebdataset`")
     if not path.exists():
         raise ConfigError(flag, f"{path} does not exist")
-    if path.is_dir() and not (path / ".nv-meta").is_dir():
-        raise ConfigError(flag,
-                          f"{path} is not an energon dataset (no .nv-meta); run "
-                          f"`energon prepare {path} --non-interactive --split-ratio 1,0,0 "
-                          "--sample-type CrudeWebdataset` first")
+    if path.is_file():
+        _check_metadataset(path, flag)
+    elif not (path / ".nv-meta").is_dir():
+        raise ConfigError(flag, f"{path} is not an energon dataset (no .nv-meta); run {prepare} first")
+    else:
+        missing = [names[0] for names in NV_META if not any((path / ".nv-meta" / n).is_file() for n in names)]
+        _require(flag, not missing, f"{path}/.nv-meta lacks {', '.join(missing)} (an interrupted prepare?); "
+                                    f"run {prepare} again")
+
+
+def _check_metadataset(path: Path, flag: str) -> None:
+    """A file is a dataset only as energon's metadataset YAML; a shard or anything else is a mistake."""
+    if path.suffix == ".tar":
+        raise ConfigError(flag, f"{path} is one shard; give the folder that holds the shards and .nv-meta")
+    _require(flag, path.suffix in (".yaml", ".yml"),
+             f"{path} is a file, not an energon dataset folder (with .nv-meta) or metadataset .yaml")
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(flag, f"{path} is not valid YAML ({type(e).__name__})") from None
+    _require(flag, isinstance(recipe, dict) and "__module__" in recipe,
+             f"{path} is not an energon metadataset (a YAML mapping with __module__ and __class__)")
 
 
 def check_loader_flags(args: argparse.Namespace) -> None:
@@ -383,7 +484,7 @@ def check_loader_flags(args: argparse.Namespace) -> None:
                           "--max-seq-length instead, or pass --no-packing")
 
 
-def _has_split(path: str | Path, split: str) -> bool:
+def has_split(path: str | Path, split: str) -> bool:
     """Whether an energon dataset folder lists shards for ``split`` (``.nv-meta/split.yaml``)."""
     meta = Path(path) / ".nv-meta" / "split.yaml"
     if not meta.is_file():
@@ -396,8 +497,8 @@ def validation_source(args: argparse.Namespace) -> tuple[str, str] | None:
     """(dataset, split) validation reads: ``--valid-data-path`` (its val split, or all of it when it has
     none), else the val split of ``--data-path``; None when there is neither."""
     if args.valid_data_path is not None:
-        return args.valid_data_path, "val" if _has_split(args.valid_data_path, "val") else "train"
-    if args.data_path is not None and _has_split(args.data_path, "val"):
+        return args.valid_data_path, "val" if has_split(args.valid_data_path, "val") else "train"
+    if args.data_path is not None and has_split(args.data_path, "val"):
         return args.data_path, "val"
     return None
 
@@ -406,16 +507,20 @@ def _check_data(args: argparse.Namespace) -> None:
     if args.data_path is None:
         raise ConfigError("--data-path", "is required: point it at a dataset prepared with `energon prepare`")
     check_energon_dataset(args.data_path)
+    if args.valid_data_path is not None:
+        check_energon_dataset(args.valid_data_path, "--valid-data-path")
     check_loader_flags(args)
     if args.valid_data_path is not None:
         check_energon_dataset(args.valid_data_path, "--valid-data-path")
     if (args.eval_interval is not None or args.skip_train) and validation_source(args) is None:
-        raise ConfigError("--valid-data-path", f"validation needs data: {args.data_path} has no val split; pass "
-                          "--valid-data-path DIR, or prepare the dataset with --split-ratio 0.95,0.05,0")
+        raise ConfigError("--eval-interval" if args.eval_interval is not None else "--skip-train",
+                          f"{args.data_path} has no val split: pass --valid-data-path DATASET, or prepare the "
+                          "dataset with a val share (energon prepare --split-ratio 0.95,0.05,0)")
 
 
 def validate_args(args: argparse.Namespace, world_size: int, *, need_data: bool = True) -> argparse.Namespace:
     """Check the flags against each other, the world size and this machine; fill the derived ones."""
+    _check_model(args)
     _check_parallel(args, world_size)
     _check_backend(args)
     _check_training(args)
@@ -430,6 +535,15 @@ def validate_args(args: argparse.Namespace, world_size: int, *, need_data: bool 
 def launched_world_size() -> int:
     """The world size torchrun announces, or 1 for a plain ``python`` process."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def world_size(args: argparse.Namespace) -> int:
+    """The launch's process count: ``--world-size`` (with ``--validate-only``), else the launched one."""
+    if args.world_size is None:
+        return launched_world_size()
+    _require("--world-size", args.validate_only, "needs --validate-only (a launch's size is torchrun's)")
+    _require("--world-size", args.world_size >= 1, f"must be >= 1, got {args.world_size}")
+    return args.world_size
 
 
 def is_main_process() -> bool:

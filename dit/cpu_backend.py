@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from dit.arguments import is_main_process
+
 log = logging.getLogger(__name__)
 
 _state: dict[str, Any] = {"mode": None, "saved": {}}
@@ -119,7 +121,8 @@ def enable() -> bool:
     mode = _CudaToCpu()
     mode.__enter__()
     _state["mode"] = mode
-    log.warning("No CUDA device: Megatron-Core runs on CPU through dit.cpu_backend (gloo, local kernels).")
+    if is_main_process():  # once per job, not once per rank
+        log.warning("No CUDA device: Megatron-Core runs on CPU through dit.cpu_backend (gloo, local kernels).")
     return True
 
 

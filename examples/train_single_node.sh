@@ -14,5 +14,7 @@ DATA_ARGS=(--data-path "${DATA:?set DATA to an energon dataset}" --max-seq-lengt
            --packing-buffer-size 200 --num-workers 4)
 OUTPUT_ARGS=(--save "${SAVE:-runs/dit-xl}" --load "${SAVE:-runs/dit-xl}" --save-interval 1000 --log-interval 10)
 
-torchrun "${DISTRIBUTED_ARGS[@]}" pretrain_dit.py \
-    "${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${TRAINING_ARGS[@]}" "${DATA_ARGS[@]}" "${OUTPUT_ARGS[@]}" "$@"
+ARGS=("${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${TRAINING_ARGS[@]}" "${DATA_ARGS[@]}" "${OUTPUT_ARGS[@]}" "$@")
+# flags, recipe and dataset for the whole launch, in seconds and in one plain process: a mistake is one line
+python pretrain_dit.py "${ARGS[@]}" --validate-only --world-size "${GPUS_PER_NODE:-8}"
+torchrun "${DISTRIBUTED_ARGS[@]}" pretrain_dit.py "${ARGS[@]}"

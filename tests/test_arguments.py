@@ -7,18 +7,19 @@ from pathlib import Path
 import pytest
 
 from dit import te
-from dit.arguments import parse_args, validate_args
+from dit.arguments import MIN_ROPE_HEAD_DIM, check_energon_dataset, parse_args, validate_args
 from dit.errors import ConfigError
+from tests.tiny_data import good_entries, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4"]
+FITS_TINY_DATA = ["--latent-channels", "4", "--text-embed-dim", "8", "--max-seq-length", "32", "--num-workers", "0"]
 
 
-@pytest.fixture
-def dataset(tmp_path):
-    """A folder that looks prepared (validation only checks for energon's .nv-meta)."""
-    (tmp_path / "ds" / ".nv-meta").mkdir(parents=True)
-    return str(tmp_path / "ds")
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A real tiny dataset indexed by `energon prepare` (latents [4, ...], text width 8, up to 24 tokens)."""
+    return str(write_dataset(tmp_path_factory.mktemp("ds"), good_entries(16, seed=4)))
 
 
 def check(argv, world_size=1, **kw):
@@ -88,7 +89,7 @@ def test_default_backend_follows_te_availability(monkeypatch):
     assert parse_args([]).transformer_impl == "transformer_engine"
 
 
-def test_data_path_mistakes(tmp_path):
+def test_data_path_mistakes(tmp_path, dataset):
     with pytest.raises(ConfigError, match="is required") as e:
         check(TINY)
     assert e.value.flag == "--data-path"
@@ -96,6 +97,45 @@ def test_data_path_mistakes(tmp_path):
         check(TINY + ["--data-path", str(tmp_path / "missing")])
     with pytest.raises(ConfigError, match=r"not an energon dataset \(no .nv-meta\); run `energon prepare"):
         check(TINY + ["--data-path", str(tmp_path)])
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda ds, tmp: f"{ds}/shard_000000.tar", "is one shard; give the folder that holds the shards and .nv-meta"),
+    (lambda ds, tmp: (tmp / "x.txt").write_text("x") and tmp / "x.txt", "is a file, not an energon dataset folder"),
+    (lambda ds, tmp: (tmp / "m.yaml").write_text("- a\n") and tmp / "m.yaml", "is not an energon metadataset"),
+    (lambda ds, tmp: (tmp / "e" / ".nv-meta").mkdir(parents=True) or tmp / "e",
+     ".nv-meta lacks dataset.yaml, split.yaml, .info.json, index.sqlite (an interrupted prepare?); run `energon prepare"),
+])
+def test_data_path_that_is_a_file_a_shard_or_an_empty_index(tmp_path, dataset, make, words):
+    with pytest.raises(ConfigError) as e:
+        check_energon_dataset(make(dataset, tmp_path))
+    assert e.value.flag == "--data-path" and words in str(e.value)
+
+
+def test_a_metadataset_yaml_is_a_dataset(tmp_path, dataset):
+    (tmp_path / "m.yaml").write_text(f"__module__: megatron.energon\n__class__: MetadatasetV2\nsplits: {{train: {{path: {dataset}}}}}\n")
+    check_energon_dataset(tmp_path / "m.yaml")
+
+
+@pytest.mark.parametrize("hidden, heads, ok", [(48, 4, True), (64, 4, True), (32, 4, False), (52, 4, False),
+                                               (90, 6, False), (96, 8, True)])
+def test_rope_needs_a_head_dim_that_gives_every_axis_a_pair(dataset, hidden, heads, ok):
+    """At head dim 8 (hidden 32 / 4 heads) 3D RoPE gives h and w no rotary pair: positions would be half-blind."""
+    argv = ["--num-layers", "2", "--hidden-size", str(hidden), "--num-attention-heads", str(heads), "--data-path", dataset]
+    if ok:
+        check(argv)
+    else:
+        with pytest.raises(ConfigError, match="3D RoPE needs an even head dim") as e:
+            check(argv)
+        assert e.value.flag == "--hidden-size"
+    check(argv[:-2] + ["--position-embedding", "sincos3d", "--data-path", dataset])  # sin-cos splits the hidden size
+
+
+def test_the_rope_head_dim_limit_is_the_one_axis_split_gives():
+    from dit.embeddings import axis_split
+
+    for head_dim in range(2, 64, 2):
+        assert (min(axis_split(head_dim // 2)) >= 1) == (head_dim >= MIN_ROPE_HEAD_DIM), head_dim
 
 
 def test_model_size_fills_and_flags_override(dataset):
@@ -123,11 +163,14 @@ def test_yaml_recipe_and_command_line_override(tmp_path, dataset):
 
 
 @pytest.mark.parametrize("line, words", [
-    ("model-size: DiT-XXL", "argument --model-size: invalid choice: 'DiT-XXL'"),
-    ("max-latent-grid: 8", "argument --max-latent-grid: expected 3 arguments"),
-    ("objective: foo", "argument --objective: invalid choice: 'foo'"),
-    ("lr: fast", "argument --lr: invalid float value: 'fast'"),
+    ("model-size: DiT-XXL", ": --model-size: invalid choice: 'DiT-XXL'"),
+    ("max-latent-grid: 8", ": --max-latent-grid: expected 3 arguments"),
+    ("objective: foo", ": --objective: invalid choice: 'foo'"),
+    ("lr: fast", ": --lr: invalid float value: 'fast'"),
     ("sequence-parallel: 'no'", "'sequence-parallel' takes true or false, got 'no'"),
+    ("lr: [1.0e-4, 2.0e-4]", "'lr' takes one value, got [0.0001, 0.0002]"),
+    ("num-layers: {a: 1}", "'num-layers' takes one value, got {'a': 1}"),
+    ("lr:", "'lr' is null; give it a value or delete the line (its default is 0.0001)"),
 ])
 def test_recipe_values_are_checked_like_flags(tmp_path, line, words):
     recipe = tmp_path / "r.yaml"
@@ -143,6 +186,24 @@ def test_recipe_lists_and_negated_booleans(tmp_path):
     a = parse_args(["--config", str(recipe)])
     assert a.max_latent_grid == [4, 8, 16] and a.qk_layernorm is False and a.sequence_parallel is False
     assert parse_args(["--config", str(recipe), "--qk-layernorm"]).qk_layernorm is True
+
+
+def test_recipe_null_leaves_an_unset_flag_unset(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("global-batch-size: null\nload: ~\n")
+    a = parse_args(["--config", str(recipe)])
+    assert a.global_batch_size is None and a.load is None  # not the string "None"
+
+
+@pytest.mark.parametrize("argv, flag, words", [
+    (["--lr-warmup", "5"], "--lr-warmup", "not a flag of this command"),  # no abbreviations: not --lr-warmup-iters
+    (["--lr"], "--lr", "expected one argument"),
+    (["--train-iters", "1.5"], "--train-iters", "invalid int value: '1.5'"),
+])
+def test_flag_syntax_mistakes_are_config_errors(argv, flag, words):
+    with pytest.raises(ConfigError) as e:
+        parse_args(argv)
+    assert e.value.flag == flag and words in str(e.value)
 
 
 def run_entry(*argv, env=None):
@@ -162,8 +223,9 @@ def test_help_without_gpu_dataset_or_torchrun():
 def test_user_mistake_is_one_line_without_traceback(tmp_path):
     out = run_entry("--data-path", str(tmp_path / "missing"))
     assert out.returncode == 2
-    assert "Traceback" not in out.stderr
-    assert out.stderr.strip().splitlines()[-1] == f"pretrain_dit.py: error: --data-path: {tmp_path / 'missing'} does not exist"
+    assert out.stderr == f"pretrain_dit.py: error: --data-path: {tmp_path / 'missing'} does not exist\n"
+    out = run_entry("--lr", "fast")  # argparse's own mistakes too: no usage dump
+    assert (out.returncode, out.stderr) == (2, "pretrain_dit.py: error: --lr: invalid float value: 'fast'\n")
 
 
 def test_command_line_does_not_import_megatron():
@@ -174,9 +236,8 @@ def test_command_line_does_not_import_megatron():
     assert out.stdout.strip() == "[]", out.stderr
 
 
-def test_model_config_mistake_is_one_line_too(tmp_path):
-    (tmp_path / "ds" / ".nv-meta").mkdir(parents=True)
-    out = run_entry(*TINY, "--data-path", str(tmp_path / "ds"), "--recompute-granularity", "full",
+def test_model_config_mistake_is_one_line_too(dataset):
+    out = run_entry(*TINY, *FITS_TINY_DATA, "--data-path", dataset, "--recompute-granularity", "full",
                     "--recompute-num-layers", "3")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith(

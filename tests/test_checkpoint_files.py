@@ -16,7 +16,7 @@ from tests.distributed import RankFailed, run_distributed
 from tests.launch import ROOT
 from tests.tiny_data import good_entries, write_dataset
 
-FLAGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--latent-channels", "4",
+FLAGS = ["--num-layers", "2", "--hidden-size", "48", "--num-attention-heads", "4", "--latent-channels", "4",
          "--patch-size", "2", "--text-embed-dim", "8", "--max-seq-length", "32", "--packing-buffer-size", "8",
          "--num-workers", "0", "--transformer-impl", "local", "--log-interval", "1"]
 
@@ -93,11 +93,11 @@ def test_checkpoint_mistakes_are_one_line(tmp_path, dataset):
         "of an earlier run, or drop --load to start from scratch")
     ckpt = tmp_path / "ckpt"
     assert _entry(*FLAGS, "--data-path", dataset, "--save", str(ckpt), "--train-iters", "2").returncode == 0
-    out = _entry(*FLAGS, "--data-path", dataset, "--load", str(ckpt), "--hidden-size", "48")
+    out = _entry(*FLAGS, "--data-path", dataset, "--load", str(ckpt), "--hidden-size", "96")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1] == (
         f"pretrain_dit.py: error: --hidden-size: the checkpoint {ckpt / 'iter_0000002'} was trained with "
-        "--hidden-size 32, this run has 48; pass --hidden-size 32 (or start from scratch without it)")
+        "--hidden-size 48, this run has 96; pass --hidden-size 48 (or start from scratch without it)")
     out = _entry(*FLAGS, "--data-path", dataset, "--load", str(ckpt), "--ckpt-step", "7")
     assert out.stderr.strip().splitlines()[-1] == (
         f"pretrain_dit.py: error: --ckpt-step: {ckpt / 'iter_0000007'} is not a complete checkpoint; pick "

@@ -24,6 +24,13 @@ def test_inactive_when_cuda_is_present(layer, monkeypatch):
     assert torch.zeros(1).type() == "torch.FloatTensor"
 
 
+def test_the_backend_line_comes_from_rank_0_only(layer, caplog, monkeypatch):
+    monkeypatch.setenv("RANK", "1")  # a torchrun rank other than 0: the job's line is rank 0's
+    with caplog.at_level(logging.WARNING, logger="dit.cpu_backend"):
+        assert layer.enable() is True
+    assert caplog.records == []
+
+
 def test_active_without_cuda_maps_megatron_cuda_idioms(layer, caplog):
     assert not torch.cuda.is_available()
     with caplog.at_level(logging.WARNING, logger="dit.cpu_backend"):

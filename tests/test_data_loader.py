@@ -6,24 +6,13 @@ from contextlib import closing
 
 import pytest
 import torch
-from megatron.energon.errors import FatalSampleError
 
 from data.errors import BadDataError, DataStats, SkipKind, SkipRecord
-from data.loader import DiTDataLoader, energon_loader, task_encoder
-from data.rank_split import RankLayout
+from data.loader import task_encoder
 from data.shard_reads import UNREADABLE, TolerantTarReader
 from dit.arguments import parse_args
 from tests.tiny_data import DEFECTS, GOOD, TRUNCATED_GOOD, mixed_dataset, truncated_dataset  # noqa: F401 (fixtures)
-
-
-def _loader(path, *extra, workers=0, repeat=True, max_bad=1.0, reject_oversize=False):
-    args = parse_args(["--max-seq-length", "32", "--patch-size", "2", "--latent-channels", "4", "--text-embed-dim", "8",
-                       "--packing-buffer-size", "6", "--micro-batch-size", "3", *extra])
-    encoder = task_encoder(args, pad_multiple=4)
-    loader = energon_loader(path, encoder, RankLayout(), num_workers=workers, seed=3,
-                            packing_buffer_size=args.packing_buffer_size, micro_batch_size=args.micro_batch_size,
-                            repeat=repeat)
-    return DiTDataLoader(loader, RankLayout(), max_bad_sample_fraction=max_bad, reject_oversize=reject_oversize)
+from tests.tiny_data import tiny_loader as _loader
 
 
 def test_every_defect_is_skipped_and_counted_exactly_once_across_workers(mixed_dataset):
@@ -65,15 +54,15 @@ class _Reader:
         raise IndexError(index)
 
 
-def test_unreadable_samples_in_a_row_stop_the_run_as_energon_would_and_bugs_are_raised():
-    reader = TolerantTarReader(_Reader(tarfile.ReadError("unexpected end of data")), tolerance=3)
-    marker = reader[5]
-    assert marker[UNREADABLE] == "its shard does not read (ReadError: unexpected end of data)" and marker["__key__"] == "#5"
-    reader[6]
-    with pytest.raises(FatalSampleError, match="3 samples in a row did not read"):
-        reader[7]
+def test_unreadable_samples_have_no_limit_in_a_row_and_bugs_are_raised():
+    """energon's 100-failures-in-a-row would end a run at any lost shard of 100 samples or more; the
+    bad-fraction limit judges them instead."""
+    reader = TolerantTarReader(_Reader(tarfile.ReadError("unexpected end of data")))
+    markers = [reader[i] for i in range(1000)]
+    assert markers[5][UNREADABLE] == "its shard does not read (ReadError: unexpected end of data)"
+    assert [m["__key__"] for m in markers[:2]] == ["#0", "#1"]
     with pytest.raises(KeyError):  # not a read error: a bug, raised as it is
-        TolerantTarReader(_Reader(KeyError("bug")), tolerance=3)[0]
+        TolerantTarReader(_Reader(KeyError("bug")))[0]
 
 
 def test_unreadable_samples_count_towards_the_bad_fraction_limit(truncated_dataset):

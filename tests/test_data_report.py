@@ -117,6 +117,15 @@ def test_user_mistakes_are_one_line_naming_the_flag_and_exit_2(tmp_path, mixed_d
     assert result.stderr.startswith(f"data.report: error: {flag}: ") and result.stderr.count("\n") == 1, result.stderr
 
 
+def test_report_shows_no_library_warnings_and_names_itself_in_flag_mistakes(mixed_dataset):
+    ok = _report(str(mixed_dataset), "--max-seq-length", "32", "--patch-size", "2", "--latent-channels", "4",
+                 "--text-embed-dim", "8", "--packing-buffer-size", "6")
+    assert ok.returncode == 0 and "samples read" in ok.stdout
+    assert "Warning" not in ok.stderr and "Transformer Engine" not in ok.stderr, ok.stderr
+    bad = _report(str(mixed_dataset), "--lr", "fast")
+    assert (bad.returncode, bad.stderr) == (2, "data.report: error: --lr: invalid float value: 'fast'\n")
+
+
 def test_a_folder_that_energon_never_prepared_is_a_user_mistake(tmp_path, capsys):
     assert main([str(tmp_path), "--max-seq-length", "32"]) == 2
     err = capsys.readouterr().err

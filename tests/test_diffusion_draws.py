@@ -54,7 +54,7 @@ def test_guidance_dropout_rate_and_null_conditioning():
 
 def _rank_draws(data_path: str, tp: int, cp: int) -> dict:
     args = validate_args(parse_args([
-        "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--latent-channels", "4",
+        "--num-layers", "2", "--hidden-size", "48", "--num-attention-heads", "4", "--latent-channels", "4",
         "--patch-size", "2", "--text-embed-dim", "8", "--max-seq-length", "64", "--num-workers", "0",
         "--packing-buffer-size", "16", "--tensor-model-parallel-size", str(tp), "--context-parallel-size", str(cp),
         "--data-path", data_path]), dist.get_world_size())

@@ -18,7 +18,7 @@ from dit.model import DiTModel
 from tests.distributed import run_distributed
 from tests.tiny_data import payloads, write_dataset
 
-FLAGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--latent-channels", "4",
+FLAGS = ["--num-layers", "2", "--hidden-size", "48", "--num-attention-heads", "4", "--latent-channels", "4",
          "--patch-size", "2", "--text-embed-dim", "8", "--max-seq-length", "64", "--packing-buffer-size", "16",
          "--num-workers", "0", "--transformer-impl", "local", "--seed", "7"]
 

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 # token counts (patch 2) that are multiples of 4, so every layout pads them alike (2*cp = 4, tp under SP)
 SHAPES = [(4, 4, 4), (4, 2, 4, 4), (4, 8, 8), (4, 3, 4, 4), (4, 4, 8), (4, 8, 4), (4, 2, 8, 4)]
-FLAGS = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--latent-channels", "4",
+FLAGS = ["--num-layers", "4", "--hidden-size", "48", "--num-attention-heads", "4", "--latent-channels", "4",
          "--patch-size", "2", "--text-embed-dim", "8", "--max-seq-length", "32", "--packing-buffer-size", "9",
          "--transformer-impl", "local", "--seed", "11", "--train-iters", "2", "--global-batch-size", "2",
          "--lr", "1e-2", "--lr-decay-style", "constant", "--adam-eps", "1e-4", "--text-drop-prob", "0.3", "--log-interval", "1"]

@@ -7,9 +7,13 @@ a video ``[4, 3, 4, 4]`` 12. Payloads are built by hand so that tests can break 
 from __future__ import annotations
 
 import io
+import json
+import os
 import pickle
 import random
 import tarfile
+import zipfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +22,16 @@ import pytest
 import torch
 
 from data.errors import SkipKind
+from data.loader import DiTDataLoader, energon_loader, task_encoder
+from data.rank_split import RankLayout
 from data.sample import LatentFormat
 from data import shards
 from data.shards import ShardSample, encode_sample
 
 FMT = LatentFormat(patch_size=2, temporal_patch_size=1, latent_channels=4, text_embed_dim=8)
+
+FLAGS = ["--max-seq-length", "32", "--patch-size", "2", "--latent-channels", "4", "--text-embed-dim", "8",
+         "--packing-buffer-size", "6", "--micro-batch-size", "3"]  # the command line of FMT for tiny_loader
 
 Entry = tuple[str, dict[str, bytes]]
 
@@ -47,6 +56,19 @@ def good_entries(n: int, seed: int = 0, prefix: str = "good") -> list[Entry]:
         dtype = rng.choice([torch.float32, torch.bfloat16, torch.float16])
         entries.append((f"{prefix}_{i:04d}", payloads(shape, seed=seed * 1000 + i, dtype=dtype, text_len=rng.randint(1, 5))))
     return entries
+
+
+def tiny_loader(path, *extra: str, workers: int = 0, repeat: bool = True, max_bad: float = 1.0,
+                reject_oversize: bool = False, stall_samples: int = 1000) -> DiTDataLoader:
+    """The training loader over a tiny dataset (max 32 tokens, buffer 6, pad multiple 4), on one rank."""
+    from dit.arguments import parse_args
+
+    args = parse_args([*FLAGS, *extra])
+    loader = energon_loader(path, task_encoder(args, pad_multiple=4), RankLayout(), num_workers=workers, seed=3,
+                            packing_buffer_size=args.packing_buffer_size, micro_batch_size=args.micro_batch_size,
+                            repeat=repeat)
+    return DiTDataLoader(loader, RankLayout(), max_bad_sample_fraction=max_bad, reject_oversize=reject_oversize,
+                         stall_samples=stall_samples)
 
 
 def write_dataset(root: Path, entries: list[Entry], per_shard: int = 8) -> Path:
@@ -136,3 +158,94 @@ def truncated_dataset(tmp_path_factory):
     Returns the dataset folder and the names of the samples the cut made unreadable."""
     root = write_dataset(tmp_path_factory.mktemp("truncated"), good_entries(TRUNCATED_GOOD, seed=2), per_shard=8)
     return root, cut_shard(root / shards.shard_name(1))
+
+
+class RunsCommand:
+    """Pickles to a call of ``os.system(command)``: what a crafted shard's ``.pickle`` can hold."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+class RunsCodeThenReturnsArray:
+    """Pickles to code that touches ``marker``, then returns a valid text embedding (trained by plain pickle)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return eval, (f"__import__('pathlib').Path({str(self.marker)!r}).touch() or "
+                      "__import__('numpy').zeros((3, 8), 'float32')",)
+
+
+class StorageRunsCommand:
+    """Pickles like a torch tensor's storage (``torch.storage._load_from_bytes``), whose torch.save bytes
+    hold a command: plain pickle hands them to ``torch.load(weights_only=False)``."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return torch.storage._load_from_bytes, (torch_bytes(RunsCommand(self.command)),)
+
+
+def saved_on(tensor: torch.Tensor, device: str) -> bytes:
+    """``torch.save`` bytes of ``tensor`` as if it had been saved from ``device`` (a GPU we do not have)."""
+    src = zipfile.ZipFile(io.BytesIO(torch_bytes(tensor)))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("data.pkl"):  # the storage's location, a pickled str
+                data = data.replace(b"X\x03\x00\x00\x00cpu", b"X" + len(device).to_bytes(4, "little") + device.encode())
+            dst.writestr(info, data)
+    return out.getvalue()
+
+
+HOSTILE_FMT = replace(FMT, fps_conditioning=True, max_text_length=6)
+HOSTILE_FLAGS = ["--fps-conditioning", "--max-text-length", "6"]  # the command line of HOSTILE_FMT
+
+
+def hostile(markers: Path) -> dict[str, tuple[dict[str, bytes], SkipKind | None]]:
+    """Hostile and unusual samples, each with the kind it is skipped as (None: it trains). The code
+    in the pickles would create files in ``markers``."""
+    def shell(name: str) -> str:
+        return f"touch {markers / name}"
+
+    meta = json.loads(payloads((4, 2, 4))["json"])
+    latent = torch.randn(4, 2, 4)
+    return {
+        "pickle that runs a command": (with_members(pickle=pickle.dumps(RunsCommand(shell("system")))),
+                                       SkipKind.UNSAFE_PICKLE),
+        "pickle that runs code, then returns a good array": (
+            with_members(pickle=pickle.dumps(RunsCodeThenReturnsArray(markers / "eval"))), SkipKind.UNSAFE_PICKLE),
+        "tensor pickle whose storage bytes run a command": (
+            with_members(pickle=pickle.dumps(StorageRunsCommand(shell("storage")))), SkipKind.CORRUPT_MEMBER),
+        "JSON nested 100000 deep": (with_members(json=b'{"caption": "c", "x": ' + b"[" * 100000 + b"]" * 100000 + b"}"),
+                                    SkipKind.INVALID_JSON),
+        "sparse latent": (with_members(pth=torch_bytes(latent.to_sparse())), SkipKind.NOT_A_LATENT),
+        "meta-device latent (no data)": (with_members(pth=torch_bytes(torch.empty(4, 2, 4, device="meta"))),
+                                         SkipKind.SAMPLE_ERROR),
+        "latent viewing a 100x larger storage": (with_members(pth=torch_bytes(torch.randn(3200)[:32].view(4, 2, 4))),
+                                                 SkipKind.OVERSIZED_STORAGE),
+        "text viewing a larger storage": (with_members(pickle=pickle.dumps(torch.randn(100, 8)[:3])),
+                                          SkipKind.OVERSIZED_STORAGE),
+        "NaN fps": (with_members(json=json.dumps({**meta, "fps": float("nan")}).encode()), SkipKind.BAD_METADATA),
+        "negative fps": (with_members(json=json.dumps({**meta, "fps": -24}).encode()), SkipKind.BAD_METADATA),
+        "fewer frames than the latent": (with_members(pth=torch_bytes(torch.randn(4, 3, 2, 4)),
+                                                      json=json.dumps({**meta, "num_frames": 2}).encode()),
+                                         SkipKind.BAD_METADATA),
+        "height below the latent's": (with_members(json=json.dumps({**meta, "height": 1}).encode()), SkipKind.BAD_METADATA),
+        "text longer than --max-text-length": (with_members(pickle=pickle.dumps(np.ones((7, 8), np.float32))),
+                                               SkipKind.TEXT_OVERSIZE),
+        # unusual but sound: these train
+        "latent saved on a GPU": (with_members(pth=saved_on(latent, "cuda:0")), None),
+        "transposed latent": (with_members(pth=torch_bytes(torch.randn(4, 4, 2).transpose(1, 2))), None),
+        "expanded latent (stride 0)": (with_members(pth=torch_bytes(torch.randn(4, 1, 4).expand(4, 2, 4))), None),
+        "protocol 2 numpy text, 24 fps video": (
+            with_members(pickle=pickle.dumps(np.ones((2, 8), np.float16), protocol=2),
+                         json=json.dumps({**meta, "fps": 24, "num_frames": 1}).encode()), None),
+    }

@@ -34,6 +34,7 @@ class TrainLoader(Protocol):
 class Hooks:
     """The entry point's part of a run."""
 
+    launch_check: Callable[[argparse.Namespace], Any]  # raises ConfigError; .summary: one line for --validate-only
     model_provider: Callable[[DiTConfig, bool, bool], DiTModel]  # (config, pre_process, post_process)
     forward_step: Callable  # Megatron's forward_step_func(iterator of DiffusionMicroBatch, model)
     train_data_provider: Callable[[argparse.Namespace], TrainLoader]

@@ -1,0 +1,176 @@
+"""The launch check: flags, recipe, model, parallel layout and the dataset itself, before any process group.
+
+:func:`check_launch` is what ``pretrain_dit.py`` runs first on every rank, and all that
+``--validate-only`` runs (one plain process, for a launch of ``--world-size`` processes). It reads
+only what every rank reads alike, so every rank finds the same mistake (``dit.launch``).
+
+The dataset is probed: the first :data:`PROBE_PER_SHARD` samples of up to :data:`PROBE_SHARDS`
+shards spread over it go through the real cooker. When none of them could train, the mistake is
+almost always a flag, and the line says which and to what ("the latents of DS have 1 channels:
+pass --latent-channels 1"); a few broken samples among good ones are the loader's business
+(counted skips). A metadataset ``.yaml`` is not probed: energon resolves it when the run opens it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tarfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from megatron.energon.epathlib import EPath
+from megatron.energon.flavors.webdataset.config import split_name_re
+from megatron.energon.flavors.webdataset.metadata import get_dataset_info
+
+from data.errors import BadSample, SkipKind, one_line
+from data.loader import task_encoder
+from data.rank_split import pad_multiple
+from data.shard_reads import READ_ERRORS
+from data.task_encoder import DiTTaskEncoder
+from dit.arguments import has_split, validate_args, world_size
+from dit.config import DiTConfig, config_from_args
+from dit.errors import ConfigError
+
+PROBE_SHARDS = 8
+PROBE_PER_SHARD = 4
+
+# what to tell the user when no probed sample fits, by the flag the samples contradict; {values}: what
+# they have instead ({s}: its plural ending), {least} / {most}: its extremes, {detail}: the first sample's defect
+FIXES = {
+    "--latent-channels": "the latents of {path} have {values} channel{s}: pass --latent-channels {least}",
+    "--text-embed-dim": "the text embeddings of {path} are {values} wide: pass --text-embed-dim {least}",
+    "--max-seq-length": "none of the {n} samples probed in {path} fits: they take {least} to {most} tokens in this "
+                        "layout; pass --max-seq-length {most} (at least {least})",
+    "--max-text-length": "the text embeddings of the {n} samples probed in {path} have {least} to {most} rows: "
+                         "pass --max-text-length {most}",
+    "--patch-size": "the latents of {path} do not divide into patches ({detail}): pass a --patch-size that "
+                    "divides their height and width",
+    "--temporal-patch-size": "the latents of {path} do not divide into patches ({detail}): pass a "
+                             "--temporal-patch-size that divides their frame count",
+    "--conditioning": "the samples of {path} have no 'label' in their .json: pass --conditioning text, or add labels",
+    "--num-classes": "the labels of {path} need --num-classes {most} (or more)",
+}
+
+
+@dataclass(frozen=True)
+class Launch:
+    """A launch that passed every check."""
+
+    args: argparse.Namespace
+    config: DiTConfig
+    world_size: int
+    summary: str  # one line for --validate-only
+
+
+def check_launch(args: argparse.Namespace) -> Launch:
+    """Every check a launch of parsed flags can make before it starts (``dit.arguments.parse_args`` first:
+    it answers ``--help`` without these imports); raises :class:`ConfigError` on the first mistake."""
+    world = world_size(args)
+    validate_args(args, world)
+    config = config_from_args(args)
+    multiple = pad_multiple(args.context_parallel_size, args.tensor_model_parallel_size, args.sequence_parallel,
+                            fp8=args.fp8_format is not None)
+    check_layout(args, multiple)
+    encoder = task_encoder(args, multiple)
+    probes = [check_dataset(args.data_path, "--data-path", encoder)]
+    if args.valid_data_path is not None:
+        probes.append(check_dataset(args.valid_data_path, "--valid-data-path", encoder))
+    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+    summary = (f"{world} processes as tp={tp} pp={pp} cp={cp} dp={world // (tp * pp * cp)}; "
+               f"{config.num_layers} layers of width {config.hidden_size}; " + "; ".join(probes))
+    return Launch(args, config, world, summary)
+
+
+def check_layout(args: argparse.Namespace, multiple: int) -> None:
+    """``--max-seq-length`` against the padding the parallel layout gives every sample."""
+    layout = (f"cp={args.context_parallel_size}" + (f", tp={args.tensor_model_parallel_size} with sequence "
+              "parallel" if args.sequence_parallel else "") + (", fp8" if args.fp8_format else ""))
+    if args.max_seq_length < multiple:
+        raise ConfigError("--max-seq-length", f"{args.max_seq_length} is shorter than one patch padded for this "
+                                              f"layout ({layout}: {multiple} tokens); use at least {multiple}")
+    if args.no_packing and args.max_seq_length % multiple:
+        raise ConfigError("--max-seq-length", f"--no-packing pads every sample to {args.max_seq_length} tokens, "
+                                              f"which must split into multiples of {multiple} for this layout "
+                                              f"({layout}); use {args.max_seq_length // multiple * multiple}")
+
+
+def _probe_shards(root: Path) -> list[str]:
+    shards = list(get_dataset_info(EPath(root))["shard_counts"])
+    step = max(1, len(shards) // PROBE_SHARDS)
+    return shards[::step][:PROBE_SHARDS]
+
+
+def _first_samples(root: Path, shard: str, count: int) -> Iterator[dict]:
+    """The first ``count`` samples of a shard as crude samples (members as raw bytes), like energon's."""
+    sample: dict = {}
+    with tarfile.open(root / shard) as tar:
+        for member in tar:
+            match = split_name_re.match(member.name)
+            if not member.isfile() or match is None:
+                continue
+            name, ext = match.groups()
+            if sample and sample["__key__"] != name:
+                yield sample
+                count -= 1
+                if count == 0:
+                    return
+                sample = {}
+            sample = sample or {"__key__": name, "__shard__": shard, "__restore_key__": (), "__sources__": ()}
+            sample[ext] = tar.extractfile(member).read()
+    if sample:
+        yield sample
+
+
+def check_dataset(path: str, flag: str, encoder: DiTTaskEncoder) -> str:
+    """Probe a dataset folder with the run's cooker; a one-line summary when some sample could train."""
+    root = Path(path)
+    if root.is_file():
+        return f"{flag} {path}: a metadataset, not probed"
+    if not has_split(root, "train"):
+        raise ConfigError(flag, f"{path} has no train split; run energon prepare with --split-ratio 1,0,0")
+    shards = _probe_shards(root)
+    failures: list[BadSample] = []
+    unreadable: list[str] = []
+    trainable = 0
+    for shard in shards:
+        try:
+            samples = list(_first_samples(root, shard, PROBE_PER_SHARD))
+        except READ_ERRORS as e:
+            unreadable.append(f"{shard} ({one_line(e)})")
+            continue
+        for crude in samples:
+            try:
+                encoder.cooked(crude)
+                trainable += 1
+            except BadSample as e:
+                failures.append(e)
+            except Exception as e:  # noqa: BLE001 -- counted as the loader would count it
+                failures.append(BadSample(SkipKind.SAMPLE_ERROR, one_line(e)))
+    if shards and len(unreadable) == len(shards):
+        raise ConfigError(flag, f"none of the {len(shards)} shards probed in {path} reads: {unreadable[0]}; "
+                                "re-copy the dataset or run energon prepare again")
+    if not trainable:
+        raise _mismatch(flag, path, failures)
+    kinds = Counter(f.kind.value for f in failures)
+    skipped = f", skipped {dict(kinds)}" if kinds else ""
+    lost = f", {len(unreadable)} shards unreadable" if unreadable else ""
+    return f"{flag} {path}: {trainable} of {trainable + len(failures)} samples probed could train{skipped}{lost}"
+
+
+def _mismatch(flag: str, path: str, failures: list[BadSample]) -> ConfigError:
+    """The line for a dataset none of whose probed samples could train: the flag they contradict most."""
+    flagged = Counter(f.flag for f in failures if f.flag is not None)
+    if flagged:
+        culprit = flagged.most_common(1)[0][0]
+        cases = [f for f in failures if f.flag == culprit]
+        values = sorted({f.value for f in cases if f.value is not None}) or [0]
+        text = FIXES[culprit].format(path=path, n=len(failures), values=" or ".join(map(str, values[:4])),
+                                     s="" if values == [1] else "s", least=values[0], most=values[-1],
+                                     detail=cases[0].detail)
+        return ConfigError(culprit, text)
+    kinds = ", ".join(f"{k}={n}" for k, n in Counter(f.kind.value for f in failures).most_common())
+    first = f"; first: {failures[0].detail}" if failures else ""
+    return ConfigError(flag, f"none of the {len(failures)} samples probed in {path} could train [{kinds}]{first}; "
+                             f"python -m data.report {path} lists them")

@@ -1,0 +1,47 @@
+"""How a launch ends on a user's mistake: one line that reaches the terminal, under torchrun too.
+
+Every rank validates identically (the same flags, layout and probed samples: ``data.preflight``),
+so every rank finds the same mistake. Were each to exit at once, torchrun would stop the others as
+soon as the first one is gone, rank 0 sometimes before it printed (about one launch in four). So
+rank 0 prints the line, hands it to torchrun's error file (torchrun's failure summary, the last
+thing on the terminal, then shows the line instead of "To enable traceback see ..."), and exits 2;
+every other rank stays alive until torchrun stops it. Only a rank that is still running after
+:data:`WAIT_S` prints its own line and exits: its mistake was its own (a file only its node has).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import warnings
+
+from dit.arguments import is_main_process
+
+WAIT_S = 60.0
+"""How long a rank other than 0 waits to be stopped before it reports its mistake itself."""
+LIBRARY_WARNINGS = (
+    "Transformer Engine and Apex are not installed",  # Megatron-Core, four times per process; the backend line says it
+    "'pin_memory' argument is set as true but no accelerator is found",  # energon's loader on a CPU machine
+)
+
+
+def quiet_library_warnings() -> None:
+    """Hide the libraries' warnings that ask nothing of the user (call it before importing them)."""
+    for message in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
+def user_error(prog: str, error: Exception, status: int = 2) -> int:
+    """Report a user's mistake (or a run that must stop) as ``prog: error: <error>`` and return ``status``."""
+    if not is_main_process():
+        time.sleep(WAIT_S)  # torchrun stops this rank once rank 0 has printed the same line and exited
+    line = f"{prog}: error: {error}"
+    print(line, file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:  # torchrun's agent reads it when this rank fails (the format of torch's @record)
+        with open(error_file, "w") as f:
+            json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                   "timestamp": str(int(time.time()))}}}, f)
+    return status

@@ -1,0 +1,79 @@
+"""Shards are untrusted input: hostile and broken samples and lost shards, on real datasets through the loader.
+
+Each one must be counted exactly (by kind, against a hand count of what was written), nothing in a
+shard may run, nothing may crash, and every other sample must train.
+"""
+
+from collections import Counter
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from data.errors import SkipKind
+from data.sample import DiffusionSample, EncodedSample, SkippedSample
+from data.shards import shard_name
+from data.task_encoder import DiTTaskEncoder
+from tests.tiny_data import HOSTILE_FLAGS, HOSTILE_FMT, crude, cut_shard, good_entries, hostile, tiny_loader, write_dataset
+
+PER_SHARD = 8
+LOST = 1  # the shard deleted after prepare
+
+
+@pytest.mark.parametrize("name", list(hostile(Path("markers"))))
+def test_each_hostile_sample_is_its_own_kind_of_skip_or_trains(tmp_path, name):
+    files, kind = hostile(tmp_path)[name]
+    encoder = DiTTaskEncoder(HOSTILE_FMT, max_seq_length=32, pad_multiple=4)
+    cooked = encoder.cook(crude(files))
+    result = encoder.postencode_sample(cooked) if isinstance(cooked, DiffusionSample) else cooked
+    if kind is None:
+        assert isinstance(result, EncodedSample), result
+    else:
+        assert isinstance(result, SkippedSample) and result.kind == kind, result
+    assert list(tmp_path.iterdir()) == []  # no pickle ran its code
+
+
+@pytest.fixture(scope="module")
+def hostile_dataset(tmp_path_factory):
+    """24 good samples with every hostile sample among them, 8 a shard; shard 1 deleted after prepare.
+
+    Returns the dataset, the folder the pickles' code would write into, and the entries as written."""
+    markers = tmp_path_factory.mktemp("markers")
+    cases = hostile(markers)
+    good = good_entries(24, seed=5)
+    odd = [(f"case_{i:02d}", files) for i, (files, _) in enumerate(cases.values())]
+    entries = [e for pair in zip(good, odd) for e in pair] + good[len(odd):]
+    root = write_dataset(tmp_path_factory.mktemp("hostile"), entries, per_shard=PER_SHARD)
+    (root / shard_name(LOST)).unlink()
+    return root, markers, entries, list(cases.values())
+
+
+def test_hostile_shards_are_counted_exactly_nothing_runs_and_the_rest_trains(hostile_dataset):
+    root, markers, entries, cases = hostile_dataset
+    lost = {key for key, _ in entries[LOST * PER_SHARD:(LOST + 1) * PER_SHARD]}
+    kinds = {f"case_{i:02d}": kind for i, (_, kind) in enumerate(cases)}
+    expected_trained = sorted(key for key, _ in entries if key not in lost and kinds.get(key) is None)
+    expected_skips = Counter(kinds[key].value for key, _ in entries if key in kinds and key not in lost and kinds[key])
+    expected_skips[SkipKind.CORRUPT_SHARD.value] = len(lost)
+
+    with closing(tiny_loader(root, *HOSTILE_FLAGS, workers=2, repeat=False)) as loader:
+        keys = [k for pack in loader for k in pack.keys]
+    assert sorted(k.rsplit("/", 1)[-1] for k in keys) == expected_trained  # each once, no other
+    assert loader.stats.skipped == dict(expected_skips)
+    assert (loader.stats.read, loader.stats.trained) == (len(entries), len(expected_trained))
+    assert list(markers.iterdir()) == []  # the pickles' commands never ran, in any worker
+
+
+def test_a_packing_buffer_of_only_broken_samples_is_counted_exactly(tmp_path):
+    """Shard 1 cut to nothing after prepare: its 8 samples in a row exceed the buffer of 4, so at least one
+    buffer holds only markers; energon drops samples that no pack holds, so that pack must still come."""
+    root = write_dataset(tmp_path / "ds", good_entries(24, seed=6), per_shard=8)
+    lost = cut_shard(root / shard_name(1), keep=0.0)
+    assert len(lost) == 8
+    with closing(tiny_loader(root, "--packing-buffer-size", "4", repeat=False)) as loader:
+        packs = list(loader.loader)  # energon's LoadedPacks, the empty ones included
+    empty = [p for p in packs if p.batch is None]
+    assert empty and all(p.stats.read == 4 and p.stats.skipped == {"corrupt_shard": 4} for p in empty)
+    assert sum(p.stats.read for p in packs) == 24
+    assert sum(p.stats.trained for p in packs) == 16
+    assert sum(p.stats.skipped.get("corrupt_shard", 0) for p in packs) == 8

@@ -1,0 +1,102 @@
+"""Sampling from checkpoints: guidance against separate forward passes, the EMA of a TP=2 checkpoint
+loaded whole in one CPU process, and the CLI from checkpoint to latents and grid."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pretrain_dit
+from dit.arguments import parse_args, validate_args
+from dit.diffusion import build_objective
+from dit.diffusion.guidance import Condition, GuidedPrediction
+from dit.model import DiTModel
+from dit.training.pretrain import pretrain
+from tests.distributed import run_distributed
+from tests.launch import ROOT
+from tests.model_setup import full_weights, randomize, single_process, tiny_config  # noqa: F401
+from tests.tiny_data import good_entries, write_dataset
+
+
+@pytest.mark.parametrize("conditioning", ["text", "class"])
+def test_guidance_is_uncond_plus_g_times_the_difference(single_process, conditioning):  # noqa: F811
+    config = tiny_config(conditioning=conditioning)
+    model = DiTModel(config).eval()
+    randomize(model, seed=3)
+    flow = build_objective("flow", flow_shift=1.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 1, 4, 6, generator=g, dtype=torch.float64)
+    text = [torch.randn(2 + i, 16, generator=g) for i in range(3)]
+    conds = [Condition(text=t, label=i) for i, t in enumerate(text)]
+    null = [Condition(text=torch.zeros(1, 16), label=config.num_classes)] * 3
+
+    def run(conditions, guidance):
+        return GuidedPrediction(model, flow, config, conditions, guidance, torch.device("cpu"))(x, 0.4)
+
+    cond, uncond = run(conds, 1.0), run(null, 1.0)  # G = 1: the conditional model alone, one pass each
+    assert not torch.allclose(cond, uncond)
+    assert torch.allclose(run(conds, 2.5), uncond + 2.5 * (cond - uncond), atol=1e-5)  # one pass of 2 x 3 samples
+
+
+FLAGS = ["--num-layers", "2", "--hidden-size", "48", "--num-attention-heads", "4", "--latent-channels", "4",
+         "--patch-size", "2", "--text-embed-dim", "8", "--max-seq-length", "32", "--packing-buffer-size", "8",
+         "--num-workers", "0", "--transformer-impl", "local", "--lr", "1e-2", "--ema-decay", "0.5",
+         "--global-batch-size", "2", "--train-iters", "3"]
+
+
+def _train(data_path: str, save: str) -> dict:
+    import torch.distributed as dist
+
+    args = validate_args(parse_args(FLAGS + ["--data-path", data_path, "--save", save,
+                                             "--tensor-model-parallel-size", "2"]), dist.get_world_size())
+    result = pretrain(args, pretrain_dit.HOOKS)
+    with result.ema.applied():
+        return full_weights(result.setup.model[0].module, result.setup.config)
+
+
+def _loaded(save: str, no_ema: bool) -> dict:
+    from dit import generate
+
+    args = generate.build_parser().parse_args(["--load", save, "--latent-shape", "4,4,4", "--output", "x.pt"]
+                                              + (["--no-ema"] if no_ema else []))
+    model, _, which = generate.load_model(args, generate.checkpoint_path(args), torch.device("cpu"))
+    assert which == ("raw" if no_ema else "EMA")
+    return {n: p.detach().clone().numpy() for n, p in model.named_parameters()}
+
+
+@pytest.mark.slow
+def test_a_tp2_checkpoint_samples_in_one_cpu_process(tmp_path):
+    data = str(write_dataset(tmp_path / "ds", good_entries(24, seed=6)))
+    ema = _merged(run_distributed(_train, 2, data, str(tmp_path / "ckpt")))
+    loaded = run_distributed(_loaded, 1, str(tmp_path / "ckpt"), False)[0]
+    raw = run_distributed(_loaded, 1, str(tmp_path / "ckpt"), True)[0]
+    assert loaded.keys() == ema.keys()
+    for name, weights in ema.items():
+        assert (loaded[name] == weights).all(), name  # the TP=2 shards of the EMA, put together
+    assert any((raw[n] != ema[n]).any() for n in ema)  # and the raw weights are other weights
+    out = subprocess.run([sys.executable, "-m", "dit.generate", "--load", str(tmp_path / "ckpt"), "--latent-shape",
+                          "4,2,4,4", "--num-samples", "3", "--steps", "4", "--guidance", "2", "--seed", "1",
+                          "--output", str(tmp_path / "x.pt"), "--text-embedding", *_prompts(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    latents = torch.load(tmp_path / "x.pt")
+    assert latents.shape == (6, 4, 2, 4, 4) and torch.isfinite(latents).all()
+    assert "EMA weights, flow, 4 steps, guidance 2.0" in out.stdout
+
+
+def _merged(results: list[dict]) -> dict:
+    return {name: w for r in results for name, w in r.items()}
+
+
+def _prompts(tmp_path) -> list[str]:
+    import pickle
+
+    import numpy as np
+
+    paths = []
+    for i in range(2):
+        path = tmp_path / f"prompt_{i}.pickle"
+        path.write_bytes(pickle.dumps(np.random.default_rng(i).standard_normal((3, 8)).astype(np.float32)))
+        paths.append(str(path))
+    return paths
