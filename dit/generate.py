@@ -211,7 +211,7 @@ def _write_video(path: str, clip, fps: float) -> None:
     import av
 
     with av.open(path, "w") as container:
-        stream = container.add_stream("libx264", rate=round(fps))
+        stream = container.add_stream("mpeg4", rate=round(fps))  # in every PyAV wheel (x264 is not)
         stream.height, stream.width = clip.shape[2], clip.shape[3]
         stream.pix_fmt = "yuv420p"
         for frame in clip:

@@ -336,3 +336,36 @@ def test_command_line_exit_code(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"data.prepare: error: INPUT: {tmp_path / 'nowhere'} is not a folder; "
         "give the folder that holds the images/videos"]
+
+
+@pytest.mark.parametrize("vae, frames", [("vae", 1), ("video_vae", 3)])
+def test_vae_decode_for_sampling(models, tmp_path, vae, frames):
+    """VaeEncoder.decode undoes the normalisation and decodes as diffusers does; dit.generate writes the
+    decoded samples as PNG images or MP4 videos of the right size."""
+    from argparse import Namespace
+
+    from diffusers import AutoModel
+
+    from data.encoders import VaeEncoder
+    from dit.generate import decode_to_files
+
+    latents = torch.randn(2, 4, frames, 4, 6, generator=torch.Generator().manual_seed(0))
+    pixels = VaeEncoder(str(models[vae])).decode(latents)  # [N, T, 3, H, W] uint8
+    reference = AutoModel.from_pretrained(str(models[vae]))
+    if vae == "vae":
+        z = latents[:, :, 0] / SCALE + SHIFT
+        expected = reference.decode(z).sample[:, None]  # [N, 1, 3, H, W]
+    else:
+        expected = reference.decode(latents * STD + MEAN).sample.transpose(1, 2)  # [N, T, 3, H, W]
+    expected = ((expected.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    assert pixels.shape == expected.shape and (pixels.int() - expected.int()).abs().max() <= 1
+    files = decode_to_files(Namespace(vae=str(models[vae]), vae_subfolder=None, output=str(tmp_path / "s.pt"), fps=8.0),
+                            latents)
+    assert len(files) == 2
+    if frames == 1:
+        assert files[0].endswith(".png") and Image.open(files[0]).size == (pixels.shape[-1], pixels.shape[-2])
+    else:
+        with av.open(files[0]) as container:
+            decoded = list(container.decode(video=0))
+        assert files[0].endswith(".mp4") and len(decoded) == pixels.shape[1]
+        assert (decoded[0].height, decoded[0].width) == tuple(pixels.shape[-2:])
