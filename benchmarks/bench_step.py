@@ -39,8 +39,23 @@ def parse() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps-per-round", type=int, default=2)
     p.add_argument("--num-workers", type=int, default=1, help="Loader worker processes of the recipe's step.")
-    p.add_argument("--samples", type=int, default=160, help="Images in the synthetic dataset (256 and 512 px).")
+    p.add_argument("--samples", type=int, default=160, help="Images in the synthetic dataset (256 px latents).")
     return p.parse_args()
+
+
+def write_images(root: Path, samples: int) -> None:
+    """Same-sized images (latents [16, 32, 32]: 256 tokens at patch 2), so that every pack of the recipe's
+    stream holds as many tokens as the bare step's pack and both steps do the same work."""
+    import numpy as np
+    import torch
+
+    from data.shards import ShardSample, encode_sample, write_dataset
+
+    g, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
+    stream = ((f"image_{i:05d}", encode_sample(ShardSample(
+        torch.randn(16, 32, 32, generator=g).to(torch.bfloat16),
+        rng.standard_normal((64, 1024)).astype(np.float16), {"caption": f"image {i}"}))) for i in range(samples))
+    write_dataset(root, stream, samples_per_shard=40)
 
 
 def recipe_args(a: argparse.Namespace, data: str) -> argparse.Namespace:
@@ -55,33 +70,21 @@ def recipe_args(a: argparse.Namespace, data: str) -> argparse.Namespace:
 
 
 class Recipe:
-    """The loop body of dit.training.pretrain.train, one step at a time."""
+    """The training loop's own iteration (dit.training.pretrain.TrainingLoop.iterate), one at a time."""
 
     def __init__(self, args: argparse.Namespace):
         import pretrain_dit
-        from dit.training.metrics import TrainingLogger
-        from dit.training.pretrain import gather_data_stats, setup_training
+        from dit.training.ema import EMA
+        from dit.training.pretrain import TrainingLoop, setup_training
         from dit.training.state import TrainState
 
-        self.args, self.gather = args, gather_data_stats
         self.setup = setup_training(args, pretrain_dit.HOOKS)
-        self.forward_step = pretrain_dit.forward_step
         self.loader = pretrain_dit.train_data_provider(args)
-        self.state = TrainState()
-        self.logger = TrainingLogger(args, world_size=1, peak_tflops=None, pack_capacity=args.max_seq_length,
-                                     logging_rank=False, objective=self.setup.objective.name)
+        ema = EMA(self.setup, args.ema_decay, args.ema_warmup)
+        self.loop = TrainingLoop(self.setup, self.loader, pretrain_dit.forward_step, TrainState(), ema)
 
     def step(self) -> None:
-        from dit.training.pretrain import _advance
-        from dit.training.step import train_step
-
-        start = time.monotonic()
-        packs = [next(self.loader)]
-        result = train_step(self.setup, self.forward_step, packs, self.state.iteration + 1)
-        _advance(self.state, result, self.args.max_skipped_steps, None)
-        self.logger.record(result, time.monotonic() - start)
-        if self.state.iteration % self.args.log_interval == 0:
-            self.logger.log(self.state, self.setup.optimizer.param_groups[0]["lr"], self.gather(self.loader.stats))
+        self.loop.iterate()
 
 
 class Bare:
@@ -128,11 +131,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(a.threads)
-    from data.synthetic import write_synthetic
     from dit import runtime
 
     with tempfile.TemporaryDirectory() as tmp:
-        write_synthetic(Path(tmp), samples=a.samples, video_fraction=0.0)
+        write_images(Path(tmp), a.samples)
         args = recipe_args(a, tmp)
         recipe = Recipe(args)
         device = recipe.setup.device
@@ -150,8 +152,8 @@ def main() -> None:
     ratios = [r / b for r, b in rounds]
     result = {
         "benchmark": "bench_step", "model_size": a.model_size, "num_layers": args.num_layers, "device": a.device,
-        "dtype": "bf16" if a.bf16 else "fp32", "max_seq_length": a.max_seq_length, "tokens_first_pack": tokens,
-        "threads": a.threads, "rounds": a.rounds, "steps_per_round": a.steps_per_round,
+        "dtype": "bf16" if a.bf16 else "fp32", "max_seq_length": a.max_seq_length,
+        "tokens_per_pack": tokens, "threads": a.threads, "rounds": a.rounds, "steps_per_round": a.steps_per_round,
         "recipe_step_s": statistics.median(r for r, _ in rounds), "bare_step_s": statistics.median(b for _, b in rounds),
         "overhead_ratio": statistics.median(ratios), "ratios": ratios,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores" + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""),

@@ -14,11 +14,9 @@ from dit.training.checkpointing import TRACKER, read_tracker, retain, write_trac
 from dit.training.pretrain import pretrain
 from tests.distributed import RankFailed, run_distributed
 from tests.launch import ROOT
-from tests.tiny_data import good_entries, write_dataset
+from tests.tiny_data import TINY_RUN, good_entries, write_dataset
 
-FLAGS = ["--num-layers", "2", "--hidden-size", "48", "--num-attention-heads", "4", "--latent-channels", "4",
-         "--patch-size", "2", "--text-embed-dim", "8", "--max-seq-length", "32", "--packing-buffer-size", "8",
-         "--num-workers", "0", "--transformer-impl", "local", "--log-interval", "1"]
+FLAGS = TINY_RUN
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,11 @@ from dit.arguments import parse_args, validate_args
 from dit.training.pretrain import pretrain
 from tests.distributed import run_distributed
 from tests.model_setup import full_weights
-from tests.tiny_data import good_entries, write_dataset
+from tests.tiny_data import TINY_RUN, good_entries, write_dataset
 
 pytestmark = pytest.mark.slow
 
-FLAGS = ["--num-layers", "2", "--hidden-size", "48", "--num-attention-heads", "4", "--latent-channels", "4",
-         "--patch-size", "2", "--text-embed-dim", "8", "--max-seq-length", "32", "--packing-buffer-size", "8",
-         "--num-workers", "0", "--transformer-impl", "local", "--lr", "1e-3", "--lr-decay-style", "constant",
-         "--global-batch-size", "2", "--log-interval", "1", "--seed", "3"]
+FLAGS = TINY_RUN + ["--lr", "1e-3", "--lr-decay-style", "constant", "--global-batch-size", "2", "--seed", "3"]
 
 
 @pytest.fixture(scope="module")

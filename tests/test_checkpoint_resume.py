@@ -14,15 +14,13 @@ import pytest
 from dit.training.checkpointing import read_tracker
 from dit.training.sample_log import read_sample_log
 from tests.launch import kill, run_to_end, torchrun, wait_until, workers
-from tests.tiny_data import good_entries, write_dataset
+from tests.tiny_data import TINY_RUN, good_entries, write_dataset
 
 pytestmark = pytest.mark.slow
 
 K = 3
-FLAGS = ["--num-layers", "2", "--hidden-size", "48", "--num-attention-heads", "4", "--latent-channels", "4",
-         "--patch-size", "2", "--text-embed-dim", "8", "--max-seq-length", "32", "--packing-buffer-size", "8",
-         "--num-workers", "1", "--transformer-impl", "local", "--lr", "1e-3", "--lr-decay-style", "constant",
-         "--global-batch-size", "4", "--log-interval", "1", "--save-interval", str(K)]
+FLAGS = TINY_RUN + ["--num-workers", "1", "--lr", "1e-3", "--lr-decay-style", "constant", "--global-batch-size", "4",
+                    "--save-interval", str(K)]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from dit.diffusion.draws import draw, drop_conditioning
 from dit.packed import thd_partition_indices
 from tests.distributed import run_distributed
 from tests.model_setup import make_microbatch
-from tests.tiny_data import payloads, write_dataset
+from tests.tiny_data import TINY_RUN, payloads, write_dataset
 
 
 def test_draws_depend_on_seed_iteration_and_key_only():
@@ -53,11 +53,9 @@ def test_guidance_dropout_rate_and_null_conditioning():
 
 
 def _rank_draws(data_path: str, tp: int, cp: int) -> dict:
-    args = validate_args(parse_args([
-        "--num-layers", "2", "--hidden-size", "48", "--num-attention-heads", "4", "--latent-channels", "4",
-        "--patch-size", "2", "--text-embed-dim", "8", "--max-seq-length", "64", "--num-workers", "0",
-        "--packing-buffer-size", "16", "--tensor-model-parallel-size", str(tp), "--context-parallel-size", str(cp),
-        "--data-path", data_path]), dist.get_world_size())
+    args = validate_args(parse_args(TINY_RUN + [
+        "--max-seq-length", "64", "--packing-buffer-size", "16", "--tensor-model-parallel-size", str(tp),
+        "--context-parallel-size", str(cp), "--data-path", data_path]), dist.get_world_size())
     runtime.initialize_model_parallel(runtime.ParallelLayout(tensor=tp, context=cp))
     loader = build_train_loader(args)
     pack = next(loader)

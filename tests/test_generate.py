@@ -16,7 +16,7 @@ from dit.training.pretrain import pretrain
 from tests.distributed import run_distributed
 from tests.launch import ROOT
 from tests.model_setup import full_weights, randomize, single_process, tiny_config  # noqa: F401
-from tests.tiny_data import good_entries, write_dataset
+from tests.tiny_data import TINY_RUN, good_entries, write_dataset
 
 
 @pytest.mark.parametrize("conditioning", ["text", "class"])
@@ -39,10 +39,7 @@ def test_guidance_is_uncond_plus_g_times_the_difference(single_process, conditio
     assert torch.allclose(run(conds, 2.5), uncond + 2.5 * (cond - uncond), atol=1e-5)  # one pass of 2 x 3 samples
 
 
-FLAGS = ["--num-layers", "2", "--hidden-size", "48", "--num-attention-heads", "4", "--latent-channels", "4",
-         "--patch-size", "2", "--text-embed-dim", "8", "--max-seq-length", "32", "--packing-buffer-size", "8",
-         "--num-workers", "0", "--transformer-impl", "local", "--lr", "1e-2", "--ema-decay", "0.5",
-         "--global-batch-size", "2", "--train-iters", "3"]
+FLAGS = TINY_RUN + ["--lr", "1e-2", "--ema-decay", "0.5", "--global-batch-size", "2", "--train-iters", "3"]
 
 
 def _train(data_path: str, save: str) -> dict:

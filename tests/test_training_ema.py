@@ -12,12 +12,9 @@ from dit.training.ema import ema_decay
 from dit.training.pretrain import pretrain
 from tests.distributed import run_distributed
 from tests.model_setup import full_weights
-from tests.tiny_data import good_entries, write_dataset
+from tests.tiny_data import TINY_RUN, good_entries, write_dataset
 
-FLAGS = ["--num-layers", "2", "--hidden-size", "48", "--num-attention-heads", "4", "--latent-channels", "4",
-         "--patch-size", "2", "--text-embed-dim", "8", "--max-seq-length", "32", "--packing-buffer-size", "8",
-         "--num-workers", "0", "--transformer-impl", "local", "--lr", "1e-2", "--lr-decay-style", "constant",
-         "--log-interval", "1", "--ema-decay", "0.8"]
+FLAGS = TINY_RUN + ["--lr", "1e-2", "--lr-decay-style", "constant", "--ema-decay", "0.8"]
 
 _seen = []
 

@@ -21,16 +21,15 @@ from dit.arguments import parse_args, validate_args
 from dit.training.pretrain import pretrain
 from tests.distributed import run_distributed
 from tests.model_setup import full_weights, global_name, tp_slice
-from tests.tiny_data import payloads, write_dataset
+from tests.tiny_data import TINY_RUN, payloads, write_dataset
 
 pytestmark = pytest.mark.slow
 
 # token counts (patch 2) that are multiples of 4, so every layout pads them alike (2*cp = 4, tp under SP)
 SHAPES = [(4, 4, 4), (4, 2, 4, 4), (4, 8, 8), (4, 3, 4, 4), (4, 4, 8), (4, 8, 4), (4, 2, 8, 4)]
-FLAGS = ["--num-layers", "4", "--hidden-size", "48", "--num-attention-heads", "4", "--latent-channels", "4",
-         "--patch-size", "2", "--text-embed-dim", "8", "--max-seq-length", "32", "--packing-buffer-size", "9",
-         "--transformer-impl", "local", "--seed", "11", "--train-iters", "2", "--global-batch-size", "2",
-         "--lr", "1e-2", "--lr-decay-style", "constant", "--adam-eps", "1e-4", "--text-drop-prob", "0.3", "--log-interval", "1"]
+FLAGS = TINY_RUN + ["--num-layers", "4", "--packing-buffer-size", "9", "--seed", "11", "--train-iters", "2",
+                    "--global-batch-size", "2", "--lr", "1e-2", "--lr-decay-style", "constant", "--adam-eps", "1e-4",
+                    "--text-drop-prob", "0.3"]  # --num-workers: per layout, see the module docstring
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,14 @@ import pretrain_dit
 from dit.arguments import parse_args, validate_args
 from dit.training.pretrain import pretrain
 from tests.distributed import run_distributed
-from tests.tiny_data import payloads
+from tests.tiny_data import TINY_RUN, payloads
 from data import shards
 
 pytestmark = pytest.mark.slow
 
 # token counts (patch 2) that are multiples of 4, so every layout pads them alike
 SHAPES = [(4, 4, 4), (4, 2, 4, 4), (4, 8, 8), (4, 3, 4, 4), (4, 4, 8), (4, 8, 4), (4, 2, 8, 4)]
-FLAGS = ["--num-layers", "2", "--hidden-size", "48", "--num-attention-heads", "4", "--latent-channels", "4",
-         "--patch-size", "2", "--text-embed-dim", "8", "--max-seq-length", "32", "--packing-buffer-size", "8",
-         "--num-workers", "0", "--transformer-impl", "local", "--lr", "1e-3", "--log-interval", "1",
-         "--global-batch-size", "2", "--eval-iters", "2"]
+FLAGS = TINY_RUN + ["--lr", "1e-3", "--global-batch-size", "2", "--eval-iters", "2"]
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,12 @@ FLAGS = ["--max-seq-length", "32", "--patch-size", "2", "--latent-channels", "4"
 
 Entry = tuple[str, dict[str, bytes]]
 
+# pretrain_dit.py flags of a tiny DiT for these datasets (head dim 12: 3D RoPE gives t, h and w a pair each);
+# tests add their own after these (argparse keeps the last value)
+TINY_RUN = ["--num-layers", "2", "--hidden-size", "48", "--num-attention-heads", "4", "--latent-channels", "4",
+            "--patch-size", "2", "--text-embed-dim", "8", "--max-seq-length", "32", "--packing-buffer-size", "8",
+            "--num-workers", "0", "--transformer-impl", "local", "--log-interval", "1"]
+
 
 def payloads(shape: tuple[int, ...], *, seed: int = 0, dtype: torch.dtype = torch.float32, text_len: int = 3,
              text: Any = None, meta: dict[str, Any] | None = None) -> dict[str, bytes]:

@@ -112,69 +112,84 @@ def _advance(state: TrainState, result: StepResult, max_skipped: int, last_check
             f"(python -m data.report); {resume}")
 
 
-def _validate(validator: Validator | None, logger: TrainingLogger, result: TrainResult) -> None:
-    if validator is not None:
-        outcome = validator.run()
-        result.validations.append((result.state.iteration, outcome))
-        logger.log_validation(result.state.iteration, outcome, validator.ema is not None)
+class TrainingLoop:
+    """The loop's parts and one iteration of it (:meth:`iterate`): ``--train-iters`` steps from ``state``,
+    each on ``global / (micro x DP)`` packs of this rank's loader, with the log, validation, checkpoints
+    (every ``--save-interval``, on an exit and at the end) and the exit conditions around it."""
 
+    def __init__(self, setup: TrainingSetup, loader: TrainLoader, forward_step: ForwardStep, state: TrainState,
+                 ema: EMA | None = None, validator: Validator | None = None):
+        args = self.args = setup.args
+        self.setup, self.loader, self.forward_step, self.ema, self.validator = setup, loader, forward_step, ema, validator
+        self.num_microbatches = args.global_batch_size // (args.micro_batch_size * ps.get_data_parallel_world_size())
+        self.logging_rank = dist.get_rank() == dist.get_world_size() - 1  # the last stage has the loss
+        peak = args.peak_tflops or (peak_tflops(torch.cuda.get_device_name(), args.fp8_format is not None)
+                                    if torch.cuda.is_available() else None)
+        self.logger = TrainingLogger(
+            args, world_size=dist.get_world_size(), peak_tflops=peak, logging_rank=self.logging_rank,
+            pack_capacity=args.max_seq_length * (args.micro_batch_size if args.no_packing else 1),
+            objective=setup.objective.name)
+        self.exits, self.samples, self.checkpointer = ExitConditions(args, setup.device), SampleLog(args.sample_log), Checkpointer(args)
+        self.result = TrainResult(state=state, setup=setup, ema=ema)
 
-def train(setup: TrainingSetup, loader: TrainLoader, forward_step: ForwardStep, state: TrainState,
-          ema: EMA | None, validator: Validator | None) -> TrainResult:
-    """Steps from ``state`` until ``--train-iters`` or an exit condition; each takes ``global / (micro x DP)``
-    packs from this rank's loader. Saves every ``--save-interval``, on exit and at the end."""
-    args = setup.args
-    dp = ps.get_data_parallel_world_size()
-    num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
-    logging_rank = dist.get_rank() == dist.get_world_size() - 1  # the last stage has the loss
-    peak = args.peak_tflops or (peak_tflops(torch.cuda.get_device_name(), args.fp8_format is not None)
-                                if torch.cuda.is_available() else None)
-    logger = TrainingLogger(args, world_size=dist.get_world_size(), peak_tflops=peak, logging_rank=logging_rank,
-                            pack_capacity=args.max_seq_length * (args.micro_batch_size if args.no_packing else 1),
-                            objective=setup.objective.name)
-    exits, samples = ExitConditions(args, setup.device), SampleLog(args.sample_log)
-    parameters = count_parameters(setup.model[0].module)
-    if logging_rank:
-        print(f"pretrain_dit.py: {parameters:,} parameters, {args.transformer_impl} backend, "
-              f"tp={args.tensor_model_parallel_size} pp={args.pipeline_model_parallel_size} "
-              f"cp={args.context_parallel_size} dp={dp}; {args.objective} objective; {args.global_batch_size} "
-              f"packs of up to {args.max_seq_length} tokens a step ({num_microbatches} per DP rank); "
-              f"from iteration {state.iteration} to {args.train_iters}", flush=True)
-    result = TrainResult(state=state, setup=setup, ema=ema)
-    checkpointer = Checkpointer(args)
-    try:
-        if args.skip_train:
-            _validate(validator, logger, result)
-            return result
-        while state.iteration < args.train_iters:
-            start = time.monotonic()
-            packs = [next(loader) for _ in range(num_microbatches)]
-            step = train_step(setup, forward_step, packs, state.iteration + 1)
-            checkpointer.poll()
-            if ema is not None and not step.skipped:
-                ema.update()
-            _advance(state, step, args.max_skipped_steps, checkpointer.last)
-            logger.record(step, time.monotonic() - start)
-            samples.write(state.iteration, step)
-            lr = setup.optimizer.param_groups[0]["lr"]
-            result.history.append(StepRecord(state.iteration, step.loss, step.grad_norm, step.skipped, lr, step.keys))
-            if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
-                logger.log(state, lr, gather_data_stats(loader.stats))
-            last = state.iteration == args.train_iters
-            if args.eval_interval and (state.iteration % args.eval_interval == 0 or last):
-                _validate(validator, logger, result)
-            result.exit_reason = exits.reason(state.iteration)
-            due = args.save_interval and state.iteration % args.save_interval == 0
-            if args.save and (due or result.exit_reason or last):
-                checkpointer.save(setup, state, loader, ema)
-            if result.exit_reason:
-                break
-        checkpointer.finish()
-    finally:
-        logger.close()
-        exits.close()
-        samples.close()
-    return result
+    def announce(self) -> None:
+        args, state = self.args, self.result.state
+        parameters = count_parameters(self.setup.model[0].module)
+        if self.logging_rank:
+            print(f"pretrain_dit.py: {parameters:,} parameters, {args.transformer_impl} backend, "
+                  f"tp={args.tensor_model_parallel_size} pp={args.pipeline_model_parallel_size} "
+                  f"cp={args.context_parallel_size} dp={ps.get_data_parallel_world_size()}; {args.objective} "
+                  f"objective; {args.global_batch_size} packs of up to {args.max_seq_length} tokens a step "
+                  f"({self.num_microbatches} per DP rank); from iteration {state.iteration} to {args.train_iters}",
+                  flush=True)
+
+    def iterate(self) -> str | None:
+        """One step and what follows it; the reason to stop early, if there is one."""
+        args, state = self.args, self.result.state
+        start = time.monotonic()
+        packs = [next(self.loader) for _ in range(self.num_microbatches)]
+        step = train_step(self.setup, self.forward_step, packs, state.iteration + 1)
+        self.checkpointer.poll()
+        if self.ema is not None and not step.skipped:
+            self.ema.update()
+        _advance(state, step, args.max_skipped_steps, self.checkpointer.last)
+        self.logger.record(step, time.monotonic() - start)
+        self.samples.write(state.iteration, step)
+        lr = self.setup.optimizer.param_groups[0]["lr"]
+        self.result.history.append(StepRecord(state.iteration, step.loss, step.grad_norm, step.skipped, lr, step.keys))
+        last = state.iteration == args.train_iters
+        if state.iteration % args.log_interval == 0 or last:
+            self.logger.log(state, lr, gather_data_stats(self.loader.stats))
+        if args.eval_interval and (state.iteration % args.eval_interval == 0 or last):
+            self.validate()
+        reason = self.exits.reason(state.iteration)
+        if args.save and (reason or last or (args.save_interval and state.iteration % args.save_interval == 0)):
+            self.checkpointer.save(self.setup, state, self.loader, self.ema)
+        return reason
+
+    def validate(self) -> None:
+        iteration = self.result.state.iteration
+        outcome = self.validator.run()
+        self.result.validations.append((iteration, outcome))
+        self.logger.log_validation(iteration, outcome, self.validator.ema is not None)
+
+    def run(self) -> TrainResult:
+        self.announce()
+        try:
+            if self.args.skip_train:
+                self.validate()
+                return self.result
+            while self.result.state.iteration < self.args.train_iters and self.result.exit_reason is None:
+                self.result.exit_reason = self.iterate()
+            self.checkpointer.finish()
+        finally:
+            self.close()
+        return self.result
+
+    def close(self) -> None:
+        self.logger.close()
+        self.exits.close()
+        self.samples.close()
 
 
 def pretrain(args: argparse.Namespace, hooks: Hooks) -> TrainResult:
@@ -191,6 +206,6 @@ def pretrain(args: argparse.Namespace, hooks: Hooks) -> TrainResult:
         validator = None
         if args.eval_interval or args.skip_train:
             validator = Validator(setup, hooks.forward_step, lambda: hooks.valid_data_provider(args), ema)
-        return train(setup, loader, hooks.forward_step, state, ema, validator)
+        return TrainingLoop(setup, loader, hooks.forward_step, state, ema, validator).run()
     finally:
         loader.close()
