@@ -1,14 +1,23 @@
 """Core attention for packed (THD) sequences on torch SDPA: the local stand-in for TEDotProductAttention.
 
 It takes the same inputs as Megatron's TE core attention with ``qkv_format="thd"``: this rank's queries,
-keys and values ``[t, heads, head_dim]`` and a ``PackedSeqParams`` whose ``cu_seqlens_*_padded`` give
-each sample's rows and ``cu_seqlens_*`` its real (unpadded) length. Each sample attends only to its own
-real keys; pad queries output zero. Under context parallelism (self-attention) the rank holds chunks r
-and 2cp-1-r of every sample; it all-gathers K/V from the CP group, restores pack order, and attends its
+keys and values ``[t, heads, head_dim]`` and the packed-sequence parameters whose ``cu_seqlens_*_padded``
+give each sample's rows and ``cu_seqlens_*`` its real (unpadded) length. Each sample attends only to its
+own real keys; pad queries output zero. Under context parallelism (self-attention) the rank holds chunks
+r and 2cp-1-r of every sample; it all-gathers K/V from the CP group, restores pack order, and attends its
 queries to the whole sample, which is exactly the CP=1 result.
+
+Speed and memory: the samples of a pack are attended run by run (:mod:`dit.runs`), each run with one
+fused ``scaled_dot_product_attention`` call on 4-D views ``[B, heads, L, head_dim]`` of the pack, so torch
+takes its flash / memory-efficient kernels (CPU flash, CUDA flash or efficient) and never materialises
+the ``L x L`` scores: memory grows linearly with the sample length. The grouping is computed once per
+micro-batch (:func:`attention_params`), not per layer. Keys of a run that are not evenly spaced in the
+key tensor (text of different lengths) are gathered into ``[B, K_max]`` with a key mask.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +30,59 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from dit.packed import thd_partition_indices
+from dit.runs import sample_runs
+
+
+@dataclass(frozen=True)
+class AttentionGroup:
+    """A run of B consecutive samples with as many query rows each: one SDPA call ``[B, np, q_rows, hn]``."""
+
+    samples: int  # B
+    q_rows: int  # query rows of each sample (this rank's)
+    key_span: int  # rows of the key tensor from this group's first key to the next group's
+    k_stride: int  # rows between consecutive samples' keys in the span (0: gathered through k_index)
+    k_len: int  # keys per sample handed to SDPA: the real ones, the longest where they differ
+    k_index: Tensor | None  # [B*k_len] rows of the span, where the samples' keys are not evenly spaced
+    k_mask: Tensor | None  # [B, 1, 1, k_len] bool, True on each sample's real keys; None: all are real
+
+
+@dataclass
+class PackedAttentionParams(PackedSeqParams):
+    """Megatron's THD parameters plus what :class:`PackedAttention` derives from them once per micro-batch."""
+
+    groups: list[AttentionGroup] = field(default_factory=list)
+    real_rows: Tensor | None = None  # [t] bool, this rank's real query rows; None: no pad rows
+    kv_order: Tensor | None = None  # [S] index: all-gathered CP shares -> pack order (self-attention, CP > 1)
+
+
+def attention_params(params: PackedSeqParams, cp: int, cp_rank: int) -> PackedAttentionParams:
+    """``params`` with the attention grouping; queries are CP rank ``cp_rank``'s share of ``cp`` (1 for
+    cross-attention, whose ``cu_seqlens_q`` already count this rank's rows), keys the whole pack's."""
+    cu_k, cu_kp = params.cu_seqlens_kv.tolist(), params.cu_seqlens_kv_padded.tolist()
+    cu_qp = params.cu_seqlens_q_padded.tolist()
+    k_lens = [end - start for start, end in zip(cu_k[:-1], cu_k[1:])]
+    device = params.cu_seqlens_kv.device
+    groups = []
+    for first, count, q_rows in sample_runs([(end - start) // cp for start, end in zip(cu_qp[:-1], cu_qp[1:])]):
+        starts = [cu_kp[i] - cu_kp[first] for i in range(first, first + count)]  # within the span
+        lens = k_lens[first:first + count]
+        span, k_len = cu_kp[first + count] - cu_kp[first], max(lens)
+        stride = starts[1] if count > 1 else span
+        even = k_len <= stride and count * stride <= span and all(s == b * stride for b, s in enumerate(starts))
+        lengths = torch.tensor(lens, device=device)
+        offsets = torch.arange(k_len, device=device)
+        k_mask = None if min(lens) == k_len else (offsets < lengths[:, None])[:, None, None, :]
+        k_index = None if even else (torch.tensor(starts, device=device)[:, None]
+                                     + torch.minimum(offsets, (lengths - 1).clamp(min=0)[:, None])).flatten()
+        groups.append(AttentionGroup(count, q_rows, span, stride if even else 0, k_len, k_index, k_mask))
+    real = _real_rows(params.cu_seqlens_q.cpu(), params.cu_seqlens_q_padded.cpu(), cp, cp_rank)
+    kv_order = None
+    if cp > 1:
+        source = torch.cat([thd_partition_indices(params.cu_seqlens_kv_padded.cpu(), cp, r) for r in range(cp)])
+        kv_order = torch.argsort(source).to(device)
+    fields = {name: getattr(params, name) for name in PackedSeqParams.__dataclass_fields__}
+    return PackedAttentionParams(**fields, groups=groups, real_rows=None if bool(real.all()) else real.to(device),
+                                 kv_order=kv_order)
 
 
 class PackedAttention(MegatronModule):
@@ -49,34 +111,40 @@ class PackedAttention(MegatronModule):
         attention_mask: Tensor | None,
         attn_mask_type: AttnMaskType | None = None,
         attention_bias: Tensor | None = None,
-        packed_seq_params: PackedSeqParams | None = None,
+        packed_seq_params: PackedAttentionParams | None = None,
     ) -> Tensor:
         """query ``[t, np, hn]`` (this rank's rows), key/value ``[tk, np, hn]`` -> ``[t, np*hn]``.
 
         Masking comes from ``packed_seq_params`` alone; ``attention_mask`` and ``attention_bias`` are unused.
         """
         p = packed_seq_params
-        cp = self.cp_group.size() if self.cp_group is not None else 1
-        rank = self.cp_group.rank() if self.cp_group is not None else 0
-        if cp > 1:
-            key, value = (self._gather_pack(x, p.cu_seqlens_kv_padded, cp) for x in (key, value))
-        q_bounds = (p.cu_seqlens_q_padded // cp).tolist()
-        k_starts, k_lengths = p.cu_seqlens_kv_padded.tolist(), (p.cu_seqlens_kv[1:] - p.cu_seqlens_kv[:-1]).tolist()
+        if self.cp_group is not None and self.cp_group.size() > 1:
+            key, value = (self._gather_pack(x, p.kv_order) for x in (key, value))  # [S, np, hn]
+        # split (not slicing): its backward is one concatenation, not a zero-filled pack per sample
+        queries = query.split([g.samples * g.q_rows for g in p.groups])
+        keys, values = (x.split([g.key_span for g in p.groups]) for x in (key, value))
         outputs = []
-        for i, (q0, q1) in enumerate(zip(q_bounds[:-1], q_bounds[1:])):
-            k0, k1 = k_starts[i], k_starts[i] + k_lengths[i]
-            q, k, v = (x.transpose(0, 1) for x in (query[q0:q1], key[k0:k1], value[k0:k1]))  # [np, len, hn]
-            outputs.append(F.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale).transpose(0, 1))
-        out = torch.cat(outputs)  # [t, np, hn]
-        real = _real_rows(p.cu_seqlens_q, p.cu_seqlens_q_padded, cp, rank).to(out.device)
-        out = out * real[:, None, None]  # pad queries attend to nothing
-        return out.reshape(out.shape[0], -1)
+        for g, q, k, v in zip(p.groups, queries, keys, values):
+            q = q.view(g.samples, g.q_rows, *q.shape[1:])  # [B, Lq, np, hn]
+            k, v = _group_keys(g, k), _group_keys(g, v)  # [B, Lk, np, hn]
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=g.k_mask, scale=self.softmax_scale)  # [B, np, Lq, hn]
+            outputs.append(out.transpose(1, 2).reshape(g.samples * g.q_rows, -1))  # [B*Lq, np*hn]
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # [t, np*hn]
+        return out if p.real_rows is None else out * p.real_rows[:, None]  # pad queries attend to nothing
 
-    def _gather_pack(self, x: Tensor, cu_seqlens_padded: Tensor, cp: int) -> Tensor:
+    def _gather_pack(self, x: Tensor, order: Tensor) -> Tensor:
         """This rank's CP share ``[t, ...]`` -> the whole pack ``[cp*t, ...]`` in pack order."""
         gathered = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True, group=self.cp_group)
-        source = torch.cat([thd_partition_indices(cu_seqlens_padded, cp, r) for r in range(cp)])
-        return gathered[torch.argsort(source).to(x.device)]
+        return gathered[order]
+
+
+def _group_keys(group: AttentionGroup, span: Tensor) -> Tensor:
+    """A group's key rows ``[key_span, np, hn]`` -> ``[B, k_len, np, hn]``: a view where evenly spaced."""
+    if group.k_index is not None:
+        return span[group.k_index].view(group.samples, group.k_len, *span.shape[1:])
+    rows = span[:group.samples * group.k_stride].view(group.samples, group.k_stride, *span.shape[1:])
+    return rows[:, :group.k_len]
 
 
 def _real_rows(cu_seqlens: Tensor, cu_seqlens_padded: Tensor, cp: int, rank: int) -> Tensor:
