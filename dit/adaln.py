@@ -23,7 +23,7 @@ from megatron.core.transformer.module import MegatronModule
 from torch import Tensor, nn
 
 from dit.config import DiTConfig
-from dit.runs import SampleRun
+from dit.runs import SampleRun, split_rows
 
 
 def per_sample(fn: Callable[..., Tensor], runs: list[SampleRun], tokens: tuple[Tensor, ...],
@@ -33,8 +33,7 @@ def per_sample(fn: Callable[..., Tensor], runs: list[SampleRun], tokens: tuple[T
     tokens: ``[s, 1, h]`` tensors whose rows follow ``runs``; vectors: ``[N, h]`` per-sample tensors.
     ``fn`` sees the tokens of a run as ``[B, L, h]`` and the vectors of its samples as ``[B, 1, h]``.
     """
-    sizes = [run.count * run.rows for run in runs]
-    pieces = [t.split(sizes) for t in tokens]
+    pieces = [split_rows(t, [run.count * run.rows for run in runs]) for t in tokens]
     outs = [fn(*(p[j].view(run.count, run.rows, -1) for p in pieces),
                *(v[run.first:run.first + run.count, None] for v in vectors))
             for j, run in enumerate(runs)]  # each [B, L, h']

@@ -30,7 +30,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from dit.packed import thd_partition_indices
-from dit.runs import sample_runs
+from dit.runs import sample_runs, split_rows
 
 
 @dataclass(frozen=True)
@@ -120,9 +120,8 @@ class PackedAttention(MegatronModule):
         p = packed_seq_params
         if self.cp_group is not None and self.cp_group.size() > 1:
             key, value = (self._gather_pack(x, p.kv_order) for x in (key, value))  # [S, np, hn]
-        # split (not slicing): its backward is one concatenation, not a zero-filled pack per sample
-        queries = query.split([g.samples * g.q_rows for g in p.groups])
-        keys, values = (x.split([g.key_span for g in p.groups]) for x in (key, value))
+        queries = split_rows(query, [g.samples * g.q_rows for g in p.groups])
+        keys, values = (split_rows(x, [g.key_span for g in p.groups]) for x in (key, value))
         outputs = []
         for g, q, k, v in zip(p.groups, queries, keys, values):
             q = q.view(g.samples, g.q_rows, *q.shape[1:])  # [B, Lq, np, hn]

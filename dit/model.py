@@ -180,11 +180,13 @@ class DiTModel(VisionModule):
         return pack
 
     def unpatchify(self, prediction: Tensor, batch: PackedBatch) -> list[Tensor]:
-        """Whole-pack prediction ``[S, pt*p*p*C]`` -> one latent ``[C, T, H, W]`` per sample (real tokens)."""
+        """Whole-pack prediction ``[S, prediction_width]`` -> one latent ``[C, T, H, W]`` per sample (real
+        tokens); with ``learn_sigma`` ``[2C, T, H, W]``, the prediction's channels first (diffusers' layout)."""
         cu, cu_padded = batch.cu_seqlens.tolist(), batch.cu_seqlens_padded.tolist()
         if prediction.shape[0] != cu_padded[-1]:
             raise ValueError(f"unpatchify needs the whole pack ({cu_padded[-1]} tokens), got {prediction.shape[0]}; "
                              "gather the context-parallel shares first")
-        return [unpatchify(prediction[start:start + cu[i + 1] - cu[i]], tuple(grid), self.config.patch_size,
-                           self.config.temporal_patch_size)
+        c = self.config
+        return [torch.cat([unpatchify(part, tuple(grid), c.patch_size, c.temporal_patch_size)
+                           for part in prediction[start:start + cu[i + 1] - cu[i]].split(c.token_width, dim=-1)])
                 for i, (start, grid) in enumerate(zip(cu_padded[:-1], batch.grid_sizes.tolist()))]

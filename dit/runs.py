@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from torch import Tensor
+
 
 class SampleRun(NamedTuple):
     """``count`` consecutive samples from sample ``first`` on, each with ``rows`` rows of a tensor."""
@@ -29,3 +31,9 @@ def sample_runs(rows: list[int]) -> list[SampleRun]:
         else:
             runs.append(SampleRun(i, 1, n))
     return runs
+
+
+def split_rows(x: Tensor, sizes: list[int]) -> tuple[Tensor, ...]:
+    """``x.split(sizes)`` along rows, ``(x,)`` for a single size. Splitting, not slicing: its backward is one
+    concatenation, while each slice's backward would fill a zero tensor the size of ``x``."""
+    return x.split(sizes) if len(sizes) > 1 else (x,)

@@ -1,0 +1,148 @@
+"""diffusers interop: a randomly initialised small DiTTransformer2DModel converted into our model computes
+diffusers' own forward; converted back it is the same diffusers model; the CLI does both through a dist
+checkpoint, also one saved at TP=2."""
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DiTTransformer2DModel
+
+from dit import convert
+from dit.model import DiTModel
+from dit.packed import PackedBatch
+from dit.patchify import patchify
+from tests.distributed import run_distributed
+from tests.model_setup import single_process  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SMALL = dict(num_attention_heads=4, attention_head_dim=12, in_channels=4, num_layers=2, sample_size=8, patch_size=2,
+             num_embeds_ada_norm=10)
+# fp32 on both sides; the two models differ in summation order (fused qkv, conv vs linear patch embedding,
+# attention kernels), a few ulps per operation through two blocks
+RTOL, ATOL = 1e-5, 1e-5
+
+
+def small_diffusers_dit(learn_sigma: bool, seed: int = 0) -> DiTTransformer2DModel:
+    """Random weights everywhere (diffusers' own init leaves adaLN-Zero at zero, which would hide errors);
+    the blocks share one timestep/class embedder, as in the published checkpoints."""
+    torch.manual_seed(seed)
+    model = DiTTransformer2DModel(**SMALL, out_channels=8 if learn_sigma else 4)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn_like(param) * 0.2)
+        first = model.transformer_blocks[0].norm1.emb.state_dict()
+        for block in model.transformer_blocks[1:]:
+            block.norm1.emb.load_state_dict(first)
+    return model.eval()
+
+
+def _inputs(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(3, 4, 8, 8, generator=g)
+    timesteps = torch.tensor([0.0, 417.0, 999.0])
+    labels = torch.tensor([3, 10, 7])  # 10: the null class of classifier-free guidance
+    return latents, timesteps, labels
+
+
+def ours_on_images(model: DiTModel, latents, timesteps, labels) -> torch.Tensor:
+    """Our model on a pack of the images, unpatchified back to ``[B, C_out, H, W]``."""
+    tokens, positions = zip(*(patchify(x, model.config.patch_size) for x in latents))
+    n = tokens[0].shape[0]
+    cu = torch.arange(len(tokens) + 1, dtype=torch.int32) * n
+    grid = latents.shape[-1] // model.config.patch_size
+    batch = PackedBatch(tokens=torch.cat(tokens), positions=torch.cat(positions), loss_mask=None, cu_seqlens=cu,
+                        cu_seqlens_padded=cu, text=torch.zeros(0, 1), cu_seqlens_text=torch.zeros_like(cu),
+                        grid_sizes=torch.tensor([[1, grid, grid]] * len(tokens)), labels=labels)
+    prediction = model(batch.tokens, timesteps, batch)
+    return torch.stack([x.squeeze(1) for x in model.unpatchify(prediction, batch)])
+
+
+def _converted(theirs: DiTTransformer2DModel) -> DiTModel:
+    config = convert.config_from_diffusers(dict(theirs.config), use_cpu_initialization=True)
+    model = DiTModel(config)
+    convert.load_parameters(model, convert.state_dict_from_diffusers(theirs.state_dict(), config))
+    return model
+
+
+@pytest.mark.parametrize("learn_sigma", [False, True])
+def test_imported_diffusers_dit_computes_diffusers_forward_and_exports_back(single_process, learn_sigma):
+    theirs = small_diffusers_dit(learn_sigma)
+    ours = _converted(theirs)
+    assert ours.config.prediction_width == (2 if learn_sigma else 1) * ours.config.token_width
+    latents, timesteps, labels = _inputs()
+    with torch.no_grad():
+        expected = theirs(latents, timesteps, labels).sample  # [B, C_out, H, W]
+        torch.testing.assert_close(ours_on_images(ours, latents, timesteps, labels), expected, rtol=RTOL, atol=ATOL)
+
+    # and back out: the same diffusers model, every tensor bit for bit, under diffusers' own config
+    config = convert.diffusers_config(ours.config)
+    assert {k: theirs.config[k] for k in config} == config
+    state = convert.state_dict_to_diffusers({n: p.detach() for n, p in ours.named_parameters()}, ours.config)
+    assert state.keys() == theirs.state_dict().keys()
+    for name, tensor in theirs.state_dict().items():
+        assert torch.equal(state[name], tensor), name
+
+
+def test_import_refuses_blocks_with_different_embedders(single_process):
+    theirs = small_diffusers_dit(learn_sigma=False)
+    with torch.no_grad():
+        theirs.transformer_blocks[1].norm1.emb.timestep_embedder.linear_1.bias.add_(1.0)
+    with pytest.raises(ValueError, match="copies of norm1.emb.timestep_embedder.linear_1.bias differ"):
+        _converted(theirs)
+
+
+def test_export_refuses_a_model_diffusers_would_compute_differently(single_process):
+    config = dataclasses.replace(convert.config_from_diffusers(dict(small_diffusers_dit(False).config)),
+                                 timestep_freq_shift=0.0)  # the paper's sinusoid; diffusers hard-codes 1
+    with pytest.raises(ValueError, match="timestep_freq_shift=1.0"):
+        convert.diffusers_config(config)
+
+
+def _save_tp2(folder, out, state):
+    """Our model at TP=2 on 2 gloo ranks, loaded with ``state`` (full tensors), saved as a dist checkpoint in ``out``."""
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    from dit import runtime
+
+    runtime.initialize_model_parallel(runtime.ParallelLayout(tensor=2))
+    config = convert.load_config(folder, tensor_model_parallel_size=2, use_cpu_initialization=True)
+    model = DiTModel(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            full = torch.from_numpy(state[name])
+            if getattr(param, "tensor_model_parallel", False):
+                full = full.chunk(2, dim=param.partition_dim)[ps.get_tensor_model_parallel_rank()]
+            param.copy_(full)
+    dist_checkpointing.save(model.sharded_state_dict(), str(out))
+
+
+def _cli(*args):
+    run = subprocess.run([sys.executable, "-m", "dit.convert", *map(str, args)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_cli_imports_a_diffusers_folder_and_exports_from_checkpoints_of_any_layout(tmp_path):
+    theirs = small_diffusers_dit(learn_sigma=True)
+    theirs.save_pretrained(tmp_path / "diffusers")
+    _cli("import", tmp_path / "diffusers", tmp_path / "ours")
+    _cli("export", tmp_path / "ours", tmp_path / "back")
+
+    config = convert.load_config(tmp_path / "ours")
+    state = {n: t.numpy() for n, t in convert.state_dict_from_diffusers(theirs.state_dict(), config).items()}
+    (tmp_path / "tp2").mkdir()
+    run_distributed(_save_tp2, 2, tmp_path / "ours", tmp_path / "tp2", state)
+    _cli("export", tmp_path / "tp2", tmp_path / "back_tp2", "--config", tmp_path / "ours")
+    for folder in ("back", "back_tp2"):
+        back = DiTTransformer2DModel.from_pretrained(tmp_path / folder)
+        assert {k: back.config[k] for k in SMALL} == {k: theirs.config[k] for k in SMALL}
+        for name, tensor in theirs.state_dict().items():
+            assert torch.equal(back.state_dict()[name], tensor), (folder, name)
+
