@@ -66,7 +66,7 @@ def test_grouped_attention_equals_per_sample_softmax(single_process, case):
         torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_attention_memory_is_linear_in_the_sample_length():
+def test_attention_memory_is_linear_in_the_sample_length(single_process):
     """No L x L scores: the forward's peak allocation is far below one fp32 score matrix per head, and grows
     about linearly (the 3-D SDPA call this replaced fell back to the math kernel: 3.4 GB at 8k tokens)."""
     from benchmarks.bench_model import attention_peak_bytes
