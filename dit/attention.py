@@ -69,11 +69,12 @@ def attention_params(params: PackedSeqParams, cp: int, cp_rank: int) -> PackedAt
         span, k_len = cu_kp[first + count] - cu_kp[first], max(lens)
         stride = starts[1] if count > 1 else span
         even = k_len <= stride and count * stride <= span and all(s == b * stride for b, s in enumerate(starts))
-        lengths = torch.tensor(lens, device=device)
-        offsets = torch.arange(k_len, device=device)
-        k_mask = None if min(lens) == k_len else (offsets < lengths[:, None])[:, None, None, :]
-        k_index = None if even else (torch.tensor(starts, device=device)[:, None]
-                                     + torch.minimum(offsets, (lengths - 1).clamp(min=0)[:, None])).flatten()
+        lengths, offsets = torch.tensor(lens)[:, None], torch.arange(k_len)  # [B, 1], [k_len]
+        k_mask = None if min(lens) == k_len else (offsets < lengths)[:, None, None, :].to(device)
+        k_index = None  # past its length a sample repeats its last key (masked): rows stay inside the span
+        if not even:
+            rows = torch.tensor(starts)[:, None] + torch.minimum(offsets, (lengths - 1).clamp(min=0))
+            k_index = rows.clamp(max=max(span - 1, 0)).flatten().to(device)
         groups.append(AttentionGroup(count, q_rows, span, stride if even else 0, k_len, k_index, k_mask))
     real = _real_rows(params.cu_seqlens_q.cpu(), params.cu_seqlens_q_padded.cpu(), cp, cp_rank)
     kv_order = None

@@ -18,7 +18,7 @@ from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
-from dit.attention import attention_params
+from dit.attention import PackedAttentionParams, attention_params
 from dit.packed import PackedBatch
 from dit.runs import SampleRun, sample_runs
 
@@ -27,8 +27,8 @@ from dit.runs import SampleRun, sample_runs
 class PackedSequence:
     """Passed to the transformer block as ``packed_seq_params``; each layer takes what it needs."""
 
-    self_attention: PackedSeqParams  # the whole pack's cu_seqlens (TE's THD + context-parallel convention)
-    cross_attention: PackedSeqParams  # this rank's latent tokens (all of them) -> each sample's text
+    self_attention: PackedAttentionParams  # the whole pack's cu_seqlens (TE's THD + context-parallel convention)
+    cross_attention: PackedAttentionParams  # this rank's latent tokens (all of them) -> each sample's text
     token_runs: list[SampleRun]  # the tokens this rank holds after CP and SP splits, run by run (adaLN)
 
 
@@ -73,8 +73,8 @@ def packed_sequence(batch: PackedBatch, sequence_parallel: bool, fp8: bool = Fal
             raise ValueError(f"{bounds[-1]} tokens per CP rank do not split over tp={tp}: sequence "
                              "parallelism needs every sample padded to a multiple of 2*cp*tp")
         share = bounds[-1] // tp
-        start = parallel_state.get_tensor_model_parallel_rank() * share
-        bounds = [min(max(b - start, 0), share) for b in bounds]  # this TP rank's slice [S/cp/tp]
+        offset = parallel_state.get_tensor_model_parallel_rank() * share
+        bounds = [min(max(b - offset, 0), share) for b in bounds]  # this TP rank's slice [S/cp/tp]
     rows = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
     cp_rank = parallel_state.get_context_parallel_rank()
     return PackedSequence(
