@@ -4,7 +4,6 @@ initialisation at any TP size, and the parameter count of class-conditioned DiT-
 import math
 
 import numpy as np
-import pytest
 import torch
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
@@ -93,37 +92,38 @@ def test_fresh_model_has_the_papers_initialisation(single_process):
         assert set(seen.values()) == {"xavier", "normal", "zero", "one"}
 
 
-def _tp2_init(cpu_initialization: bool):
+def _tp2_init():
+    """Both ways of drawing at TP=2, each checked on this rank; returns the CPU-initialised full tensors."""
     from megatron.core import parallel_state as ps
 
     from dit import runtime
 
     runtime.initialize_model_parallel(ParallelLayout(tensor=2))
-    runtime.set_random_seed(1234, per_data_parallel_rank=False)
-    model = DiTModel(tiny_config(**FIELDS, tensor_model_parallel_size=2, use_cpu_initialization=cpu_initialization))
-    _check_paper_init(model, tp=2)
-    out = {}
+    for cpu_initialization in (False, True):
+        runtime.set_random_seed(1234, per_data_parallel_rank=False)
+        model = DiTModel(tiny_config(**FIELDS, tensor_model_parallel_size=2,
+                                     use_cpu_initialization=cpu_initialization))
+        _check_paper_init(model, tp=2)
+    full = {}
     for name, p in model.named_parameters():  # gathered to full tensors
         parts = [torch.empty_like(p) for _ in range(2)]
         torch.distributed.all_gather(parts, p.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
-        out[name] = torch.cat(parts, p.partition_dim).numpy() if getattr(p, "tensor_model_parallel", False) \
+        full[name] = torch.cat(parts, p.partition_dim).numpy() if getattr(p, "tensor_model_parallel", False) \
             else p.detach().numpy()
     ps.destroy_model_parallel()
-    return out
+    return full
 
 
-@pytest.mark.parametrize("cpu_initialization", [True, False])
-def test_tp2_initialisation_has_the_full_matrix_distribution(single_process, cpu_initialization):
-    """With CPU initialisation the TP=2 shards are the TP=1 weights drawn from the same seed; without it each
-    rank draws its shard, from the distribution of the full matrix (checked on each rank)."""
-    ranks = run_distributed(_tp2_init, 2, cpu_initialization)
-    if cpu_initialization:
-        from dit import runtime
+def test_tp2_initialisation_has_the_full_matrix_distribution(single_process):
+    """Without CPU initialisation each rank draws its shard, from the distribution of the full matrix (checked
+    on each rank); with it the TP=2 shards are the TP=1 weights drawn from the same seed."""
+    ranks = run_distributed(_tp2_init, 2)
+    from dit import runtime
 
-        runtime.set_random_seed(1234, per_data_parallel_rank=False)
-        reference = DiTModel(tiny_config(**FIELDS))
-        for name, p in reference.named_parameters():
-            assert np.array_equal(ranks[0][name], p.detach().numpy()), name
+    runtime.set_random_seed(1234, per_data_parallel_rank=False)
+    reference = DiTModel(tiny_config(**FIELDS))
+    for name, p in reference.named_parameters():
+        assert np.array_equal(ranks[0][name], p.detach().numpy()), name
 
 
 def test_dit_xl_2_with_the_papers_settings_counts_675129632(single_process):
