@@ -2,8 +2,9 @@
 
     torchrun --nproc-per-node 2 pretrain_dit.py --config examples/digits.yaml
 
-Like Megatron-LM's pretrain_gpt.py this file holds only the hooks (model provider, data provider)
-and a short main; the pieces live in dit/ and data/.
+Like Megatron-LM's pretrain_gpt.py this file holds only the hooks (model provider, forward step,
+loss function, data provider) and a short main; the loop lives in dit/training/, the diffusion
+objectives in dit/diffusion/, the data path in data/.
 """
 
 from __future__ import annotations
@@ -11,14 +12,18 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Iterator
 
-from dit.arguments import is_main_process, launched_world_size, parse_args, validate_args
-from dit.errors import ConfigError
+from dit.training.hooks import Hooks
+from dit.training.main import main
 
-if TYPE_CHECKING:  # the heavy imports wait until the flags are known to be good
+if TYPE_CHECKING:
+    from torch import Tensor
+
     from data.loader import DiTDataLoader
     from dit.config import DiTConfig
+    from dit.diffusion.microbatch import DiffusionMicroBatch
     from dit.model import DiTModel
 
 # Megatron-Core warns four times per process that TE and apex are absent; the backend line says it once.
@@ -32,6 +37,24 @@ def model_provider(config: DiTConfig, pre_process: bool = True, post_process: bo
     return DiTModel(config, pre_process=pre_process, post_process=post_process)
 
 
+def loss_func(microbatch: DiffusionMicroBatch, output: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-sample mean over real tokens, weighted, normalised by the step's samples (dit/loss.py)."""
+    from megatron.core import parallel_state
+
+    from dit.loss import microbatch_loss
+
+    return microbatch_loss(output, target=microbatch.target, batch=microbatch.batch, weights=microbatch.weights,
+                           cp_group=parallel_state.get_context_parallel_group(),
+                           samples_per_microbatch=microbatch.samples_per_microbatch)
+
+
+def forward_step(data_iterator: Iterator[DiffusionMicroBatch], model: DiTModel):
+    """One micro-batch through this stage: noisy tokens and one timestep per sample in, prediction out."""
+    microbatch = next(data_iterator)
+    output = model(microbatch.inputs, microbatch.timesteps, microbatch.batch)
+    return output, partial(loss_func, microbatch)
+
+
 def train_data_provider(args: argparse.Namespace) -> DiTDataLoader:
     """The energon loader of packed micro-batches, already cut to this rank."""
     from data.loader import build_train_loader
@@ -39,40 +62,7 @@ def train_data_provider(args: argparse.Namespace) -> DiTDataLoader:
     return build_train_loader(args)
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = validate_args(parse_args(argv), launched_world_size())
-        from dit.config import config_from_args
-
-        config = config_from_args(args)  # the model's own checks, before any process group exists
-    except (ConfigError, ValueError) as e:
-        if is_main_process():
-            print(f"pretrain_dit.py: error: {e}", file=sys.stderr)
-        return 2
-    from megatron.core import parallel_state
-
-    from dit import runtime
-
-    runtime.init_distributed()
-    runtime.initialize_model_parallel(runtime.ParallelLayout(
-        tensor=args.tensor_model_parallel_size, pipeline=args.pipeline_model_parallel_size,
-        context=args.context_parallel_size, virtual_pipeline=args.virtual_pipeline_model_parallel_size))
-    runtime.set_random_seed(args.seed, per_data_parallel_rank=False)
-    model = model_provider(config, parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage())
-    loader = train_data_provider(args)
-    try:
-        pack = next(loader)
-    finally:
-        loader.close()
-    if is_main_process():
-        params = sum(p.numel() for p in model.parameters())
-        print(f"pretrain_dit.py: {args.transformer_impl} backend; {params:,} parameters on this rank; first pack: "
-              f"{pack.num_samples} samples, {int(pack.cu_seqlens[-1])} real tokens of {args.max_seq_length}")
-        print("pretrain_dit.py: the model and the data path are built; the training loop is not (it is the "
-              "next issue), so nothing was trained and no checkpoint was written.")
-    runtime.destroy()
-    return 0
-
+HOOKS = Hooks(model_provider=model_provider, forward_step=forward_step, train_data_provider=train_data_provider)
 
 if __name__ == "__main__":  # spawn-safe: dist checkpointing's writer re-imports __main__
-    sys.exit(main())
+    sys.exit(main(HOOKS))

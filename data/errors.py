@@ -15,6 +15,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from dit.errors import TrainingStopped
+
 MAX_EXAMPLES = 8  # skipped samples remembered by key and shard, for the log
 
 
@@ -45,7 +47,7 @@ class BadSample(Exception):
         self.detail = detail
 
 
-class BadDataError(RuntimeError):
+class BadDataError(TrainingStopped):
     """The run stops: too much of the dataset is broken, or a sample broke a rejecting policy."""
 
 

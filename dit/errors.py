@@ -1,4 +1,4 @@
-"""The one exception for a user's configuration mistake."""
+"""The two exceptions a user acts on, each printed by the entry points as one line without a traceback."""
 
 
 class ConfigError(ValueError):
@@ -10,3 +10,8 @@ class ConfigError(ValueError):
     def __init__(self, flag: str, message: str):
         super().__init__(f"{flag}: {message}")
         self.flag = flag
+
+
+class TrainingStopped(RuntimeError):
+    """A run that cannot go on for a reason the user must act on (too much bad data, steps that keep
+    producing a non-finite loss); the message says what happened and what to do. Exit status 1."""

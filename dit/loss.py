@@ -37,14 +37,17 @@ def per_sample_loss(prediction: Tensor, target: Tensor, batch: PackedBatch, cp_g
 
 
 def microbatch_loss(prediction: Tensor, *, target: Tensor, batch: PackedBatch, cp_group: dist.ProcessGroup,
-                    samples_per_microbatch: float) -> tuple[Tensor, dict[str, Tensor]]:
+                    samples_per_microbatch: float, weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Megatron's ``loss_func`` (bind all but ``prediction`` with ``functools.partial``).
 
     ``samples_per_microbatch`` = samples in the global batch / (micro-batches x DP size). Megatron's
     schedule divides each micro-batch loss by the number of micro-batches and DDP averages over DP, so
     the step's gradient is that of the mean over all samples of the global batch. The logged value is
     ``[sum of sample losses, samples]`` so that summing it over micro-batches and DP gives that mean.
+    ``weights`` ``[N]`` scale each sample's loss (the objective's loss weight).
     """
     losses = per_sample_loss(prediction, target, batch, cp_group)  # [N]
+    if weights is not None:
+        losses = losses * weights
     logged = torch.stack([losses.sum().detach(), losses.new_tensor(float(batch.num_samples))])
     return losses.sum() / samples_per_microbatch, {"loss": logged}

@@ -114,14 +114,14 @@ def global_name(name: str, offset: int) -> str:
     return re.sub(r"decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name)
 
 
-def _tp_slice(full: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
+def tp_slice(full: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
     if not getattr(param, "tensor_model_parallel", False):
         return full
     return full.chunk(ps.get_tensor_model_parallel_world_size(), dim=param.partition_dim)[
         ps.get_tensor_model_parallel_rank()]
 
 
-def _tp_gather(shard: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
+def tp_gather(shard: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
     if not getattr(param, "tensor_model_parallel", False):
         return shard
     parts = [torch.empty_like(shard) for _ in range(ps.get_tensor_model_parallel_world_size())]
@@ -157,7 +157,7 @@ def parallel_run(fields: dict, layout: runtime.ParallelLayout, microbatches: lis
     offset = get_transformer_layer_offset(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(_tp_slice(state[global_name(name, offset)], p))
+            p.copy_(tp_slice(state[global_name(name, offset)], p))
     distributed_optimizer = bool((optimizer or {}).get("use_distributed_optimizer"))
     ddp = DistributedDataParallel(
         config, DistributedDataParallelConfig(use_distributed_optimizer=distributed_optimizer), model)
@@ -191,12 +191,12 @@ def parallel_run(fields: dict, layout: runtime.ParallelLayout, microbatches: lis
     # numpy arrays travel back to the test by value; torch tensors would be shared through file
     # descriptors that vanish when the worker exits
     if opt is None:
-        grads = {global_name(n, offset): _tp_gather(p.main_grad, p).numpy() for n, p in model.named_parameters()}
+        grads = {global_name(n, offset): tp_gather(p.main_grad, p).numpy() for n, p in model.named_parameters()}
         return loss, grads
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ok, grad_norm, _ = opt.step()
     assert ok
-    grads = {global_name(n, offset): _tp_gather((before[n] - p.detach()) / STEP, p).numpy()
+    grads = {global_name(n, offset): tp_gather((before[n] - p.detach()) / STEP, p).numpy()
              for n, p in model.named_parameters()}
     return loss, grads, grad_norm
 
@@ -230,3 +230,11 @@ def single_process(monkeypatch):
     runtime.destroy()
     cpu_backend.disable()
 
+
+
+def full_weights(model: torch.nn.Module, config: DiTConfig) -> dict:
+    """This rank's weights, TP-gathered to full tensors under their global (whole-model) names, as numpy."""
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    offset = get_transformer_layer_offset(config)
+    return {global_name(n, offset): tp_gather(p.detach(), p).numpy() for n, p in model.named_parameters()}

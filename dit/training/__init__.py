@@ -1,0 +1,1 @@
+"""Training: the loop and its components (optimizer set-up, step, log, FLOPs), one file each."""

@@ -1,0 +1,39 @@
+"""The hooks an entry point hands to the training loop (Megatron-LM's pretrain() arguments).
+
+Light on purpose: importing it (and ``dit.training.main``) pulls in neither torch nor Megatron, so the
+command line answers ``--help`` and flag mistakes at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+if TYPE_CHECKING:
+    from dit.config import DiTConfig
+    from dit.model import DiTModel
+    from dit.packed import PackedBatch
+
+
+class TrainLoader(Protocol):
+    """What the train data provider returns: this rank's packs, its bad-data counts and a savable state."""
+
+    stats: Any  # data.errors.DataStats: .read, .bad, .skipped, .examples, .add()
+
+    def __next__(self) -> PackedBatch: ...
+
+    def close(self) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Hooks:
+    """The entry point's part of a run."""
+
+    model_provider: Callable[[DiTConfig, bool, bool], DiTModel]  # (config, pre_process, post_process)
+    forward_step: Callable  # Megatron's forward_step_func(iterator of DiffusionMicroBatch, model)
+    train_data_provider: Callable[[argparse.Namespace], TrainLoader]

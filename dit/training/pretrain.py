@@ -1,0 +1,147 @@
+"""``pretrain()``: set-up and the training loop, driven by the hooks of ``pretrain_dit.py``.
+
+As in Megatron-LM, the entry point only provides hooks (``dit.training.hooks``); the loop (here), the
+optimizer set-up, the step, the log and the FLOP count live in this package, one file each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from dit import runtime
+from dit.config import config_from_args
+from dit.diffusion import build_objective
+from dit.errors import TrainingStopped
+from dit.training.flops import peak_tflops
+from dit.training.hooks import Hooks, TrainLoader
+from dit.training.metrics import TrainingLogger
+from dit.training.optimizer import build_optimizer, build_scheduler, wrap_model
+from dit.training.state import TrainState
+from dit.training.step import ForwardStep, StepResult, TrainingSetup, train_step
+
+
+@dataclass
+class StepRecord:
+    iteration: int
+    loss: float
+    grad_norm: float
+    skipped: bool
+    learning_rate: float
+    keys: list[str]  # this rank's samples
+
+
+@dataclass
+class TrainResult:
+    state: TrainState
+    setup: TrainingSetup
+    history: list[StepRecord] = field(default_factory=list)
+
+
+def setup_training(args: argparse.Namespace, hooks: Hooks) -> TrainingSetup:
+    """Process groups, seeds, this stage's model in Megatron DDP, the optimizer and the LR schedule."""
+    runtime.init_distributed()
+    runtime.initialize_model_parallel(runtime.ParallelLayout(
+        tensor=args.tensor_model_parallel_size, pipeline=args.pipeline_model_parallel_size,
+        context=args.context_parallel_size, virtual_pipeline=args.virtual_pipeline_model_parallel_size))
+    runtime.set_random_seed(args.seed, per_data_parallel_rank=False)  # the same initial weights on every replica
+    config = config_from_args(args)
+    model = hooks.model_provider(config, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+        model.cuda(device)
+    runtime.set_random_seed(args.seed, per_data_parallel_rank=True)
+    ddp = wrap_model(model, config, args)
+    optimizer = build_optimizer(args, [ddp])
+    objective = build_objective(
+        args.objective, edm_p_mean=args.edm_p_mean, edm_p_std=args.edm_p_std, sigma_data=args.sigma_data,
+        flow_logit_mean=args.flow_logit_mean, flow_logit_std=args.flow_logit_std, flow_shift=args.flow_shift)
+    return TrainingSetup(args=args, config=config, model=[ddp], optimizer=optimizer,
+                         scheduler=build_scheduler(args, optimizer), objective=objective, device=device)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Parameters of the whole model (every TP shard and PP stage, the PP-replicated conditioning once)."""
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    local = sum(p.numel() for p in model.parameters()
+                if not getattr(p, "shared", False) and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0))
+    total = torch.tensor(local, dtype=torch.float64, device=next(model.parameters()).device)
+    dist.all_reduce(total, group=ps.get_model_parallel_group())
+    return int(total.item())
+
+
+def gather_data_stats(stats: Any) -> Any:
+    """The bad-data counts of every DP replica, summed (the ranks of one replica read the same packs)."""
+    gathered = [None] * ps.get_data_parallel_world_size()
+    dist.all_gather_object(gathered, stats, group=ps.get_data_parallel_group())
+    total = type(stats)()
+    for part in gathered:
+        total.add(part)
+    return total
+
+
+def _advance(state: TrainState, result: StepResult, max_skipped: int) -> None:
+    state.iteration += 1
+    state.consumed_packs += result.counts.packs
+    state.consumed_samples += result.counts.samples
+    state.consecutive_skips = state.consecutive_skips + 1 if result.skipped else 0
+    state.skipped_steps += result.skipped
+    if state.consecutive_skips >= max_skipped:
+        raise TrainingStopped(
+            f"{state.consecutive_skips} consecutive steps had a non-finite loss or gradient norm (iteration "
+            f"{state.iteration}: loss {result.loss}, grad norm {result.grad_norm}); none of them changed the "
+            f"weights. Stopping (--max-skipped-steps {max_skipped}): lower --lr, check the data "
+            "(python -m data.report), or resume from the last checkpoint in --save")
+
+
+def train(setup: TrainingSetup, loader: TrainLoader, forward_step: ForwardStep) -> TrainResult:
+    """Steps until ``--train-iters``; each takes ``global / (micro x DP)`` packs from this rank's loader."""
+    args = setup.args
+    dp = ps.get_data_parallel_world_size()
+    num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+    logging_rank = dist.get_rank() == dist.get_world_size() - 1  # the last stage has the loss
+    peak = args.peak_tflops or (peak_tflops(torch.cuda.get_device_name(), args.fp8_format is not None)
+                                if torch.cuda.is_available() else None)
+    logger = TrainingLogger(args, world_size=dist.get_world_size(), peak_tflops=peak, logging_rank=logging_rank,
+                            pack_capacity=args.max_seq_length * (args.micro_batch_size if args.no_packing else 1),
+                            objective=setup.objective.name)
+    parameters = count_parameters(setup.model[0].module)
+    if logging_rank:
+        print(f"pretrain_dit.py: {parameters:,} parameters, {args.transformer_impl} backend, "
+              f"tp={args.tensor_model_parallel_size} pp={args.pipeline_model_parallel_size} "
+              f"cp={args.context_parallel_size} dp={dp}; {args.objective} objective; {args.global_batch_size} "
+              f"packs of up to {args.max_seq_length} tokens a step, {num_microbatches} micro-batches per DP rank",
+              flush=True)
+    result = TrainResult(state=TrainState(), setup=setup)
+    state = result.state
+    try:
+        while state.iteration < args.train_iters:
+            start = time.monotonic()
+            packs = [next(loader) for _ in range(num_microbatches)]
+            step = train_step(setup, forward_step, packs, state.iteration + 1)
+            _advance(state, step, args.max_skipped_steps)
+            logger.record(step, time.monotonic() - start)
+            lr = setup.optimizer.param_groups[0]["lr"]
+            result.history.append(StepRecord(state.iteration, step.loss, step.grad_norm, step.skipped, lr, step.keys))
+            if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
+                logger.log(state, lr, gather_data_stats(loader.stats))
+    finally:
+        logger.close()
+    return result
+
+
+def pretrain(args: argparse.Namespace, hooks: Hooks) -> TrainResult:
+    """Train with validated ``args``; the process groups stay up for the caller (tests read the model)."""
+    setup = setup_training(args, hooks)
+    loader = hooks.train_data_provider(args)
+    try:
+        return train(setup, loader, hooks.forward_step)
+    finally:
+        loader.close()
