@@ -1,5 +1,5 @@
 """The local packed attention against softmax(q k^T / sqrt(d)) v written out sample by sample (values and
-gradients), for every way it groups samples; and its memory, which must not hold L x L scores."""
+gradients), however it groups the samples; and its memory, which must not hold L x L scores."""
 
 import math
 
@@ -32,11 +32,11 @@ def _brute_force(q, k, v, q_rows, q_real, k_starts, k_real):
 
 
 CASES = {
-    # self-attention with pads: a run of equal samples, a lone one, then a run of 8 rows with 8 and 6 real keys
+    # self-attention with pads: a group of two equal samples, a lone one, a repeat that is not adjacent
     "self": dict(q_real=[6, 6, 2, 8, 6], q_padded=[8, 8, 4, 8, 8], k_real=None, k_padded=None),
-    # equal padded rows, different real lengths: one run, keys viewed, pad keys masked
+    # equal padded rows, different real lengths: a group each
     "self, ragged run": dict(q_real=[5, 8, 7], q_padded=[8, 8, 8], k_real=None, k_padded=None),
-    # cross-attention: text of different lengths (gathered with a mask), the tail padded (SP / FP8)
+    # cross-attention: text of different lengths, the tail padded (SP / FP8)
     "cross, ragged text": dict(q_real=[8, 8, 8, 4], q_padded=[8, 8, 8, 4], k_real=[3, 5, 4, 2], k_padded=[3, 5, 4, 6]),
     # cross-attention: text of equal lengths (one view)
     "cross, equal text": dict(q_real=[8, 8, 8], q_padded=[8, 8, 8], k_real=[4, 4, 4], k_padded=[4, 4, 4]),
