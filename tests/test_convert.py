@@ -1,11 +1,8 @@
 """diffusers interop: a randomly initialised small DiTTransformer2DModel converted into our model computes
-diffusers' own forward; converted back it is the same diffusers model; the CLI does both through a dist
-checkpoint (imported at TP=1, resharded to TP=2, exported from TP=2)."""
+diffusers' own forward; converted back it is the same diffusers model; the command line does both through a
+dist checkpoint (imported at TP=1, resharded to TP=2 by 2 gloo ranks, exported from TP=2)."""
 
 import dataclasses
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +14,6 @@ from dit.packed import PackedBatch
 from dit.patchify import patchify
 from tests.distributed import run_distributed
 from tests.model_setup import single_process  # noqa: F401
-
-ROOT = Path(__file__).resolve().parents[1]
 
 SMALL = dict(num_attention_heads=4, attention_head_dim=12, in_channels=4, num_layers=2, sample_size=8, patch_size=2,
              num_embeds_ada_norm=10)
@@ -115,22 +110,16 @@ def _reshard_to_tp2(folder, out):
     dist_checkpointing.save(model.sharded_state_dict(), str(out))
 
 
-def _cli(*args):
-    run = subprocess.run([sys.executable, "-m", "dit.convert", *map(str, args)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-
-
 @pytest.mark.slow
-def test_cli_imports_a_diffusers_folder_and_exports_it_back_from_a_tp2_checkpoint(tmp_path):
+def test_cli_imports_a_diffusers_folder_and_exports_it_back_from_a_tp2_checkpoint(single_process, tmp_path):
     theirs = small_diffusers_dit(learn_sigma=True)
     theirs.save_pretrained(tmp_path / "diffusers")
-    _cli("import", tmp_path / "diffusers", tmp_path / "ours")
+    assert convert.main(["import", str(tmp_path / "diffusers"), str(tmp_path / "ours")]) == 0
     (tmp_path / "tp2").mkdir()
     run_distributed(_reshard_to_tp2, 2, tmp_path / "ours", tmp_path / "tp2")
-    _cli("export", tmp_path / "tp2", tmp_path / "back", "--config", tmp_path / "ours")
+    assert convert.main(["export", str(tmp_path / "tp2"), str(tmp_path / "back"),
+                         "--config", str(tmp_path / "ours")]) == 0
     back = DiTTransformer2DModel.from_pretrained(tmp_path / "back")
     assert {k: back.config[k] for k in SMALL} == {k: theirs.config[k] for k in SMALL}
     for name, tensor in theirs.state_dict().items():
         assert torch.equal(back.state_dict()[name], tensor), name
-
