@@ -62,7 +62,15 @@ def train_data_provider(args: argparse.Namespace) -> DiTDataLoader:
     return build_train_loader(args)
 
 
-HOOKS = Hooks(model_provider=model_provider, forward_step=forward_step, train_data_provider=train_data_provider)
+def valid_data_provider(args: argparse.Namespace) -> DiTDataLoader:
+    """The validation packs, the same ones in the same order at every call."""
+    from data.loader import build_valid_loader
+
+    return build_valid_loader(args)
+
+
+HOOKS = Hooks(model_provider=model_provider, forward_step=forward_step, train_data_provider=train_data_provider,
+              valid_data_provider=valid_data_provider)
 
 if __name__ == "__main__":  # spawn-safe: dist checkpointing's writer re-imports __main__
     sys.exit(main(HOOKS))

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Iterator
 
-from megatron.energon import SavableDataLoader, get_savable_loader, get_train_dataset
+from megatron.energon import SavableDataLoader, get_savable_loader, get_train_dataset, get_val_dataset
 
 from data.errors import BadDataError, DataStats, SkipKind
 from data.rank_split import RankLayout, shard_for_rank
@@ -28,16 +28,22 @@ def task_encoder(args: argparse.Namespace, pad_multiple: int) -> DiTTaskEncoder:
 
 
 def energon_loader(data_path: str | Path, encoder: DiTTaskEncoder, layout: RankLayout, *, num_workers: int,
-                   seed: int, packing_buffer_size: int, micro_batch_size: int, repeat: bool = True) -> SavableDataLoader:
-    """energon's savable loader yielding :class:`LoadedPack` s for this replica."""
-    dataset = get_train_dataset(
-        data_path,
+                   seed: int, packing_buffer_size: int, micro_batch_size: int, repeat: bool = True,
+                   split: str | None = None) -> SavableDataLoader:
+    """energon's savable loader yielding :class:`LoadedPack` s for this replica: the train split, shuffled
+    and repeated, or ``split`` read once in its stored order (validation)."""
+    common = dict(
         worker_config=layout.worker_config(num_workers, seed),
         batch_size=None if encoder.packing else micro_batch_size,  # a pack is one micro-batch
         packing_buffer_size=packing_buffer_size if encoder.packing else None,
+        task_encoder=encoder,
+    )
+    if split is not None:
+        return get_savable_loader(get_val_dataset(data_path, split_part=split, **common))
+    dataset = get_train_dataset(
+        data_path, **common,
         shuffle_buffer_size=None,  # the packing buffer already mixes samples of many shards
         max_samples_per_sequence=None,
-        task_encoder=encoder,
         repeat=repeat,
     )
     return get_savable_loader(dataset)
@@ -101,3 +107,15 @@ def build_train_loader(args: argparse.Namespace) -> DiTDataLoader:
                             packing_buffer_size=args.packing_buffer_size, micro_batch_size=args.micro_batch_size)
     return DiTDataLoader(loader, layout, max_bad_sample_fraction=args.max_bad_sample_fraction,
                          reject_oversize=args.oversize_policy == "error")
+
+
+def build_valid_loader(args: argparse.Namespace) -> DiTDataLoader:
+    """The validation loader: the same packs in the same order every time it is built."""
+    from dit.arguments import validation_source
+
+    path, split = validation_source(args)
+    layout = RankLayout.from_parallel_state(args.sequence_parallel, fp8=args.fp8_format is not None)
+    loader = energon_loader(path, task_encoder(args, layout.pad_multiple), layout, num_workers=args.num_workers,
+                            seed=args.seed, packing_buffer_size=args.packing_buffer_size,
+                            micro_batch_size=args.micro_batch_size, split=split)
+    return DiTDataLoader(loader, layout, max_bad_sample_fraction=args.max_bad_sample_fraction)

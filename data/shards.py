@@ -70,9 +70,10 @@ def write_shard(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> 
     return count
 
 
-def write_dataset(out: Path, samples: Iterable[tuple[str, dict[str, bytes]]], samples_per_shard: int) -> int:
+def write_dataset(out: Path, samples: Iterable[tuple[str, dict[str, bytes]]], samples_per_shard: int,
+                  split_ratio: str = "1,0,0") -> int:
     """Write ``(key, {ext: payload})`` pairs into consecutive shards of ``out`` and index them for
-    energon; return the sample count.
+    energon (``split_ratio``: train,val,test shares of the shards); return the sample count.
 
     Shards already complete are kept (their samples are still drawn from ``samples``, so a
     deterministic stream resumes where it stopped).
@@ -85,17 +86,17 @@ def write_dataset(out: Path, samples: Iterable[tuple[str, dict[str, bytes]]], sa
         if not path.exists():
             write_shard(path, chunk)
         total, index = total + len(chunk), index + 1
-    energon_prepare(out)
+    energon_prepare(out, split_ratio)
     return total
 
 
-def energon_prepare(root: Path) -> None:
-    """Index ``root`` as a CrudeWebdataset (all samples in the train split), non-interactively."""
+def energon_prepare(root: Path, split_ratio: str = "1,0,0") -> None:
+    """Index ``root`` as a CrudeWebdataset, non-interactively; by default all samples in the train split."""
     exe = shutil.which("energon", path=str(Path(sys.executable).parent)) or shutil.which("energon")
     if exe is None:
         raise RuntimeError("the `energon` command of megatron-energon is not installed")
     subprocess.run(
-        [exe, "prepare", str(root), "--non-interactive", "--split-ratio", "1,0,0",
+        [exe, "prepare", str(root), "--non-interactive", "--split-ratio", split_ratio,
          "--sample-type", "CrudeWebdataset", "--force-overwrite", "--no-progress"],
         check=True, stdout=subprocess.DEVNULL,
     )

@@ -145,6 +145,8 @@ def _add_ema_and_validation(p: argparse.ArgumentParser) -> None:
     g.add_argument("--valid-data-path", type=str, default=None,
                    help="Validation dataset (unset: the val split of --data-path, if it has one).")
     g.add_argument("--no-ema", action="store_true", help="Validate the raw weights instead of the EMA.")
+    g.add_argument("--skip-train", action="store_true",
+                   help="Load the checkpoint, validate once and exit (Megatron-LM's flag).")
 
 
 def _add_checkpointing(p: argparse.ArgumentParser) -> None:
@@ -154,6 +156,9 @@ def _add_checkpointing(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-retain", type=int, default=None,
                    help="Keep only the newest N checkpoints in --save (unset: keep all).")
     g.add_argument("--async-save", action="store_true", help="Write checkpoints in the background (GPU).")
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
+                   help="Save the distributed optimizer's state so that it loads under another TP/PP layout too "
+                        "(gathers each DP group's state on one rank while saving; without it only DP may change).")
     g.add_argument("--load", type=str, default=None,
                    help="Checkpoint directory to resume from (unset: --save, when it holds a checkpoint).")
     g.add_argument("--ckpt-step", type=int, default=None, help="Load this iteration instead of the latest.")
@@ -177,6 +182,8 @@ def _add_logging(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wandb-project", type=str, default=None,
                    help="Weights & Biases project (WANDB_MODE=offline is honoured).")
     g.add_argument("--wandb-exp-name", type=str, default=None, help="Weights & Biases run name.")
+    g.add_argument("--sample-log", type=str, default=None,
+                   help="Directory for a JSON line per step and DP replica: its loss and the keys of its samples.")
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
@@ -376,11 +383,35 @@ def check_loader_flags(args: argparse.Namespace) -> None:
                           "--max-seq-length instead, or pass --no-packing")
 
 
+def _has_split(path: str | Path, split: str) -> bool:
+    """Whether an energon dataset folder lists shards for ``split`` (``.nv-meta/split.yaml``)."""
+    meta = Path(path) / ".nv-meta" / "split.yaml"
+    if not meta.is_file():
+        return False
+    parts = (yaml.safe_load(meta.read_text()) or {}).get("split_parts") or {}
+    return bool(parts.get(split))
+
+
+def validation_source(args: argparse.Namespace) -> tuple[str, str] | None:
+    """(dataset, split) validation reads: ``--valid-data-path`` (its val split, or all of it when it has
+    none), else the val split of ``--data-path``; None when there is neither."""
+    if args.valid_data_path is not None:
+        return args.valid_data_path, "val" if _has_split(args.valid_data_path, "val") else "train"
+    if args.data_path is not None and _has_split(args.data_path, "val"):
+        return args.data_path, "val"
+    return None
+
+
 def _check_data(args: argparse.Namespace) -> None:
     if args.data_path is None:
         raise ConfigError("--data-path", "is required: point it at a dataset prepared with `energon prepare`")
     check_energon_dataset(args.data_path)
     check_loader_flags(args)
+    if args.valid_data_path is not None:
+        check_energon_dataset(args.valid_data_path, "--valid-data-path")
+    if (args.eval_interval is not None or args.skip_train) and validation_source(args) is None:
+        raise ConfigError("--valid-data-path", f"validation needs data: {args.data_path} has no val split; pass "
+                          "--valid-data-path DIR, or prepare the dataset with --split-ratio 0.95,0.05,0")
 
 
 def validate_args(args: argparse.Namespace, world_size: int, *, need_data: bool = True) -> argparse.Namespace:

@@ -237,4 +237,4 @@ def full_weights(model: torch.nn.Module, config: DiTConfig) -> dict:
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     offset = get_transformer_layer_offset(config)
-    return {global_name(n, offset): tp_gather(p.detach(), p).numpy() for n, p in model.named_parameters()}
+    return {global_name(n, offset): tp_gather(p.detach(), p).clone().numpy() for n, p in model.named_parameters()}

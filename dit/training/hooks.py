@@ -37,3 +37,4 @@ class Hooks:
     model_provider: Callable[[DiTConfig, bool, bool], DiTModel]  # (config, pre_process, post_process)
     forward_step: Callable  # Megatron's forward_step_func(iterator of DiffusionMicroBatch, model)
     train_data_provider: Callable[[argparse.Namespace], TrainLoader]
+    valid_data_provider: Callable[[argparse.Namespace], TrainLoader] | None = None  # the same packs each call

@@ -25,6 +25,10 @@ def main(hooks: Hooks, argv: list[str] | None = None, prog: str = "pretrain_dit.
 
     try:
         result = pretrain(args, hooks)
+    except ConfigError as e:  # found once the run is up: a checkpoint that does not fit the flags
+        if is_main_process():
+            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        return 2
     except TrainingStopped as e:
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return 1
@@ -32,6 +36,7 @@ def main(hooks: Hooks, argv: list[str] | None = None, prog: str = "pretrain_dit.
         runtime.destroy()
     if is_main_process():
         state = result.state
-        print(f"{prog}: trained {state.iteration} iterations ({state.consumed_samples} samples, "
-              f"{state.skipped_steps} steps skipped)", flush=True)
+        stopped = f"; stopped early: {result.exit_reason}" if result.exit_reason else ""
+        print(f"{prog}: trained to iteration {state.iteration} ({state.consumed_samples} samples, "
+              f"{state.skipped_steps} steps skipped){stopped}", flush=True)
     return 0

@@ -125,6 +125,15 @@ class TrainingLogger:
         stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
         return f" [{stamp}] " + " | ".join(fields) + " |"
 
+    def log_validation(self, iteration: int, result: Any, ema: bool) -> None:
+        if self.logging_rank:
+            from dit.training.validation import level_quantiles, validation_line
+
+            print(validation_line(iteration, result, self.objective, ema), flush=True)
+            metrics = {"validation/loss": result.loss}
+            metrics.update({f"validation/loss_q{q:.3f}": v for q, v in zip(level_quantiles().tolist(), result.per_level)})
+            self.writers.write(iteration, metrics)
+
     def _show_new_skips(self, data_stats: Any) -> None:
         """The first few skipped samples by key and shard, each shown once."""
         for e in data_stats.examples[self.examples_shown:]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import (
     MegatronOptimizer,
@@ -53,3 +54,27 @@ def build_scheduler(args: argparse.Namespace, optimizer: MegatronOptimizer) -> O
         optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
         lr_decay_steps=args.lr_decay_iters, lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,
         end_wd=args.weight_decay, wd_incr_steps=args.train_iters, wd_incr_style="constant")
+
+
+def allocate_state(optimizer: MegatronOptimizer) -> None:
+    """Create the Adam state of every main parameter now instead of at the first step (same values).
+
+    The EMA lives in that state, and Megatron's checkpoint requests are built from it: without TE or apex,
+    ``DistributedOptimizer.state_dict`` also reads each state's ``step``, which only torch's Adam keeps.
+    """
+    for chained in optimizer.chained_optimizers:
+        chained.init_state_fn(chained.optimizer, chained.config)
+        if isinstance(chained.optimizer, torch.optim.Adam):  # torch's AdamW is a subclass
+            for state in chained.optimizer.state.values():
+                state.setdefault("step", torch.tensor(0.0))
+
+
+def publish_main_params(optimizer: MegatronOptimizer, model: list[DistributedDataParallel]) -> None:
+    """Copy the main weights into the model (and all-gather them under the distributed optimizer), as
+    Megatron's ``step_with_ready_grads`` does after the inner step; fp32 runs without it share the tensors."""
+    for chained in optimizer.chained_optimizers:
+        if hasattr(chained, "_copy_main_params_to_model_params"):
+            chained._copy_main_params_to_model_params()
+    if optimizer.config.use_distributed_optimizer:
+        for chunk in model:
+            chunk.start_param_sync(force_sync=True)

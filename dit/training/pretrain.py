@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,11 +20,16 @@ from dit import runtime
 from dit.config import config_from_args
 from dit.diffusion import build_objective
 from dit.errors import TrainingStopped
+from dit.training.ema import EMA
+from dit.training.checkpointing import Checkpointer, find_checkpoint, load_checkpoint
+from dit.training.exits import ExitConditions
 from dit.training.flops import peak_tflops
 from dit.training.hooks import Hooks, TrainLoader
 from dit.training.metrics import TrainingLogger
 from dit.training.optimizer import build_optimizer, build_scheduler, wrap_model
+from dit.training.sample_log import SampleLog
 from dit.training.state import TrainState
+from dit.training.validation import ValidationResult, Validator
 from dit.training.step import ForwardStep, StepResult, TrainingSetup, train_step
 
 
@@ -41,7 +47,10 @@ class StepRecord:
 class TrainResult:
     state: TrainState
     setup: TrainingSetup
-    history: list[StepRecord] = field(default_factory=list)
+    history: list[StepRecord] = field(default_factory=list)  # the steps of this run (not of a resumed one)
+    exit_reason: str | None = None  # why it stopped before --train-iters
+    ema: EMA | None = None
+    validations: list[tuple[int, ValidationResult]] = field(default_factory=list)  # (iteration, result)
 
 
 def setup_training(args: argparse.Namespace, hooks: Hooks) -> TrainingSetup:
@@ -87,22 +96,33 @@ def gather_data_stats(stats: Any) -> Any:
     return total
 
 
-def _advance(state: TrainState, result: StepResult, max_skipped: int) -> None:
+def _advance(state: TrainState, result: StepResult, max_skipped: int, last_checkpoint: Path | None) -> None:
     state.iteration += 1
     state.consumed_packs += result.counts.packs
     state.consumed_samples += result.counts.samples
     state.consecutive_skips = state.consecutive_skips + 1 if result.skipped else 0
     state.skipped_steps += result.skipped
     if state.consecutive_skips >= max_skipped:
+        resume = (f"resume from the last checkpoint, {last_checkpoint}" if last_checkpoint
+                  else "no checkpoint was saved in this run")
         raise TrainingStopped(
             f"{state.consecutive_skips} consecutive steps had a non-finite loss or gradient norm (iteration "
             f"{state.iteration}: loss {result.loss}, grad norm {result.grad_norm}); none of them changed the "
-            f"weights. Stopping (--max-skipped-steps {max_skipped}): lower --lr, check the data "
-            "(python -m data.report), or resume from the last checkpoint in --save")
+            f"weights. Stopping (--max-skipped-steps {max_skipped}): lower --lr or check the data "
+            f"(python -m data.report); {resume}")
 
 
-def train(setup: TrainingSetup, loader: TrainLoader, forward_step: ForwardStep) -> TrainResult:
-    """Steps until ``--train-iters``; each takes ``global / (micro x DP)`` packs from this rank's loader."""
+def _validate(validator: Validator | None, logger: TrainingLogger, result: TrainResult) -> None:
+    if validator is not None:
+        outcome = validator.run()
+        result.validations.append((result.state.iteration, outcome))
+        logger.log_validation(result.state.iteration, outcome, validator.ema is not None)
+
+
+def train(setup: TrainingSetup, loader: TrainLoader, forward_step: ForwardStep, state: TrainState,
+          ema: EMA | None, validator: Validator | None) -> TrainResult:
+    """Steps from ``state`` until ``--train-iters`` or an exit condition; each takes ``global / (micro x DP)``
+    packs from this rank's loader. Saves every ``--save-interval``, on exit and at the end."""
     args = setup.args
     dp = ps.get_data_parallel_world_size()
     num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
@@ -112,36 +132,65 @@ def train(setup: TrainingSetup, loader: TrainLoader, forward_step: ForwardStep) 
     logger = TrainingLogger(args, world_size=dist.get_world_size(), peak_tflops=peak, logging_rank=logging_rank,
                             pack_capacity=args.max_seq_length * (args.micro_batch_size if args.no_packing else 1),
                             objective=setup.objective.name)
+    exits, samples = ExitConditions(args, setup.device), SampleLog(args.sample_log)
     parameters = count_parameters(setup.model[0].module)
     if logging_rank:
         print(f"pretrain_dit.py: {parameters:,} parameters, {args.transformer_impl} backend, "
               f"tp={args.tensor_model_parallel_size} pp={args.pipeline_model_parallel_size} "
               f"cp={args.context_parallel_size} dp={dp}; {args.objective} objective; {args.global_batch_size} "
-              f"packs of up to {args.max_seq_length} tokens a step, {num_microbatches} micro-batches per DP rank",
-              flush=True)
-    result = TrainResult(state=TrainState(), setup=setup)
-    state = result.state
+              f"packs of up to {args.max_seq_length} tokens a step ({num_microbatches} per DP rank); "
+              f"from iteration {state.iteration} to {args.train_iters}", flush=True)
+    result = TrainResult(state=state, setup=setup, ema=ema)
+    checkpointer = Checkpointer(args)
     try:
+        if args.skip_train:
+            _validate(validator, logger, result)
+            return result
         while state.iteration < args.train_iters:
             start = time.monotonic()
             packs = [next(loader) for _ in range(num_microbatches)]
             step = train_step(setup, forward_step, packs, state.iteration + 1)
-            _advance(state, step, args.max_skipped_steps)
+            checkpointer.poll()
+            if ema is not None and not step.skipped:
+                ema.update()
+            _advance(state, step, args.max_skipped_steps, checkpointer.last)
             logger.record(step, time.monotonic() - start)
+            samples.write(state.iteration, step)
             lr = setup.optimizer.param_groups[0]["lr"]
             result.history.append(StepRecord(state.iteration, step.loss, step.grad_norm, step.skipped, lr, step.keys))
             if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
                 logger.log(state, lr, gather_data_stats(loader.stats))
+            last = state.iteration == args.train_iters
+            if args.eval_interval and (state.iteration % args.eval_interval == 0 or last):
+                _validate(validator, logger, result)
+            result.exit_reason = exits.reason(state.iteration)
+            due = args.save_interval and state.iteration % args.save_interval == 0
+            if args.save and (due or result.exit_reason or last):
+                checkpointer.save(setup, state, loader, ema)
+            if result.exit_reason:
+                break
+        checkpointer.finish()
     finally:
         logger.close()
+        exits.close()
+        samples.close()
     return result
 
 
 def pretrain(args: argparse.Namespace, hooks: Hooks) -> TrainResult:
-    """Train with validated ``args``; the process groups stay up for the caller (tests read the model)."""
+    """Train with validated ``args``, from ``--load`` / ``--save`` when they hold a checkpoint. The process
+    groups stay up for the caller (tests read the model)."""
     setup = setup_training(args, hooks)
+    ema = EMA(setup, args.ema_decay, args.ema_warmup) if args.ema_decay > 0 else None
     loader = hooks.train_data_provider(args)
+    state = TrainState()
     try:
-        return train(setup, loader, hooks.forward_step)
+        path = find_checkpoint(args)
+        if path is not None:
+            load_checkpoint(setup, state, loader, ema, path)
+        validator = None
+        if args.eval_interval or args.skip_train:
+            validator = Validator(setup, hooks.forward_step, lambda: hooks.valid_data_provider(args), ema)
+        return train(setup, loader, hooks.forward_step, state, ema, validator)
     finally:
         loader.close()

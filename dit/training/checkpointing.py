@@ -1,0 +1,357 @@
+"""Checkpoints: everything a run needs to continue exactly, in one Megatron dist checkpoint.
+
+On disk as Megatron-LM writes them, so its users and tools recognise them::
+
+    SAVE/iter_0000100/                   a torch_dist checkpoint (any TP/PP/DP layout loads it)
+    SAVE/latest_checkpointed_iteration.txt
+
+A checkpoint holds the model's sharded state, the optimizer's (the distributed optimizer's included,
+in Megatron's layout-independent format), the LR schedule, the run's counters (``TrainState``), every
+rank's RNG states, every DP replica's energon loader state with its bad-data counts, the EMA slot,
+and the run's arguments (the model-shape flags are compared on load).
+
+Publication is atomic: the shards are written to ``iter_NNNNNNN.partial/``, renamed to ``iter_NNNNNNN/``
+when every rank has finished, and only then is the tracker replaced (temporary file, fsync, rename).
+A process killed at any moment of a save therefore leaves the previous checkpoint the latest, and a
+``.partial`` folder is never loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+from dit.errors import ConfigError
+from dit.training.ema import EMA
+from dit.training.hooks import TrainLoader
+from dit.training.optimizer import allocate_state
+from dit.training.state import TrainState
+from dit.training.step import TrainingSetup
+
+log = logging.getLogger(__name__)
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+# Flags that shape the model's parameters: a checkpoint of another value cannot be loaded.
+MODEL_SHAPE_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "latent_channels", "patch_size",
+                     "temporal_patch_size", "text_embed_dim", "conditioning", "num_classes", "position_embedding",
+                     "qk_layernorm", "adaln_lora_rank", "fps_conditioning")
+
+
+def checkpoint_dir(root: str | Path, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def read_tracker(root: str | Path) -> int | None:
+    """The iteration the tracker names, or None where there is no tracker."""
+    path = Path(root) / TRACKER
+    if not path.is_file():
+        return None
+    text = path.read_text().strip()
+    if not text.isdigit():
+        raise ConfigError("--load", f"{path} holds {text!r}, not an iteration number")
+    return int(text)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_tracker(root: Path, iteration: int) -> None:
+    """Replace the tracker atomically: a reader sees the old or the new iteration, never a torn file."""
+    tmp = root / (TRACKER + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(f"{iteration}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / TRACKER)
+    _fsync_dir(root)
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+
+    @classmethod
+    def current(cls) -> Layout:
+        return cls(ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+                   ps.get_context_parallel_world_size(), ps.get_data_parallel_world_size())
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _replica_rank() -> int:
+    """This rank's place among the ranks of its DP replica (TP x CP x PP), which read the same packs."""
+    tp, cp = ps.get_tensor_model_parallel_world_size(), ps.get_context_parallel_world_size()
+    return (ps.get_tensor_model_parallel_rank()
+            + tp * (ps.get_context_parallel_rank() + cp * ps.get_pipeline_model_parallel_rank()))
+
+
+def _per_rank(name: str, value: Any) -> ShardedObject:
+    return ShardedObject(name, value, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
+
+
+def _per_replica(name: str, value: Any) -> ShardedObject:
+    return ShardedObject(name, value, (ps.get_data_parallel_world_size(),), (ps.get_data_parallel_rank(),),
+                         replica_id=_replica_rank())
+
+
+def _model_state(setup: TrainingSetup) -> dict:
+    return setup.model[0].module.sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group(None))
+
+
+def optimizer_format(args: argparse.Namespace) -> str:
+    """How the optimizer state is laid out on disk. Megatron's regular optimizer maps its state onto the
+    model's tensors, so it loads under any layout; the distributed optimizer's default ``dp_reshardable``
+    keeps each DP shard's buffers as they are (fully parallel, only DP may change), ``fully_reshardable``
+    gathers them into per-parameter tensors on each DP group's first rank (TP and PP may change too)."""
+    if not args.use_distributed_optimizer:
+        return "regular"
+    return "fully_reshardable" if args.dist_ckpt_optim_fully_reshardable else "dp_reshardable"
+
+
+def _restore_adam_step(setup: TrainingSetup, loaded: dict) -> None:
+    """Set torch Adam's per-parameter step to the checkpoint's: ``load_state_dict`` sets it from the saved
+    param groups, but then copies the per-parameter states of the load request over it, whose step is the
+    placeholder of ``dit.training.optimizer.allocate_state`` (Megatron's non-TE path; TE's and apex's Adam keep
+    no step)."""
+    steps = {group["step"] for group in loaded["optimizer"]["param_groups"]}
+    assert len(steps) == 1, steps
+    step = torch.tensor(float(steps.pop()))
+    for chained in setup.optimizer.chained_optimizers:
+        for state in chained.optimizer.state.values():
+            state["step"] = step.clone()
+
+
+def _optimizer_state(setup: TrainingSetup, model: dict, is_loading: bool) -> dict:
+    if is_loading:
+        allocate_state(setup.optimizer)
+    metadata = ensure_metadata_has_dp_cp_group({"distrib_optim_sharding_type": optimizer_format(setup.args)})
+    return setup.optimizer.sharded_state_dict(model, is_loading=is_loading, metadata=metadata)
+
+
+def sharded_state(setup: TrainingSetup, state: TrainState, loader: TrainLoader, ema: EMA | None) -> dict[str, Any]:
+    """What a checkpoint holds, as a sharded state dict for ``dist_checkpointing.save``."""
+    model = _model_state(setup)
+    return {
+        "model": model,
+        "optimizer": _optimizer_state(setup, model, is_loading=False),
+        "optimizer_format": optimizer_format(setup.args),
+        "scheduler": setup.scheduler.state_dict(),
+        "train_state": state.state_dict(),
+        "ema": None if ema is None else ema.state_dict(),  # its tensors are in the optimizer state
+        "args": {k: v for k, v in vars(setup.args).items()},
+        "layout": Layout.current().__dict__,
+        "rng": _per_rank("rng_state", _rng_state()),
+        "data": _per_replica("data_state", loader.state_dict()),
+    }
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+class Checkpointer:
+    """Saves (in the background with ``--async-save``) and remembers the last checkpoint published."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.root, self.retain = (Path(args.save) if args.save else None), args.save_retain
+        self.queue = AsyncCallsQueue() if args.async_save else None
+        self.last: Path | None = None
+
+    def save(self, setup: TrainingSetup, state: TrainState, loader: TrainLoader, ema: EMA | None) -> None:
+        """Write ``SAVE/iter_NNNNNNN.partial``, then publish it: rename, tracker, ``--save-retain``."""
+        final = checkpoint_dir(self.root, state.iteration)
+        partial = final.with_name(final.name + ".partial")
+        start = time.monotonic()
+        if dist.get_rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
+            partial.mkdir(parents=True)
+        dist.barrier()
+        contents = sharded_state(setup, state, loader, ema)
+        if self.queue is None:
+            dist_checkpointing.save(contents, str(partial))
+            self._publish(partial, final, state.iteration, start)
+            return
+        request = dist_checkpointing.save(contents, str(partial), async_sharded_save=True)
+        iteration = state.iteration
+        request.add_finalize_fn(lambda: self._publish(partial, final, iteration, start))
+        self.queue.schedule_async_request(request)
+
+    def poll(self) -> None:
+        """Publish background saves that every rank has finished (a collective: call it on every rank)."""
+        if self.queue is not None:
+            self.queue.maybe_finalize_async_calls(blocking=False)
+
+    def finish(self) -> None:
+        """Wait for a save still being written, and publish it."""
+        if self.queue is not None:
+            self.queue.maybe_finalize_async_calls(blocking=True)
+            self.queue.close()
+
+    def _publish(self, partial: Path, final: Path, iteration: int, start: float) -> None:
+        dist.barrier()  # every rank's shards are on disk
+        if dist.get_rank() == 0:
+            publish(self.root, partial, final, iteration)
+            retain(self.root, self.retain)
+            print(f"saved checkpoint {final} ({_size(final) / 2**20:.1f} MiB, iteration {iteration}) in "
+                  f"{time.monotonic() - start:.1f} s", flush=True)
+        dist.barrier()
+        self.last = final
+
+
+def publish(root: Path, partial: Path, final: Path, iteration: int) -> None:
+    """Rename the complete folder into place, then point the tracker at it."""
+    if final.exists():  # an earlier save of the same iteration: replaced, never merged
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    _fsync_dir(root)
+    write_tracker(root, iteration)
+
+
+def retain(root: Path, keep: int | None) -> None:
+    """Delete all but the newest ``keep`` checkpoints; never the one the tracker names."""
+    if keep is None:
+        return
+    latest = read_tracker(root)
+    saved = sorted(p for p in root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
+    for old in saved[:-keep]:
+        if int(old.name[5:]) != latest:
+            shutil.rmtree(old)
+
+
+def find_checkpoint(args: argparse.Namespace) -> Path | None:
+    """The checkpoint this run starts from: ``--load`` (it must hold one) or ``--save`` when it does."""
+    root = args.load or args.save
+    if root is None:
+        return None
+    flag = "--load" if args.load else "--save"
+    iteration = args.ckpt_step if args.ckpt_step is not None else read_tracker(root)
+    if iteration is None:
+        if args.load:
+            raise ConfigError("--load", f"{root} holds no checkpoint (no {TRACKER}); point it at a --save "
+                                        "folder of an earlier run, or drop --load to start from scratch")
+        return None
+    path = checkpoint_dir(root, iteration)
+    if not (path / "metadata.json").is_file():
+        raise ConfigError("--ckpt-step" if args.ckpt_step is not None else flag,
+                          f"{path} is not a complete checkpoint; pick another --ckpt-step")
+    return path
+
+
+def check_model_shape(saved: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
+    for name in MODEL_SHAPE_FLAGS:
+        if saved.get(name) != getattr(args, name):
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(flag, f"the checkpoint {path} was trained with {flag} {saved.get(name)}, this run "
+                                    f"has {getattr(args, name)}; pass {flag} {saved.get(name)} (or start from "
+                                    "scratch without it)")
+
+
+def check_optimizer_format(common: dict, args: argparse.Namespace, saved: Layout, layout: Layout, path: Path) -> None:
+    fmt = common["optimizer_format"]
+    if (fmt == "regular") != (not args.use_distributed_optimizer):
+        raise ConfigError("--use-distributed-optimizer",
+                          f"the checkpoint {path} holds a {'distributed' if fmt != 'regular' else 'regular'} "
+                          "optimizer's state; match its --use-distributed-optimizer or pass --no-load-optim")
+    if fmt == "dp_reshardable" and (saved.tp, saved.pp) != (layout.tp, layout.pp):
+        raise ConfigError("--no-load-optim",
+                          f"the distributed optimizer state in {path} was saved for tp={saved.tp} pp={saved.pp} and "
+                          f"loads only under that layout (this run: tp={layout.tp} pp={layout.pp}); pass "
+                          "--no-load-optim, or save it with --dist-ckpt-optim-fully-reshardable")
+
+
+def load_checkpoint(setup: TrainingSetup, state: TrainState, loader: TrainLoader, ema: EMA | None, path: Path) -> None:
+    """Restore what ``args`` ask for from ``path`` into the run (before the loader's first ``next``)."""
+    args = setup.args
+    start = time.monotonic()
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    check_model_shape(common["args"], args, path)
+    weights_only = args.finetune
+    layout, saved_layout = Layout.current(), Layout(**common["layout"])
+    request = {"model": _model_state(setup)}
+    if not (weights_only or args.no_load_optim):
+        check_optimizer_format(common, args, saved_layout, layout, path)
+        if ema is not None and common["ema"] is None:
+            raise ConfigError("--ema-decay", f"the checkpoint {path} has no EMA to continue; pass --ema-decay 0, or "
+                                             "--no-load-optim to start an EMA from its weights")
+        request["optimizer"] = _optimizer_state(setup, request["model"], is_loading=True)
+    load_rng = not (weights_only or args.no_load_rng) and saved_layout == layout
+    if load_rng:
+        request["rng"] = _per_rank("rng_state", None)
+    load_data = not weights_only and saved_layout.dp == layout.dp
+    if load_data:
+        request["data"] = _per_replica("data_state", None)
+    loaded = dist_checkpointing.load(request, str(path))
+    with torch.no_grad():  # the distributed optimizer copies into views of the parameters
+        setup.model[0].module.load_state_dict(loaded["model"])
+        if "optimizer" in request:
+            setup.optimizer.load_state_dict(loaded["optimizer"])
+            if args.use_distributed_optimizer:
+                _restore_adam_step(setup, loaded["optimizer"])
+        else:
+            setup.optimizer.reload_model_params()  # fp32 main weights from the loaded model
+    if "optimizer" in request:
+        setup.scheduler.load_state_dict(loaded["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(common["ema"])
+    elif ema is not None:
+        ema.reset()  # from the loaded weights
+    if not weights_only:
+        restored = TrainState.from_state_dict(loaded["train_state"])
+        for name, value in restored.__dict__.items():
+            setattr(state, name, value)
+    if load_rng:
+        _set_rng_state(loaded["rng"])
+    if load_data:
+        loader.load_state_dict(loaded["data"])
+    if dist.get_rank() == 0:
+        notes = []
+        if not weights_only and not load_data:
+            notes.append(f"WARNING: the checkpoint was saved with {saved_layout.dp} data-parallel replicas and this "
+                         f"run has {layout.dp}; their loader states cannot be split differently, so the data "
+                         "stream restarts from the beginning of the epoch")
+        if not (weights_only or args.no_load_rng) and not load_rng:
+            notes.append("the parallel layout changed, so the per-rank RNG states were not restored")
+        what = "weights only (--finetune)" if weights_only else f"iteration {state.iteration}"
+        print(f"loaded checkpoint {path} ({_size(path) / 2**20:.1f} MiB, {what}) in "
+              f"{time.monotonic() - start:.1f} s" + "".join(f"; {n}" for n in notes), flush=True)

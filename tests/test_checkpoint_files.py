@@ -1,0 +1,104 @@
+"""The checkpoint folder: atomic publication, a save killed midway, retention, and the one-line mistakes."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import pretrain_dit
+from dit.arguments import parse_args, validate_args
+from dit.training import checkpointing
+from dit.training.checkpointing import TRACKER, read_tracker, retain, write_tracker
+from dit.training.pretrain import pretrain
+from tests.distributed import RankFailed, run_distributed
+from tests.launch import ROOT
+from tests.tiny_data import good_entries, write_dataset
+
+FLAGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--latent-channels", "4",
+         "--patch-size", "2", "--text-embed-dim", "8", "--max-seq-length", "32", "--packing-buffer-size", "8",
+         "--num-workers", "0", "--transformer-impl", "local", "--log-interval", "1"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return str(write_dataset(tmp_path_factory.mktemp("files"), good_entries(24, seed=9)))
+
+
+def test_tracker_and_retention(tmp_path):
+    for it in (2, 4, 6, 8):
+        (tmp_path / f"iter_{it:07d}").mkdir()
+    (tmp_path / "iter_0000010.partial").mkdir()
+    write_tracker(tmp_path, 4)  # e.g. --ckpt-step went back to 4
+    assert read_tracker(tmp_path) == 4 and not (tmp_path / (TRACKER + ".tmp")).exists()
+    retain(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
+        "iter_0000004", "iter_0000006", "iter_0000008", "iter_0000010.partial"]  # the tracker's one is kept
+    assert read_tracker(tmp_path / "nowhere") is None
+
+
+def _train(data_path: str, extra: list[str], die_on_save: int | None = None) -> dict:
+    """The real loop; with ``die_on_save``, rank 1 is SIGKILLed inside that save, after writing its shards
+    and before the checkpoint is published."""
+    import torch.distributed as dist
+
+    if die_on_save is not None:
+        real_save, calls = checkpointing.dist_checkpointing.save, []
+
+        def save(*args, **kwargs):
+            calls.append(1)
+            result = real_save(*args, **kwargs)
+            if len(calls) == die_on_save and dist.get_rank() == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return result
+
+        checkpointing.dist_checkpointing.save = save
+    args = validate_args(parse_args(FLAGS + ["--data-path", data_path] + extra), dist.get_world_size())
+    result = pretrain(args, pretrain_dit.HOOKS)
+    return {"iteration": result.state.iteration, "losses": {r.iteration: r.loss for r in result.history},
+            "exit": result.exit_reason}
+
+
+def test_a_save_killed_midway_leaves_the_last_checkpoint(tmp_path, dataset):
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(RankFailed, match="rank 1 of 2 died"):
+        run_distributed(_train, 2, dataset, ["--save", str(ckpt), "--save-interval", "2", "--train-iters", "4"], 2,
+                        timeout=120)
+    assert read_tracker(ckpt) == 2  # unchanged: the save of iteration 4 never published
+    assert (ckpt / "iter_0000004.partial").is_dir() and not (ckpt / "iter_0000004").exists()
+    resumed = run_distributed(_train, 2, dataset, ["--save", str(ckpt), "--save-interval", "2", "--train-iters", "4"])
+    assert all(sorted(r["losses"]) == [3, 4] for r in resumed)  # from iteration 2
+    assert read_tracker(ckpt) == 4 and not (ckpt / "iter_0000004.partial").exists()
+
+
+def test_exit_interval_saves_and_stops(tmp_path, dataset):
+    r = run_distributed(_train, 1, dataset, ["--save", str(tmp_path), "--train-iters", "10", "--exit-interval", "3",
+                                             "--save-interval", "100"])[0]
+    assert r["iteration"] == 3 and r["exit"] == "--exit-interval 3" and read_tracker(tmp_path) == 3
+
+
+def _entry(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "pretrain_dit.py"), *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_checkpoint_mistakes_are_one_line(tmp_path, dataset):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = _entry(*FLAGS, "--data-path", dataset, "--load", str(empty))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"pretrain_dit.py: error: --load: {empty} holds no checkpoint (no {TRACKER}); point it at a --save folder "
+        "of an earlier run, or drop --load to start from scratch")
+    ckpt = tmp_path / "ckpt"
+    assert _entry(*FLAGS, "--data-path", dataset, "--save", str(ckpt), "--train-iters", "2").returncode == 0
+    out = _entry(*FLAGS, "--data-path", dataset, "--load", str(ckpt), "--hidden-size", "48")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"pretrain_dit.py: error: --hidden-size: the checkpoint {ckpt / 'iter_0000002'} was trained with "
+        "--hidden-size 32, this run has 48; pass --hidden-size 32 (or start from scratch without it)")
+    out = _entry(*FLAGS, "--data-path", dataset, "--load", str(ckpt), "--ckpt-step", "7")
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"pretrain_dit.py: error: --ckpt-step: {ckpt / 'iter_0000007'} is not a complete checkpoint; pick "
+        "another --ckpt-step")

@@ -1,0 +1,94 @@
+"""Exact resume after SIGKILL and after SIGTERM, through real torchrun launches.
+
+A second run is SIGKILLed past its checkpoint at K, while it trains, and restarted: it must start at K+1
+and give, at every iteration K+1..2K, bit-identical losses and the same samples in the same order as an
+uninterrupted run (each DP replica's --sample-log records them). DP=2 with the distributed optimizer
+and loader workers, and PP=2.
+"""
+
+import os
+import signal
+
+import pytest
+
+from dit.training.checkpointing import read_tracker
+from dit.training.sample_log import read_sample_log
+from tests.launch import kill, run_to_end, torchrun, wait_until, workers
+from tests.tiny_data import good_entries, write_dataset
+
+pytestmark = pytest.mark.slow
+
+K = 3
+FLAGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--latent-channels", "4",
+         "--patch-size", "2", "--text-embed-dim", "8", "--max-seq-length", "32", "--packing-buffer-size", "8",
+         "--num-workers", "1", "--transformer-impl", "local", "--lr", "1e-3", "--lr-decay-style", "constant",
+         "--global-batch-size", "4", "--log-interval", "1", "--save-interval", str(K)]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return str(write_dataset(tmp_path_factory.mktemp("resume"), good_entries(48, seed=5)))
+
+
+def _records(sample_log):
+    return {path.name: read_sample_log(path) for path in sorted(sample_log.glob("dp_*.jsonl"))}
+
+
+def _assert_same_steps(resumed, straight, first, last):
+    assert resumed.keys() == straight.keys() and resumed
+    for replica, records in straight.items():
+        for it in range(first, last + 1):
+            assert resumed[replica][it]["loss"] == records[it]["loss"], (replica, it)  # bit-identical
+            assert resumed[replica][it]["keys"] == records[it]["keys"], (replica, it)
+
+
+# PP=2 also saves in the background (--async-save), published when every rank's writer has finished
+LAYOUTS = {"dp2-distributed-optimizer": ["--use-distributed-optimizer"],
+           "pp2-async-save": ["--pipeline-model-parallel-size", "2", "--async-save"]}
+STRAIGHT = 8  # iterations of the straight runs; the LR is constant, so runs of any length share a schedule
+
+
+@pytest.fixture(scope="module")
+def straight(dataset, tmp_path_factory):
+    """Each layout's uninterrupted run: its sample logs by replica and iteration."""
+    records = {}
+    for layout, extra in LAYOUTS.items():
+        out = tmp_path_factory.mktemp(f"straight-{layout}")
+        run_to_end(2, FLAGS + extra + ["--data-path", dataset, "--train-iters", str(STRAIGHT), "--save",
+                                       str(out / "ckpt"), "--sample-log", str(out / "samples")], out / "log")
+        records[layout] = _records(out / "samples")
+    return records
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_resume_after_sigkill_is_exact(tmp_path, dataset, straight, layout):
+    run = tmp_path / "killed"
+    flags = FLAGS + LAYOUTS[layout] + ["--data-path", dataset, "--save", str(run / "ckpt"),
+                                       "--sample-log", str(run / "samples")]
+    proc = torchrun(2, flags + ["--train-iters", "1000"], tmp_path / "killed.log")
+    wait_until(proc, lambda: read_tracker(run / "ckpt") == K and any(K + 1 in r for r in _records(run / "samples").values()))
+    kill(proc)  # SIGKILL past K, mid-training
+    assert read_tracker(run / "ckpt") == K
+    log = run_to_end(2, flags + ["--train-iters", str(2 * K)], tmp_path / "resumed.log")
+    assert f"loaded checkpoint {run / 'ckpt' / f'iter_{K:07d}'}" in log and f"from iteration {K} to {2 * K}" in log
+    _assert_same_steps(_records(run / "samples"), straight[layout], K + 1, 2 * K)
+
+
+def test_sigterm_saves_and_resumes_exactly(tmp_path, dataset, straight):
+    layout = "dp2-distributed-optimizer"
+    run = tmp_path / "signalled"
+    flags = FLAGS + LAYOUTS[layout] + ["--data-path", dataset, "--exit-signal-handler", "--save", str(run / "ckpt"),
+                                       "--sample-log", str(run / "samples"), "--save-interval", "100"]
+    proc = torchrun(2, flags + ["--train-iters", "1000"], tmp_path / "signalled.log")
+    wait_until(proc, lambda: any(2 in r for r in _records(run / "samples").values()))
+    for pid in workers(proc):  # as slurm signals the tasks before preemption
+        os.kill(pid, signal.SIGTERM)
+    try:
+        assert proc.wait(timeout=120) == 0, (tmp_path / "signalled.log").read_text()[-3000:]
+    finally:
+        kill(proc)
+    stopped = read_tracker(run / "ckpt")
+    assert stopped is not None and 2 <= stopped < STRAIGHT
+    assert "stopped early: SIGTERM received" in (tmp_path / "signalled.log").read_text()
+    run_to_end(2, flags + ["--train-iters", str(STRAIGHT)], tmp_path / "resumed.log")
+    _assert_same_steps(_records(run / "samples"), straight[layout], stopped + 1, STRAIGHT)
