@@ -93,6 +93,8 @@ class DiTConfig(TransformerConfig):
         if self.position_embedding == "sincos3d" and self.hidden_size % 4:
             raise ValueError(f"sincos3d splits the channels into (w, h) sin-cos quarters: hidden_size "
                              f"{self.hidden_size} must be a multiple of 4")
+        if not 0 <= self.timestep_freq_shift < 128:  # 128: half the timestep sinusoid's 256 channels
+            raise ConfigError("--timestep-freq-shift", f"must be in [0, 128), got {self.timestep_freq_shift}")
         if self.normalization != "RMSNorm":
             raise ValueError("normalization names the QK-norm, which is RMSNorm in both backends")
         if self.hidden_dropout or self.attention_dropout:
@@ -154,6 +156,7 @@ def config_from_args(args: argparse.Namespace) -> DiTConfig:
         qk_layernorm=args.qk_layernorm,
         adaln_lora_rank=args.adaln_lora_rank,
         fps_conditioning=args.fps_conditioning,
+        timestep_freq_shift=args.timestep_freq_shift,
         transformer_impl=args.transformer_impl,
         recompute_granularity=args.recompute_granularity,
         recompute_method=args.recompute_method if full else None,

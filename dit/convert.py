@@ -6,8 +6,11 @@ format) in and out of our class-conditioned DiTModel, computing the same functio
 
 ``import`` writes a Megatron dist checkpoint of the model (``megatron.core.dist_checkpointing``) and
 ``dit_config.json`` (the DiTConfig fields that shape it) into the output folder. ``export`` reads such a
-checkpoint, saved under any TP/PP layout (dist checkpointing reshards it to one process), and writes a
-diffusers folder (``save_pretrained``: config.json and the weights).
+checkpoint or a training run's (``pretrain_dit.py --save``: its latest, or one ``iter_NNNNNNN`` folder),
+saved under any TP/PP layout (dist checkpointing reshards it to one process), and writes a diffusers folder
+(``save_pretrained``: config.json and the weights). A run is exportable when diffusers computes the same
+model: class conditioning, ``--position-embedding sincos3d --no-qk-layernorm --timestep-freq-shift 1``,
+square images.
 
 diffusers' port differs from the paper's code in conventions that our config carries, so that the
 converted model computes what it computed (:func:`config_from_diffusers`):
@@ -171,7 +174,8 @@ def load_config(folder: Path, **fields) -> DiTConfig:
 
 
 def _single_process_model(config: DiTConfig):
-    """Our DiTModel at TP = PP = CP = 1 in this process (gloo; the CPU layer where there is no GPU)."""
+    """Our DiTModel (uninitialised) at TP = PP = CP = 1 in this process, local backend (gloo; the CPU layer
+    where there is no GPU), whatever layout and backend ``config`` was trained with."""
     from megatron.core import parallel_state
 
     from dit import runtime
@@ -180,7 +184,10 @@ def _single_process_model(config: DiTConfig):
     runtime.init_distributed()
     if not parallel_state.model_parallel_is_initialized():
         runtime.initialize_model_parallel(runtime.ParallelLayout())
-    return DiTModel(dataclasses.replace(config, use_cpu_initialization=True, perform_initialization=False))
+    return DiTModel(dataclasses.replace(
+        config, tensor_model_parallel_size=1, pipeline_model_parallel_size=1, context_parallel_size=1,
+        sequence_parallel=False, transformer_impl="local", fp8=None, use_cpu_initialization=True,
+        perform_initialization=False))
 
 
 def import_diffusers(source: str, out: Path, subfolder: str | None = None) -> DiTConfig:
@@ -206,12 +213,35 @@ def load_parameters(model: torch.nn.Module, state: dict[str, Tensor]) -> None:
         raise ValueError(f"state does not fit the model: missing {missing}, unexpected {result.unexpected_keys}")
 
 
+def resolve_checkpoint(path: Path) -> Path:
+    """A training run's ``--save`` folder (its tracker names the latest checkpoint) or one checkpoint folder."""
+    from dit.training.checkpointing import checkpoint_dir, read_tracker
+
+    iteration = read_tracker(path)
+    return path if iteration is None else checkpoint_dir(path, iteration)
+
+
+def checkpoint_config(checkpoint: Path) -> DiTConfig:
+    """The model's config: ``dit_config.json`` beside an imported checkpoint, else the training run's flags
+    (``pretrain_dit.py`` saves them in every checkpoint)."""
+    from megatron.core import dist_checkpointing
+
+    from dit.config import config_from_args
+
+    if (checkpoint / CONFIG_FILE).is_file():
+        return load_config(checkpoint)
+    return config_from_args(argparse.Namespace(**dist_checkpointing.load_common_state_dict(str(checkpoint))["args"]))
+
+
 def read_checkpoint(checkpoint: Path, config: DiTConfig) -> dict[str, Tensor]:
-    """A Megatron dist checkpoint of our model, saved under any parallel layout -> full tensors by name."""
+    """The model's weights in a Megatron dist checkpoint saved under any parallel layout (by this module's
+    import or by ``pretrain_dit.py``, whose checkpoints hold them under the same keys) -> full tensors."""
     from megatron.core import dist_checkpointing
 
     model = _single_process_model(config)
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(checkpoint)))
+    request = {k: v for k, v in model.sharded_state_dict().items() if not k.endswith("_extra_state")}
+    loaded = dist_checkpointing.load(request, str(checkpoint))  # with the checkpoint's common state
+    load_parameters(model, {name: loaded[name] for name in request})
     return {name: p.detach() for name, p in model.named_parameters()}
 
 
@@ -232,18 +262,20 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("out", type=Path, help="folder for the dist checkpoint and dit_config.json")
     imp.add_argument("--subfolder", help="the model's subfolder (a DiT pipeline: transformer)")
     exp = commands.add_parser("export", help="our dist checkpoint (any layout) -> diffusers folder")
-    exp.add_argument("checkpoint", type=Path, help="dist checkpoint folder")
+    exp.add_argument("checkpoint", type=Path, help="a checkpoint folder, or a training run's --save folder")
     exp.add_argument("out", type=Path, help="diffusers folder to write")
-    exp.add_argument("--config", type=Path, help=f"folder holding {CONFIG_FILE} (default: the checkpoint's)")
+    exp.add_argument("--config", type=Path, help=f"folder holding {CONFIG_FILE} (default: the checkpoint's, or "
+                                                 "the training run's flags saved in it)")
     args = parser.parse_args(argv)
     try:
         if args.command == "import":
             config = import_diffusers(args.source, args.out, args.subfolder)
             print(f"imported {args.source}: {config.num_layers} layers, hidden {config.hidden_size} -> {args.out}")
         else:
-            config = load_config(args.config or args.checkpoint)
-            export_diffusers(read_checkpoint(args.checkpoint, config), config, args.out)
-            print(f"exported {args.checkpoint} -> {args.out}")
+            checkpoint = resolve_checkpoint(args.checkpoint)
+            config = load_config(args.config) if args.config else checkpoint_config(checkpoint)
+            export_diffusers(read_checkpoint(checkpoint, config), config, args.out)
+            print(f"exported {checkpoint} -> {args.out}")
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"python -m dit.convert: error: {error}", file=sys.stderr)
         return 2

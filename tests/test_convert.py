@@ -1,6 +1,6 @@
 """diffusers interop: a randomly initialised small DiTTransformer2DModel converted into our model computes
-diffusers' own forward; converted back it is the same diffusers model; the command line does both through a
-dist checkpoint (imported at TP=1, resharded to TP=2 by 2 gloo ranks, exported from TP=2)."""
+diffusers' own forward; converted back it is the same diffusers model; the command line exports a TP=2
+checkpoint of the real training loop to diffusers and imports it back."""
 
 import dataclasses
 
@@ -13,7 +13,8 @@ from dit.model import DiTModel
 from dit.packed import PackedBatch
 from dit.patchify import patchify
 from tests.distributed import run_distributed
-from tests.model_setup import single_process  # noqa: F401
+from tests.model_setup import full_weights, single_process  # noqa: F401
+from tests.tiny_data import payloads, write_dataset
 
 SMALL = dict(num_attention_heads=4, attention_head_dim=12, in_channels=4, num_layers=2, sample_size=8, patch_size=2,
              num_embeds_ada_norm=10)
@@ -98,28 +99,51 @@ def test_export_refuses_a_model_diffusers_would_compute_differently(single_proce
         convert.diffusers_config(config)
 
 
-def _reshard_to_tp2(folder, out):
-    """The imported (TP=1) checkpoint loaded into our model at TP=2 on 2 gloo ranks, saved again at TP=2."""
-    from megatron.core import dist_checkpointing
+TRAIN_FLAGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--latent-channels", "4",
+               "--patch-size", "2", "--text-embed-dim", "8", "--max-seq-length", "32", "--packing-buffer-size", "8",
+               "--num-workers", "0", "--transformer-impl", "local", "--log-interval", "1", "--train-iters", "2",
+               "--tensor-model-parallel-size", "2", "--conditioning", "class", "--num-classes", "10",
+               "--position-embedding", "sincos3d", "--no-qk-layernorm", "--timestep-freq-shift", "1",
+               "--max-latent-grid", "1", "4", "4"]
 
-    from dit import runtime
 
-    runtime.initialize_model_parallel(runtime.ParallelLayout(tensor=2))
-    model = DiTModel(convert.load_config(folder, tensor_model_parallel_size=2, use_cpu_initialization=True))
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(folder)))
-    dist_checkpointing.save(model.sharded_state_dict(), str(out))
+def _class_images(root):
+    """Labelled images of up to 4 x 4 patches (diffusers' DiT takes square grids up to its sample size)."""
+    entries = [(f"img_{i:03d}", payloads((4, 2 * (1 + i % 4), 2 * (1 + i % 3)), seed=i,
+                                         meta={"caption": "x", "height": 64, "width": 64, "label": i % 10}))
+               for i in range(16)]
+    return str(write_dataset(root, entries))
+
+
+def _train_tp2(data_path, save):
+    """Two iterations of the real training loop at TP=2, saving at the end; the trained full weights."""
+    import torch.distributed as dist
+
+    import pretrain_dit
+    from dit.arguments import parse_args, validate_args
+    from dit.training.pretrain import pretrain
+
+    args = validate_args(parse_args(TRAIN_FLAGS + ["--data-path", data_path, "--save", str(save)]),
+                         dist.get_world_size())
+    result = pretrain(args, pretrain_dit.HOOKS)
+    return full_weights(result.setup.model[0].module, result.setup.config)
 
 
 @pytest.mark.slow
-def test_cli_imports_a_diffusers_folder_and_exports_it_back_from_a_tp2_checkpoint(single_process, tmp_path):
-    theirs = small_diffusers_dit(learn_sigma=True)
-    theirs.save_pretrained(tmp_path / "diffusers")
+def test_a_tp2_training_checkpoint_exports_to_diffusers_and_imports_back(single_process, tmp_path):
+    """pretrain_dit.py's checkpoint (its --save folder, TP=2) -> diffusers -> our dist checkpoint, by the
+    command line: the trained weights each way, bit for bit."""
+    trained = run_distributed(_train_tp2, 2, _class_images(tmp_path / "data"), tmp_path / "run")[0]
+    assert convert.main(["export", str(tmp_path / "run"), str(tmp_path / "diffusers")]) == 0
+    config = convert.checkpoint_config(convert.resolve_checkpoint(tmp_path / "run"))
+    expected = convert.state_dict_to_diffusers({n: torch.from_numpy(w) for n, w in trained.items()}, config)
+    exported = DiTTransformer2DModel.from_pretrained(tmp_path / "diffusers").state_dict()
+    assert exported.keys() == expected.keys()
+    for name, tensor in exported.items():
+        assert torch.equal(tensor, expected[name]), name
+
     assert convert.main(["import", str(tmp_path / "diffusers"), str(tmp_path / "ours")]) == 0
-    (tmp_path / "tp2").mkdir()
-    run_distributed(_reshard_to_tp2, 2, tmp_path / "ours", tmp_path / "tp2")
-    assert convert.main(["export", str(tmp_path / "tp2"), str(tmp_path / "back"),
-                         "--config", str(tmp_path / "ours")]) == 0
-    back = DiTTransformer2DModel.from_pretrained(tmp_path / "back")
-    assert {k: back.config[k] for k in SMALL} == {k: theirs.config[k] for k in SMALL}
-    for name, tensor in theirs.state_dict().items():
-        assert torch.equal(back.state_dict()[name], tensor), name
+    back = convert.read_checkpoint(tmp_path / "ours", convert.load_config(tmp_path / "ours"))
+    assert back.keys() == trained.keys()
+    for name, weight in trained.items():
+        assert torch.equal(back[name], torch.from_numpy(weight)), name
