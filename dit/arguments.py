@@ -82,6 +82,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="Rank of each layer's adaLN modulation (0 = a full linear).")
     g.add_argument("--fps-conditioning", action="store_true",
                    help="Condition on the video frame rate (added to the timestep embedding).")
+    g.add_argument("--timestep-freq-shift", type=float, default=0.0,
+                   help="Timestep sinusoid frequencies 10000^(-i/(128 - SHIFT)): 0 the DiT paper's, 1 diffusers' "
+                        "(needed to export to diffusers).")
     g.add_argument("--transformer-impl", choices=["transformer_engine", "local"], default=None,
                    help="Layer backend (default: transformer_engine when importable, else local).")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,

@@ -1,14 +1,25 @@
 """Core attention for packed (THD) sequences on torch SDPA: the local stand-in for TEDotProductAttention.
 
 It takes the same inputs as Megatron's TE core attention with ``qkv_format="thd"``: this rank's queries,
-keys and values ``[t, heads, head_dim]`` and a ``PackedSeqParams`` whose ``cu_seqlens_*_padded`` give
-each sample's rows and ``cu_seqlens_*`` its real (unpadded) length. Each sample attends only to its own
-real keys; pad queries output zero. Under context parallelism (self-attention) the rank holds chunks r
-and 2cp-1-r of every sample; it all-gathers K/V from the CP group, restores pack order, and attends its
+keys and values ``[t, heads, head_dim]`` and the packed-sequence parameters whose ``cu_seqlens_*_padded``
+give each sample's rows and ``cu_seqlens_*`` its real (unpadded) length. Each sample attends only to its
+own real keys; pad queries output zero. Under context parallelism (self-attention) the rank holds chunks
+r and 2cp-1-r of every sample; it all-gathers K/V from the CP group, restores pack order, and attends its
 queries to the whole sample, which is exactly the CP=1 result.
+
+Speed and memory: consecutive samples with the same query rows, real keys and padded keys (a pack of
+same-size images, which first-fit-decreasing packing puts side by side) are attended together, with one
+fused ``scaled_dot_product_attention`` call on 4-D views ``[B, heads, L, head_dim]`` of the pack, so torch
+takes its flash / memory-efficient kernels (CPU flash, CUDA flash or efficient) and never materialises
+the ``L x L`` scores: memory grows linearly with the sample length. Pad keys are cut off the views, not
+masked, so no FLOP is spent on them. The grouping is computed once per micro-batch
+(:func:`attention_params`), not per layer.
 """
 
 from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +32,44 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from dit.packed import thd_partition_indices
+from dit.runs import split_rows
+
+
+@dataclass(frozen=True)
+class AttentionGroup:
+    """B consecutive samples with as many query rows, real keys and padded keys each: one SDPA call."""
+
+    samples: int  # B
+    q_rows: int  # query rows of each sample (this rank's)
+    k_len: int  # real keys of each sample
+    k_stride: int  # rows of each sample in the key tensor (real keys first, then padding)
+
+
+@dataclass
+class PackedAttentionParams(PackedSeqParams):
+    """Megatron's THD parameters plus what :class:`PackedAttention` derives from them once per micro-batch."""
+
+    groups: list[AttentionGroup] = field(default_factory=list)
+    real_rows: Tensor | None = None  # [t] bool, this rank's real query rows; None: no pad rows
+    kv_order: Tensor | None = None  # [S] index: all-gathered CP shares -> pack order (self-attention, CP > 1)
+
+
+def attention_params(params: PackedSeqParams, cp: int, cp_rank: int) -> PackedAttentionParams:
+    """``params`` with the attention grouping; queries are CP rank ``cp_rank``'s share of ``cp`` (1 for
+    cross-attention, whose ``cu_seqlens_q`` already count this rank's rows), keys the whole pack's."""
+    q_rows = [rows // cp for rows in _lengths(params.cu_seqlens_q_padded)]
+    k_len, k_stride = _lengths(params.cu_seqlens_kv), _lengths(params.cu_seqlens_kv_padded)
+    shape = lambda i: (q_rows[i], k_len[i], k_stride[i])  # noqa: E731
+    groups = [AttentionGroup(len(list(run)), *key) for key, run in itertools.groupby(range(len(q_rows)), shape)]
+    device = params.cu_seqlens_kv.device
+    real = _real_rows(params.cu_seqlens_q.cpu(), params.cu_seqlens_q_padded.cpu(), cp, cp_rank)
+    kv_order = None
+    if cp > 1:
+        source = torch.cat([thd_partition_indices(params.cu_seqlens_kv_padded.cpu(), cp, r) for r in range(cp)])
+        kv_order = torch.argsort(source).to(device)
+    fields = {name: getattr(params, name) for name in PackedSeqParams.__dataclass_fields__}
+    return PackedAttentionParams(**fields, groups=groups, real_rows=None if bool(real.all()) else real.to(device),
+                                 kv_order=kv_order)
 
 
 class PackedAttention(MegatronModule):
@@ -49,34 +98,36 @@ class PackedAttention(MegatronModule):
         attention_mask: Tensor | None,
         attn_mask_type: AttnMaskType | None = None,
         attention_bias: Tensor | None = None,
-        packed_seq_params: PackedSeqParams | None = None,
+        packed_seq_params: PackedAttentionParams | None = None,
     ) -> Tensor:
         """query ``[t, np, hn]`` (this rank's rows), key/value ``[tk, np, hn]`` -> ``[t, np*hn]``.
 
         Masking comes from ``packed_seq_params`` alone; ``attention_mask`` and ``attention_bias`` are unused.
         """
         p = packed_seq_params
-        cp = self.cp_group.size() if self.cp_group is not None else 1
-        rank = self.cp_group.rank() if self.cp_group is not None else 0
-        if cp > 1:
-            key, value = (self._gather_pack(x, p.cu_seqlens_kv_padded, cp) for x in (key, value))
-        q_bounds = (p.cu_seqlens_q_padded // cp).tolist()
-        k_starts, k_lengths = p.cu_seqlens_kv_padded.tolist(), (p.cu_seqlens_kv[1:] - p.cu_seqlens_kv[:-1]).tolist()
+        if self.cp_group is not None and self.cp_group.size() > 1:
+            key, value = (self._gather_pack(x, p.kv_order) for x in (key, value))  # [S, np, hn]
+        queries = split_rows(query, [g.samples * g.q_rows for g in p.groups])
+        keys, values = (split_rows(x, [g.samples * g.k_stride for g in p.groups]) for x in (key, value))
         outputs = []
-        for i, (q0, q1) in enumerate(zip(q_bounds[:-1], q_bounds[1:])):
-            k0, k1 = k_starts[i], k_starts[i] + k_lengths[i]
-            q, k, v = (x.transpose(0, 1) for x in (query[q0:q1], key[k0:k1], value[k0:k1]))  # [np, len, hn]
-            outputs.append(F.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale).transpose(0, 1))
-        out = torch.cat(outputs)  # [t, np, hn]
-        real = _real_rows(p.cu_seqlens_q, p.cu_seqlens_q_padded, cp, rank).to(out.device)
-        out = out * real[:, None, None]  # pad queries attend to nothing
-        return out.reshape(out.shape[0], -1)
+        for g, q, k, v in zip(p.groups, queries, keys, values):
+            q = q.view(g.samples, g.q_rows, *q.shape[1:])  # [B, Lq, np, hn]
+            k, v = (x.view(g.samples, g.k_stride, *x.shape[1:])[:, :g.k_len] for x in (k, v))  # [B, Lk, np, hn]
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 scale=self.softmax_scale)  # [B, np, Lq, hn]
+            outputs.append(out.transpose(1, 2).reshape(g.samples * g.q_rows, -1))  # [B*Lq, np*hn]
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # [t, np*hn]
+        return out if p.real_rows is None else out * p.real_rows[:, None]  # pad queries attend to nothing
 
-    def _gather_pack(self, x: Tensor, cu_seqlens_padded: Tensor, cp: int) -> Tensor:
+    def _gather_pack(self, x: Tensor, order: Tensor) -> Tensor:
         """This rank's CP share ``[t, ...]`` -> the whole pack ``[cp*t, ...]`` in pack order."""
         gathered = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True, group=self.cp_group)
-        source = torch.cat([thd_partition_indices(cu_seqlens_padded, cp, r) for r in range(cp)])
-        return gathered[torch.argsort(source).to(x.device)]
+        return gathered[order]
+
+
+def _lengths(cu_seqlens: Tensor) -> list[int]:
+    bounds = cu_seqlens.tolist()
+    return [end - start for start, end in zip(bounds[:-1], bounds[1:])]
 
 
 def _real_rows(cu_seqlens: Tensor, cu_seqlens_padded: Tensor, cp: int, rank: int) -> Tensor:

@@ -51,6 +51,18 @@ class DiTConfig(TransformerConfig):
     fps_conditioning: bool = False
     """Add an embedding of the video frame rate to the timestep embedding."""
 
+    learn_sigma: bool = False
+    """Also predict per-channel variances (the DiT paper's learned sigma, improved DDPM): the output is
+    ``[s, 2*token_width]``, the prediction first; see ``prediction_width``."""
+
+    timestep_freq_shift: float = 0.0
+    """Timestep sinusoid frequencies ``10000^(-i/(128 - shift))``, i < 128 (the [cos | sin] features of 256
+    channels): 0 is the DiT paper's, 1 diffusers' ``downscale_freq_shift=1`` of its DiT port."""
+
+    pre_mlp_layernorm_epsilon: float | None = None
+    """Epsilon of the norm before the MLP; None: ``layernorm_epsilon`` (diffusers' DiT port: 1e-5 there,
+    1e-6 in its other norms)."""
+
     has_cond_embedder: bool = True
     """Read by Megatron's ``finalize_model_grads``: conditioning embedders live on every pipeline stage and
     their gradients are all-reduced across stages (parameters marked ``pipeline_parallel``)."""
@@ -71,11 +83,18 @@ class DiTConfig(TransformerConfig):
     def __post_init__(self) -> None:
         if self.pipeline_dtype is None:
             self.pipeline_dtype = self.params_dtype  # stages exchange activations in the parameter dtype
+        if self.pre_mlp_layernorm_epsilon is None:
+            self.pre_mlp_layernorm_epsilon = self.layernorm_epsilon
         super().__post_init__()
         if self.conditioning not in ("text", "class"):
             raise ValueError(f"conditioning must be 'text' or 'class', got {self.conditioning!r}")
         if self.position_embedding not in ("rope3d", "sincos3d"):
             raise ValueError(f"position_embedding must be 'rope3d' or 'sincos3d', got {self.position_embedding!r}")
+        if self.position_embedding == "sincos3d" and self.hidden_size % 4:
+            raise ValueError(f"sincos3d splits the channels into (w, h) sin-cos quarters: hidden_size "
+                             f"{self.hidden_size} must be a multiple of 4")
+        if not 0 <= self.timestep_freq_shift < 128:  # 128: half the timestep sinusoid's 256 channels
+            raise ConfigError("--timestep-freq-shift", f"must be in [0, 128), got {self.timestep_freq_shift}")
         if self.normalization != "RMSNorm":
             raise ValueError("normalization names the QK-norm, which is RMSNorm in both backends")
         if self.hidden_dropout or self.attention_dropout:
@@ -101,6 +120,12 @@ class DiTConfig(TransformerConfig):
     def token_width(self) -> int:
         """Width of a patchified latent token, pt*p*p*C."""
         return self.temporal_patch_size * self.patch_size**2 * self.latent_channels
+
+    @property
+    def prediction_width(self) -> int:
+        """Width of the model's output per token: ``token_width``, doubled by ``learn_sigma`` (the
+        prediction is the first ``token_width`` channels, the variances the rest, in the same token layout)."""
+        return self.token_width * (2 if self.learn_sigma else 1)
 
 
 def dit_config(size: str, **fields) -> DiTConfig:
@@ -131,6 +156,7 @@ def config_from_args(args: argparse.Namespace) -> DiTConfig:
         qk_layernorm=args.qk_layernorm,
         adaln_lora_rank=args.adaln_lora_rank,
         fps_conditioning=args.fps_conditioning,
+        timestep_freq_shift=args.timestep_freq_shift,
         transformer_impl=args.transformer_impl,
         recompute_granularity=args.recompute_granularity,
         recompute_method=args.recompute_method if full else None,

@@ -20,12 +20,15 @@ from dit.config import DiTConfig
 FREQUENCY_EMBEDDING_SIZE = 256  # sinusoid width of a scalar before its MLP, as in DiT
 
 
-def sinusoid(values: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """``[n]`` scalars -> ``[n, dim]`` fp32 [cos | sin] features, frequencies geometric in ``max_period``."""
+def sinusoid(values: Tensor, dim: int, *, cos_first: bool = True, freq_shift: float = 0.0,
+             dtype: torch.dtype = torch.float32) -> Tensor:
+    """``[n]`` scalars -> ``[n, dim]`` features [cos | sin] ([sin | cos] unless ``cos_first``) in ``dtype``, at
+    frequencies ``10000^(-i / (dim/2 - freq_shift))`` for i < dim/2 (the DiT paper's and diffusers' formula)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=values.device) / half)
-    angles = values.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=dtype, device=values.device) / (half - freq_shift))
+    angles = values.to(dtype)[:, None] * freqs[None]
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    return torch.cat([cos, sin] if cos_first else [sin, cos], dim=-1)
 
 
 def mark_pipeline_replicated(module: nn.Module) -> nn.Module:
@@ -64,15 +67,17 @@ def tie_pipeline_replicated(module: nn.Module) -> None:
 class ScalarEmbedder(MegatronModule):
     """A per-sample scalar (diffusion timestep, video fps) -> ``[n, h]``: sinusoid, then a 2-layer MLP."""
 
-    def __init__(self, config: DiTConfig):
+    def __init__(self, config: DiTConfig, freq_shift: float = 0.0):
         super().__init__(config=config)
+        self.freq_shift = freq_shift  # DiTConfig.timestep_freq_shift for the timestep
         self.mlp = nn.Sequential(
             nn.Linear(FREQUENCY_EMBEDDING_SIZE, config.hidden_size, dtype=config.params_dtype), nn.SiLU(),
             nn.Linear(config.hidden_size, config.hidden_size, dtype=config.params_dtype))
         mark_pipeline_replicated(self)
 
     def forward(self, values: Tensor) -> Tensor:
-        features = sinusoid(values, FREQUENCY_EMBEDDING_SIZE).to(self.mlp[0].weight.dtype)  # [n, 256]
+        features = sinusoid(values, FREQUENCY_EMBEDDING_SIZE, freq_shift=self.freq_shift)  # [n, 256] fp32
+        features = features.to(self.mlp[0].weight.dtype)
         return self.mlp(features)  # [n, h]
 
 
@@ -120,22 +125,32 @@ def rope3d_angles(positions: Tensor, head_dim: int, theta: float = 10000.0) -> T
 
 
 class SinCos3D(nn.Module):
-    """Fixed 3D sin-cos position embedding from per-axis tables of ``max_latent_grid`` rows.
+    """Fixed sin-cos position embedding of (t, h, w); for images (t = 0) exactly the DiT paper's 2D table.
 
-    Positions past the table raise instead of wrapping around (the reference implementations alias).
+    A token at (t, h, w) gets ``[E(w) | E(h)] + F(t)``. ``E`` is the paper's 1-D table of h/2 channels,
+    ``[sin(x w_k) | cos(x w_k)]`` with ``w_k = 10000^(-k/(h/4))``, so the first half of the channels encodes
+    the column and the second the row, as in the paper's ``get_2d_sincos_pos_embed`` (MAE's, whose meshgrid
+    puts w first), computed in float64. ``F(t) = [sin(t v_k) | cos(t v_k) - 1]`` over all h channels,
+    ``v_k = 10000^(-k/(h/2))``, is zero at t = 0: images keep the paper's table, and in a video every channel
+    varies with each of t, h and w. Positions past ``max_latent_grid`` raise instead of wrapping around (the
+    reference implementations alias).
     """
 
     def __init__(self, config: DiTConfig):
         super().__init__()
-        tables = [sinusoid(torch.arange(n), d) for n, d in zip(config.max_latent_grid, axis_split(config.hidden_size))]
-        for name, table in zip("thw", tables):
-            self.register_buffer(f"table_{name}", table, persistent=False)  # [grid_axis, dim_axis]
+        frames, rows, cols = (torch.arange(n, dtype=torch.float64) for n in config.max_latent_grid)
+        h = config.hidden_size
+        one_d = lambda x, dim: sinusoid(x, dim, cos_first=False, dtype=torch.float64)  # noqa: E731  [n, dim]
+        temporal = one_d(frames, h) - one_d(frames[:1], h)  # [T', h], F(t) = E_h(t) - E_h(0)
+        for name, table in (("t", temporal), ("h", one_d(rows, h // 2)), ("w", one_d(cols, h // 2))):
+            self.register_buffer(f"table_{name}", table.float(), persistent=False)
 
     def forward(self, positions: Tensor) -> Tensor:
-        """``[S, 3]`` int (t, h, w) -> ``[S, h]``."""
+        """``[S, 3]`` int (t, h, w) -> ``[S, h]`` fp32."""
         tables = (self.table_t, self.table_h, self.table_w)
         limits = torch.tensor([t.shape[0] for t in tables], device=positions.device)
         if positions.numel() and ((positions < 0) | (positions >= limits)).any():
             raise ValueError(f"latent positions up to {positions.max(0).values.tolist()} exceed the sin-cos "
                              f"table of max_latent_grid={limits.tolist()}; raise --max-latent-grid")
-        return torch.cat([table[positions[:, axis]] for axis, table in enumerate(tables)], dim=-1)
+        t, h, w = positions.unbind(-1)
+        return torch.cat([self.table_w[w], self.table_h[h]], dim=-1) + self.table_t[t]

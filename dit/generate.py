@@ -94,27 +94,6 @@ def checkpoint_path(args: argparse.Namespace) -> Path:
     return path
 
 
-def load_weights(model, path: Path, use_ema: bool, optimizer_format: str) -> str:
-    """The model's weights from ``path``: the EMA (in Megatron's model-space optimizer state) or the raw ones."""
-    from dataclasses import replace
-
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
-
-    sharded = model.sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group(None))
-    if use_ema:
-        if optimizer_format == "dp_reshardable":
-            raise ConfigError("--no-ema", f"the EMA of {path} is in the distributed optimizer's dp_reshardable "
-                                          "layout, which only a training run of its layout reads; pass --no-ema, or "
-                                          "train with --dist-ckpt-optim-fully-reshardable")
-        # the EMA of each weight is saved as the optimizer's state "ema" of that weight (not its _extra_state)
-        sharded = {k: replace(v, key="optimizer.state.ema." + v.key) if isinstance(v, ShardedTensor) else v
-                   for k, v in sharded.items()}
-    model.load_state_dict(dist_checkpointing.load({"model": sharded}, str(path))["model"])
-    return "EMA" if use_ema else "raw"
-
-
 def conditions(args: argparse.Namespace, config) -> list:
     import torch
 
@@ -239,6 +218,7 @@ def load_model(args: argparse.Namespace, path: Path, device) -> tuple:
     from dit import runtime
     from dit.config import config_from_args
     from dit.model import DiTModel
+    from dit.training.checkpointing import load_model_weights
 
     common = dist_checkpointing.load_common_state_dict(str(path))
     saved = model_args(common["args"], args)
@@ -246,8 +226,7 @@ def load_model(args: argparse.Namespace, path: Path, device) -> tuple:
                                                              context=args.context_parallel_size))
     runtime.set_random_seed(args.seed, per_data_parallel_rank=False)
     model = DiTModel(config_from_args(saved)).to(device).eval()
-    weights = load_weights(model, path, common["ema"] is not None and not args.no_ema, common["optimizer_format"])
-    return model, saved, weights
+    return model, saved, load_model_weights(model, path, use_ema=not args.no_ema)
 
 
 def generate(args: argparse.Namespace, shape: tuple) -> int:

@@ -4,7 +4,8 @@ One layer, on this rank's tokens ``[s, 1, h]`` (packed THD; s = tokens after the
     x = x + g_sa  * SelfAttn(modulate(LN(x), shift_sa,  scale_sa))    QK-norm, 3D RoPE, per-sample masking
     x = x + g_ca  * CrossAttn(modulate(LN(x), shift_ca, scale_ca), text)        (text conditioning only)
     x = x + g_mlp * MLP(modulate(LN(x), shift_mlp, scale_mlp))
-where (shift, scale, g) come from each token's own sample conditioning (``AdaLNModulation``).
+where (shift, scale, g) come from each token's own sample conditioning (``AdaLNModulation``), broadcast
+over the sample's tokens (``dit.adaln.per_sample``).
 
 Megatron's ``TransformerBlock`` calls layers with a fixed set of arguments. DiT uses them as follows:
 ``attention_mask`` carries the per-sample conditioning ``[N, h]`` (THD attention is masked by cu_seqlens,
@@ -35,7 +36,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.utils import make_viewless_tensor
 from torch import Tensor, nn
 
-from dit.adaln import AdaLNModulation, ModulatedNorm
+from dit.adaln import AdaLNModulation, ModulatedNorm, gated_residual
 from dit.attention import PackedAttention
 from dit.config import DiTConfig
 from dit.sequence import PackedSequence
@@ -124,6 +125,9 @@ class DiTLayer(TransformerLayer):
             submodules.cross_attention, config=dataclasses.replace(config, context_parallel_size=1),
             layer_number=self.layer_number, pg_collection=self.pg_collection)
         self.has_cross_attention = not isinstance(self.cross_attention, IdentityOp)
+        # [Module 7] its own epsilon (diffusers' DiT port normalises before the MLP with 1e-5, elsewhere 1e-6)
+        self.pre_mlp_layernorm = build_module(submodules.pre_mlp_layernorm, config=config,
+                                              hidden_size=config.hidden_size, eps=config.pre_mlp_layernorm_epsilon)
         # [Module 10: adaLN] shift/scale/gate for self-attention, (cross-attention,) MLP
         self.adaln = build_module(submodules.adaln, config=config)
 
@@ -132,27 +136,28 @@ class DiTLayer(TransformerLayer):
                 packed_seq_params: PackedSequence | None = None, **unused) -> tuple[Tensor, Tensor | None]:
         """hidden_states ``[s, 1, h]``; attention_mask: the conditioning ``[N, h]``. ``unused``: the
         inference, RoPE cos/sin and MoE arguments the block always passes."""
-        seq = packed_seq_params
-        mods = self.adaln(attention_mask, seq.token_sample)  # 6 or 9 x [s, 1, h]
+        seq, runs = packed_seq_params, packed_seq_params.token_runs
+        mods = self.adaln(attention_mask)  # 6 or 9 x [N, h], one row per sample
         x = hidden_states
 
         # [Modules 1-2: modulated norm, self-attention]
         shift, scale, gate = mods[:3]
-        out, bias = self.self_attention(self.input_layernorm(x, shift, scale), attention_mask=None,
+        out, bias = self.self_attention(self.input_layernorm(x, shift, scale, runs), attention_mask=None,
                                         rotary_pos_emb=rotary_pos_emb, packed_seq_params=seq.self_attention)
-        x = x + gate * _with_bias(out, bias)
+        x = gated_residual(x, _with_bias(out, bias), gate, runs)
 
         # [Modules 4-5: modulated norm, cross-attention to the text]
         if self.has_cross_attention:
             shift, scale, gate = mods[3:6]
-            out, bias = self.cross_attention(self.pre_cross_attn_layernorm(x, shift, scale), attention_mask=None,
-                                             key_value_states=context, packed_seq_params=seq.cross_attention)
-            x = x + gate * _with_bias(out, bias)
+            out, bias = self.cross_attention(self.pre_cross_attn_layernorm(x, shift, scale, runs),
+                                             attention_mask=None, key_value_states=context,
+                                             packed_seq_params=seq.cross_attention)
+            x = gated_residual(x, _with_bias(out, bias), gate, runs)
 
         # [Modules 7-8: modulated norm, MLP]
         shift, scale, gate = mods[-3:]
-        out, bias = self.mlp(self.pre_mlp_layernorm(x, shift, scale))
-        x = x + gate * _with_bias(out, bias)
+        out, bias = self.mlp(self.pre_mlp_layernorm(x, shift, scale, runs))
+        x = gated_residual(x, _with_bias(out, bias), gate, runs)
         return make_viewless_tensor(inp=x, requires_grad=x.requires_grad, keep_graph=True), context
 
 

@@ -38,14 +38,16 @@ from dit.embeddings import (
     rope3d_angles,
     tie_pipeline_replicated,
 )
+from dit.init import initialize_weights
 from dit.layer_spec import get_dit_layer_spec
 from dit.packed import PackedBatch, thd_partition_indices
 from dit.patchify import unpatchify
+from dit.runs import SampleRun
 from dit.sequence import PackedSequence, packed_sequence, text_padding
 
 
 class FinalLayer(MegatronModule):
-    """adaLN-modulated norm and a zero-initialised linear back to token width (replicated over TP).
+    """adaLN-modulated norm and a (zero-initialised) linear to the prediction width (replicated over TP).
 
     Under sequence parallelism it runs on this rank's token slice, so its gradients are partial and carry
     Megatron's ``sequence_parallel`` mark, which makes ``finalize_model_grads`` sum them over TP.
@@ -55,15 +57,13 @@ class FinalLayer(MegatronModule):
         super().__init__(config=config)
         self.adaln = AdaLNModulation(config, num_chunks=2)
         self.norm = ModulatedNorm(config, config.hidden_size, config.layernorm_epsilon)
-        self.linear = nn.Linear(config.hidden_size, config.token_width, dtype=config.params_dtype)
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
+        self.linear = nn.Linear(config.hidden_size, config.prediction_width, dtype=config.params_dtype)
         for param in self.linear.parameters():
             param.sequence_parallel = config.sequence_parallel
 
-    def forward(self, x: Tensor, cond: Tensor, token_sample: Tensor) -> Tensor:
-        shift, scale = self.adaln(cond, token_sample)  # 2 x [s, 1, h]
-        return self.linear(self.norm(x, shift, scale))  # [s, 1, pt*p*p*C]
+    def forward(self, x: Tensor, cond: Tensor, runs: list[SampleRun]) -> Tensor:
+        shift, scale = self.adaln(cond)  # 2 x [N, h]
+        return self.linear(self.norm(x, shift, scale, runs))  # [s, 1, prediction_width]
 
 
 class DiTModel(VisionModule):
@@ -79,7 +79,7 @@ class DiTModel(VisionModule):
             raise ValueError("virtual pipeline stages are not supported yet: "
                              "leave virtual_pipeline_model_parallel_size unset")
         self.pre_process, self.post_process = pre_process, post_process
-        self.t_embedder = ScalarEmbedder(config)
+        self.t_embedder = ScalarEmbedder(config, freq_shift=config.timestep_freq_shift)
         self.fps_embedder = ScalarEmbedder(config) if config.fps_conditioning else None
         self.class_embedder = ClassEmbedder(config) if config.conditioning == "class" else None
         self.text_projection = TextProjection(config) if config.conditioning == "text" else None
@@ -92,6 +92,8 @@ class DiTModel(VisionModule):
                                         pre_process=pre_process, post_process=post_process)
         if post_process:
             self.final_layer = FinalLayer(config)
+        if config.perform_initialization:
+            initialize_weights(self, config)
         if config.pipeline_model_parallel_size > 1:
             tie_pipeline_replicated(self)  # the conditioning: the same weights on every stage, counted once
 
@@ -126,7 +128,7 @@ class DiTModel(VisionModule):
                               rotary_pos_emb=self._rope(batch, seq), packed_seq_params=seq)
         if not self.post_process:
             return hidden
-        out = self.final_layer(hidden, cond, seq.token_sample)  # [s(/tp), 1, pt*p*p*C]
+        out = self.final_layer(hidden, cond, seq.token_runs)  # [s(/tp), 1, prediction_width]
         if sp:
             out = gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False)
         return out.squeeze(1)
@@ -178,11 +180,13 @@ class DiTModel(VisionModule):
         return pack
 
     def unpatchify(self, prediction: Tensor, batch: PackedBatch) -> list[Tensor]:
-        """Whole-pack prediction ``[S, pt*p*p*C]`` -> one latent ``[C, T, H, W]`` per sample (real tokens)."""
+        """Whole-pack prediction ``[S, prediction_width]`` -> one latent ``[C, T, H, W]`` per sample (real
+        tokens); with ``learn_sigma`` ``[2C, T, H, W]``, the prediction's channels first (diffusers' layout)."""
         cu, cu_padded = batch.cu_seqlens.tolist(), batch.cu_seqlens_padded.tolist()
         if prediction.shape[0] != cu_padded[-1]:
             raise ValueError(f"unpatchify needs the whole pack ({cu_padded[-1]} tokens), got {prediction.shape[0]}; "
                              "gather the context-parallel shares first")
-        return [unpatchify(prediction[start:start + cu[i + 1] - cu[i]], tuple(grid), self.config.patch_size,
-                           self.config.temporal_patch_size)
+        c = self.config
+        return [torch.cat([unpatchify(part, tuple(grid), c.patch_size, c.temporal_patch_size)
+                           for part in prediction[start:start + cu[i + 1] - cu[i]].split(c.token_width, dim=-1)])
                 for i, (start, grid) in enumerate(zip(cu_padded[:-1], batch.grid_sizes.tolist()))]

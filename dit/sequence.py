@@ -18,16 +18,18 @@ from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
+from dit.attention import PackedAttentionParams, attention_params
 from dit.packed import PackedBatch
+from dit.runs import SampleRun, sample_runs
 
 
 @dataclass
 class PackedSequence:
     """Passed to the transformer block as ``packed_seq_params``; each layer takes what it needs."""
 
-    self_attention: PackedSeqParams  # the whole pack's cu_seqlens (TE's THD + context-parallel convention)
-    cross_attention: PackedSeqParams  # this rank's latent tokens (all of them) -> each sample's text
-    token_sample: Tensor  # [s] int64: the sample of each token this rank holds after CP and SP splits
+    self_attention: PackedAttentionParams  # the whole pack's cu_seqlens (TE's THD + context-parallel convention)
+    cross_attention: PackedAttentionParams  # this rank's latent tokens (all of them) -> each sample's text
+    token_runs: list[SampleRun]  # the tokens this rank holds after CP and SP splits, run by run (adaLN)
 
 
 def cp_token_samples(cu_seqlens_padded: Tensor, cp_size: int) -> Tensor:
@@ -65,20 +67,22 @@ def packed_sequence(batch: PackedBatch, sequence_parallel: bool, fp8: bool = Fal
     max_len = int((cu_padded[1:] - cu_padded[:-1]).max())
     max_text = int((cu_text_padded[1:] - cu_text_padded[:-1]).max())
     cu_local = cu_padded // cp
-    token_sample = cp_token_samples(cu_padded, cp)  # [S/cp]
+    bounds = cu_local.tolist()  # each sample's rows of this rank's CP share [S/cp]
     if sequence_parallel:
-        if token_sample.numel() % tp:
-            raise ValueError(f"{token_sample.numel()} tokens per CP rank do not split over tp={tp}: sequence "
+        if bounds[-1] % tp:
+            raise ValueError(f"{bounds[-1]} tokens per CP rank do not split over tp={tp}: sequence "
                              "parallelism needs every sample padded to a multiple of 2*cp*tp")
-        share = token_sample.numel() // tp
-        rank = parallel_state.get_tensor_model_parallel_rank()
-        token_sample = token_sample[rank * share:(rank + 1) * share]  # [S/cp/tp]
+        share = bounds[-1] // tp
+        offset = parallel_state.get_tensor_model_parallel_rank() * share
+        bounds = [min(max(b - offset, 0), share) for b in bounds]  # this TP rank's slice [S/cp/tp]
+    rows = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    cp_rank = parallel_state.get_context_parallel_rank()
     return PackedSequence(
-        self_attention=PackedSeqParams(
+        self_attention=attention_params(PackedSeqParams(
             qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_padded,
-            cu_seqlens_kv_padded=cu_padded, max_seqlen_q=max_len, max_seqlen_kv=max_len),
-        cross_attention=PackedSeqParams(
+            cu_seqlens_kv_padded=cu_padded, max_seqlen_q=max_len, max_seqlen_kv=max_len), cp, cp_rank),
+        cross_attention=attention_params(PackedSeqParams(
             qkv_format="thd", cu_seqlens_q=cu_local, cu_seqlens_kv=cu_text, cu_seqlens_q_padded=cu_local,
-            cu_seqlens_kv_padded=cu_text_padded, max_seqlen_q=max_len // cp, max_seqlen_kv=max_text),
-        token_sample=token_sample,
+            cu_seqlens_kv_padded=cu_text_padded, max_seqlen_q=max_len // cp, max_seqlen_kv=max_text), 1, 0),
+        token_runs=[run for run in sample_runs(rows) if run.rows],
     )

@@ -40,6 +40,7 @@ INVALID: dict[str, list[str]] = {
     "--num-classes": ["--num-classes", "0"],
     "--position-embedding": ["--position-embedding", "learned"],
     "--adaln-lora-rank": ["--adaln-lora-rank", "-1"],
+    "--timestep-freq-shift": ["--timestep-freq-shift", "-1"],
     "--transformer-impl": ["--transformer-impl", "apex"],
     "--recompute-granularity": ["--recompute-granularity", "some"],
     "--recompute-method": ["--recompute-method", "all"],

@@ -24,7 +24,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
@@ -52,7 +52,7 @@ TRACKER = "latest_checkpointed_iteration.txt"
 # Flags that shape the model's parameters: a checkpoint of another value cannot be loaded.
 MODEL_SHAPE_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "latent_channels", "patch_size",
                      "temporal_patch_size", "text_embed_dim", "conditioning", "num_classes", "position_embedding",
-                     "qk_layernorm", "adaln_lora_rank", "fps_conditioning")
+                     "qk_layernorm", "adaln_lora_rank", "fps_conditioning", "timestep_freq_shift")
 
 
 def checkpoint_dir(root: str | Path, iteration: int) -> Path:
@@ -355,3 +355,20 @@ def load_checkpoint(setup: TrainingSetup, state: TrainState, loader: TrainLoader
         what = "weights only (--finetune)" if weights_only else f"iteration {state.iteration}"
         print(f"loaded checkpoint {path} ({_size(path) / 2**20:.1f} MiB, {what}) in "
               f"{time.monotonic() - start:.1f} s" + "".join(f"; {n}" for n in notes), flush=True)
+
+
+def load_model_weights(model: torch.nn.Module, path: Path, use_ema: bool) -> str:
+    """Only the weights of ``path`` into a bare model of any layout (sampling, export): its EMA, saved as each
+    weight's optimizer state ``ema`` in Megatron's model-space form, or the trained weights. Returns which."""
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    use_ema = use_ema and common.get("ema") is not None  # an imported model or a run without an EMA: raw
+    sharded = model.sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group(None))
+    if use_ema:
+        if common["optimizer_format"] == "dp_reshardable":
+            raise ConfigError("--no-ema", f"the EMA of {path} is in the distributed optimizer's dp_reshardable "
+                                          "layout, which only a training run of its layout reads; pass --no-ema, or "
+                                          "train with --dist-ckpt-optim-fully-reshardable")
+        sharded = {k: replace(v, key="optimizer.state.ema." + v.key) if isinstance(v, ShardedTensor) else v
+                   for k, v in sharded.items()}  # not the _extra_state objects, which stay the model's
+    model.load_state_dict(dist_checkpointing.load({"model": sharded}, str(path))["model"])
+    return "EMA" if use_ema else "raw"
