@@ -1,13 +1,17 @@
-# The recipe inside NVIDIA's NGC PyTorch container, which brings CUDA, NCCL, Transformer Engine
-# and apex; this image adds Megatron-Core, energon and the recipe itself.
+# The recipe inside NVIDIA's NGC PyTorch container, which brings CUDA, NCCL, cuDNN, PyTorch, Transformer
+# Engine and apex built for each other (26.05: Ubuntu 24.04, Python 3.12). This image adds Megatron-Core,
+# megatron-energon and the recipe, keeping the container's own torch, TE and apex (NGC's pip constraints
+# in /etc/pip/constraint.txt pin them).
 #   docker build -t megatron-dit .
-#   docker run --gpus all --ipc=host -v /data:/data megatron-dit \
-#       torchrun --nproc-per-node 8 pretrain_dit.py --model-size DiT-XL --data-path /data/my_dataset
-ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.09-py3
+#   docker run --gpus all --ipc=host --ulimit memlock=-1 -v /data:/data megatron-dit \
+#       torchrun --nproc-per-node 8 pretrain_dit.py --config examples/configs/dit-xl_image256.yaml --data-path /data/ds
+ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:26.05-py3
 FROM ${BASE_IMAGE}
 
 WORKDIR /workspace/megatron-dit
-# Dependencies first (cached layer); the container's own torch, TE and apex are kept.
+# The versions the test suite runs with (inside pyproject.toml's ranges; tests/test_shipping.py checks both).
+RUN pip install --no-cache-dir megatron-core==0.16.1 megatron-energon==7.4.1
+# Dependencies first (a cached layer), then the code.
 COPY pyproject.toml README.md ./
 COPY dit/__init__.py dit/
 RUN pip install --no-cache-dir -e ".[prep,log]"

@@ -1,5 +1,6 @@
 """The checkpoint folder: atomic publication, a save killed midway, retention, and the one-line mistakes."""
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -48,6 +49,8 @@ def _train(data_path: str, extra: list[str], die_on_save: int | None = None) -> 
             calls.append(1)
             result = real_save(*args, **kwargs)
             if len(calls) == die_on_save and dist.get_rank() == 1:
+                for child in multiprocessing.active_children():  # the checkpoint writer's helpers die with it
+                    child.kill()
                 os.kill(os.getpid(), signal.SIGKILL)
             return result
 
