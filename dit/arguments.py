@@ -54,6 +54,9 @@ def _add_parallel(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sequence-parallel", action="store_true", help="Sequence parallel (needs TP > 1).")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="Shard optimizer state across data-parallel ranks.")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                   help="How long a collective may wait before NCCL/gloo gives up (raise it for slow shared "
+                        "file systems: a save or a load waits on the slowest rank).")
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -416,6 +419,8 @@ def _check_intervals(args: argparse.Namespace) -> None:
         _require(flag, value is None or value >= 1, f"must be >= 1, got {value}")
     _require("--exit-duration-in-mins", args.exit_duration_in_mins is None or args.exit_duration_in_mins > 0,
              f"must be a positive number of minutes, got {args.exit_duration_in_mins}")
+    _require("--distributed-timeout-minutes", 0 < args.distributed_timeout_minutes < math.inf,
+             f"must be a positive number of minutes, got {args.distributed_timeout_minutes}")
     _require("--ckpt-step", args.ckpt_step is None or args.ckpt_step >= 0, f"must be >= 0, got {args.ckpt_step}")
     _require("--peak-tflops", args.peak_tflops is None or 0 < args.peak_tflops < math.inf,
              f"must be a positive number, got {args.peak_tflops}")

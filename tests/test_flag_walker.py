@@ -25,6 +25,7 @@ INVALID: dict[str, list[str]] = {
     "--virtual-pipeline-model-parallel-size": ["--virtual-pipeline-model-parallel-size", "2"],
     "--context-parallel-size": ["--context-parallel-size", "0"],
     "--sequence-parallel": ["--sequence-parallel"],  # needs tp > 1
+    "--distributed-timeout-minutes": ["--distributed-timeout-minutes", "0"],
     # model
     "--model-size": ["--model-size", "DiT-XXL"],
     "--num-layers": ["--num-layers", "0"],

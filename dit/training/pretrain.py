@@ -55,7 +55,7 @@ class TrainResult:
 
 def setup_training(args: argparse.Namespace, hooks: Hooks) -> TrainingSetup:
     """Process groups, seeds, this stage's model in Megatron DDP, the optimizer and the LR schedule."""
-    runtime.init_distributed()
+    runtime.init_distributed(args.distributed_timeout_minutes)
     runtime.initialize_model_parallel(runtime.ParallelLayout(
         tensor=args.tensor_model_parallel_size, pipeline=args.pipeline_model_parallel_size,
         context=args.context_parallel_size, virtual_pipeline=args.virtual_pipeline_model_parallel_size))
