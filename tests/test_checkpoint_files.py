@@ -93,7 +93,7 @@ def test_checkpoint_mistakes_are_one_line(tmp_path, dataset):
         f"pretrain_dit.py: error: --load: {empty} holds no checkpoint (no {TRACKER}); point it at a --save folder "
         "of an earlier run, or drop --load to start from scratch")
     ckpt = tmp_path / "ckpt"
-    assert _entry(*FLAGS, "--data-path", dataset, "--save", str(ckpt), "--train-iters", "2").returncode == 0
+    assert run_distributed(_train, 1, dataset, ["--save", str(ckpt), "--train-iters", "2"])[0]["iteration"] == 2
     out = _entry(*FLAGS, "--data-path", dataset, "--load", str(ckpt), "--hidden-size", "96")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1] == (

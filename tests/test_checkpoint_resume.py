@@ -1,9 +1,10 @@
 """Exact resume after SIGKILL and after SIGTERM, through real torchrun launches.
 
 A second run is SIGKILLed past its checkpoint at K, while it trains, and restarted: it must start at K+1
-and give, at every iteration K+1..2K, bit-identical losses and the same samples in the same order as an
-uninterrupted run (each DP replica's --sample-log records them). DP=2 with the distributed optimizer
-and loader workers, and PP=2.
+and give, at every iteration after K, bit-identical losses and the same samples in the same order as an
+uninterrupted run (each DP replica's --sample-log records them). DP=2 with the distributed optimizer and
+loader workers, whose restarted run is then sent SIGTERM as slurm does before preemption: it saves where
+it stopped, exits 0, and a third launch continues exactly to the end. PP=2 with --async-save.
 """
 
 import os
@@ -58,35 +59,39 @@ def straight(dataset, tmp_path_factory):
     return records
 
 
+def _sigterm(proc, log) -> None:
+    for pid in workers(proc):  # as slurm signals the tasks before preemption
+        os.kill(pid, signal.SIGTERM)
+    try:
+        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    finally:
+        kill(proc)
+    assert "stopped early: SIGTERM received" in log.read_text()
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_resume_after_sigkill_is_exact(tmp_path, dataset, straight, layout):
     run = tmp_path / "killed"
+    sigterm = layout == "dp2-distributed-optimizer"
     flags = FLAGS + LAYOUTS[layout] + ["--data-path", dataset, "--save", str(run / "ckpt"),
                                        "--sample-log", str(run / "samples")]
     proc = torchrun(2, flags + ["--train-iters", "1000"], tmp_path / "killed.log")
     wait_until(proc, lambda: read_tracker(run / "ckpt") == K and any(K + 1 in r for r in _records(run / "samples").values()))
     kill(proc)  # SIGKILL past K, mid-training
     assert read_tracker(run / "ckpt") == K
-    log = run_to_end(2, flags + ["--train-iters", str(2 * K)], tmp_path / "resumed.log")
-    assert f"loaded checkpoint {run / 'ckpt' / f'iter_{K:07d}'}" in log and f"from iteration {K} to {2 * K}" in log
-    _assert_same_steps(_records(run / "samples"), straight[layout], K + 1, 2 * K)
-
-
-def test_sigterm_saves_and_resumes_exactly(tmp_path, dataset, straight):
-    layout = "dp2-distributed-optimizer"
-    run = tmp_path / "signalled"
-    flags = FLAGS + LAYOUTS[layout] + ["--data-path", dataset, "--exit-signal-handler", "--save", str(run / "ckpt"),
-                                       "--sample-log", str(run / "samples"), "--save-interval", "100"]
-    proc = torchrun(2, flags + ["--train-iters", "1000"], tmp_path / "signalled.log")
-    wait_until(proc, lambda: any(2 in r for r in _records(run / "samples").values()))
-    for pid in workers(proc):  # as slurm signals the tasks before preemption
-        os.kill(pid, signal.SIGTERM)
-    try:
-        assert proc.wait(timeout=120) == 0, (tmp_path / "signalled.log").read_text()[-3000:]
-    finally:
-        kill(proc)
+    if not sigterm:
+        log = run_to_end(2, flags + ["--train-iters", str(2 * K)], tmp_path / "resumed.log")
+        assert f"loaded checkpoint {run / 'ckpt' / f'iter_{K:07d}'}" in log and f"from iteration {K} to {2 * K}" in log
+        _assert_same_steps(_records(run / "samples"), straight[layout], K + 1, 2 * K)
+        return
+    # restarted with the signal handler, then SIGTERMed past K + 1: it saves where it stopped and exits 0
+    flags += ["--exit-signal-handler"]
+    log = tmp_path / "resumed.log"
+    proc = torchrun(2, flags + ["--train-iters", "1000"], log)
+    wait_until(proc, lambda: any(K + 2 in r for r in _records(run / "samples").values()))
+    _sigterm(proc, log)
+    assert f"loaded checkpoint {run / 'ckpt' / f'iter_{K:07d}'}" in log.read_text()
     stopped = read_tracker(run / "ckpt")
-    assert stopped is not None and 2 <= stopped < STRAIGHT
-    assert "stopped early: SIGTERM received" in (tmp_path / "signalled.log").read_text()
-    run_to_end(2, flags + ["--train-iters", str(STRAIGHT)], tmp_path / "resumed.log")
-    _assert_same_steps(_records(run / "samples"), straight[layout], stopped + 1, STRAIGHT)
+    assert stopped is not None and K + 2 <= stopped < STRAIGHT
+    run_to_end(2, flags + ["--train-iters", str(STRAIGHT)], tmp_path / "finished.log")
+    _assert_same_steps(_records(run / "samples"), straight[layout], K + 1, STRAIGHT)

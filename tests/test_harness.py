@@ -43,9 +43,9 @@ def test_failing_rank_traceback_is_shown():
 def test_hung_rank_times_out():
     start = time.monotonic()
     # rank 0 may be missing too when start-up alone takes longer than the timeout on a busy machine
-    with pytest.raises(RankFailed, match=r"ranks \[(0, )?1\] gave no result within 20s"):
-        run_distributed(_rank_one_hangs, 2, timeout=20)
-    assert time.monotonic() - start < 60  # the hung process is killed, not awaited
+    with pytest.raises(RankFailed, match=r"ranks \[(0, )?1\] gave no result within 8s"):
+        run_distributed(_rank_one_hangs, 2, timeout=8)
+    assert time.monotonic() - start < 40  # the hung process is killed, not awaited
 
 
 def test_dead_rank_is_reported_at_once():
