@@ -518,8 +518,6 @@ def _check_data(args: argparse.Namespace) -> None:
     if args.valid_data_path is not None:
         check_energon_dataset(args.valid_data_path, "--valid-data-path")
     check_loader_flags(args)
-    if args.valid_data_path is not None:
-        check_energon_dataset(args.valid_data_path, "--valid-data-path")
     if (args.eval_interval is not None or args.skip_train) and validation_source(args) is None:
         raise ConfigError("--eval-interval" if args.eval_interval is not None else "--skip-train",
                           f"{args.data_path} has no val split: pass --valid-data-path DATASET, or prepare the "
