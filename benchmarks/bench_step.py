@@ -7,8 +7,16 @@ forward, MSE over real tokens, backward, torch.optim.AdamW. Both run in this pro
 round by round, so that the machine's load affects them alike; ``overhead_ratio`` is the median of the
 per-round ratios of mean step times.
 
+Each step's rates (``benchmarks/throughput.py``): real tokens/s, model TFLOP/s of the pack from its
+cu_seqlens (``dit.training.flops``) and, on a GPU, MFU against its dense peak (fp8's under --fp8-format).
+Every pack holds as many same-sized images (256 tokens each), so both steps do the FLOPs of the first pack.
+
     python benchmarks/bench_step.py                      # DiT-S, packs of up to 4096 tokens, CPU
     python benchmarks/bench_step.py --device cuda --model-size DiT-XL --max-seq-length 8192 --bf16
+    python benchmarks/bench_step.py --device cuda --model-size DiT-XL --max-seq-length 8192 --bf16 --fp8-format hybrid
+
+On CUDA the layers are Transformer Engine's where it imports (as pretrain_dit.py picks them), else the local
+spec; FP8 is Megatron-Core's own ``fp8`` / ``fp8_recipe`` config fields (TE only).
 """
 
 from __future__ import annotations
@@ -16,12 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
-import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +40,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--max-seq-length", type=int, default=4096)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--transformer-impl", default=None,
+                   help="transformer_engine or local (default: local on CPU; on CUDA transformer_engine where it "
+                        "imports, as pretrain_dit.py picks).")
+    p.add_argument("--fp8-format", default=None, help="e4m3 or hybrid: FP8 through TE (needs --bf16, TE, a GPU).")
+    p.add_argument("--fp8-recipe", default="delayed", help="FP8 scaling recipe (pretrain_dit.py's choices).")
     p.add_argument("--threads", type=int, default=2, help="torch threads on CPU.")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps-per-round", type=int, default=2)
@@ -63,9 +73,12 @@ def recipe_args(a: argparse.Namespace, data: str) -> argparse.Namespace:
 
     flags = ["--model-size", a.model_size, "--data-path", data, "--max-seq-length", str(a.max_seq_length),
              "--packing-buffer-size", "32", "--num-workers", str(a.num_workers), "--train-iters", "100000",
-             "--log-interval", "10", "--lr", "1e-4", "--transformer-impl", "local"]
+             "--log-interval", "10", "--lr", "1e-4"]
+    impl = a.transformer_impl or ("local" if a.device == "cpu" else None)  # None: pretrain_dit.py's own choice
+    flags += ["--transformer-impl", impl] if impl else []
     flags += ["--num-layers", str(a.num_layers)] if a.num_layers else []
     flags += ["--bf16"] if a.bf16 else []
+    flags += ["--fp8-format", a.fp8_format, "--fp8-recipe", a.fp8_recipe] if a.fp8_format else []
     return validate_args(parse_args(flags), 1)
 
 
@@ -113,56 +126,60 @@ class Bare:
         self.optimizer.step()
 
 
-def timed(fn, steps: int, sync) -> float:
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / steps
-
-
 def main() -> None:
     a = parse()
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
     import warnings
 
     warnings.filterwarnings("ignore")
+    from benchmarks.throughput import format_rates, machine, max_memory_gib, rates, select_device, synchronizer, timed
+
+    select_device(a.device)
     import torch
 
     torch.set_num_threads(a.threads)
     from dit import runtime
+    from dit.training.flops import pack_flops
 
     with tempfile.TemporaryDirectory() as tmp:
         write_images(Path(tmp), a.samples)
         args = recipe_args(a, tmp)
         recipe = Recipe(args)
         device = recipe.setup.device
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync = synchronizer(device)
         first = next(recipe.loader)
         bare = Bare(args, first, device)
         tokens = int(first.cu_seqlens[-1])
+        flops = pack_flops(recipe.setup.config, first.cu_seqlens.tolist(), first.cu_seqlens_padded.tolist(),
+                           first.cu_seqlens_text.tolist())
         for fn in (recipe.step, bare.step):  # warm-up: worker start, first buffer, allocator, first calls
-            timed(fn, 2, sync)
+            timed(fn, sync, 2)
         rounds = []
         for _ in range(a.rounds):
-            rounds.append((timed(recipe.step, a.steps_per_round, sync), timed(bare.step, a.steps_per_round, sync)))
+            rounds.append((timed(recipe.step, sync, a.steps_per_round), timed(bare.step, sync, a.steps_per_round)))
+        memory = max_memory_gib(device)
         recipe.loader.close()
         runtime.destroy()
     ratios = [r / b for r, b in rounds]
+    recipe_s, bare_s = statistics.median(r for r, _ in rounds), statistics.median(b for _, b in rounds)
+    fp8 = a.fp8_format is not None
     result = {
         "benchmark": "bench_step", "model_size": a.model_size, "num_layers": args.num_layers, "device": a.device,
-        "dtype": "bf16" if a.bf16 else "fp32", "max_seq_length": a.max_seq_length,
+        "dtype": "bf16" if a.bf16 else "fp32", "fp8": a.fp8_format, "fp8_recipe": a.fp8_recipe if fp8 else None,
+        "transformer_impl": args.transformer_impl, "max_seq_length": a.max_seq_length,
         "tokens_per_pack": tokens, "threads": a.threads, "rounds": a.rounds, "steps_per_round": a.steps_per_round,
-        "recipe_step_s": statistics.median(r for r, _ in rounds), "bare_step_s": statistics.median(b for _, b in rounds),
-        "overhead_ratio": statistics.median(ratios), "ratios": ratios,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores" + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""),
+        "recipe_step_s": recipe_s, "bare_step_s": bare_s,
+        "overhead_ratio": statistics.median(ratios), "ratios": ratios, "model_tflop_per_step": flops / 1e12,
+        "recipe": rates(flops, tokens, recipe_s, device, fp8), "bare": rates(flops, tokens, bare_s, device, fp8),
+        "max_memory_gib": memory, "machine": machine(device),
     }
     print(json.dumps(result))
     print(f"\n{'round':>5} | {'recipe step (s)':>15} | {'bare step (s)':>13} | ratio")
     for i, (r, b) in enumerate(rounds):
         print(f"{i:>5} | {r:>15.3f} | {b:>13.3f} | {r / b:.3f}")
     print(f"median overhead_ratio {result['overhead_ratio']:.3f} (goal <= 1.10)")
+    print(format_rates("recipe step", result["recipe"]))
+    print(format_rates("bare step", result["bare"]))
 
 
 if __name__ == "__main__":
