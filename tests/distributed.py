@@ -115,3 +115,11 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
                 p.kill()
         _replay(outputs)
     return [out[r] for r in range(world_size)]
+
+
+def pretrain_main(argv: list[str]) -> int:
+    """``pretrain_dit.py ARGV`` on a rank of the harness: its exit status (its output is the rank's)."""
+    import pretrain_dit
+    from dit.training.main import main
+
+    return main(pretrain_dit.HOOKS, argv)

@@ -220,12 +220,21 @@ def test_help_without_gpu_dataset_or_torchrun():
     assert "(default: 1)" in out.stdout  # defaults are listed
 
 
-def test_user_mistake_is_one_line_without_traceback(tmp_path):
-    out = run_entry("--data-path", str(tmp_path / "missing"))
-    assert out.returncode == 2
-    assert out.stderr == f"pretrain_dit.py: error: --data-path: {tmp_path / 'missing'} does not exist\n"
-    out = run_entry("--lr", "fast")  # argparse's own mistakes too: no usage dump
-    assert (out.returncode, out.stderr) == (2, "pretrain_dit.py: error: --lr: invalid float value: 'fast'\n")
+def _main(capsys, *argv: str) -> tuple[int, str]:
+    """pretrain_dit.py's main in this process (these mistakes stop it before any process group): status, stderr."""
+    import pretrain_dit
+    from dit.training.main import main
+
+    capsys.readouterr()
+    status = main(pretrain_dit.HOOKS, list(argv))
+    return status, capsys.readouterr().err
+
+
+def test_user_mistake_is_one_line_without_traceback(tmp_path, capsys):
+    assert _main(capsys, "--data-path", str(tmp_path / "missing")) == (
+        2, f"pretrain_dit.py: error: --data-path: {tmp_path / 'missing'} does not exist\n")
+    # argparse's own mistakes too: no usage dump
+    assert _main(capsys, "--lr", "fast") == (2, "pretrain_dit.py: error: --lr: invalid float value: 'fast'\n")
 
 
 def test_command_line_does_not_import_megatron():
@@ -236,9 +245,9 @@ def test_command_line_does_not_import_megatron():
     assert out.stdout.strip() == "[]", out.stderr
 
 
-def test_model_config_mistake_is_one_line_too(dataset):
-    out = run_entry(*TINY, *FITS_TINY_DATA, "--data-path", dataset, "--recompute-granularity", "full",
-                    "--recompute-num-layers", "3")
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.strip().splitlines()[-1].startswith(
+def test_model_config_mistake_is_one_line_too(dataset, capsys):
+    status, err = _main(capsys, *TINY, *FITS_TINY_DATA, "--data-path", dataset, "--recompute-granularity", "full",
+                        "--recompute-num-layers", "3")
+    assert status == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(
         "pretrain_dit.py: error: --recompute-num-layers: uniform recompute groups 3 layers")

@@ -3,8 +3,6 @@
 import multiprocessing
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
@@ -13,8 +11,7 @@ from dit.arguments import parse_args, validate_args
 from dit.training import checkpointing
 from dit.training.checkpointing import TRACKER, read_tracker, retain, write_tracker
 from dit.training.pretrain import pretrain
-from tests.distributed import RankFailed, run_distributed
-from tests.launch import ROOT
+from tests.distributed import RankFailed, pretrain_main, run_distributed
 from tests.tiny_data import TINY_RUN, good_entries, write_dataset
 
 FLAGS = TINY_RUN
@@ -79,27 +76,26 @@ def test_exit_interval_saves_and_stops(tmp_path, dataset):
     assert r["iteration"] == 3 and r["exit"] == "--exit-interval 3" and read_tracker(tmp_path) == 3
 
 
-def _entry(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "pretrain_dit.py"), *argv], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+def _error_line(capfd, *argv: str) -> str:
+    """pretrain_dit.py's main on one rank of the harness: it must exit 2 with one line and no traceback."""
+    capfd.readouterr()
+    assert run_distributed(pretrain_main, 1, [*FLAGS, *argv]) == [2]
+    out = capfd.readouterr().out
+    assert "Traceback" not in out
+    return out.strip().splitlines()[-1]
 
 
-def test_checkpoint_mistakes_are_one_line(tmp_path, dataset):
+def test_checkpoint_mistakes_are_one_line(tmp_path, dataset, capfd):
     empty = tmp_path / "empty"
     empty.mkdir()
-    out = _entry(*FLAGS, "--data-path", dataset, "--load", str(empty))
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.strip().splitlines()[-1] == (
+    assert _error_line(capfd, "--data-path", dataset, "--load", str(empty)) == (
         f"pretrain_dit.py: error: --load: {empty} holds no checkpoint (no {TRACKER}); point it at a --save folder "
         "of an earlier run, or drop --load to start from scratch")
     ckpt = tmp_path / "ckpt"
     assert run_distributed(_train, 1, dataset, ["--save", str(ckpt), "--train-iters", "2"])[0]["iteration"] == 2
-    out = _entry(*FLAGS, "--data-path", dataset, "--load", str(ckpt), "--hidden-size", "96")
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.strip().splitlines()[-1] == (
+    assert _error_line(capfd, "--data-path", dataset, "--load", str(ckpt), "--hidden-size", "96") == (
         f"pretrain_dit.py: error: --hidden-size: the checkpoint {ckpt / 'iter_0000002'} was trained with "
         "--hidden-size 48, this run has 96; pass --hidden-size 48 (or start from scratch without it)")
-    out = _entry(*FLAGS, "--data-path", dataset, "--load", str(ckpt), "--ckpt-step", "7")
-    assert out.stderr.strip().splitlines()[-1] == (
+    assert _error_line(capfd, "--data-path", dataset, "--load", str(ckpt), "--ckpt-step", "7") == (
         f"pretrain_dit.py: error: --ckpt-step: {ckpt / 'iter_0000007'} is not a complete checkpoint; pick "
         "another --ckpt-step")

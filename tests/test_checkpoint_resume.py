@@ -4,7 +4,7 @@ A second run is SIGKILLed past its checkpoint at K, while it trains, and restart
 and give, at every iteration after K, bit-identical losses and the same samples in the same order as an
 uninterrupted run (each DP replica's --sample-log records them). DP=2 with the distributed optimizer and
 loader workers, whose restarted run is then sent SIGTERM as slurm does before preemption: it saves where
-it stopped, exits 0, and a third launch continues exactly to the end. PP=2 with --async-save.
+it stopped, exits 0, and a third run continues exactly to the end. PP=2 with --async-save.
 """
 
 import os
@@ -14,6 +14,7 @@ import pytest
 
 from dit.training.checkpointing import read_tracker
 from dit.training.sample_log import read_sample_log
+from tests.distributed import pretrain_main, run_distributed
 from tests.launch import kill, run_to_end, torchrun, wait_until, workers
 from tests.tiny_data import TINY_RUN, good_entries, write_dataset
 
@@ -49,12 +50,14 @@ STRAIGHT = 8  # iterations of the straight runs; the LR is constant, so runs of 
 
 @pytest.fixture(scope="module")
 def straight(dataset, tmp_path_factory):
-    """Each layout's uninterrupted run: its sample logs by replica and iteration."""
+    """Each layout's uninterrupted run (pretrain_dit.py's main on 2 ranks of the test harness, which start
+    faster than torchrun's; the launch does not change a number): its sample logs by replica and iteration."""
     records = {}
     for layout, extra in LAYOUTS.items():
         out = tmp_path_factory.mktemp(f"straight-{layout}")
-        run_to_end(2, FLAGS + extra + ["--data-path", dataset, "--train-iters", str(STRAIGHT), "--save",
-                                       str(out / "ckpt"), "--sample-log", str(out / "samples")], out / "log")
+        flags = FLAGS + extra + ["--data-path", dataset, "--train-iters", str(STRAIGHT), "--save", str(out / "ckpt"),
+                                 "--sample-log", str(out / "samples")]
+        assert run_distributed(pretrain_main, 2, flags) == [0, 0]
         records[layout] = _records(out / "samples")
     return records
 
@@ -93,5 +96,5 @@ def test_resume_after_sigkill_is_exact(tmp_path, dataset, straight, layout):
     assert f"loaded checkpoint {run / 'ckpt' / f'iter_{K:07d}'}" in log.read_text()
     stopped = read_tracker(run / "ckpt")
     assert stopped is not None and K + 2 <= stopped < STRAIGHT
-    run_to_end(2, flags + ["--train-iters", str(STRAIGHT)], tmp_path / "finished.log")
+    assert run_distributed(pretrain_main, 2, flags + ["--train-iters", str(STRAIGHT)]) == [0, 0]
     _assert_same_steps(_records(run / "samples"), straight[layout], K + 1, STRAIGHT)
