@@ -45,7 +45,7 @@ def _assert_same_steps(resumed, straight, first, last):
 # PP=2 also saves in the background (--async-save), published when every rank's writer has finished
 LAYOUTS = {"dp2-distributed-optimizer": ["--use-distributed-optimizer"],
            "pp2-async-save": ["--pipeline-model-parallel-size", "2", "--async-save"]}
-STRAIGHT = 8  # iterations of the straight runs; the LR is constant, so runs of any length share a schedule
+STRAIGHT = 16  # iterations of the straight runs; the LR is constant, so runs of any length share a schedule
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def straight(dataset, tmp_path_factory):
     for layout, extra in LAYOUTS.items():
         out = tmp_path_factory.mktemp(f"straight-{layout}")
         flags = FLAGS + extra + ["--data-path", dataset, "--train-iters", str(STRAIGHT), "--save", str(out / "ckpt"),
-                                 "--sample-log", str(out / "samples")]
+                                 "--save-interval", str(STRAIGHT), "--sample-log", str(out / "samples")]
         assert run_distributed(pretrain_main, 2, flags) == [0, 0]
         records[layout] = _records(out / "samples")
     return records
@@ -79,22 +79,26 @@ def test_resume_after_sigkill_is_exact(tmp_path, dataset, straight, layout):
     flags = FLAGS + LAYOUTS[layout] + ["--data-path", dataset, "--save", str(run / "ckpt"),
                                        "--sample-log", str(run / "samples")]
     proc = torchrun(2, flags + ["--train-iters", "1000"], tmp_path / "killed.log")
-    wait_until(proc, lambda: read_tracker(run / "ckpt") == K and any(K + 1 in r for r in _records(run / "samples").values()))
-    kill(proc)  # SIGKILL past K, mid-training
-    assert read_tracker(run / "ckpt") == K
+    wait_until(proc, lambda: (read_tracker(run / "ckpt") or 0) >= K
+               and any(K + 1 in r for r in _records(run / "samples").values()))
+    kill(proc)  # SIGKILL past a checkpoint, mid-training
+    # the latest published checkpoint: K, or a later one when --async-save published K late and the next in time
+    last = read_tracker(run / "ckpt")
+    assert last % K == 0 and K <= last <= STRAIGHT - 2 * K, last
     if not sigterm:
-        log = run_to_end(2, flags + ["--train-iters", str(2 * K)], tmp_path / "resumed.log")
-        assert f"loaded checkpoint {run / 'ckpt' / f'iter_{K:07d}'}" in log and f"from iteration {K} to {2 * K}" in log
-        _assert_same_steps(_records(run / "samples"), straight[layout], K + 1, 2 * K)
+        log = run_to_end(2, flags + ["--train-iters", str(last + K)], tmp_path / "resumed.log")
+        assert f"loaded checkpoint {run / 'ckpt' / f'iter_{last:07d}'}" in log
+        assert f"from iteration {last} to {last + K}" in log
+        _assert_same_steps(_records(run / "samples"), straight[layout], last + 1, last + K)
         return
-    # restarted with the signal handler, then SIGTERMed past K + 1: it saves where it stopped and exits 0
+    # restarted with the signal handler, then SIGTERMed past last + 1: it saves where it stopped and exits 0
     flags += ["--exit-signal-handler"]
     log = tmp_path / "resumed.log"
     proc = torchrun(2, flags + ["--train-iters", "1000"], log)
-    wait_until(proc, lambda: any(K + 2 in r for r in _records(run / "samples").values()))
+    wait_until(proc, lambda: any(last + 2 in r for r in _records(run / "samples").values()))
     _sigterm(proc, log)
-    assert f"loaded checkpoint {run / 'ckpt' / f'iter_{K:07d}'}" in log.read_text()
+    assert f"loaded checkpoint {run / 'ckpt' / f'iter_{last:07d}'}" in log.read_text()
     stopped = read_tracker(run / "ckpt")
-    assert stopped is not None and K + 2 <= stopped < STRAIGHT
+    assert stopped is not None and last + 2 <= stopped < STRAIGHT
     assert run_distributed(pretrain_main, 2, flags + ["--train-iters", str(STRAIGHT)]) == [0, 0]
-    _assert_same_steps(_records(run / "samples"), straight[layout], K + 1, STRAIGHT)
+    _assert_same_steps(_records(run / "samples"), straight[layout], last + 1, STRAIGHT)
