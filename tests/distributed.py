@@ -64,8 +64,8 @@ def _deaths(procs: list, reported: dict) -> list[str]:
 
 
 # Ranks fork from a server process that imported torch, Megatron-Core and energon once: a spawned rank
-# spends ~8 s of CPU importing them, most of the suite's time on 2 cores. The server runs no torch op
-# (no thread pool, no process group), so each rank still starts clean.
+# spends ~8 s of CPU importing them, most of the suite's time on 2 cores. The server only imports
+# (no process group, no loader), so each rank still starts clean.
 _CONTEXT = mp.get_context("forkserver")
 _CONTEXT.set_forkserver_preload(["dit.runtime", "dit.training.pretrain", "megatron.energon", "data.loader",
                                  "pretrain_dit", "tests.model_setup"])
