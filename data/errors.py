@@ -28,11 +28,14 @@ class SkipKind(str, enum.Enum):
     UNSAFE_PICKLE = "unsafe_pickle"  # .pickle names code (a global no array needs); refused, never run (data.safe_pickle)
     SAMPLE_ERROR = "sample_error"  # reading, cooking or decoding raised an exception no check foresaw
     NOT_A_LATENT = "not_a_latent"  # .pth is not a dense float tensor [C, T, H, W] / [C, H, W] with --latent-channels, no side 0
-    OVERSIZED_STORAGE = "oversized_storage"  # a tensor stored with far more data than it shows (a view of a larger one)
+    OVERSIZED_STORAGE = "oversized_storage"  # a tensor stored with far more data than it shows (a view of a larger
+    # one), or whose torch.save bytes declare more than they hold (compressed: a deflate bomb)
     NON_FINITE = "non_finite"  # NaN or Inf in the latent or the text embedding
+    MEMBER_TOO_LARGE = "member_too_large"  # a tar member declares more bytes than its shard holds for it (sparse, forged)
     MISSING_MEMBER = "missing_member"  # no .pth, .pickle or .json in the sample
-    INVALID_JSON = "invalid_json"  # .json is not a JSON object with a caption (too deeply nested included)
-    BAD_METADATA = "bad_metadata"  # fps, frame count or size in the .json that cannot describe its latent
+    INVALID_JSON = "invalid_json"  # .json is not a JSON object (too deeply nested included)
+    BAD_METADATA = "bad_metadata"  # fps in the .json that is not a finite positive number under --fps-conditioning
+    MISSING_FPS = "missing_fps"  # a video without fps in its .json under --fps-conditioning
     BAD_LABEL = "bad_label"  # class-conditioned run: no label in the .json, or one outside [0, --num-classes)
     BAD_TEXT_EMBEDDING = "bad_text_embedding"  # .pickle is not a dense float [L, --text-embed-dim], L >= 1
     GRID_NOT_DIVISIBLE = "grid_not_divisible"  # latent frames/height/width not divisible by the patch
@@ -49,7 +52,8 @@ class BadSample(Exception):
 
     ``flag`` names the flag the sample contradicts where there is one (``--latent-channels``), and
     ``value`` what the sample has instead (its channel count): when no sample of a dataset fits,
-    :mod:`data.preflight` tells the user which flag to set, and to what.
+    :mod:`data.preflight` tells the user which flag to set, and to what. ``also``: the sample's other
+    defects, found by the checks that ran after this one's.
     """
 
     def __init__(self, kind: SkipKind, detail: str, flag: str | None = None, value: int | None = None):
@@ -58,6 +62,7 @@ class BadSample(Exception):
         self.detail = detail
         self.flag = flag
         self.value = value
+        self.also: list[BadSample] = []
 
 
 def one_line(error: BaseException) -> str:
@@ -87,6 +92,9 @@ class DataStats:
     skipped: dict[str, int] = field(default_factory=dict)  # by SkipKind value
     examples: list[SkipRecord] = field(default_factory=list)  # the first MAX_EXAMPLES skips
     longest: int = 0  # tokens (padded) of the longest sample read, oversize ones included: what --max-seq-length needs
+    formats: dict[str, int] = field(default_factory=dict)  # samples trained by the writer recognised (data.peer_formats)
+    normalised: dict[str, int] = field(default_factory=dict)  # samples trained by normalisation applied
+    notes: dict[str, str] = field(default_factory=dict)  # the first sample's detail of each normalisation
 
     @property
     def bad(self) -> int:
@@ -98,6 +106,9 @@ class DataStats:
         self.skipped = dict(Counter(self.skipped) + Counter(other.skipped))
         self.examples.extend(other.examples[: MAX_EXAMPLES - len(self.examples)])
         self.longest = max(self.longest, other.longest)
+        self.formats = dict(Counter(self.formats) + Counter(other.formats))
+        self.normalised = dict(Counter(self.normalised) + Counter(other.normalised))
+        self.notes = {**other.notes, **self.notes}
 
     def check(self, max_bad_fraction: float) -> None:
         """Raise :class:`BadDataError` when the broken fraction of the samples read exceeds the limit.

@@ -39,7 +39,8 @@ def task_encoder(args: argparse.Namespace, pad_multiple: int) -> DiTTaskEncoder:
     """The task encoder for parsed flags and the layout's padding multiple."""
     fmt = LatentFormat(args.patch_size, args.temporal_patch_size, args.latent_channels, args.text_embed_dim,
                        max_text_length=args.max_text_length, fps_conditioning=args.fps_conditioning,
-                       num_classes=args.num_classes if args.conditioning == "class" else None)
+                       num_classes=args.num_classes if args.conditioning == "class" else None,
+                       text_padding=args.text_padding, text_embedding_key=args.text_embedding_key)
     return DiTTaskEncoder(fmt, max_seq_length=args.max_seq_length, pad_multiple=pad_multiple, packing=not args.no_packing)
 
 

@@ -27,7 +27,7 @@ from megatron.energon.flavors.webdataset.metadata import get_dataset_info
 from data.errors import BadSample, SkipKind, one_line
 from data.loader import task_encoder
 from data.rank_split import pad_multiple
-from data.shard_reads import READ_ERRORS
+from data.shard_reads import READ_ERRORS, TOO_LARGE, declared_size_error
 from data.task_encoder import DiTTaskEncoder
 from dit.arguments import has_split, validate_args, world_size
 from dit.config import DiTConfig, config_from_args
@@ -51,6 +51,10 @@ FIXES = {
                              "--temporal-patch-size that divides their frame count",
     "--conditioning": "the samples of {path} have no 'label' in their .json: pass --conditioning text, or add labels",
     "--num-classes": "the labels of {path} need --num-classes {most} (or more)",
+    "--fps-conditioning": "the videos of {path} have no 'fps' in their .json, which --fps-conditioning conditions "
+                          "on: drop --fps-conditioning, or add fps to the metadata",
+    "--text-embedding-key": "the .pickle members of {path} hold dicts without the text embedding's key ({detail}): "
+                            "pass --text-embedding-key with the key that holds it",
 }
 
 
@@ -105,6 +109,7 @@ def _probe_shards(root: Path) -> list[str]:
 def _first_samples(root: Path, shard: str, count: int) -> Iterator[dict]:
     """The first ``count`` samples of a shard as crude samples (members as raw bytes), like energon's."""
     sample: dict = {}
+    size = (root / shard).stat().st_size
     with tarfile.open(root / shard) as tar:
         for member in tar:
             match = split_name_re.match(member.name)
@@ -118,7 +123,11 @@ def _first_samples(root: Path, shard: str, count: int) -> Iterator[dict]:
                     return
                 sample = {}
             sample = sample or {"__key__": name, "__shard__": shard, "__restore_key__": (), "__sources__": ()}
-            sample[ext] = tar.extractfile(member).read()
+            too_large = declared_size_error(member, size)
+            if too_large:
+                sample[TOO_LARGE] = f"{shard} {too_large}"
+            else:
+                sample[ext] = tar.extractfile(member).read()
     if sample:
         yield sample
 
@@ -160,17 +169,21 @@ def check_dataset(path: str, flag: str, encoder: DiTTaskEncoder) -> str:
 
 
 def _mismatch(flag: str, path: str, failures: list[BadSample]) -> ConfigError:
-    """The line for a dataset none of whose probed samples could train: the flag they contradict most."""
-    flagged = Counter(f.flag for f in failures if f.flag is not None)
+    """The line for a dataset none of whose probed samples could train: the flag they contradict most, then
+    every problem found (each sample's, not only its first), counted by kind, and the first sample's."""
+    every = [problem for f in failures for problem in (f, *f.also)]
+    kinds = ", ".join(f"{k}={n}" for k, n in Counter(p.kind.value for p in every).most_common())
+    first = "; ".join(f"{p.kind.value}: {p.detail}" for p in (failures[0], *failures[0].also)) if failures else ""
+    problems = f"{len(every)} problems in the {len(failures)} samples probed [{kinds}]; first sample: {first}"
+    flagged = Counter(p.flag for p in every if p.flag is not None)
     if flagged:
         culprit = flagged.most_common(1)[0][0]
-        cases = [f for f in failures if f.flag == culprit]
-        values = sorted({f.value for f in cases if f.value is not None}) or [0]
+        cases = [p for p in every if p.flag == culprit]
+        values = sorted({p.value for p in cases if p.value is not None}) or [0]
         text = FIXES[culprit].format(path=path, n=len(failures), values=" or ".join(map(str, values[:4])),
                                      s="" if values == [1] else "s", least=values[0], most=values[-1],
                                      detail=cases[0].detail)
-        return ConfigError(culprit, text)
-    kinds = ", ".join(f"{k}={n}" for k, n in Counter(f.kind.value for f in failures).most_common())
-    first = f"; first: {failures[0].detail}" if failures else ""
-    return ConfigError(flag, f"none of the {len(failures)} samples probed in {path} could train [{kinds}]{first}; "
+        others = len(cases) < len(every)
+        return ConfigError(culprit, text + (f" ({problems})" if others else ""))
+    return ConfigError(flag, f"none of the {len(failures)} samples probed in {path} could train: {problems}; "
                              f"python -m data.report {path} lists them")

@@ -73,9 +73,9 @@ class DiTTaskEncoder(DefaultTaskEncoder):
         if max(seq_len, padded) > self.max_seq_length:
             raise BadSample(SkipKind.OVERSIZE, f"{seq_len} tokens ({padded} padded) > --max-seq-length {self.max_seq_length}",
                             "--max-seq-length", max(seq_len, padded))
-        return DiffusionSample(**_base(crude), shard=crude.get("__shard__", ""), read_index=_read_index(), latent_payload=crude["pth"], text=header.text,
+        return DiffusionSample(**_base(crude), shard=crude.get("__shard__", ""), read_index=_read_index(), latent_payload=header.latent_payload, text=header.text,
                                latent_shape=header.shape, grid=header.grid, seq_len=seq_len, padded_len=padded,
-                               metadata=header.metadata)
+                               metadata=header.metadata, format=header.format, notes=header.notes)
 
     @stateless
     def cook(self, crude: dict) -> DiffusionSample | SkippedSample:
@@ -117,7 +117,10 @@ class DiTTaskEncoder(DefaultTaskEncoder):
         markers = [s for s in samples if isinstance(s, SkippedSample)]
         stats = DataStats(read=len(samples), trained=len(encoded), skipped=dict(Counter(m.kind.value for m in markers)),
                           examples=[m.record() for m in markers],
-                          longest=max([s.padded_len for s in encoded] + [m.tokens for m in markers]))
+                          longest=max([s.padded_len for s in encoded] + [m.tokens for m in markers]),
+                          formats=dict(Counter(s.format for s in encoded)),
+                          normalised=dict(Counter(name for s in encoded for name in s.notes)),
+                          notes={name: f"{s.__key__}: {detail}" for s in reversed(encoded) for name, detail in s.notes.items()})
         return LoadedPack(__key__=",".join(s.__key__ for s in samples), __restore_key__=(),
                           batch=build_pack(encoded) if encoded else None, stats=stats,
                           read_indices=[s.read_index for s in encoded])

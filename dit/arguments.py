@@ -227,6 +227,12 @@ def _add_data(p: argparse.ArgumentParser) -> None:
                    help="Pad each sample to --max-seq-length instead of packing (comparison, models without THD).")
     g.add_argument("--max-text-length", type=int, default=512,
                    help="Rows a text embedding may have (T5: 512 tokens); longer ones are skipped and counted.")
+    g.add_argument("--text-padding", choices=["trim-zeros", "keep"], default="trim-zeros",
+                   help="trim-zeros: drop a text embedding's trailing all-zero rows (the padding NeMo's, DFM's and "
+                        "Wan's writers add); keep: train on every row (a model trained on padded text, as Wan is).")
+    g.add_argument("--text-embedding-key", type=str, default="prompt_embeds",
+                   help="The entry of a .pickle that holds a dict (Flux's writer) to read as the text embedding; "
+                        "the other entries are ignored.")
     g.add_argument("--oversize-policy", choices=["skip", "error"], default="skip",
                    help="A sample longer than --max-seq-length (or its text longer than --max-text-length) is "
                         "skipped and counted, or stops the run.")

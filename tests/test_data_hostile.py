@@ -35,12 +35,13 @@ def test_each_hostile_sample_is_its_own_kind_of_skip_or_trains(tmp_path, name):
 
 @pytest.fixture(scope="module")
 def hostile_dataset(tmp_path_factory):
-    """24 good samples with every hostile sample among them, 8 a shard; shard 1 deleted after prepare.
+    """Every hostile sample among 4 more good samples than there are hostile ones, 8 a shard; shard 1 deleted after
+    prepare.
 
     Returns the dataset, the folder the pickles' code would write into, and the entries as written."""
     markers = tmp_path_factory.mktemp("markers")
     cases = hostile(markers)
-    good = good_entries(24, seed=5)
+    good = good_entries(len(cases) + 4, seed=5, fps=24)  # HOSTILE_FLAGS condition on fps
     odd = [(f"case_{i:02d}", files) for i, (files, _) in enumerate(cases.values())]
     entries = [e for pair in zip(good, odd) for e in pair] + good[len(odd):]
     root = write_dataset(tmp_path_factory.mktemp("hostile"), entries, per_shard=PER_SHARD)

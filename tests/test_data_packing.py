@@ -69,7 +69,7 @@ def _encoded(key, shape, padded_len, text_len, fps=None, label=None):
     tokens, positions = patchify(latent, 2, 1)
     return EncodedSample(__key__=key, __restore_key__=(), tokens=tokens, positions=positions,
                          text=torch.randn(text_len, 8), seq_len=tokens.shape[0], padded_len=padded_len, read_index=0,
-                         grid=(shape[1], shape[2] // 2, shape[3] // 2), fps=fps, label=label), latent
+                         grid=(shape[1], shape[2] // 2, shape[3] // 2), fps=fps, label=label, format="ours", notes={}), latent
 
 
 def test_build_pack_against_hand_counts():

@@ -6,6 +6,7 @@ a video ``[4, 3, 4, 4]`` 12. Payloads are built by hand so that tests can break 
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import os
@@ -52,15 +53,17 @@ def payloads(shape: tuple[int, ...], *, seed: int = 0, dtype: torch.dtype = torc
     return encode_sample(ShardSample(torch.randn(shape, generator=g).to(dtype), text, metadata))
 
 
-def good_entries(n: int, seed: int = 0, prefix: str = "good") -> list[Entry]:
-    """Mixed images and videos of 4 to 24 tokens, a few dtypes."""
+def good_entries(n: int, seed: int = 0, prefix: str = "good", fps: float | None = None) -> list[Entry]:
+    """Mixed images and videos of 4 to 24 tokens, a few dtypes; the videos' metadata with ``fps`` where given."""
     rng = random.Random(seed)
     entries = []
     for i in range(n):
         h, w = 2 * rng.randint(1, 3), 2 * rng.randint(1, 4)
         shape = (4, rng.randint(1, 2), h, w) if rng.random() < 0.4 else (4, h, w)
         dtype = rng.choice([torch.float32, torch.bfloat16, torch.float16])
-        entries.append((f"{prefix}_{i:04d}", payloads(shape, seed=seed * 1000 + i, dtype=dtype, text_len=rng.randint(1, 5))))
+        meta = {"caption": f"sample {i}", "height": 8 * h, "width": 8 * w, "fps": fps} if fps and len(shape) == 4 else None
+        entries.append((f"{prefix}_{i:04d}", payloads(shape, seed=seed * 1000 + i, dtype=dtype, meta=meta,
+                                                      text_len=rng.randint(1, 5))))
     return entries
 
 
@@ -120,7 +123,7 @@ DEFECTS: dict[str, tuple[dict[str, bytes], SkipKind]] = {
     "missing .pickle": (with_members(pickle=None), SkipKind.MISSING_MEMBER),
     "missing .json": (with_members(json=None), SkipKind.MISSING_MEMBER),
     "invalid JSON": (with_members(json=b"{caption: oops"), SkipKind.INVALID_JSON),
-    "JSON without caption": (with_members(json=b'{"height": 8}'), SkipKind.INVALID_JSON),
+    "JSON that is a list": (with_members(json=b'["caption", "c"]'), SkipKind.INVALID_JSON),
     "fps as text": (with_members(json=b'{"caption": "c", "fps": "24"}'), SkipKind.INVALID_JSON),
     "text width 7": (with_members(pickle=pickle.dumps(np.zeros((3, 7), np.float32))), SkipKind.BAD_TEXT_EMBEDDING),
     "text of rank 1": (with_members(pickle=pickle.dumps(np.zeros(8, np.float32))), SkipKind.BAD_TEXT_EMBEDDING),
@@ -211,6 +214,30 @@ def saved_on(tensor: torch.Tensor, device: str) -> bytes:
     return out.getvalue()
 
 
+class Calls:
+    """Pickles to ``function(*args)``: a call through a global the unpickler may or may not admit."""
+
+    def __init__(self, function: Any, *args: Any):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+def deflate_bomb(megabytes: int) -> bytes:
+    """A text embedding pickled as a torch tensor whose storage bytes are a torch.save archive with its data
+    entry deflated: ``megabytes`` of zeros in a few kilobytes."""
+    n = megabytes * 2**20 // 4
+    src = zipfile.ZipFile(io.BytesIO(torch_bytes(torch.zeros(n))))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info), zipfile.ZIP_DEFLATED)
+    storage = Calls(torch.storage._load_from_bytes, out.getvalue())
+    from collections import OrderedDict
+    return pickle.dumps(Calls(torch._utils._rebuild_tensor_v2, storage, 0, (n // 8, 8), (8, 1), False, OrderedDict()))
+
+
 HOSTILE_FMT = replace(FMT, fps_conditioning=True, max_text_length=6)
 HOSTILE_FLAGS = ["--fps-conditioning", "--max-text-length", "6"]  # the command line of HOSTILE_FMT
 
@@ -241,13 +268,27 @@ def hostile(markers: Path) -> dict[str, tuple[dict[str, bytes], SkipKind | None]
                                           SkipKind.OVERSIZED_STORAGE),
         "NaN fps": (with_members(json=json.dumps({**meta, "fps": float("nan")}).encode()), SkipKind.BAD_METADATA),
         "negative fps": (with_members(json=json.dumps({**meta, "fps": -24}).encode()), SkipKind.BAD_METADATA),
-        "fewer frames than the latent": (with_members(pth=torch_bytes(torch.randn(4, 3, 2, 4)),
-                                                      json=json.dumps({**meta, "num_frames": 2}).encode()),
-                                         SkipKind.BAD_METADATA),
-        "height below the latent's": (with_members(json=json.dumps({**meta, "height": 1}).encode()), SkipKind.BAD_METADATA),
         "text longer than --max-text-length": (with_members(pickle=pickle.dumps(np.ones((7, 8), np.float32))),
                                                SkipKind.TEXT_OVERSIZE),
+        "video without fps (--fps-conditioning)": (with_members(pth=torch_bytes(torch.randn(4, 3, 2, 4))),
+                                                   SkipKind.MISSING_FPS),
+        "float64 text beyond float32's range": (with_members(pickle=pickle.dumps(np.full((2, 8), 1e300))),
+                                                SkipKind.NON_FINITE),
+        "punycode in the unpickler (minutes of CPU)": (
+            with_members(pickle=pickle.dumps(Calls(codecs.encode, "\u00e9" * 8000, "punycode"))), SkipKind.UNSAFE_PICKLE),
+        "deflate bomb in the text embedding": (with_members(pickle=deflate_bomb(16)), SkipKind.OVERSIZED_STORAGE),
+        "a dict .pickle without the text's key": (with_members(pickle=pickle.dumps({"t5": np.ones((2, 8), np.float32)})),
+                                                  SkipKind.BAD_TEXT_EMBEDDING),
         # unusual but sound: these train
+        "latent saved with requires_grad": (with_members(pth=torch_bytes(torch.randn(4, 2, 4, requires_grad=True))), None),
+        "text saved with requires_grad": (
+            with_members(pickle=pickle.dumps(torch.randn(3, 8, dtype=torch.bfloat16, requires_grad=True))), None),
+        "big-endian float32 text": (with_members(pickle=pickle.dumps(np.ones((2, 8), ">f4"))), None),
+        "float128 text": (with_members(pickle=pickle.dumps(np.ones((2, 8), np.longdouble))), None),
+        "fewer frames than the latent (the latent's shape is the truth)": (
+            with_members(pth=torch_bytes(torch.randn(4, 3, 2, 4)),
+                         json=json.dumps({**meta, "num_frames": 2, "fps": 8}).encode()), None),
+        "height below the latent's": (with_members(json=json.dumps({**meta, "height": 1}).encode()), None),
         "latent saved on a GPU": (with_members(pth=saved_on(latent, "cuda:0")), None),
         "transposed latent": (with_members(pth=torch_bytes(torch.randn(4, 4, 2).transpose(1, 2))), None),
         "expanded latent (stride 0)": (with_members(pth=torch_bytes(torch.randn(4, 1, 4).expand(4, 2, 4))), None),
