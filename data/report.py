@@ -5,7 +5,8 @@
 
 Any training flag (``--packing-buffer-size``, ``--num-workers``, ``--text-embed-dim``,
 ``--no-packing``, ...) applies with its training default. It prints samples read and skipped by
-kind, packs built, ``packing_efficiency`` = real tokens / (packs x max-seq-length), the padding
+kind, the writers recognised (this recipe's format, NeMo DiT, DFM DiT, Wan, Flux) and what was
+normalised to read them, with counts, packs built, ``packing_efficiency`` = real tokens / (packs x max-seq-length), the padding
 added for CP/SP alignment, the histogram of sample lengths and the loader's tokens/s; then the same
 samples packed the way NeMo/DFM do it (each padded to a multiple of 64; and padded to
 max-seq-length without packing), simulated over the same packing-buffer windows of the stream as
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from data.packing import first_fit_decreasing, padded_length
+from data.peer_formats import NORMALISATIONS
 from dit.errors import ConfigError
 
 DFM_MULTIPLE = 64  # NeMo's / DFM's per-sample padding
@@ -97,6 +99,9 @@ def measure(args: argparse.Namespace, data_path: str) -> dict[str, Any]:
         "samples_trained": stats.trained,
         "samples_skipped": dict(sorted(stats.skipped.items())),
         "skipped_examples": [f"{e.kind} {e.key}: {e.detail}" for e in stats.examples],
+        "formats": dict(sorted(stats.formats.items())),
+        "normalised": dict(sorted(stats.normalised.items())),
+        "normalised_first": dict(sorted(stats.notes.items())),
         "packs": rows if not args.no_packing else None,
         "micro_batches_without_packing": rows if args.no_packing else None,
         "real_tokens": real,
@@ -126,6 +131,9 @@ def format_text(r: dict[str, Any]) -> str:
         f"multiples of {lay['pad_multiple']}; max-seq-length {r['max_seq_length']}, buffer {r['packing_buffer_size']}",
         f"samples read {r['samples_read']}, trained {r['samples_trained']}, skipped {r['samples_skipped'] or 'none'}",
         *(f"  {e}" for e in r["skipped_examples"]),
+        "formats recognised: " + (", ".join(f"{name} ({n} samples)" for name, n in r["formats"].items()) or "none"),
+        *(f"normalised {name} in {n} samples: {NORMALISATIONS[name]} (first: {r['normalised_first'][name]})"
+          for name, n in r["normalised"].items()),
         f"packs {r['packs'] if lay['packing'] else r['micro_batches_without_packing']} "
         f"({'packed' if lay['packing'] else 'micro-batches, unpacked'})",
         f"packing_efficiency {r['packing_efficiency']:.4f} (real tokens / pack capacity)",

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from data.peer_formats import NORMALISATIONS, WARNINGS
 from dit.training.state import TrainState
 from dit.training.step import StepResult
 from dit.training.writers import MetricWriters
@@ -70,6 +71,8 @@ class TrainingLogger:
         self.start = time.monotonic()
         self.steps_this_run = 0
         self.examples_shown = 0
+        self.formats_shown: set[str] = set()  # writers and warnings already shown (_show_new_notes)
+        self.notes_shown: set[str] = set()
         self.last_grad_norm = float("nan")
 
     def record(self, result: StepResult, seconds: float) -> None:
@@ -94,6 +97,7 @@ class TrainingLogger:
         if self.logging_rank:
             print(self._line(state, metrics, data_stats, i), flush=True)
             self._show_new_skips(data_stats)
+            self._show_new_notes(data_stats)
             self.writers.write(state.iteration, metrics)
         self.interval = Interval()
         return metrics
@@ -139,6 +143,16 @@ class TrainingLogger:
         for e in data_stats.examples[self.examples_shown:]:
             print(f" skipped sample: {e.kind} {e.key} in {e.shard}: {e.detail}", flush=True)
         self.examples_shown = len(data_stats.examples)
+
+    def _show_new_notes(self, data_stats: Any) -> None:
+        """Each writer recognised and each normalisation that deserves a warning, once, with its count so far."""
+        for name in sorted(set(data_stats.formats) - self.formats_shown):
+            print(f" data: samples read as {name}'s format ({data_stats.formats[name]} so far)", flush=True)
+        for name in sorted(set(data_stats.normalised) & WARNINGS - self.notes_shown):
+            print(f" data warning: {data_stats.normalised[name]} samples so far: {NORMALISATIONS[name]} "
+                  f"(first: {data_stats.notes[name]})", flush=True)
+        self.formats_shown |= set(data_stats.formats)
+        self.notes_shown |= set(data_stats.normalised) & WARNINGS
 
     def close(self) -> None:
         if self.writers is not None:
