@@ -4,7 +4,8 @@ The trainer iterates :class:`DiTDataLoader` for :class:`PackedBatch` es already 
 reads ``loader.stats`` at its log interval, and stores ``loader.state_dict()`` in its checkpoint;
 a loader restored with :meth:`DiTDataLoader.load_state_dict` yields exactly the next pack.
 
-No silent hang: when every sample is skipped (all longer than ``--max-seq-length``, say) energon
+No silent hang: a loader worker process that dies (killed for memory, a crash in a library) ends
+the run with one line (:func:`worker_died`) instead of a traceback, or a wait. When every sample is skipped (all longer than ``--max-seq-length``, say) energon
 would keep filling packing buffers forever. Once this process has read :func:`stall_limit`
 samples without one it could train, the loader stops the run with one line naming the likely flag.
 """
@@ -17,7 +18,7 @@ from typing import Any, Iterator
 
 from megatron.energon import SavableDataLoader, get_savable_loader, get_train_dataset, get_val_dataset
 
-from data.errors import SIZING, BadDataError, DataStats, SkipKind
+from data.errors import SIZING, BadDataError, DataStats, SkipKind, one_line
 from data.rank_split import RankLayout, shard_for_rank
 from data.sample import LatentFormat
 from data.task_encoder import DiTTaskEncoder, LoadedPack
@@ -26,6 +27,31 @@ from dit.packed import PackedBatch
 
 STALL_SAMPLES = 1000
 """Samples read with none trainable before the run stops (at least a packing buffer from every worker)."""
+
+
+def worker_died(error: RuntimeError) -> BadDataError | None:
+    """The one line for torch's error about a loader worker process that died, or None for any other error."""
+    if "DataLoader worker (pid" not in str(error):
+        return None
+    return BadDataError(f"a data loader worker process died ({one_line(error)}); the run cannot go on without "
+                        "its samples. The kernel's out-of-memory killer is the usual cause (see dmesg): lower "
+                        "--num-workers or --packing-buffer-size; python -m data.report DATASET reads the dataset "
+                        "alone, to find a sample that kills it.")
+
+
+def iterate_packs(loader: SavableDataLoader) -> Iterator[LoadedPack]:
+    """energon's packs, a dead worker raised as :func:`worker_died`'s line; closing it stops the workers now."""
+    packs = iter(loader)
+    try:
+        while True:
+            try:
+                yield next(packs)
+            except StopIteration:
+                return
+            except RuntimeError as e:
+                raise worker_died(e) or e from None
+    finally:
+        packs.close()  # left to garbage collection, each worker takes seconds to stop
 
 
 def stall_limit(packing_buffer_size: int, num_workers: int) -> int:
@@ -85,7 +111,7 @@ class DiTDataLoader:
 
     def __next__(self) -> PackedBatch:
         if self._packs is None:
-            self._packs = iter(self.loader)
+            self._packs = iterate_packs(self.loader)
         while True:
             item = next(self._packs)
             self.stats.add(item.stats)
@@ -119,7 +145,7 @@ class DiTDataLoader:
                                           "python -m data.report DATASET lists them")
 
     def close(self) -> None:
-        """Stop the worker processes now (left to garbage collection, each takes seconds to stop)."""
+        """Stop the worker processes now."""
         if self._packs is not None:
             self._packs.close()
             self._packs = None

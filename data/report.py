@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 from data.packing import first_fit_decreasing, padded_length
 from data.peer_formats import NORMALISATIONS
-from dit.errors import ConfigError
+from dit.errors import ConfigError, TrainingStopped
 
 DFM_MULTIPLE = 64  # NeMo's / DFM's per-sample padding
 DFM_BUFFER = 40  # DFM's recipe default packing buffer
@@ -65,7 +65,7 @@ def histogram(lengths: Sequence[int], max_seq_length: int, bins: int = 6) -> dic
 def measure(args: argparse.Namespace, data_path: str) -> dict[str, Any]:
     """One pass over the dataset through the real loader; the report as a dict."""
     from data.errors import DataStats  # the loader's imports take seconds: after the flags are checked
-    from data.loader import energon_loader, task_encoder
+    from data.loader import energon_loader, iterate_packs, task_encoder
     from data.rank_split import RankLayout
 
     layout = RankLayout(cp_size=args.context_parallel_size, tp_size=args.tensor_model_parallel_size,
@@ -76,7 +76,7 @@ def measure(args: argparse.Namespace, data_path: str) -> dict[str, Any]:
                             repeat=False)
     stats, lengths, reads, padded, rows = DataStats(), [], [], 0, 0
     start = time.perf_counter()  # everything counts: worker start-up, every buffer fill, the epoch's tail
-    for item in loader:
+    for item in iterate_packs(loader):
         stats.add(item.stats)
         if item.batch is None:
             continue
@@ -166,7 +166,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:  # one line naming the flag and the fix, as pretrain_dit.py does
         print(f"data.report: error: {e}", file=sys.stderr)
         return 2
-    report = measure(args, known.dataset)
+    try:
+        report = measure(args, known.dataset)
+    except TrainingStopped as e:  # a loader worker that died
+        print(f"data.report: error: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(report) if known.json else format_text(report))
     return 0
 

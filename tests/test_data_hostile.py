@@ -4,6 +4,7 @@ Each one must be counted exactly (by kind, against a hand count of what was writ
 shard may run, nothing may crash, and every other sample must train.
 """
 
+import tarfile
 from collections import Counter
 from contextlib import closing
 from pathlib import Path
@@ -12,9 +13,11 @@ import pytest
 
 from data.errors import SkipKind
 from data.sample import DiffusionSample, EncodedSample, SkippedSample
-from data.shards import shard_name
+from data.preflight import check_dataset
+from data.shards import energon_prepare, shard_name
 from data.task_encoder import DiTTaskEncoder
-from tests.tiny_data import HOSTILE_FLAGS, HOSTILE_FMT, crude, cut_shard, good_entries, hostile, tiny_loader, write_dataset
+from tests.tiny_data import (FMT, HOSTILE_FLAGS, HOSTILE_FMT, crude, cut_shard, good_entries, hostile, tiny_loader,
+                             write_dataset, write_shard_with_sparse_member)
 
 PER_SHARD = 8
 LOST = 1  # the shard deleted after prepare
@@ -78,3 +81,22 @@ def test_a_packing_buffer_of_only_broken_samples_is_counted_exactly(tmp_path):
     assert sum(p.stats.read for p in packs) == 24
     assert sum(p.stats.trained for p in packs) == 16
     assert sum(p.stats.skipped.get("corrupt_shard", 0) for p in packs) == 8
+
+
+def test_a_sparse_tar_member_declaring_a_tib_is_counted_unread(tmp_path):
+    """A GNU sparse member's header can declare a TiB in 512 bytes: read, it is allocated in full (MemoryError
+    in the worker). Its declared size is checked against the bytes its sample occupies before any read."""
+    entries = good_entries(8, seed=7)
+    root = tmp_path / "ds"
+    root.mkdir()
+    write_shard_with_sparse_member(root / shard_name(0), entries, "good_0003", "pickle", declared=2**40)
+    with tarfile.open(root / shard_name(0)) as tar:  # what tarfile (and so energon's reader) would read
+        assert tar.getmember("samples/good_0003.pickle").size == 2**40
+    energon_prepare(root)
+    with closing(tiny_loader(root, workers=2, repeat=False)) as loader:
+        keys = sorted(k.rsplit("/", 1)[-1] for pack in loader for k in pack.keys)
+    assert keys == [key for key, _ in entries if key != "good_0003"]
+    assert loader.stats.skipped == {"member_too_large": 1}
+    assert "declares 1099511627776 bytes" in loader.stats.examples[0].detail
+    summary = check_dataset(str(root), "--data-path", DiTTaskEncoder(FMT, max_seq_length=32, pad_multiple=4))
+    assert summary.endswith("could train, skipped {'member_too_large': 1}")

@@ -1,16 +1,23 @@
-"""No silent hang: a stream in which nothing can train stops the run with one line naming the likely flag.
+"""No silent hang: a stream in which nothing can train stops the run with one line naming the likely flag, and
+a loader worker that dies stops it with one line too.
 
 No timing asserts: a hang would show as the pytest timeout or the subprocess timeout, both generous.
 """
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from contextlib import closing
 from pathlib import Path
 
 import pytest
 
+from data.errors import BadDataError
 from data.loader import STALL_SAMPLES, stall_limit
+from data.report import main as report_main
+from data.task_encoder import DiTTaskEncoder
 from dit.errors import ConfigError
 from tests.tiny_data import payloads, tiny_loader, write_dataset
 
@@ -68,3 +75,27 @@ def test_a_launch_whose_every_sample_is_oversize_stops_with_one_line(oversize_da
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr == (f"pretrain_dit.py: error: --max-seq-length: none of the 12 samples probed in {oversize_dataset} "
                           "fits: they take 16 to 24 tokens in this layout; pass --max-seq-length 24 (at least 16)\n")
+
+
+def _cooked_or_die(encoder, crude):
+    if crude["__key__"].endswith("s05"):
+        os.kill(os.getpid(), signal.SIGKILL)  # a worker killed mid-read: the OOM killer's way
+    return _COOKED(encoder, crude)
+
+
+_COOKED = DiTTaskEncoder.cooked
+
+
+def test_a_loader_worker_that_dies_ends_the_run_with_one_line_within_a_minute(oversize_dataset, monkeypatch, capsys):
+    monkeypatch.setattr(DiTTaskEncoder, "cooked", _cooked_or_die)  # the workers fork: they inherit it
+    start = time.monotonic()
+    with closing(tiny_loader(oversize_dataset, "--max-seq-length", "32", workers=2)) as loader:
+        with pytest.raises(BadDataError, match=r"^a data loader worker process died \(RuntimeError: DataLoader worker "
+                                               r"\(pid.*\bdata.report DATASET reads the dataset alone"):
+            for _ in range(100):
+                next(loader)
+    assert time.monotonic() - start < 60
+    flags = ["--max-seq-length", "32", "--patch-size", "2", "--latent-channels", "4", "--text-embed-dim", "8"]
+    assert report_main([str(oversize_dataset), *flags, "--num-workers", "2"]) == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("data.report: error: a data loader worker process died (RuntimeError: DataLoader worker (pid")

@@ -238,6 +238,36 @@ def deflate_bomb(megabytes: int) -> bytes:
     return pickle.dumps(Calls(torch._utils._rebuild_tensor_v2, storage, 0, (n // 8, 8), (8, 1), False, OrderedDict()))
 
 
+def sparse_header(name: str, stored: bytes, declared: int) -> bytes:
+    """A GNU sparse tar member ``name`` whose header declares ``declared`` bytes (a hole, then ``stored``):
+    tarfile reads it as ``declared`` bytes, holes as zeros, allocated in full."""
+    info = tarfile.TarInfo(name)
+    info.size, info.type, info.mtime = len(stored), tarfile.GNUTYPE_SPARSE, 0
+    header = bytearray(info.tobuf(tarfile.GNU_FORMAT))  # one 512-byte block for a short name
+    header[386:410] = tarfile.itn(declared - len(stored), 12, tarfile.GNU_FORMAT) + tarfile.itn(len(stored), 12, tarfile.GNU_FORMAT)
+    header[482] = 0  # no extended sparse headers
+    header[483:495] = tarfile.itn(declared, 12, tarfile.GNU_FORMAT)  # the size a reader allocates
+    header[148:156] = b" " * 8
+    header[148:155] = b"%06o\0" % sum(header)
+    return bytes(header) + stored + b"\0" * (-len(stored) % 512)
+
+
+def write_shard_with_sparse_member(path: Path, entries: list[Entry], key: str, ext: str, declared: int) -> None:
+    """A shard of ``entries`` in which sample ``key``'s ``ext`` member is :func:`sparse_header`'s, declaring
+    ``declared`` bytes."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, files in entries:
+            for member_ext, payload in files.items():
+                if (name, member_ext) == (key, ext):
+                    raw = sparse_header(f"samples/{name}.{ext}", payload, declared)
+                    tar.fileobj.write(raw)
+                    tar.offset += len(raw)
+                else:
+                    info = tarfile.TarInfo(f"samples/{name}.{member_ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+
+
 HOSTILE_FMT = replace(FMT, fps_conditioning=True, max_text_length=6)
 HOSTILE_FLAGS = ["--fps-conditioning", "--max-text-length", "6"]  # the command line of HOSTILE_FMT
 
