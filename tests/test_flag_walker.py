@@ -107,6 +107,7 @@ INVALID: dict[str, list[str]] = {
                      "--max-seq-length", "30"],  # every sample padded to 30 tokens: not 2*cp chunks
     "--max-text-length": ["--max-text-length", "0"],
     "--oversize-policy": ["--oversize-policy", "warn"],
+    "--text-padding": ["--text-padding", "zeros"],
     # launch check
     "--world-size": ["--validate-only", "--world-size", "0"],
 }
@@ -126,6 +127,8 @@ NO_INVALID_VALUE = {
     "--tensorboard-dir": "any path; it needs the tensorboard package, which depends on the machine",
     "--wandb-project": "any name; it needs the wandb package, which depends on the machine",
     "--validate-only": "a switch",
+    "--text-embedding-key": "any key: read only from .pickle members that hold a dict (a dict without it is a counted "
+                            "skip, and the launch check names the flag when no probed sample has it)",
 }
 
 
