@@ -467,8 +467,13 @@ def check_energon_dataset(path: str | Path, flag: str = "--data-path") -> None:
         raise ConfigError(flag, f"{path} is not an energon dataset (no .nv-meta); run {prepare} first")
     else:
         missing = [names[0] for names in NV_META if not any((path / ".nv-meta" / n).is_file() for n in names)]
-        _require(flag, not missing, f"{path}/.nv-meta lacks {', '.join(missing)} (an interrupted prepare?); "
-                                    f"run {prepare} again")
+        if missing:
+            from data.prepare_refusals import prepare_refusal
+
+            refusal = prepare_refusal(path)
+            raise ConfigError(flag, f"{path}/.nv-meta lacks {', '.join(missing)}: " + (
+                f"energon prepare refused the dataset: {refusal}; then run {prepare}" if refusal else
+                f"an interrupted prepare? run {prepare} again"))
 
 
 def _check_metadataset(path: Path, flag: str) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from data.shards import energon_prepare, write_shard
 from dit import te
 from dit.arguments import MIN_ROPE_HEAD_DIM, check_energon_dataset, parse_args, validate_args
 from dit.errors import ConfigError
@@ -104,12 +105,29 @@ def test_data_path_mistakes(tmp_path, dataset):
     (lambda ds, tmp: (tmp / "x.txt").write_text("x") and tmp / "x.txt", "is a file, not an energon dataset folder"),
     (lambda ds, tmp: (tmp / "m.yaml").write_text("- a\n") and tmp / "m.yaml", "is not an energon metadataset"),
     (lambda ds, tmp: (tmp / "e" / ".nv-meta").mkdir(parents=True) or tmp / "e",
-     ".nv-meta lacks dataset.yaml, split.yaml, .info.json, index.sqlite (an interrupted prepare?); run `energon prepare"),
+     ".nv-meta lacks dataset.yaml, split.yaml, .info.json, index.sqlite: an interrupted prepare? run `energon prepare"),
 ])
 def test_data_path_that_is_a_file_a_shard_or_an_empty_index(tmp_path, dataset, make, words):
     with pytest.raises(ConfigError) as e:
         check_energon_dataset(make(dataset, tmp_path))
     assert e.value.flag == "--data-path" and words in str(e.value)
+
+
+@pytest.mark.parametrize("shards, words", [
+    ({"a.tar": 4, "sub/b.tar": 4}, "sample key 'samples/good_0000' is in both a.tar and sub/b.tar, and energon prepare "
+                                   "refuses a key seen twice: write one of them with other keys"),
+    ({"a.tar": 4, "b.tar": 0}, "b.tar holds no sample, which energon prepare refuses: move it out"),
+])
+def test_a_dataset_energon_prepare_refused_names_the_real_fix(tmp_path, shards, words):
+    """Running prepare again would fail the same way: the line says what in the shards to fix."""
+    for name, n in shards.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        write_shard(tmp_path / name, good_entries(n))
+    with pytest.raises(subprocess.CalledProcessError):
+        energon_prepare(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        check_energon_dataset(tmp_path)
+    assert f": energon prepare refused the dataset: {words}" in str(e.value), str(e.value)
 
 
 def test_a_metadataset_yaml_is_a_dataset(tmp_path, dataset):
