@@ -36,7 +36,7 @@ WARNINGS = frozenset({"text_from_dict", "text_padding_not_zero", "sizes_contradi
 
 FIXED_TEXT_LENGTHS = (77, 226, 256, 512)  # writers' max_sequence_length defaults: CLIP, Wan (umT5), T5 variants
 
-FORMATS = ("ours", "NeMo DiT", "DFM DiT", "Wan", "Flux")
+FORMATS = ("this recipe's", "NeMo DiT", "DFM DiT", "Wan", "Flux")
 
 
 @dataclass
@@ -104,4 +104,4 @@ def recognise(notes: Notes, metadata: dict) -> str:
         return "Wan"
     if "latent_batch_dim_squeezed" in applied and "no_caption" in applied:
         return "DFM DiT"
-    return "ours"
+    return "this recipe's"

@@ -120,7 +120,17 @@ def test_a_dataset_mixing_our_format_with_the_peers_trains_on_two_processes(mixe
     last = [line for line in out.splitlines() if f"iteration {iters:>8}/" in line][0]
     consumed = int(last.split("consumed samples:")[1].split("|")[0])
     assert consumed >= 6 * N and "bad samples: 0 |" in last, last
-    for name in ("ours", "NeMo DiT", "DFM DiT", "Wan", "Flux"):
-        assert f" data: samples read as {name}'s format (" in out, out
+    for name in ("this recipe's", "NeMo DiT", "DFM DiT", "Wan", "Flux"):
+        assert f" data format: {name} (" in out, out
     for warning in ("sizes_contradict_latent", "text_from_dict", "text_padding_not_zero"):
         assert sum(" data warning: " in line and NORMALISATIONS[warning] in line for line in out.splitlines()) == 1
+
+
+def test_a_dict_pickle_without_the_key_names_its_keys_and_the_flag(peer_datasets, capsys):
+    status = train_main(pretrain_dit.HOOKS, [*TINY_RUN, *FLAGS, "--max-seq-length", "64", "--validate-only",
+                                             "--text-embedding-key", "t5_embeds", "--data-path", str(peer_datasets["Flux"])])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"pretrain_dit.py: error: --text-embedding-key: the .pickle members of {peer_datasets['Flux']} "
+                          "hold dicts without the text embedding's key (.pickle holds a dict of ['pooled_prompt_embeds', "
+                          "'prompt_embeds'], none of them --text-embedding-key 't5_embeds'): pass --text-embedding-key"), err

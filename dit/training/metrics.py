@@ -147,7 +147,7 @@ class TrainingLogger:
     def _show_new_notes(self, data_stats: Any) -> None:
         """Each writer recognised and each normalisation that deserves a warning, once, with its count so far."""
         for name in sorted(set(data_stats.formats) - self.formats_shown):
-            print(f" data: samples read as {name}'s format ({data_stats.formats[name]} so far)", flush=True)
+            print(f" data format: {name} ({data_stats.formats[name]} samples so far)", flush=True)
         for name in sorted(set(data_stats.normalised) & WARNINGS - self.notes_shown):
             print(f" data warning: {data_stats.normalised[name]} samples so far: {NORMALISATIONS[name]} "
                   f"(first: {data_stats.notes[name]})", flush=True)
