@@ -110,17 +110,20 @@ class DataStats:
         self.normalised = dict(Counter(self.normalised) + Counter(other.normalised))
         self.notes = {**other.notes, **self.notes}
 
-    def check(self, max_bad_fraction: float) -> None:
+    def check(self, max_bad_fraction: float, read: int | None = None) -> None:
         """Raise :class:`BadDataError` when the broken fraction of the samples read exceeds the limit.
 
-        It is checked once at least ``1 / max_bad_fraction`` samples were read: before that, a
-        single broken sample would already exceed the fraction.
+        ``read``: the samples read so far where more were read than have reached the trainer (the rest of a
+        packing buffer whose skips came first); by default :attr:`read`. It is checked once at least
+        ``1 / max_bad_fraction`` samples were read: before that, a single broken sample would already
+        exceed the fraction.
         """
-        if max_bad_fraction > 0 and self.read < math.ceil(1 / max_bad_fraction):
+        read = max(self.read, read or 0)
+        if max_bad_fraction > 0 and read < math.ceil(1 / max_bad_fraction):
             return
-        if self.bad > max_bad_fraction * self.read:
+        if self.bad > max_bad_fraction * read:
             raise BadDataError(
-                f"{self.bad} of {self.read} samples read ({self.bad / self.read:.1%}) were broken, more than "
+                f"{self.bad} of {read} samples read ({self.bad / read:.1%}) were broken, more than "
                 f"--max-bad-sample-fraction {max_bad_fraction}: {self.describe()}. Fix or drop those shards "
                 "(python -m data.report DATASET lists them), or raise the limit if this is expected.")
 

@@ -108,6 +108,7 @@ class SkippedSample(Sample):
     shard: str
     detail: str
     tokens: int = 0  # its padded length where the cooker knew it (an oversize sample), else 0
+    read_index: int = 0  # as in the DiffusionSample
 
     def record(self) -> SkipRecord:
         return SkipRecord(self.kind.value, self.__key__, self.shard, self.detail)

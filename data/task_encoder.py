@@ -42,6 +42,7 @@ class LoadedPack(Sample):
     batch: PackedBatch | None
     stats: DataStats
     read_indices: list[int]  # each sample's place in the loader's read order, in the batch's order
+    skipped_read_indices: list[int]  # the same of the samples skipped
 
 
 class DiTTaskEncoder(DefaultTaskEncoder):
@@ -82,7 +83,7 @@ class DiTTaskEncoder(DefaultTaskEncoder):
         try:
             return self.cooked(crude)
         except Exception as e:  # noqa: BLE001 -- one sample's failure, of any kind, is its own counted skip
-            return SkippedSample(**_base(crude), shard=crude.get("__shard__", ""), **_skip_fields(e))
+            return SkippedSample(**_base(crude), shard=crude.get("__shard__", ""), read_index=_read_index(), **_skip_fields(e))
 
     def select_samples_to_pack(self, samples: list[AnySample]) -> list[list[AnySample]]:
         """First-fit-decreasing over the buffer. energon drops what no group holds, so every sample
@@ -101,7 +102,7 @@ class DiTTaskEncoder(DefaultTaskEncoder):
         try:
             return decode(sample, self.fmt)
         except Exception as e:  # noqa: BLE001 -- as in cook
-            return SkippedSample.derive_from(sample, shard=sample.shard, **_skip_fields(e))
+            return SkippedSample.derive_from(sample, shard=sample.shard, read_index=sample.read_index, **_skip_fields(e))
 
     @stateless
     def pack_selected_samples(self, samples: list[EncodedSample | SkippedSample]) -> LoadedPack:
@@ -123,7 +124,7 @@ class DiTTaskEncoder(DefaultTaskEncoder):
                           notes={name: f"{s.__key__}: {detail}" for s in reversed(encoded) for name, detail in s.notes.items()})
         return LoadedPack(__key__=",".join(s.__key__ for s in samples), __restore_key__=(),
                           batch=build_pack(encoded) if encoded else None, stats=stats,
-                          read_indices=[s.read_index for s in encoded])
+                          read_indices=[s.read_index for s in encoded], skipped_read_indices=[m.read_index for m in markers])
 
 
 def _base(crude: dict) -> dict[str, Any]:

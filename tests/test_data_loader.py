@@ -11,7 +11,8 @@ from data.errors import BadDataError, DataStats, SkipKind, SkipRecord
 from data.loader import task_encoder
 from data.shard_reads import UNREADABLE, TolerantTarReader
 from dit.arguments import parse_args
-from tests.tiny_data import DEFECTS, GOOD, TRUNCATED_GOOD, mixed_dataset, truncated_dataset  # noqa: F401 (fixtures)
+from tests.tiny_data import DEFECTS, GOOD, TRUNCATED_GOOD, good_entries, mixed_dataset, truncated_dataset  # noqa: F401 (fixtures)
+from tests.tiny_data import write_dataset
 from tests.tiny_data import tiny_loader as _loader
 
 
@@ -137,3 +138,19 @@ def test_without_packing_each_sample_is_padded_to_max_length(mixed_dataset):
         assert b.tokens.shape[0] == 32 * b.num_samples
         assert int(b.loss_mask.sum()) == int(b.cu_seqlens[-1])
     assert loader.stats.skipped[SkipKind.OVERSIZE.value] == 1
+
+
+def test_the_bad_fraction_is_judged_over_every_sample_read_not_only_those_in_packs(tmp_path):
+    """One broken sample at the start of each packing buffer of 20 (5%): each buffer's skip comes with its first
+    pack, before the rest of the buffer's samples. Judged over the packs' samples alone, the second buffer's first
+    pack would show more than 6% broken; over what the worker read (the whole buffer), 5%."""
+    entries = good_entries(40, seed=8)
+    for place in (0, 20):
+        entries[place] = (entries[place][0], {**entries[place][1], "pth": b"not a zip"})
+    root = write_dataset(tmp_path / "ds", entries, per_shard=40)
+    with closing(_loader(root, "--packing-buffer-size", "20", max_bad=0.06, repeat=False)) as loader:
+        seen = []
+        for _ in loader:  # would raise BadDataError if judged over the packs' samples
+            seen.append((loader.stats.bad, loader.stats.read))
+    assert loader.stats.read == 40 and loader.stats.bad == 2
+    assert any(read >= 17 and bad > 0.06 * read for bad, read in seen), seen  # where the old count stopped the run

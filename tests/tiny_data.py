@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from data.errors import SkipKind
-from data.loader import DiTDataLoader, energon_loader, task_encoder
+from data.loader import DiTDataLoader, buffer_samples, energon_loader, task_encoder
 from data.rank_split import RankLayout
 from data.sample import LatentFormat
 from data import shards
@@ -76,7 +76,8 @@ def tiny_loader(path, *extra: str, workers: int = 0, repeat: bool = True, max_ba
     loader = energon_loader(path, task_encoder(args, pad_multiple=4), RankLayout(), num_workers=workers, seed=3,
                             packing_buffer_size=args.packing_buffer_size, micro_batch_size=args.micro_batch_size,
                             repeat=repeat)
-    return DiTDataLoader(loader, RankLayout(), max_bad_sample_fraction=max_bad, reject_oversize=reject_oversize,
+    return DiTDataLoader(loader, RankLayout(), max_bad_sample_fraction=max_bad, num_workers=workers,
+                         buffer_size=buffer_samples(args), reject_oversize=reject_oversize,
                          stall_samples=stall_samples)
 
 
