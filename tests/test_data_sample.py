@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from data.errors import SkipKind
+from data.errors import BadSample, SkipKind
 from data.sample import DiffusionSample, EncodedSample, SkippedSample
 from data.task_encoder import DiTTaskEncoder
 from dit.patchify import patchify
-from tests.tiny_data import DEFECTS, FMT, crude, payloads
+from tests.tiny_data import DEFECTS, FMT, crude, payloads, torch_bytes, with_members
 
 ENCODER = DiTTaskEncoder(FMT, max_seq_length=32, pad_multiple=4)
 CLASS_ENCODER = DiTTaskEncoder(replace(FMT, num_classes=10), max_seq_length=32, pad_multiple=4)  # --conditioning class
@@ -99,3 +99,16 @@ def test_text_conditioning_ignores_labels():
     for meta in ({"caption": "c"}, {"caption": "c", "label": 12345}):
         _, encoded = cook_and_decode(payloads((4, 2, 4), meta=meta))
         assert isinstance(encoded, EncodedSample) and encoded.label is None
+
+
+def test_every_problem_of_a_sample_is_found_and_a_missing_member_names_those_found():
+    files = with_members(json=b'["not", "an object"]', pth=torch_bytes(torch.zeros(4, 2, 4, dtype=torch.int64)),
+                         pickle=pickle.dumps(np.zeros((3, 7), np.float32)))
+    with pytest.raises(BadSample) as e:
+        ENCODER.cooked(crude(files))
+    assert [p.kind for p in (e.value, *e.value.also)] == [SkipKind.INVALID_JSON, SkipKind.NOT_A_LATENT,
+                                                         SkipKind.BAD_TEXT_EMBEDDING]
+    with pytest.raises(BadSample) as e:
+        ENCODER.cooked(crude({**with_members(pickle=None, json=b"[]"), "txt": b"a caption"}))
+    assert e.value.detail == "no .pickle; found samples/x.json, samples/x.pth, samples/x.txt"
+    assert [p.kind for p in e.value.also] == [SkipKind.INVALID_JSON]

@@ -1,13 +1,18 @@
 """The launch check against the layout and the dataset: a dataset that does not match the flags says which
 flag to set and to what, computed here by hand from what was written."""
 
-import pytest
+import pickle
 
-from data.preflight import PROBE_PER_SHARD, check_launch
+import numpy as np
+import pytest
+import torch
+
+from data.preflight import PROBE_PER_SHARD, check_dataset, check_launch
 from data.shards import shard_name
+from data.task_encoder import DiTTaskEncoder
 from dit.arguments import parse_args
 from dit.errors import ConfigError
-from tests.tiny_data import good_entries, payloads, write_dataset
+from tests.tiny_data import FMT, good_entries, payloads, torch_bytes, with_members, write_dataset
 
 FLAGS = ["--num-layers", "2", "--hidden-size", "48", "--num-attention-heads", "4", "--latent-channels", "4",
          "--text-embed-dim", "8", "--max-seq-length", "32", "--num-workers", "0"]
@@ -98,3 +103,16 @@ def test_validation_needs_a_val_split_or_a_valid_data_path(dataset):
 def test_the_summary_counts_the_probed_samples(dataset):
     expected = 3 * PROBE_PER_SHARD  # 3 shards, the first samples of each
     assert f"{expected} of {expected} samples probed could train" in launch(dataset).summary
+
+
+def test_the_launch_line_lists_every_problem_of_the_samples_probed(tmp_path):
+    files = with_members(json=b"[]", pth=torch_bytes(torch.zeros(4, 2, 4, dtype=torch.int64)),
+                         pickle=pickle.dumps(np.zeros((3, 7), np.float32)))
+    root = write_dataset(tmp_path / "ds", [(f"s{i}", files) for i in range(4)])
+    with pytest.raises(ConfigError) as e:
+        check_dataset(str(root), "--data-path", DiTTaskEncoder(FMT, max_seq_length=32, pad_multiple=4))
+    assert e.value.flag == "--text-embed-dim"
+    assert str(e.value).startswith(f"--text-embed-dim: the text embeddings of {root} are 7 wide: pass --text-embed-dim 7 "
+                                   "(12 problems in the 4 samples probed [invalid_json=4, not_a_latent=4, "
+                                   "bad_text_embedding=4]; first sample: invalid_json: not a JSON object but a list; "
+                                   "not_a_latent: .pth holds a torch.strided torch.int64 tensor"), str(e.value)
