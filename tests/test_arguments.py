@@ -117,12 +117,17 @@ def test_data_path_that_is_a_file_a_shard_or_an_empty_index(tmp_path, dataset, m
     ({"a.tar": 4, "sub/b.tar": 4}, "sample key 'samples/good_0000' is in both a.tar and sub/b.tar, and energon prepare "
                                    "refuses a key seen twice: write one of them with other keys"),
     ({"a.tar": 4, "b.tar": 0}, "b.tar holds no sample, which energon prepare refuses: move it out"),
+    ({"a.tar": -4}, "the .json of sample 'samples/good_0001', one of the first two of the first shard (energon prepare "
+                    "prints them), is not JSON (JSONDecodeError): fix that member or move the sample out"),
 ])
 def test_a_dataset_energon_prepare_refused_names_the_real_fix(tmp_path, shards, words):
     """Running prepare again would fail the same way: the line says what in the shards to fix."""
-    for name, n in shards.items():
+    for name, n in shards.items():  # n < 0: -n samples, the second with a .json cut short
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        write_shard(tmp_path / name, good_entries(n))
+        entries = good_entries(abs(n))
+        if n < 0:
+            entries[1] = (entries[1][0], {**entries[1][1], "json": entries[1][1]["json"][:5]})
+        write_shard(tmp_path / name, entries)
     with pytest.raises(subprocess.CalledProcessError):
         energon_prepare(tmp_path)
     with pytest.raises(ConfigError) as e:
