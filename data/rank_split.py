@@ -4,7 +4,7 @@
   PP rank of one model replica reads the same packs, and replicas read disjoint ones.
 - Each sample is padded to :func:`pad_multiple`: a multiple of 2*cp so that it splits into 2*cp
   equal chunks, times tp under sequence parallelism so that each CP share splits over TP ranks,
-  and under FP8 to whole multiples of 8 tokens per CP rank.
+  and under FP8 so that every rank's linear inputs hold TE's row multiple (:mod:`dit.fp8`).
 - After loading, a CP rank keeps chunks r and 2cp-1-r of every sample (TE's THD scheme), and a
   pipeline stage that is neither first nor last drops the latent tokens and the loss mask: it
   needs only the conditioning (text, positions, timesteps from the keys) and the cu_seqlens.
@@ -21,20 +21,20 @@ from megatron.energon import WorkerConfig
 from megatron.energon.errors import reraise_exception
 
 from dit.packed import PackedBatch, thd_partition_indices
-from dit.sequence import FP8_ROWS
+from dit.fp8 import fp8_rows
 from dit.te import have_transformer_engine
 
 
-def pad_multiple(cp_size: int, tp_size: int, sequence_parallel: bool, fp8: bool = False) -> int:
+def pad_multiple(cp_size: int, tp_size: int, sequence_parallel: bool, fp8_recipe: str | None = None) -> int:
     """The smallest multiple every sample's token count must be padded to for this layout.
 
-    Under FP8, TE's GEMMs also need each CP rank's tokens in multiples of ``FP8_ROWS``
-    (``dit.sequence``): each sample then gives every CP rank a multiple of that many.
+    Under FP8, TE's GEMMs also need the rows of every linear's input on each rank, S/cp (S/cp/tp under
+    sequence parallelism), in multiples of :func:`dit.fp8.fp8_rows`: each sample then gives every rank
+    a multiple of that many.
     """
-    multiple = 2 * cp_size if cp_size > 1 else 1
-    if sequence_parallel:
-        multiple *= tp_size
-    return math.lcm(multiple, FP8_ROWS * cp_size) if fp8 else multiple
+    slices = tp_size if sequence_parallel else 1
+    multiple = (2 * cp_size if cp_size > 1 else 1) * slices
+    return math.lcm(multiple, fp8_rows(fp8_recipe) * cp_size * slices)
 
 
 @dataclass(frozen=True)
@@ -47,24 +47,25 @@ class RankLayout:
     cp_size: int = 1
     tp_size: int = 1
     sequence_parallel: bool = False
-    fp8: bool = False
+    fp8_recipe: str | None = None  # None without FP8
     first_stage: bool = True
     last_stage: bool = True
 
     @classmethod
-    def from_parallel_state(cls, sequence_parallel: bool, fp8: bool = False) -> RankLayout:
+    def from_parallel_state(cls, sequence_parallel: bool, fp8_recipe: str | None = None) -> RankLayout:
         """Read Megatron's initialised parallel state (DP without CP: CP ranks share the data)."""
         return cls(
             dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
             cp_rank=ps.get_context_parallel_rank(), cp_size=ps.get_context_parallel_world_size(),
-            tp_size=ps.get_tensor_model_parallel_world_size(), sequence_parallel=sequence_parallel, fp8=fp8,
+            tp_size=ps.get_tensor_model_parallel_world_size(), sequence_parallel=sequence_parallel,
+            fp8_recipe=fp8_recipe,
             first_stage=ps.is_pipeline_first_stage(ignore_virtual=True),
             last_stage=ps.is_pipeline_last_stage(ignore_virtual=True),
         )
 
     @property
     def pad_multiple(self) -> int:
-        return pad_multiple(self.cp_size, self.tp_size, self.sequence_parallel, self.fp8)
+        return pad_multiple(self.cp_size, self.tp_size, self.sequence_parallel, self.fp8_recipe)
 
     def worker_config(self, num_workers: int, seed: int) -> WorkerConfig:
         """energon's config for this replica. Data faults never reach energon's error handler (the

@@ -38,6 +38,7 @@ from dit.embeddings import (
     rope3d_angles,
     tie_pipeline_replicated,
 )
+from dit.fp8 import active_recipe
 from dit.init import initialize_weights
 from dit.layer_spec import get_dit_layer_spec
 from dit.packed import PackedBatch, thd_partition_indices
@@ -79,6 +80,7 @@ class DiTModel(VisionModule):
             raise ValueError("virtual pipeline stages are not supported yet: "
                              "leave virtual_pipeline_model_parallel_size unset")
         self.pre_process, self.post_process = pre_process, post_process
+        self.fp8_recipe = active_recipe(config.fp8, config.fp8_recipe)  # the shape rule the packs follow (dit.fp8)
         self.t_embedder = ScalarEmbedder(config, freq_shift=config.timestep_freq_shift)
         self.fps_embedder = ScalarEmbedder(config) if config.fps_conditioning else None
         self.class_embedder = ClassEmbedder(config) if config.conditioning == "class" else None
@@ -121,7 +123,7 @@ class DiTModel(VisionModule):
         if timesteps.shape != (batch.num_samples,):
             raise ValueError(f"need one timestep per sample: {batch.num_samples} samples, got {tuple(timesteps.shape)}")
         sp = self.config.sequence_parallel
-        seq = packed_sequence(batch, sp, fp8=self.config.fp8 is not None)
+        seq = packed_sequence(batch, sp, fp8_recipe=self.fp8_recipe)
         cond = self._conditioning(timesteps, batch)  # [N, h]
         hidden = self._embed(tokens, batch) if self.pre_process else None  # [s(/tp), 1, h]
         hidden = self.decoder(hidden_states=hidden, attention_mask=cond, context=self._text(batch),
@@ -148,11 +150,11 @@ class DiTModel(VisionModule):
 
     def _text(self, batch: PackedBatch) -> Tensor | None:
         """Projected text ``[K, 1, h]``, zero-padded to a multiple of tp under SP (then split ``[K/tp, 1, h]``)
-        and of 8 under FP8 (``dit.sequence.text_padding``)."""
+        and to TE's FP8 row rule (``dit.sequence.text_padding``)."""
         if self.text_projection is None:
             return None
         text = self.text_projection(batch.text).unsqueeze(1)  # [K, 1, h]
-        pad = text_padding(text.shape[0], self.config.sequence_parallel, fp8=self.config.fp8 is not None)
+        pad = text_padding(text.shape[0], self.config.sequence_parallel, fp8_recipe=self.fp8_recipe)
         text = F.pad(text, (0, 0, 0, 0, 0, pad))  # [K + pad, 1, h]
         return scatter_to_sequence_parallel_region(text) if self.config.sequence_parallel else text
 
