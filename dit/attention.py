@@ -50,6 +50,7 @@ class PackedAttentionParams(PackedSeqParams):
     """Megatron's THD parameters plus what :class:`PackedAttention` derives from them once per micro-batch."""
 
     groups: list[AttentionGroup] = field(default_factory=list)
+    pad_between_seqs: bool = True  # a sample has padding rows (TE's argument, see dit.te_attention)
     real_rows: Tensor | None = None  # [t] bool, this rank's real query rows; None: no pad rows
     kv_order: Tensor | None = None  # [S] index: all-gathered CP shares -> pack order (self-attention, CP > 1)
 
@@ -69,7 +70,7 @@ def attention_params(params: PackedSeqParams, cp: int, cp_rank: int) -> PackedAt
         kv_order = torch.argsort(source).to(device)
     fields = {name: getattr(params, name) for name in PackedSeqParams.__dataclass_fields__}
     return PackedAttentionParams(**fields, groups=groups, real_rows=None if bool(real.all()) else real.to(device),
-                                 kv_order=kv_order)
+                                 kv_order=kv_order, pad_between_seqs=k_len != k_stride)
 
 
 class PackedAttention(MegatronModule):

@@ -67,14 +67,11 @@ class _Backend(NamedTuple):
 def _backend(transformer_impl: str) -> _Backend:
     if transformer_impl == "local":
         return _Backend(ColumnParallelLinear, RowParallelLinear, PackedAttention, QKNorm)
-    from megatron.core.extensions.transformer_engine import (
-        TEColumnParallelLinear,
-        TEDotProductAttention,
-        TENorm,
-        TERowParallelLinear,
-    )
+    from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TENorm, TERowParallelLinear
 
-    return _Backend(TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention, TENorm)
+    from dit.te_attention import PackedTEAttention
+
+    return _Backend(TEColumnParallelLinear, TERowParallelLinear, PackedTEAttention, TENorm)
 
 
 def get_dit_layer_spec(transformer_impl: str, *, cross_attention: bool, qk_layernorm: bool) -> ModuleSpec:
