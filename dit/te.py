@@ -21,6 +21,13 @@ def have_transformer_engine() -> bool:
     return True
 
 
+def te_version() -> str:
+    """The installed Transformer Engine's version (only called where it imports)."""
+    from megatron.core.utils import get_te_version
+
+    return str(get_te_version())
+
+
 def check_backend(transformer_impl: str, fp8_format: str | None, half_precision: bool,
                   fp8_recipe: str = "delayed") -> None:
     """Raise :class:`ConfigError` when this machine or the precision cannot run the asked backend or FP8.
@@ -39,13 +46,13 @@ def check_backend(transformer_impl: str, fp8_format: str | None, half_precision:
         if not torch.cuda.is_available():
             raise ConfigError("--transformer-impl",
                               "transformer_engine needs a CUDA GPU and there is none here; use --transformer-impl local")
-        from megatron.core.utils import get_te_version, is_te_min_version
+        from packaging.version import Version
 
         from dit.te_attention import MIN_TE_VERSION
 
-        if not is_te_min_version(MIN_TE_VERSION):
+        if Version(te_version()) < Version(MIN_TE_VERSION):
             raise ConfigError("--transformer-impl",
-                              f"Transformer Engine {get_te_version()} is older than {MIN_TE_VERSION}, the first to "
+                              f"Transformer Engine {te_version()} is older than {MIN_TE_VERSION}, the first to "
                               "take pad_between_seqs, without which context parallel drops keys of packs padded at "
                               "their end; use a newer TE (the NGC PyTorch container of the Dockerfile) or "
                               "--transformer-impl local")
