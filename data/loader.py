@@ -138,7 +138,7 @@ class DiTDataLoader:
 
 def build_train_loader(args: argparse.Namespace) -> DiTDataLoader:
     """The training loader for parsed, validated flags; Megatron's parallel state must be initialised."""
-    layout = RankLayout.from_parallel_state(args.sequence_parallel, fp8_recipe=active_recipe(args.fp8_format, args.fp8_recipe))
+    layout = RankLayout.from_parallel_state(args.sequence_parallel, active_recipe(args.fp8_format, args.fp8_recipe))
     loader = energon_loader(args.data_path, task_encoder(args, layout.pad_multiple), layout,
                             num_workers=args.num_workers, seed=args.seed,
                             packing_buffer_size=args.packing_buffer_size, micro_batch_size=args.micro_batch_size)
@@ -152,7 +152,7 @@ def build_valid_loader(args: argparse.Namespace) -> DiTDataLoader:
     from dit.arguments import validation_source
 
     path, split = validation_source(args)
-    layout = RankLayout.from_parallel_state(args.sequence_parallel, fp8_recipe=active_recipe(args.fp8_format, args.fp8_recipe))
+    layout = RankLayout.from_parallel_state(args.sequence_parallel, active_recipe(args.fp8_format, args.fp8_recipe))
     loader = energon_loader(path, task_encoder(args, layout.pad_multiple), layout, num_workers=args.num_workers,
                             seed=args.seed, packing_buffer_size=args.packing_buffer_size,
                             micro_batch_size=args.micro_batch_size, split=split)

@@ -68,7 +68,8 @@ def measure(args: argparse.Namespace, data_path: str) -> dict[str, Any]:
     from data.rank_split import RankLayout
 
     layout = RankLayout(cp_size=args.context_parallel_size, tp_size=args.tensor_model_parallel_size,
-                        sequence_parallel=args.sequence_parallel, fp8_recipe=active_recipe(args.fp8_format, args.fp8_recipe))
+                        sequence_parallel=args.sequence_parallel,
+                        fp8_recipe=active_recipe(args.fp8_format, args.fp8_recipe))
     encoder = task_encoder(args, layout.pad_multiple)
     loader = energon_loader(data_path, encoder, layout, num_workers=args.num_workers, seed=args.seed,
                             packing_buffer_size=args.packing_buffer_size, micro_batch_size=args.micro_batch_size,

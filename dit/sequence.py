@@ -53,7 +53,7 @@ def packed_sequence(batch: PackedBatch, sequence_parallel: bool, fp8_recipe: str
     tp = parallel_state.get_tensor_model_parallel_world_size()
     cu, cu_padded = batch.cu_seqlens.int(), batch.cu_seqlens_padded.int()
     rows, slices = fp8_rows(fp8_recipe), tp if sequence_parallel else 1
-    if int(cu_padded[-1]) // cp % (rows * slices):  # the linears read S/cp rows, S/cp/tp under SP
+    if fp8_recipe and int(cu_padded[-1]) // cp % (rows * slices):  # the linears read S/cp rows, S/cp/tp under SP
         raise ValueError(f"FP8 needs the tokens of each rank's linear inputs in multiples of {rows}; this pack "
                          f"gives {int(cu_padded[-1])} tokens over cp={cp} (and tp={slices} under sequence "
                          f"parallelism): pad each sample to a multiple of {rows * cp * slices} tokens")

@@ -55,10 +55,10 @@ def main_weights(optimizer: MegatronOptimizer) -> list[MainWeight]:
     weights = []
     for chained in optimizer.chained_optimizers:
         if isinstance(chained, DistributedOptimizer):
-            shards = {id(param): shard for models, mains in ((chained.model_float16_groups,
-                                                              chained.shard_fp32_from_float16_groups),
-                                                             (chained.model_fp32_groups, chained.shard_fp32_groups))
-                      for model_group, shard_group in zip(models, mains) for param, shard in zip(model_group, shard_group)}
+            groups = ((chained.model_float16_groups, chained.shard_fp32_from_float16_groups),
+                      (chained.model_fp32_groups, chained.shard_fp32_groups))
+            shards = {id(param): shard for models, mains in groups for model_group, shard_group in zip(models, mains)
+                      for param, shard in zip(model_group, shard_group)}
             # Every parameter of the gradient buffers, in their order (the same on every DP rank, which the
             # gathers of ``_whole`` need), with an empty shard where it lies wholly in other ranks' shards.
             for param in (p for buffer in chained.buffers for p in buffer.params):
@@ -74,7 +74,8 @@ def main_weights(optimizer: MegatronOptimizer) -> list[MainWeight]:
                      for model_group, main_group in zip(models, mains) for pair in zip(model_group, main_group)]
             weights += [MainWeight(main, param, 0, param.numel(), None) for param, main in pairs]
         else:  # FP32Optimizer: the model's own weights
-            weights += [MainWeight(p, p, 0, p.numel(), None) for g in chained.optimizer.param_groups for p in g["params"]]
+            params = [p for group in chained.optimizer.param_groups for p in group["params"]]
+            weights += [MainWeight(p, p, 0, p.numel(), None) for p in params]
     return weights
 
 
