@@ -115,8 +115,8 @@ class HostSyncCounter(TorchFunctionMode):
         self._backward = False
 
     def on_device(self, *objects: Any) -> None:
-        """Mark what would live on the GPU: modules (parameters, buffers, ``main_grad``, Megatron DDP's buffers)
-        and optimizers (parameters and state; not torch's ``step`` counts, which stay on the host)."""
+        """Mark what would live on the GPU: tensors, modules (parameters, buffers, ``main_grad``, Megatron DDP's
+        buffers) and optimizers (parameters and state; not torch's ``step`` counts, which stay on the host)."""
         for obj in objects:
             for tensor in _device_tensors(obj):
                 self._device[tensor] = True
@@ -202,6 +202,9 @@ class HostSyncCounter(TorchFunctionMode):
 
 
 def _device_tensors(obj: Any) -> Iterator[Tensor]:
+    if isinstance(obj, Tensor):
+        yield obj
+        return
     if isinstance(obj, nn.Module):
         for param in obj.parameters():
             yield param
@@ -225,13 +228,13 @@ def count_iterations(loop: TrainingLoop, steps: int) -> HostSyncCounter:
     """Run ``steps`` iterations of the training loop under a counter whose ``inside`` is ``DiTLayer.forward``.
 
     Without a GPU the iterations run as on one (``simulate``): the step's device is ``cuda``, which
-    ``dit.cpu_backend`` maps to the CPU, and the model and optimizer are registered as device tensors.
+    ``dit.cpu_backend`` maps to the CPU, and the model, the optimizer and the EMA are registered as device tensors.
     """
     from dit.layer_spec import DiTLayer
 
     simulate = not torch.cuda.is_available()
     counter = HostSyncCounter(simulate, inside=[DiTLayer.forward])
-    counter.on_device(*loop.setup.model, loop.setup.optimizer)
+    counter.on_device(*loop.setup.model, loop.setup.optimizer, *(loop.ema.buffers if loop.ema else ()))
     saved = loop.setup.device, loop.exits.device
     if simulate:
         loop.setup.device = loop.exits.device = torch.device("cuda")
