@@ -137,12 +137,11 @@ class HostSyncCounter(TorchFunctionMode):
             return self._run_backward(*args, **kwargs)
         if self.simulate and getattr(func, "__self__", None) is Tensor.device and self.is_device(args[0]):
             return torch.device("cuda")  # so that ``.to(x.device)`` and ``device=x.device`` ask for the device
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
-        from_device = any(self.is_device(t) for t in tensors)
+        from_device = any(self.is_device(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor))
         target = _move_target(func, args, kwargs)
         if isinstance(target, Tensor):  # ``.to(other)``: other's device, as the counter sees it
             target = "cuda" if self.is_device(target) else target.device
-        op = self._read(func, args, kwargs, tensors, from_device, target)
+        op = self._read(func, args, kwargs, from_device, target)
         if op is not None:
             self._record(op)
         out = func(*args, **kwargs)
@@ -156,8 +155,7 @@ class HostSyncCounter(TorchFunctionMode):
                         self._device[t] = True
         return out
 
-    def _read(self, func: Callable, args: tuple, kwargs: dict, tensors: list[Tensor], from_device: bool,
-              target: Any) -> str | None:
+    def _read(self, func: Callable, args: tuple, kwargs: dict, from_device: bool, target: Any) -> str | None:
         """The kind of host read ``func`` makes of a device tensor, or None."""
         if func in _READS:
             return _READS[func] if from_device else None
