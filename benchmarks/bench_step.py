@@ -12,7 +12,7 @@ cu_seqlens (``dit.training.flops``) and, on a GPU, MFU against its dense peak (f
 Every pack holds as many same-sized images (256 tokens each), so both steps do the FLOPs of the first pack.
 ``host_syncs_per_step``: host reads of device tensors (device-to-host syncs on a GPU) in a recipe step, counted by
 ``dit.host_syncs`` over a few untimed steps (on the CPU as if on a GPU), with the site of each and those inside the
-DiT layers apart.
+DiT layers apart; on a GPU also ``cuda_sync_warnings_per_step``, CUDA's count under ``set_sync_debug_mode("warn")``.
 
     python benchmarks/bench_step.py                      # DiT-S, packs of up to 4096 tokens, CPU
     python benchmarks/bench_step.py --device cuda --model-size DiT-XL --max-seq-length 8192 --bf16
@@ -181,6 +181,8 @@ def main() -> None:
         "host_syncs_per_step": len(syncs.reads) / SYNC_STEPS,
         "host_syncs_in_layers_per_step": sum(syncs.by_site(inside=True).values()) / SYNC_STEPS,
         "host_sync_sites": {site: n / SYNC_STEPS for site, n in syncs.by_site().items()},
+        "cuda_sync_warnings_per_step": (None if syncs.cuda_sync_warnings is None
+                                        else syncs.cuda_sync_warnings / SYNC_STEPS),  # GPU: CUDA's own count
     }
     print(json.dumps(result))
     print(f"\n{'round':>5} | {'recipe step (s)':>15} | {'bare step (s)':>13} | ratio")

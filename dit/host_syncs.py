@@ -20,6 +20,7 @@ there, in Megatron's autograd functions or a recomputed layer, count too.
 from __future__ import annotations
 
 import sys
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,7 @@ class HostSyncCounter(TorchFunctionMode):
         self.reads: list[HostRead] = []
         self._device = WeakIdKeyDictionary()
         self._backward = False
+        self.cuda_sync_warnings: int | None = None  # set by count_iterations on a GPU
 
     def on_device(self, *objects: Any) -> None:
         """Mark what would live on the GPU: tensors, modules (parameters, buffers, ``main_grad``, Megatron DDP's
@@ -227,6 +229,8 @@ def count_iterations(loop: TrainingLoop, steps: int) -> HostSyncCounter:
 
     Without a GPU the iterations run as on one (``simulate``): the step's device is ``cuda``, which
     ``dit.cpu_backend`` maps to the CPU, and the model, the optimizer and the EMA are registered as device tensors.
+    On a GPU, CUDA's own count comes too (``cuda_sync_warnings``: ``torch.cuda.set_sync_debug_mode("warn")``
+    also sees syncs no Python call shows, such as blocking copies from pageable host memory).
     """
     from dit.layer_spec import DiTLayer
 
@@ -237,9 +241,16 @@ def count_iterations(loop: TrainingLoop, steps: int) -> HostSyncCounter:
     if simulate:
         loop.setup.device = loop.exits.device = torch.device("cuda")
     try:
-        with counter:
+        with counter, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if not simulate:
+                torch.cuda.set_sync_debug_mode("warn")
             for _ in range(steps):
                 loop.iterate()
     finally:
+        if not simulate:
+            torch.cuda.set_sync_debug_mode("default")
         loop.setup.device, loop.exits.device = saved
+    if not simulate:
+        counter.cuda_sync_warnings = sum("synchronizing CUDA operation" in str(w.message) for w in caught)
     return counter
