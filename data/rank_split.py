@@ -15,14 +15,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-import torch
 from megatron.core import parallel_state as ps
 from megatron.energon import WorkerConfig
 from megatron.energon.errors import reraise_exception
 
 from dit.packed import PackedBatch, thd_partition_indices
 from dit.fp8 import fp8_rows
-from dit.te import have_transformer_engine
 
 
 def pad_multiple(cp_size: int, tp_size: int, sequence_parallel: bool, fp8_recipe: str | None = None) -> int:
@@ -75,20 +73,14 @@ class RankLayout:
                             seed_offset=seed, global_error_handler=reraise_exception)
 
 
-def cp_partition_indices(cu_seqlens_padded: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
-    """Token indices CP rank ``cp_rank`` keeps: TE's kernel where TE and a GPU exist, else ours."""
-    if have_transformer_engine() and torch.cuda.is_available():
-        import transformer_engine_torch as tex
-
-        cu = cu_seqlens_padded.to("cuda", torch.int32)
-        return tex.thd_get_partitioned_indices(cu, int(cu[-1]), cp_size, cp_rank).long().cpu()
-    return thd_partition_indices(cu_seqlens_padded, cp_size, cp_rank)
-
-
 def shard_for_rank(batch: PackedBatch, layout: RankLayout) -> PackedBatch:
-    """This rank's part of a pack: its CP share of the latent tokens; none on middle PP stages."""
+    """This rank's part of a pack: its CP share of the latent tokens; none on middle PP stages.
+
+    The pack is still on the host: the indices come from its layout there (TE's
+    ``thd_get_partitioned_indices`` gives the same, tests/test_data_rank_split.py, but would cost a copy to
+    the GPU and a read back per pack)."""
     if layout.cp_size > 1:
-        idx = cp_partition_indices(batch.cu_seqlens_padded, layout.cp_size, layout.cp_rank)  # [S / cp]
+        idx = thd_partition_indices(batch.cu_seqlens_padded, layout.cp_size, layout.cp_rank)  # [S / cp]
         batch = replace(batch, tokens=batch.tokens[idx], positions=batch.positions[idx], loss_mask=batch.loss_mask[idx])
     if not (layout.first_stage or layout.last_stage):
         batch = replace(batch, tokens=None, loss_mask=None)

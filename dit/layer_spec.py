@@ -25,7 +25,6 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.attention import (
     CrossAttention,
     CrossAttentionSubmodules,
-    SelfAttention,
     SelfAttentionSubmodules,
 )
 from megatron.core.transformer.enums import AttnMaskType
@@ -37,7 +36,7 @@ from megatron.core.utils import make_viewless_tensor
 from torch import Tensor, nn
 
 from dit.adaln import AdaLNModulation, ModulatedNorm, gated_residual
-from dit.attention import PackedAttention
+from dit.attention import PackedAttention, RowRoPESelfAttention
 from dit.config import DiTConfig
 from dit.sequence import PackedSequence
 
@@ -87,7 +86,7 @@ def get_dit_layer_spec(transformer_impl: str, *, cross_attention: bool, qk_layer
         submodules=DiTLayerSubmodules(
             input_layernorm=ModulatedNorm,
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                module=RowRoPESelfAttention,
                 params=bidirectional,
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=b.column_linear, core_attention=b.core_attention, linear_proj=b.row_linear,

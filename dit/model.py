@@ -41,10 +41,10 @@ from dit.embeddings import (
 from dit.fp8 import active_recipe
 from dit.init import initialize_weights
 from dit.layer_spec import get_dit_layer_spec
-from dit.packed import PackedBatch, thd_partition_indices
+from dit.packed import PackedBatch
 from dit.patchify import unpatchify
 from dit.runs import SampleRun
-from dit.sequence import PackedSequence, packed_sequence, text_padding
+from dit.sequence import packed_sequence, text_padding
 
 
 class FinalLayer(MegatronModule):
@@ -123,11 +123,11 @@ class DiTModel(VisionModule):
         if timesteps.shape != (batch.num_samples,):
             raise ValueError(f"need one timestep per sample: {batch.num_samples} samples, got {tuple(timesteps.shape)}")
         sp = self.config.sequence_parallel
-        seq = packed_sequence(batch, sp, fp8_recipe=self.fp8_recipe)
+        seq = packed_sequence(batch, sp, fp8_recipe=self.fp8_recipe).to(timesteps.device)
         cond = self._conditioning(timesteps, batch)  # [N, h]
         hidden = self._embed(tokens, batch) if self.pre_process else None  # [s(/tp), 1, h]
         hidden = self.decoder(hidden_states=hidden, attention_mask=cond, context=self._text(batch),
-                              rotary_pos_emb=self._rope(batch, seq), packed_seq_params=seq)
+                              rotary_pos_emb=self._rope(batch), packed_seq_params=seq)
         if not self.post_process:
             return hidden
         out = self.final_layer(hidden, cond, seq.token_runs)  # [s(/tp), 1, prediction_width]
@@ -161,25 +161,18 @@ class DiTModel(VisionModule):
     def _embed(self, tokens: Tensor, batch: PackedBatch) -> Tensor:
         x = self.patch_embed(tokens.to(self.patch_embed.weight.dtype))  # [s, h] in the parameter dtype
         if self.pos_embed is not None:
+            self.pos_embed.check_grids(batch.grid_sizes)
             x = x + self.pos_embed(batch.positions).to(x.dtype)
         x = x.unsqueeze(1)  # [s, 1, h]
         return scatter_to_sequence_parallel_region(x) if self.config.sequence_parallel else x
 
-    def _rope(self, batch: PackedBatch, seq: PackedSequence) -> Tensor | None:
-        """Per-token 3D RoPE angles laid out over the whole pack ``[S, 1, 1, hn]``.
-
-        Megatron's THD RoPE takes a table with one row per token of the pack (it then picks this CP rank's
-        chunks itself), so this rank's rows are placed at their pack positions; the other rows are unused.
-        """
+    def _rope(self, batch: PackedBatch) -> Tensor | None:
+        """Per-token 3D RoPE angles of this rank's rows ``[s, 1, 1, hn]`` (its CP share, in row order), once per
+        micro-batch on the device; every layer's self-attention applies them row by row
+        (``dit.attention.RowRoPESelfAttention``)."""
         if self.config.position_embedding != "rope3d":
             return None
-        local = rope3d_angles(batch.positions, self.config.kv_channels)  # [s, 1, 1, hn]
-        cu_padded = seq.self_attention.cu_seqlens_q_padded
-        rows = thd_partition_indices(cu_padded, parallel_state.get_context_parallel_world_size(),
-                                     parallel_state.get_context_parallel_rank()).to(local.device)
-        pack = local.new_zeros(int(cu_padded[-1]), *local.shape[1:])  # [S, 1, 1, hn]
-        pack[rows] = local
-        return pack
+        return rope3d_angles(batch.positions, self.config.kv_channels)
 
     def unpatchify(self, prediction: Tensor, batch: PackedBatch) -> list[Tensor]:
         """Whole-pack prediction ``[S, prediction_width]`` -> one latent ``[C, T, H, W]`` per sample (real

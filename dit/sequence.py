@@ -32,11 +32,16 @@ class PackedSequence:
     cross_attention: PackedAttentionParams  # this rank's latent tokens (all of them) -> each sample's text
     token_runs: list[SampleRun]  # the tokens this rank holds after CP and SP splits, run by run (adaLN)
 
+    def to(self, device: torch.device) -> PackedSequence:
+        """Built on the host from the pack's layout; the attention kernels' tensors go to ``device``."""
+        return PackedSequence(self.self_attention.to(device), self.cross_attention.to(device), self.token_runs)
+
 
 def cp_token_samples(cu_seqlens_padded: Tensor, cp_size: int) -> Tensor:
-    """Sample index of each token of this rank's CP share, ``[S/cp]`` int64."""
+    """Sample index of each token of this rank's CP share, ``[S/cp]`` int64, on the host (the pack's layout)."""
     lengths = (cu_seqlens_padded[1:] - cu_seqlens_padded[:-1]).long() // cp_size
-    return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+    return torch.repeat_interleave(torch.arange(lengths.numel()), lengths,
+                                   output_size=int(cu_seqlens_padded[-1]) // cp_size)
 
 
 def text_padding(num_text_tokens: int, sequence_parallel: bool, fp8_recipe: str | None = None) -> int:
@@ -48,7 +53,8 @@ def text_padding(num_text_tokens: int, sequence_parallel: bool, fp8_recipe: str 
 
 
 def packed_sequence(batch: PackedBatch, sequence_parallel: bool, fp8_recipe: str | None = None) -> PackedSequence:
-    """Build the attention parameters and token->sample map of ``batch`` for this rank."""
+    """Build the attention parameters and token->sample map of ``batch`` for this rank, on the host from the
+    pack's layout (``dit.packed.LAYOUT``); :meth:`PackedSequence.to` moves what the kernels read."""
     cp = parallel_state.get_context_parallel_world_size()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     cu, cu_padded = batch.cu_seqlens.int(), batch.cu_seqlens_padded.int()
