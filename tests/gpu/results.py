@@ -114,6 +114,8 @@ def describe(name: str, result: dict) -> str:
                 f"{last['tokens_per_s']:,.0f} tokens/s, {last['tflops_per_gpu']:.1f} TFLOP/s{mfu}{resumed}")
     if result.get("benchmark") == "bench_step":
         syncs = f"; {result['host_syncs_per_step']} host syncs a step" if "host_syncs_per_step" in result else ""
+        if result.get("cuda_sync_warnings_per_step") is not None:
+            syncs += f" ({result['cuda_sync_warnings_per_step']} CUDA sync warnings)"
         return f"recipe {rate(result['recipe'])}; overhead {result['overhead_ratio']:.3f}{syncs}"
     if result.get("benchmark") == "bench_model":
         fp8 = f"; fp8 {rate(result['rates']['ours_fp8'])}" if "ours_fp8" in result["rates"] else ""

@@ -8,7 +8,8 @@
 #      checkpoint, whose losses are compared with the first run's;
 #   4. a 10-iteration FP8 run per recipe this GPU has kernels for (dit.fp8.MIN_CAPABILITY), where TE imports;
 #   5. with 2 or more GPUs, TE's CP=2 and TP=2 with SP against one GPU (tests/gpu/te_parallel.py);
-#   6. bench_step.py (with host_syncs_per_step, counted under torch.cuda.set_sync_debug_mode("warn")) and
+#   6. bench_step.py (with host_syncs_per_step from dit.host_syncs' counter, and the warnings of
+#      torch.cuda.set_sync_debug_mode("warn")) and
 #      bench_model.py for DiT-B and DiT-XL at 8192 tokens in bf16, and in FP8 where TE imports.
 # Every part has its own time limit, cut to what is left of the whole run's budget (BUDGET_S, 470 s).
 # Results go to OUT (default runs/gpu_checks): summary.json (each part's status and numbers) and logs.txt
