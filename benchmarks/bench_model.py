@@ -99,9 +99,10 @@ def attention_peak_bytes(length: int, heads: int, head_dim: int, device: torch.d
     config = DiTConfig(num_layers=1, hidden_size=heads * head_dim, num_attention_heads=heads, transformer_impl="local")
     attention = PackedAttention(config, 1, AttnMaskType.no_mask, "self",
                                 pg_collection=ProcessGroupCollection.use_mpu_process_groups())
-    cu = torch.tensor([0, length], dtype=torch.int32, device=device)
+    cu = torch.tensor([0, length], dtype=torch.int32)  # built on the host, as the model does, then moved
     params = attention_params(PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                               cu_seqlens_q_padded=cu, cu_seqlens_kv_padded=cu), cp=1, cp_rank=0)
+    params = params.to(device)
     qkv = torch.randn(length, 3, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
     q, k, v = qkv.unbind(1)  # [L, np, hn] each, as Megatron's linear_qkv split hands them over
     return peak_allocated_bytes(lambda: attention(q, k, v, None, packed_seq_params=params), device)

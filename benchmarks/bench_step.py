@@ -10,6 +10,9 @@ per-round ratios of mean step times.
 Each step's rates (``benchmarks/throughput.py``): real tokens/s, model TFLOP/s of the pack from its
 cu_seqlens (``dit.training.flops``) and, on a GPU, MFU against its dense peak (fp8's under --fp8-format).
 Every pack holds as many same-sized images (256 tokens each), so both steps do the FLOPs of the first pack.
+``host_syncs_per_step``: host reads of device tensors (device-to-host syncs on a GPU) in a recipe step, counted by
+``dit.host_syncs`` over a few untimed steps (on the CPU as if on a GPU), with the site of each and those inside the
+DiT layers apart; on a GPU also ``cuda_sync_warnings_per_step``, CUDA's count under ``set_sync_debug_mode("warn")``.
 
     python benchmarks/bench_step.py                      # DiT-S, packs of up to 4096 tokens, CPU
     python benchmarks/bench_step.py --device cuda --model-size DiT-XL --max-seq-length 8192 --bf16
@@ -31,6 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+SYNC_STEPS = 2  # recipe steps counted for host_syncs_per_step (dit.host_syncs)
 
 
 def parse() -> argparse.Namespace:
@@ -139,6 +143,7 @@ def main() -> None:
 
     torch.set_num_threads(a.threads)
     from dit import runtime
+    from dit.host_syncs import count_iterations
     from dit.training.flops import pack_flops
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -157,6 +162,7 @@ def main() -> None:
         rounds = []
         for _ in range(a.rounds):
             rounds.append((timed(recipe.step, sync, a.steps_per_round), timed(bare.step, sync, a.steps_per_round)))
+        syncs = count_iterations(recipe.loop, SYNC_STEPS)  # untimed: the counter slows every torch call
         memory = max_memory_gib(device)
         recipe.loader.close()
         runtime.destroy()
@@ -172,6 +178,11 @@ def main() -> None:
         "overhead_ratio": statistics.median(ratios), "ratios": ratios, "model_tflop_per_step": flops / 1e12,
         "recipe": rates(flops, tokens, recipe_s, device, fp8), "bare": rates(flops, tokens, bare_s, device, fp8),
         "max_memory_gib": memory, "machine": machine(device),
+        "host_syncs_per_step": len(syncs.reads) / SYNC_STEPS,
+        "host_syncs_in_layers_per_step": sum(syncs.by_site(inside=True).values()) / SYNC_STEPS,
+        "host_sync_sites": {site: n / SYNC_STEPS for site, n in syncs.by_site().items()},
+        "cuda_sync_warnings_per_step": (None if syncs.cuda_sync_warnings is None
+                                        else syncs.cuda_sync_warnings / SYNC_STEPS),  # GPU: CUDA's own count
     }
     print(json.dumps(result))
     print(f"\n{'round':>5} | {'recipe step (s)':>15} | {'bare step (s)':>13} | ratio")
@@ -180,6 +191,10 @@ def main() -> None:
     print(f"median overhead_ratio {result['overhead_ratio']:.3f} (goal <= 1.10)")
     print(format_rates("recipe step", result["recipe"]))
     print(format_rates("bare step", result["bare"]))
+    print(f"host syncs per recipe step {result['host_syncs_per_step']:g} "
+          f"(in DiTLayer.forward/backward {result['host_syncs_in_layers_per_step']:g}):")
+    for site, n in result["host_sync_sites"].items():
+        print(f"  {n:g} x {site}")
 
 
 if __name__ == "__main__":

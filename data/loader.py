@@ -23,6 +23,7 @@ from data.rank_split import RankLayout, shard_for_rank
 from data.sample import LatentFormat
 from data.task_encoder import DiTTaskEncoder, LoadedPack
 from dit.errors import ConfigError
+from dit.fp8 import active_recipe
 from dit.packed import PackedBatch
 
 STALL_SAMPLES = 1000
@@ -186,7 +187,7 @@ def buffer_samples(args: argparse.Namespace) -> int:
 
 def build_train_loader(args: argparse.Namespace) -> DiTDataLoader:
     """The training loader for parsed, validated flags; Megatron's parallel state must be initialised."""
-    layout = RankLayout.from_parallel_state(args.sequence_parallel, fp8=args.fp8_format is not None)
+    layout = RankLayout.from_parallel_state(args.sequence_parallel, active_recipe(args.fp8_format, args.fp8_recipe))
     loader = energon_loader(args.data_path, task_encoder(args, layout.pad_multiple), layout,
                             num_workers=args.num_workers, seed=args.seed,
                             packing_buffer_size=args.packing_buffer_size, micro_batch_size=args.micro_batch_size)
@@ -201,7 +202,7 @@ def build_valid_loader(args: argparse.Namespace) -> DiTDataLoader:
     from dit.arguments import validation_source
 
     path, split = validation_source(args)
-    layout = RankLayout.from_parallel_state(args.sequence_parallel, fp8=args.fp8_format is not None)
+    layout = RankLayout.from_parallel_state(args.sequence_parallel, active_recipe(args.fp8_format, args.fp8_recipe))
     loader = energon_loader(path, task_encoder(args, layout.pad_multiple), layout, num_workers=args.num_workers,
                             seed=args.seed, packing_buffer_size=args.packing_buffer_size,
                             micro_batch_size=args.micro_batch_size, split=split)

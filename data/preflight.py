@@ -32,6 +32,7 @@ from data.task_encoder import DiTTaskEncoder
 from dit.arguments import has_split, validate_args, world_size
 from dit.config import DiTConfig, config_from_args
 from dit.errors import ConfigError
+from dit.fp8 import active_recipe
 
 PROBE_SHARDS = 8
 PROBE_PER_SHARD = 4
@@ -75,7 +76,7 @@ def check_launch(args: argparse.Namespace) -> Launch:
     validate_args(args, world)
     config = config_from_args(args)
     multiple = pad_multiple(args.context_parallel_size, args.tensor_model_parallel_size, args.sequence_parallel,
-                            fp8=args.fp8_format is not None)
+                            active_recipe(args.fp8_format, args.fp8_recipe))
     check_layout(args, multiple)
     encoder = task_encoder(args, multiple)
     probes = [check_dataset(args.data_path, "--data-path", encoder)]

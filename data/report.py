@@ -27,6 +27,7 @@ from typing import Any, Sequence
 from data.packing import first_fit_decreasing, padded_length
 from data.peer_formats import NORMALISATIONS
 from dit.errors import ConfigError, TrainingStopped
+from dit.fp8 import active_recipe
 
 DFM_MULTIPLE = 64  # NeMo's / DFM's per-sample padding
 DFM_BUFFER = 40  # DFM's recipe default packing buffer
@@ -69,7 +70,8 @@ def measure(args: argparse.Namespace, data_path: str) -> dict[str, Any]:
     from data.rank_split import RankLayout
 
     layout = RankLayout(cp_size=args.context_parallel_size, tp_size=args.tensor_model_parallel_size,
-                        sequence_parallel=args.sequence_parallel, fp8=args.fp8_format is not None)
+                        sequence_parallel=args.sequence_parallel,
+                        fp8_recipe=active_recipe(args.fp8_format, args.fp8_recipe))
     encoder = task_encoder(args, layout.pad_multiple)
     loader = energon_loader(data_path, encoder, layout, num_workers=args.num_workers, seed=args.seed,
                             packing_buffer_size=args.packing_buffer_size, micro_batch_size=args.micro_batch_size,

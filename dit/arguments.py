@@ -355,7 +355,7 @@ def _check_parallel(args: argparse.Namespace, world_size: int) -> None:
 
 
 def _check_backend(args: argparse.Namespace) -> None:
-    te.check_backend(args.transformer_impl, args.fp8_format, half_precision=args.bf16)
+    te.check_backend(args.transformer_impl, args.fp8_format, half_precision=args.bf16, fp8_recipe=args.fp8_recipe)
 
 
 def _require(flag: str, ok: bool, message: str) -> None:

@@ -13,19 +13,24 @@ fused ``scaled_dot_product_attention`` call on 4-D views ``[B, heads, L, head_di
 takes its flash / memory-efficient kernels (CPU flash, CUDA flash or efficient) and never materialises
 the ``L x L`` scores: memory grows linearly with the sample length. Pad keys are cut off the views, not
 masked, so no FLOP is spent on them. The grouping is computed once per micro-batch
-(:func:`attention_params`), not per layer.
+(:func:`attention_params`), not per layer, on the host from the pack's layout: nothing in a layer reads a
+device tensor on the host, and neither does the self-attention's RoPE (:class:`RowRoPESelfAttention`, for
+both backends).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -50,26 +55,60 @@ class PackedAttentionParams(PackedSeqParams):
     """Megatron's THD parameters plus what :class:`PackedAttention` derives from them once per micro-batch."""
 
     groups: list[AttentionGroup] = field(default_factory=list)
+    pad_between_seqs: bool = True  # a sample has padding rows (TE's argument, see dit.te_attention)
     real_rows: Tensor | None = None  # [t] bool, this rank's real query rows; None: no pad rows
     kv_order: Tensor | None = None  # [S] index: all-gathered CP shares -> pack order (self-attention, CP > 1)
 
+    def to(self, device: torch.device) -> PackedAttentionParams:
+        """The tensors the kernels read (cu_seqlens, row mask, key order) copied from the host to ``device``."""
+        moved = {f.name: value.to(device, non_blocking=True) for f in dataclasses.fields(self)
+                 if isinstance(value := getattr(self, f.name), Tensor)}
+        return dataclasses.replace(self, **moved)
+
 
 def attention_params(params: PackedSeqParams, cp: int, cp_rank: int) -> PackedAttentionParams:
-    """``params`` with the attention grouping; queries are CP rank ``cp_rank``'s share of ``cp`` (1 for
-    cross-attention, whose ``cu_seqlens_q`` already count this rank's rows), keys the whole pack's."""
+    """``params`` (host tensors: the pack's layout) with the attention grouping; queries are CP rank
+    ``cp_rank``'s share of ``cp`` (1 for cross-attention, whose ``cu_seqlens_q`` already count this rank's
+    rows), keys the whole pack's. Move the result with :meth:`PackedAttentionParams.to`."""
     q_rows = [rows // cp for rows in _lengths(params.cu_seqlens_q_padded)]
     k_len, k_stride = _lengths(params.cu_seqlens_kv), _lengths(params.cu_seqlens_kv_padded)
     shape = lambda i: (q_rows[i], k_len[i], k_stride[i])  # noqa: E731
     groups = [AttentionGroup(len(list(run)), *key) for key, run in itertools.groupby(range(len(q_rows)), shape)]
-    device = params.cu_seqlens_kv.device
-    real = _real_rows(params.cu_seqlens_q.cpu(), params.cu_seqlens_q_padded.cpu(), cp, cp_rank)
+    real = _real_rows(params.cu_seqlens_q, params.cu_seqlens_q_padded, cp, cp_rank)
     kv_order = None
     if cp > 1:
-        source = torch.cat([thd_partition_indices(params.cu_seqlens_kv_padded.cpu(), cp, r) for r in range(cp)])
-        kv_order = torch.argsort(source).to(device)
+        kv_order = torch.argsort(torch.cat([thd_partition_indices(params.cu_seqlens_kv_padded, cp, r)
+                                            for r in range(cp)]))
     fields = {name: getattr(params, name) for name in PackedSeqParams.__dataclass_fields__}
-    return PackedAttentionParams(**fields, groups=groups, real_rows=None if bool(real.all()) else real.to(device),
-                                 kv_order=kv_order)
+    return PackedAttentionParams(**fields, groups=groups, real_rows=None if bool(real.all()) else real,
+                                 kv_order=kv_order, pad_between_seqs=k_len != k_stride)
+
+
+class RowRoPESelfAttention(SelfAttention):
+    """Megatron's self-attention, with RoPE angles given per row of this rank ``[s, 1, 1, hn]``.
+
+    Given a RoPE table and THD ``packed_seq_params``, Megatron-Core 0.16 takes ``_apply_rotary_pos_emb_thd``
+    (``rope_utils.py``), which reads ``cu_seqlens`` on the host (``.tolist()``, then ``.item()`` per sample)
+    for q and for k in every layer: device-to-host syncs on a GPU. The angles here already follow this rank's
+    rows (its CP share, gathered over SP as q and k are), so they are applied row by row to q and k right
+    after the QKV projection and QK-norm (where Megatron applies them) by ``apply_rotary_pos_emb`` without
+    ``cu_seqlens``: the same arithmetic, no host read. Megatron's own RoPE step then gets none.
+    """
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None, *args,
+                rotary_pos_emb: Tensor | None = None, **kwargs) -> tuple[Tensor, Tensor | None]:
+        self._rope_rows = rotary_pos_emb  # [s, 1, 1, hn], read by get_query_key_value_tensors below
+        try:
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        finally:
+            self._rope_rows = None
+
+    def get_query_key_value_tensors(self, *args, **kwargs) -> tuple[Tensor, ...]:
+        query, key, *rest = super().get_query_key_value_tensors(*args, **kwargs)  # q, k [s, 1, np|ng, hn]
+        if self._rope_rows is not None:
+            query, key = (apply_rotary_pos_emb(x, self._rope_rows, self.config, cp_group=self.pg_collection.cp)
+                          for x in (query, key))
+        return (query, key, *rest)
 
 
 class PackedAttention(MegatronModule):

@@ -15,6 +15,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from dit.sizes import MODEL_SIZES
 from dit import te
 from dit.errors import ConfigError
+from dit.fp8 import check_fp8_widths
 
 
 @dataclass
@@ -113,8 +114,15 @@ class DiTConfig(TransformerConfig):
         if self.recompute_granularity == "selective" and set(self.recompute_modules) != {"core_attn"}:
             raise ValueError(f"selective recompute supports recompute_modules=['core_attn'] only, "
                              f"got {self.recompute_modules}")
+        if self.fp8:  # TE's shape rule, which holds on any machine (the next check needs TE and a GPU)
+            tp = self.tensor_model_parallel_size
+            check_fp8_widths(self.fp8_recipe, {
+                "hidden width": self.hidden_size, f"MLP width / tp={tp}": self.ffn_hidden_size // tp,
+                f"query width / tp={tp}": self.num_attention_heads * self.kv_channels // tp,
+                f"key/value width / tp={tp}": self.num_query_groups * self.kv_channels // tp})
         # the machine- and precision-dependent choices, as flag errors
-        te.check_backend(self.transformer_impl, self.fp8, half_precision=self.bf16 or self.fp16)
+        te.check_backend(self.transformer_impl, self.fp8, half_precision=self.bf16 or self.fp16,
+                         fp8_recipe=self.fp8_recipe)
 
     @property
     def token_width(self) -> int:

@@ -132,8 +132,8 @@ class SinCos3D(nn.Module):
     the column and the second the row, as in the paper's ``get_2d_sincos_pos_embed`` (MAE's, whose meshgrid
     puts w first), computed in float64. ``F(t) = [sin(t v_k) | cos(t v_k) - 1]`` over all h channels,
     ``v_k = 10000^(-k/(h/2))``, is zero at t = 0: images keep the paper's table, and in a video every channel
-    varies with each of t, h and w. Positions past ``max_latent_grid`` raise instead of wrapping around (the
-    reference implementations alias).
+    varies with each of t, h and w. Grids past ``max_latent_grid`` raise (:meth:`check_grids`) instead of
+    wrapping around (the reference implementations alias).
     """
 
     def __init__(self, config: DiTConfig):
@@ -145,12 +145,16 @@ class SinCos3D(nn.Module):
         for name, table in (("t", temporal), ("h", one_d(rows, h // 2)), ("w", one_d(cols, h // 2))):
             self.register_buffer(f"table_{name}", table.float(), persistent=False)
 
+    def check_grids(self, grid_sizes: Tensor) -> None:
+        """Raise if a sample's latent grid ``[N, 3]`` (host: the pack's layout) exceeds the tables; its
+        positions lie inside its grid, so checking them on the device (a sync) is not needed."""
+        limits = [table.shape[0] for table in (self.table_t, self.table_h, self.table_w)]
+        largest = grid_sizes.amax(0).tolist() if grid_sizes.numel() else [0, 0, 0]
+        if any(n > limit for n, limit in zip(largest, limits)):
+            raise ValueError(f"latent grids up to {largest} exceed the sin-cos table of max_latent_grid={limits}; "
+                             "raise --max-latent-grid")
+
     def forward(self, positions: Tensor) -> Tensor:
-        """``[S, 3]`` int (t, h, w) -> ``[S, h]`` fp32."""
-        tables = (self.table_t, self.table_h, self.table_w)
-        limits = torch.tensor([t.shape[0] for t in tables], device=positions.device)
-        if positions.numel() and ((positions < 0) | (positions >= limits)).any():
-            raise ValueError(f"latent positions up to {positions.max(0).values.tolist()} exceed the sin-cos "
-                             f"table of max_latent_grid={limits.tolist()}; raise --max-latent-grid")
+        """``[S, 3]`` int (t, h, w) -> ``[S, h]`` fp32; see :meth:`check_grids`."""
         t, h, w = positions.unbind(-1)
         return torch.cat([self.table_w[w], self.table_h[h]], dim=-1) + self.table_t[t]

@@ -25,7 +25,6 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.attention import (
     CrossAttention,
     CrossAttentionSubmodules,
-    SelfAttention,
     SelfAttentionSubmodules,
 )
 from megatron.core.transformer.enums import AttnMaskType
@@ -37,7 +36,7 @@ from megatron.core.utils import make_viewless_tensor
 from torch import Tensor, nn
 
 from dit.adaln import AdaLNModulation, ModulatedNorm, gated_residual
-from dit.attention import PackedAttention
+from dit.attention import PackedAttention, RowRoPESelfAttention
 from dit.config import DiTConfig
 from dit.sequence import PackedSequence
 
@@ -67,14 +66,11 @@ class _Backend(NamedTuple):
 def _backend(transformer_impl: str) -> _Backend:
     if transformer_impl == "local":
         return _Backend(ColumnParallelLinear, RowParallelLinear, PackedAttention, QKNorm)
-    from megatron.core.extensions.transformer_engine import (
-        TEColumnParallelLinear,
-        TEDotProductAttention,
-        TENorm,
-        TERowParallelLinear,
-    )
+    from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TENorm, TERowParallelLinear
 
-    return _Backend(TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention, TENorm)
+    from dit.te_attention import PackedTEAttention
+
+    return _Backend(TEColumnParallelLinear, TERowParallelLinear, PackedTEAttention, TENorm)
 
 
 def get_dit_layer_spec(transformer_impl: str, *, cross_attention: bool, qk_layernorm: bool) -> ModuleSpec:
@@ -90,7 +86,7 @@ def get_dit_layer_spec(transformer_impl: str, *, cross_attention: bool, qk_layer
         submodules=DiTLayerSubmodules(
             input_layernorm=ModulatedNorm,
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                module=RowRoPESelfAttention,
                 params=bidirectional,
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=b.column_linear, core_attention=b.core_attention, linear_proj=b.row_linear,

@@ -26,13 +26,14 @@ def per_sample_loss(prediction: Tensor, target: Tensor, batch: PackedBatch, cp_g
     # 0 * NaN in the backward may reach the real tokens.
     diff = torch.where(batch.loss_mask[:, None], prediction.float() - target.float(), 0.0)  # [s, D]
     per_token = diff.square().mean(dim=-1)  # [s]
-    sample = cp_token_samples(batch.cu_seqlens_padded, cp_group.size()).to(per_token.device)  # [s]
+    sample = cp_token_samples(batch.cu_seqlens_padded, cp_group.size())  # [s], host
+    sample = sample.to(per_token.device, non_blocking=True)
     sums = per_token.new_zeros(batch.num_samples).index_add(0, sample, per_token)  # [N], this rank's share
     if cp_group.size() > 1:
         whole = sums.detach().clone()
         dist.all_reduce(whole, group=cp_group)
         sums = sums + (whole - sums.detach())
-    counts = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).to(sums)  # real tokens of each whole sample
+    counts = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).to(sums, non_blocking=True)  # real tokens of each sample
     return sums / counts
 
 

@@ -38,12 +38,13 @@ from dit.embeddings import (
     rope3d_angles,
     tie_pipeline_replicated,
 )
+from dit.fp8 import active_recipe
 from dit.init import initialize_weights
 from dit.layer_spec import get_dit_layer_spec
-from dit.packed import PackedBatch, thd_partition_indices
+from dit.packed import PackedBatch
 from dit.patchify import unpatchify
 from dit.runs import SampleRun
-from dit.sequence import PackedSequence, packed_sequence, text_padding
+from dit.sequence import packed_sequence, text_padding
 
 
 class FinalLayer(MegatronModule):
@@ -79,6 +80,7 @@ class DiTModel(VisionModule):
             raise ValueError("virtual pipeline stages are not supported yet: "
                              "leave virtual_pipeline_model_parallel_size unset")
         self.pre_process, self.post_process = pre_process, post_process
+        self.fp8_recipe = active_recipe(config.fp8, config.fp8_recipe)  # the shape rule the packs follow (dit.fp8)
         self.t_embedder = ScalarEmbedder(config, freq_shift=config.timestep_freq_shift)
         self.fps_embedder = ScalarEmbedder(config) if config.fps_conditioning else None
         self.class_embedder = ClassEmbedder(config) if config.conditioning == "class" else None
@@ -121,11 +123,11 @@ class DiTModel(VisionModule):
         if timesteps.shape != (batch.num_samples,):
             raise ValueError(f"need one timestep per sample: {batch.num_samples} samples, got {tuple(timesteps.shape)}")
         sp = self.config.sequence_parallel
-        seq = packed_sequence(batch, sp, fp8=self.config.fp8 is not None)
+        seq = packed_sequence(batch, sp, fp8_recipe=self.fp8_recipe).to(timesteps.device)
         cond = self._conditioning(timesteps, batch)  # [N, h]
         hidden = self._embed(tokens, batch) if self.pre_process else None  # [s(/tp), 1, h]
         hidden = self.decoder(hidden_states=hidden, attention_mask=cond, context=self._text(batch),
-                              rotary_pos_emb=self._rope(batch, seq), packed_seq_params=seq)
+                              rotary_pos_emb=self._rope(batch), packed_seq_params=seq)
         if not self.post_process:
             return hidden
         out = self.final_layer(hidden, cond, seq.token_runs)  # [s(/tp), 1, prediction_width]
@@ -148,36 +150,29 @@ class DiTModel(VisionModule):
 
     def _text(self, batch: PackedBatch) -> Tensor | None:
         """Projected text ``[K, 1, h]``, zero-padded to a multiple of tp under SP (then split ``[K/tp, 1, h]``)
-        and of 8 under FP8 (``dit.sequence.text_padding``)."""
+        and to TE's FP8 row rule (``dit.sequence.text_padding``)."""
         if self.text_projection is None:
             return None
         text = self.text_projection(batch.text).unsqueeze(1)  # [K, 1, h]
-        pad = text_padding(text.shape[0], self.config.sequence_parallel, fp8=self.config.fp8 is not None)
+        pad = text_padding(text.shape[0], self.config.sequence_parallel, fp8_recipe=self.fp8_recipe)
         text = F.pad(text, (0, 0, 0, 0, 0, pad))  # [K + pad, 1, h]
         return scatter_to_sequence_parallel_region(text) if self.config.sequence_parallel else text
 
     def _embed(self, tokens: Tensor, batch: PackedBatch) -> Tensor:
         x = self.patch_embed(tokens.to(self.patch_embed.weight.dtype))  # [s, h] in the parameter dtype
         if self.pos_embed is not None:
+            self.pos_embed.check_grids(batch.grid_sizes)
             x = x + self.pos_embed(batch.positions).to(x.dtype)
         x = x.unsqueeze(1)  # [s, 1, h]
         return scatter_to_sequence_parallel_region(x) if self.config.sequence_parallel else x
 
-    def _rope(self, batch: PackedBatch, seq: PackedSequence) -> Tensor | None:
-        """Per-token 3D RoPE angles laid out over the whole pack ``[S, 1, 1, hn]``.
-
-        Megatron's THD RoPE takes a table with one row per token of the pack (it then picks this CP rank's
-        chunks itself), so this rank's rows are placed at their pack positions; the other rows are unused.
-        """
+    def _rope(self, batch: PackedBatch) -> Tensor | None:
+        """Per-token 3D RoPE angles of this rank's rows ``[s, 1, 1, hn]`` (its CP share, in row order), once per
+        micro-batch on the device; every layer's self-attention applies them row by row
+        (``dit.attention.RowRoPESelfAttention``)."""
         if self.config.position_embedding != "rope3d":
             return None
-        local = rope3d_angles(batch.positions, self.config.kv_channels)  # [s, 1, 1, hn]
-        cu_padded = seq.self_attention.cu_seqlens_q_padded
-        rows = thd_partition_indices(cu_padded, parallel_state.get_context_parallel_world_size(),
-                                     parallel_state.get_context_parallel_rank()).to(local.device)
-        pack = local.new_zeros(int(cu_padded[-1]), *local.shape[1:])  # [S, 1, 1, hn]
-        pack[rows] = local
-        return pack
+        return rope3d_angles(batch.positions, self.config.kv_channels)
 
     def unpatchify(self, prediction: Tensor, batch: PackedBatch) -> list[Tensor]:
         """Whole-pack prediction ``[S, prediction_width]`` -> one latent ``[C, T, H, W]`` per sample (real

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
+# The pack's layout: read on the host (sizes, offsets, Python loops); kernels get device copies of what they need.
+LAYOUT = frozenset({"cu_seqlens", "cu_seqlens_padded", "cu_seqlens_text", "grid_sizes"})
+
 
 @dataclass
 class PackedBatch:
@@ -35,8 +38,11 @@ class PackedBatch:
         return self.cu_seqlens.numel() - 1
 
     def to(self, device: torch.device | str) -> "PackedBatch":
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        return replace(self, **{k: v.to(device) for k, v in moved.items() if isinstance(v, torch.Tensor)})
+        """This host pack's per-token and per-sample data on ``device``; the layout (``LAYOUT``) stays on the
+        host, where the attention parameters, the draws and the loss read it without a device-to-host sync."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in LAYOUT}
+        return replace(self, **{k: v.to(device, non_blocking=True) for k, v in moved.items()
+                                if isinstance(v, torch.Tensor)})
 
 
 def thd_partition_indices(cu_seqlens_padded: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:

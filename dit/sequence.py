@@ -19,6 +19,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
 from dit.attention import PackedAttentionParams, attention_params
+from dit.fp8 import fp8_rows
 from dit.packed import PackedBatch
 from dit.runs import SampleRun, sample_runs
 
@@ -31,39 +32,40 @@ class PackedSequence:
     cross_attention: PackedAttentionParams  # this rank's latent tokens (all of them) -> each sample's text
     token_runs: list[SampleRun]  # the tokens this rank holds after CP and SP splits, run by run (adaLN)
 
+    def to(self, device: torch.device) -> PackedSequence:
+        """Built on the host from the pack's layout; the attention kernels' tensors go to ``device``."""
+        return PackedSequence(self.self_attention.to(device), self.cross_attention.to(device), self.token_runs)
+
 
 def cp_token_samples(cu_seqlens_padded: Tensor, cp_size: int) -> Tensor:
-    """Sample index of each token of this rank's CP share, ``[S/cp]`` int64."""
+    """Sample index of each token of this rank's CP share, ``[S/cp]`` int64, on the host (the pack's layout)."""
     lengths = (cu_seqlens_padded[1:] - cu_seqlens_padded[:-1]).long() // cp_size
-    return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+    return torch.repeat_interleave(torch.arange(lengths.numel()), lengths,
+                                   output_size=int(cu_seqlens_padded[-1]) // cp_size)
 
 
-# TE's FP8 GEMMs (``transformer_engine.pytorch.utils.assert_dim_for_fp8_exec``) need the rows of every
-# input, here the tokens of a linear's input, to be a multiple of 8 (and its width of 16: the model sizes).
-# Under sequence parallelism TE's linears see the gathered CP share, so the row count is the CP share's.
-FP8_ROWS = 8
+def text_padding(num_text_tokens: int, sequence_parallel: bool, fp8_recipe: str | None = None) -> int:
+    """Zero rows appended to the text so that each TP rank's slice under sequence parallelism is whole and,
+    under FP8, a multiple of TE's row rule (:func:`dit.fp8.fp8_rows`: cross-attention's key/value linear
+    reads that slice); they are padding of the pack's last sample (``cu_seqlens_kv_padded``)."""
+    slices = parallel_state.get_tensor_model_parallel_world_size() if sequence_parallel else 1
+    return -num_text_tokens % (slices * fp8_rows(fp8_recipe))
 
 
-def text_padding(num_text_tokens: int, sequence_parallel: bool, fp8: bool = False) -> int:
-    """Zero rows appended to the text so sequence parallelism can split it evenly across TP and FP8 GEMMs
-    get a multiple of 8 rows; they are padding of the pack's last sample (``cu_seqlens_kv_padded``)."""
-    multiple = math.lcm(parallel_state.get_tensor_model_parallel_world_size() if sequence_parallel else 1,
-                        FP8_ROWS if fp8 else 1)
-    return -num_text_tokens % multiple
-
-
-def packed_sequence(batch: PackedBatch, sequence_parallel: bool, fp8: bool = False) -> PackedSequence:
-    """Build the attention parameters and token->sample map of ``batch`` for this rank."""
+def packed_sequence(batch: PackedBatch, sequence_parallel: bool, fp8_recipe: str | None = None) -> PackedSequence:
+    """Build the attention parameters and token->sample map of ``batch`` for this rank, on the host from the
+    pack's layout (``dit.packed.LAYOUT``); :meth:`PackedSequence.to` moves what the kernels read."""
     cp = parallel_state.get_context_parallel_world_size()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     cu, cu_padded = batch.cu_seqlens.int(), batch.cu_seqlens_padded.int()
-    if fp8 and int(cu_padded[-1]) // cp % FP8_ROWS:
-        raise ValueError(f"FP8 needs the tokens of each CP rank in multiples of {FP8_ROWS}; this pack gives "
-                         f"{int(cu_padded[-1])} tokens / cp={cp}: pad the pack's last sample to a multiple of "
-                         f"{FP8_ROWS * cp} tokens")
+    rows, slices = fp8_rows(fp8_recipe), tp if sequence_parallel else 1
+    if fp8_recipe and int(cu_padded[-1]) // cp % (rows * slices):  # the linears read S/cp rows, S/cp/tp under SP
+        raise ValueError(f"FP8 needs the tokens of each rank's linear inputs in multiples of {rows}; this pack "
+                         f"gives {int(cu_padded[-1])} tokens over cp={cp} (and tp={slices} under sequence "
+                         f"parallelism): pad each sample to a multiple of {rows * cp * slices} tokens")
     cu_text = batch.cu_seqlens_text.int()
     cu_text_padded = cu_text.clone()
-    cu_text_padded[-1] += text_padding(batch.text.shape[0], sequence_parallel, fp8)
+    cu_text_padded[-1] += text_padding(batch.text.shape[0], sequence_parallel, fp8_recipe)
     max_len = int((cu_padded[1:] - cu_padded[:-1]).max())
     max_text = int((cu_text_padded[1:] - cu_text_padded[:-1]).max())
     cu_local = cu_padded // cp

@@ -6,6 +6,7 @@ import functools
 import importlib.util
 
 from dit.errors import ConfigError
+from dit.fp8 import check_fp8_device
 
 
 @functools.cache
@@ -20,11 +21,20 @@ def have_transformer_engine() -> bool:
     return True
 
 
-def check_backend(transformer_impl: str, fp8_format: str | None, half_precision: bool) -> None:
+def te_version() -> str:
+    """The installed Transformer Engine's version (only called where it imports)."""
+    from megatron.core.utils import get_te_version
+
+    return str(get_te_version())
+
+
+def check_backend(transformer_impl: str, fp8_format: str | None, half_precision: bool,
+                  fp8_recipe: str = "delayed") -> None:
     """Raise :class:`ConfigError` when this machine or the precision cannot run the asked backend or FP8.
 
     ``half_precision``: bf16 (or fp16) parameters and activations. TE's fused and flash attention for packed
-    (THD) sequences, and its context parallelism, have no fp32 kernels.
+    (THD) sequences, and its context parallelism, have no fp32 kernels. ``fp8_recipe`` must have FP8 kernels
+    on this GPU (:data:`dit.fp8.MIN_CAPABILITY`).
     """
     if transformer_impl == "transformer_engine":
         if not have_transformer_engine():
@@ -36,6 +46,16 @@ def check_backend(transformer_impl: str, fp8_format: str | None, half_precision:
         if not torch.cuda.is_available():
             raise ConfigError("--transformer-impl",
                               "transformer_engine needs a CUDA GPU and there is none here; use --transformer-impl local")
+        from packaging.version import Version
+
+        from dit.te_attention import MIN_TE_VERSION
+
+        if Version(te_version()) < Version(MIN_TE_VERSION):
+            raise ConfigError("--transformer-impl",
+                              f"Transformer Engine {te_version()} is older than {MIN_TE_VERSION}, the first to "
+                              "take pad_between_seqs, without which context parallel drops keys of packs padded at "
+                              "their end; use a newer TE (the NGC PyTorch container of the Dockerfile) or "
+                              "--transformer-impl local")
         if not half_precision:
             raise ConfigError("--bf16",
                               "transformer_engine runs attention on packed (THD) sequences and context parallel "
@@ -44,3 +64,7 @@ def check_backend(transformer_impl: str, fp8_format: str | None, half_precision:
         raise ConfigError("--fp8-format",
                           "FP8 needs Transformer Engine (--transformer-impl transformer_engine) on a GPU; "
                           "drop --fp8-format here")
+    if fp8_format is not None:
+        import torch
+
+        check_fp8_device(fp8_recipe, torch.cuda.get_device_capability(), torch.cuda.get_device_name())

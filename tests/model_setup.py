@@ -49,8 +49,10 @@ class MicroBatch:
 
 
 def make_microbatch(seed: int, grids: list[tuple[int, int, int]], *, pad_multiple: int = 8, channels: int = 4,
-                    patch: int = 2, temporal_patch: int = 1, text_dim: int = 16) -> MicroBatch:
-    """A pack of samples with latent shapes ``grids`` (T, H, W), each padded to ``pad_multiple`` tokens."""
+                    patch: int = 2, temporal_patch: int = 1, text_dim: int = 16,
+                    text_lengths: list[int] | None = None) -> MicroBatch:
+    """A pack of samples with latent shapes ``grids`` (T, H, W), each padded to ``pad_multiple`` tokens, and
+    text embeddings of ``text_lengths`` rows (3 to 6 by default)."""
     g = torch.Generator().manual_seed(seed)
     tokens, positions, masks, lengths, padded, grid_sizes = [], [], [], [], [], []
     for t, h, w in grids:
@@ -63,7 +65,7 @@ def make_microbatch(seed: int, grids: list[tuple[int, int, int]], *, pad_multipl
         lengths.append(n)
         padded.append(n + pad)
         grid_sizes.append((t // temporal_patch, h // patch, w // patch))
-    text_lengths = [3 + (seed + i) % 4 for i in range(len(grids))]
+    text_lengths = text_lengths or [3 + (seed + i) % 4 for i in range(len(grids))]
     cum = lambda xs: torch.tensor([0] + xs, dtype=torch.int32).cumsum(0, dtype=torch.int32)  # noqa: E731
     batch = PackedBatch(
         tokens=torch.cat(tokens), positions=torch.cat(positions), loss_mask=torch.cat(masks),

@@ -74,6 +74,7 @@ def test_transformer_engine_with_te_but_no_gpu(dataset, monkeypatch):
 def test_transformer_engine_needs_bf16(dataset, monkeypatch):
     """TE and a GPU (both mocked): fp32 is refused, TE's THD attention and context parallel need bf16."""
     monkeypatch.setattr(te, "have_transformer_engine", lambda: True)
+    monkeypatch.setattr(te, "te_version", lambda: "2.9.0")
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -81,6 +82,17 @@ def test_transformer_engine_needs_bf16(dataset, monkeypatch):
         check(TINY + ["--data-path", dataset, "--transformer-impl", "transformer_engine"])
     assert e.value.flag == "--bf16"
     check(TINY + ["--data-path", dataset, "--transformer-impl", "transformer_engine", "--bf16"])
+
+
+def test_transformer_engine_before_pad_between_seqs_is_refused(dataset, monkeypatch):
+    """TE (mocked) older than 2.3 cannot be told pad_between_seqs (dit.te_attention)."""
+    monkeypatch.setattr(te, "have_transformer_engine", lambda: True)
+    monkeypatch.setattr(te, "te_version", lambda: "2.2.0")
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match=r"--transformer-impl: Transformer Engine 2.2.0 is older than 2.3.0"):
+        check(TINY + ["--data-path", dataset, "--transformer-impl", "transformer_engine", "--bf16"])
 
 
 def test_default_backend_follows_te_availability(monkeypatch):

@@ -1,6 +1,6 @@
 """The benchmarks and the GPU check script run here, on the CPU: ``run_gpu_checks.sh --dry-run`` takes every
-step of the GPU run (install check, GPU tests, synthetic dataset, training, both benchmarks) at tiny sizes and
-writes the summary the GPU run writes; ``bench_data.py`` prints its JSON line."""
+step of the GPU run (install check, GPU tests, synthetic dataset, training saved and resumed, the 2-rank
+parallel check, both benchmarks; FP8 skips) at tiny sizes and writes the summary the GPU run writes; ``bench_data.py`` prints its JSON line."""
 
 import json
 import math
@@ -27,7 +27,12 @@ def test_gpu_checks_dry_run_writes_every_part(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     parts = {p["part"]: p for p in summary["parts"]}
     assert summary["ok"], [p for p in summary["parts"] if p["status"] not in ("ok", "skipped")]
-    assert {"install", "tests", "dataset", "train", "bench_step_DiT-B", "bench_model_DiT-B"} <= parts.keys()
+    assert {"install", "tests", "dataset", "train", "resume", "fp8", "te_parallel", "bench_step_DiT-B",
+            "bench_model_DiT-B"} <= parts.keys()
+    assert parts["fp8"]["status"] == "skipped"  # no TE here
+    resume = parts["resume"]["result"]  # from the checkpoint of iteration 1, with its EMA, to iteration 3
+    assert resume["last"]["iteration"] == 3 and resume["max_loss_difference"] == 0.0  # bit-exact on the CPU
+    assert max(parts["te_parallel"]["result"].values()) < 1e-5  # the 2-rank check's wiring, local layers
     assert parts["install"]["status"] == "skipped"  # everything imports here
     tests = parts["tests"]["result"]
     assert tests["passed"] >= 2 and not tests["failed"]  # the local-spec GPU tests ran on the CPU
@@ -36,6 +41,7 @@ def test_gpu_checks_dry_run_writes_every_part(tmp_path):
     step = parts["bench_step_DiT-B"]["result"]
     assert (step["model_size"], step["num_layers"], step["device"]) == ("DiT-B", 1, "cpu")
     assert step["recipe"]["tokens_per_s"] > 0 and step["bare"]["tflops"] > 0 and step["recipe"]["mfu"] is None
+    assert step["host_syncs_in_layers_per_step"] == 0 and 0 < step["host_syncs_per_step"] <= 5  # dit.host_syncs
     model = parts["bench_model_DiT-B"]["result"]
     assert (model["model_size"], model["tokens"], model["transformer_impl"]) == ("DiT-B", 256, "local")
     assert model["rates"]["ours"]["tokens_per_s"] > 0 and set(model["attention_peak_mib"]) == {"256", "512"}

@@ -21,12 +21,16 @@ def test_pad_multiple_for_cp_tp_sp(cp, tp, sp, expected):
 
 
 @pytest.mark.parametrize("cp, tp, sp, expected", [
-    (1, 1, False, 8), (1, 2, True, 8), (2, 1, False, 16), (2, 2, True, 16), (4, 1, False, 32), (2, 8, True, 32),
+    (1, 1, False, 16), (1, 2, False, 16), (1, 2, True, 32), (2, 1, False, 32), (2, 2, True, 64), (4, 1, False, 64),
+    (2, 8, True, 256), (3, 1, False, 48),
 ])
-def test_pad_multiple_under_fp8_gives_each_cp_rank_multiples_of_8_tokens(cp, tp, sp, expected):
-    assert pad_multiple(cp, tp, sp, fp8=True) == expected
-    # by hand: every CP rank holds expected / cp tokens of each sample, a multiple of 8 (and of tp under SP)
-    assert (expected // cp) % 8 == 0 and (not sp or (expected // cp) % tp == 0)
+@pytest.mark.parametrize("recipe, rows", [("delayed", 16), ("tensorwise", 16), ("blockwise", 16), ("mxfp8", 32)])
+def test_pad_multiple_under_fp8_gives_each_ranks_linears_whole_multiples_of_tes_rows(cp, tp, sp, expected, recipe,
+                                                                                     rows):
+    multiple = pad_multiple(cp, tp, sp, recipe)
+    assert multiple == expected * rows // 16
+    # by hand: each sample gives every rank multiple / cp rows (/ tp under SP, TE checks the local slice)
+    assert (multiple // cp // (tp if sp else 1)) % rows == 0 and multiple % pad_multiple(cp, tp, sp) == 0
 
 
 def test_padded_length():

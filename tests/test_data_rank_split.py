@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from data.loader import build_train_loader, energon_loader, task_encoder
-from data.rank_split import RankLayout, cp_partition_indices, shard_for_rank
+from data.rank_split import RankLayout, shard_for_rank
 from dit import runtime
 from dit.arguments import parse_args
 from dit.packed import PackedBatch, thd_partition_indices
@@ -28,7 +28,7 @@ def _brute_force_share(cu_seqlens_padded, cp, rank):
 @pytest.mark.parametrize("cp", [2, 4])
 def test_cp_split_matches_brute_force(cp):
     cu = torch.tensor([0, 8 * cp, 10 * cp, 16 * cp, 18 * cp], dtype=torch.int32)
-    shares = [cp_partition_indices(cu, cp, r).tolist() for r in range(cp)]
+    shares = [thd_partition_indices(cu, cp, r).tolist() for r in range(cp)]
     for r in range(cp):
         assert shares[r] == _brute_force_share(cu, cp, r)
     assert sorted(sum(shares, [])) == list(range(int(cu[-1])))  # disjoint, and nothing lost

@@ -74,3 +74,25 @@ def test_attention_memory_is_linear_in_the_sample_length(single_process):
     peaks = {n: attention_peak_bytes(n, heads=6, head_dim=64) for n in (2048, 4096)}
     assert peaks[4096] < 0.05 * 4096**2 * 6 * 4, peaks
     assert peaks[4096] < 3 * peaks[2048], peaks  # quadratic would be 4x
+
+
+def _te_217_infers_padding(params: PackedSeqParams) -> bool:
+    """How Transformer Engine 2.9 to 2.17 decides ``pad_between_seqs`` when it is not given
+    (``dot_product_attention.py``: the offsets of all samples but the last compared)."""
+    return not (torch.equal(params.cu_seqlens_q_padded[:-1], params.cu_seqlens_q[:-1])
+                and torch.equal(params.cu_seqlens_kv_padded[:-1], params.cu_seqlens_kv[:-1]))
+
+
+@pytest.mark.parametrize("real, padded, expected, te_217", [
+    ([30], [32], True, False),  # one sample padded at its end (a long video under CP): TE 2.17 misses it
+    ([8, 6], [8, 8], True, False),  # the pack's last sample padded
+    ([6, 8], [8, 8], True, True),
+    ([8, 8], [8, 8], False, False),
+])
+def test_pad_between_seqs_is_set_from_the_pack(real, padded, expected, te_217):
+    """The flag ``dit.te_attention.PackedTEAttention`` hands TE: padding anywhere, the tail included."""
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=_cu(real), cu_seqlens_kv=_cu(real),
+                             cu_seqlens_q_padded=_cu(padded), cu_seqlens_kv_padded=_cu(padded),
+                             max_seqlen_q=max(padded), max_seqlen_kv=max(padded))
+    assert attention_params(params, cp=2, cp_rank=0).pad_between_seqs is expected
+    assert _te_217_infers_padding(params) is te_217

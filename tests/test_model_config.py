@@ -43,11 +43,17 @@ def test_fp8_without_te_or_gpu_is_a_config_error():
 def test_fp8_flags_map_onto_megatron_fields(monkeypatch):
     # pretend to be the NGC container on a GPU: the mapping itself is what is checked
     monkeypatch.setattr(dit.te, "have_transformer_engine", lambda: True)
+    monkeypatch.setattr(dit.te, "te_version", lambda: "2.9.0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA H100 80GB HBM3")
     config = config_from_args(parse_args(["--transformer-impl", "transformer_engine", "--fp8-format", "hybrid",
                                           "--fp8-recipe", "tensorwise", "--bf16"]))
     assert (config.fp8, config.fp8_recipe, config.bf16, config.params_dtype) == (
         "hybrid", "tensorwise", True, torch.bfloat16)
+    with pytest.raises(ConfigError, match="--fp8-recipe: mxfp8 needs compute capability 10.0 .* this NVIDIA H100"):
+        config_from_args(parse_args(["--transformer-impl", "transformer_engine", "--fp8-format", "hybrid",
+                                     "--fp8-recipe", "mxfp8", "--bf16"]))
 
 
 def test_invalid_dit_settings_are_rejected():
@@ -80,6 +86,7 @@ def test_model_rejects_virtual_pipeline_stages():
 def test_transformer_engine_config_needs_bf16_and_a_gpu(monkeypatch):
     """DiTConfig users get the flag errors too (TE mocked importable: it cannot be installed here)."""
     monkeypatch.setattr(dit.te, "have_transformer_engine", lambda: True)
+    monkeypatch.setattr(dit.te, "te_version", lambda: "2.9.0")
     tiny = dict(num_layers=2, hidden_size=32, num_attention_heads=2, transformer_impl="transformer_engine")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="transformer_engine needs a CUDA GPU"):

@@ -57,21 +57,23 @@ def test_sincos_positions_past_the_table_raise(single_process):
         model(mb.batch.tokens, mb.timesteps, mb.batch)
 
 
-def test_fp8_pads_the_text_to_8_rows_and_rejects_token_counts_fp8_gemms_cannot_take(single_process):
-    """TE's FP8 GEMMs need row counts in multiples of 8. The local backend ignores ``fp8``, so setting it on a
-    CPU config checks the model's side: text padding that changes nothing, a clear error for the tokens."""
+def test_fp8_pads_the_text_to_16_rows_and_rejects_token_counts_fp8_gemms_cannot_take(single_process):
+    """TE's FP8 GEMMs need row counts in multiples of 16 (``dit.fp8``). The local backend runs no FP8 GEMM, so
+    the model's FP8 padding switched on in a CPU model checks the model's side: text padding that changes
+    nothing, a clear error for the tokens."""
     from dit.sequence import packed_sequence
 
     mb = make_microbatch(61, [(1, 4, 6), (1, 2, 4)])  # 8 + 8 tokens; text of 5 + 6 rows
-    assert mb.batch.text.shape[0] % 8
+    assert mb.batch.text.shape[0] % 16
     model = DiTModel(tiny_config())
     randomize(model, seed=5)
     with torch.no_grad():
         expected = model(mb.batch.tokens, mb.timesteps, mb.batch)
-        model.config.fp8 = "hybrid"
-        assert int(packed_sequence(mb.batch, False, fp8=True).cross_attention.cu_seqlens_kv_padded[-1]) == 16
+        model.fp8_recipe = "delayed"
+        cross = packed_sequence(mb.batch, False, fp8_recipe="delayed").cross_attention
+        assert int(cross.cu_seqlens_kv_padded[-1]) == 16
         torch.testing.assert_close(model(mb.batch.tokens, mb.timesteps, mb.batch), expected, rtol=1e-6, atol=1e-6)
 
         odd = make_microbatch(62, [(1, 4, 4), (1, 2, 4)], pad_multiple=2)  # 4 + 2 tokens
-        with pytest.raises(ValueError, match="FP8 needs the tokens of each CP rank in multiples of 8"):
+        with pytest.raises(ValueError, match="FP8 needs the tokens of each rank's linear inputs in multiples of 16"):
             model(odd.batch.tokens, odd.timesteps, odd.batch)

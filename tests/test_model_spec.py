@@ -10,6 +10,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from dit.attention import PackedAttention
 from dit.layer_spec import QKNorm, get_dit_layer_spec
 from dit.te import have_transformer_engine
+from dit.te_attention import PackedTEAttention
 from tests.model_setup import single_process  # noqa: F401
 
 
@@ -29,8 +30,8 @@ def test_one_function_gives_te_and_local_variants():
         assert te[slot] is mcore_te.TEColumnParallelLinear and local[slot] is ColumnParallelLinear
     for slot in row:
         assert te[slot] is mcore_te.TERowParallelLinear and local[slot] is RowParallelLinear
-    for slot in ("core", "cross_core"):
-        assert te[slot] is mcore_te.TEDotProductAttention and local[slot] is PackedAttention
+    for slot in ("core", "cross_core"):  # Megatron-Core's, told pad_between_seqs (dit.te_attention)
+        assert te[slot] is PackedTEAttention and local[slot] is PackedAttention
     for slot in ("q_norm", "k_norm"):
         assert te[slot] is mcore_te.TENorm and local[slot] is QKNorm
 

@@ -41,22 +41,23 @@ def draw(batch: PackedBatch, *, seed: int, iteration: int, drop_prob: float, cp_
             whole[start:start + cu[i + 1] - cu[i]] = torch.randn(cu[i + 1] - cu[i], whole.shape[1], generator=g)
     noise = whole
     if whole is not None and cp_size > 1:
-        noise = whole[thd_partition_indices(batch.cu_seqlens_padded.cpu(), cp_size, cp_rank)]  # [S/cp, D]
+        noise = whole[thd_partition_indices(batch.cu_seqlens_padded, cp_size, cp_rank)]  # [S/cp, D]
     return SampleDraws(z=z, dropped=u < drop_prob, noise=noise)
 
 
 def drop_conditioning(batch: PackedBatch, dropped: Tensor, null_class: int) -> PackedBatch:
-    """The batch with the dropped samples' conditioning replaced by the null conditioning.
+    """The batch with the dropped samples' conditioning (``dropped`` ``[N]`` bool, on the host as drawn)
+    replaced by the null conditioning.
 
     Text becomes zeros: every key and value of cross-attention is then the projection's bias, so the
     output does not depend on the text's length, and the sampler's one-row zero text is the same
     condition. A class label becomes ``null_class`` (= num_classes, the embedding's extra row).
     """
-    if not bool(dropped.any()):
+    if not bool(dropped.any()):  # host: the draws
         return batch
-    dropped = dropped.to(batch.text.device)
-    text_lengths = (batch.cu_seqlens_text[1:] - batch.cu_seqlens_text[:-1]).long().to(batch.text.device)
-    text_sample = torch.repeat_interleave(torch.arange(batch.num_samples, device=batch.text.device), text_lengths)
-    text = batch.text.masked_fill(dropped[text_sample][:, None], 0.0)  # [K, D_text]
+    text_lengths = (batch.cu_seqlens_text[1:] - batch.cu_seqlens_text[:-1]).long()  # [N], host (the layout)
+    text_sample = torch.repeat_interleave(torch.arange(batch.num_samples), text_lengths,
+                                          output_size=batch.text.shape[0])  # [K]
+    text = batch.text.masked_fill(dropped[text_sample][:, None].to(batch.text.device), 0.0)  # [K, D_text]
     labels = None if batch.labels is None else batch.labels.masked_fill(dropped.to(batch.labels.device), null_class)
     return replace(batch, text=text, labels=labels)

@@ -29,14 +29,14 @@ class DiffusionMicroBatch:
 def diffusion_microbatch(objective: Objective, batch: PackedBatch, draws: SampleDraws, *, cp_size: int,
                          null_class: int, samples_per_microbatch: float) -> DiffusionMicroBatch:
     """Corrupt ``batch``'s latents at each sample's own level and drop its conditioning where drawn."""
-    device = batch.cu_seqlens.device
-    num_tokens = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).to(device)  # [N] real tokens
+    device = batch.positions.device  # the layout (cu_seqlens) stays on the host, see PackedBatch.to
+    num_tokens = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).to(device, non_blocking=True)  # [N] real tokens
     level = objective.level(draws.z.to(device), num_tokens)  # [N]
     conditioned = drop_conditioning(batch, draws.dropped, null_class)
     inputs = target = None
     weights = torch.ones_like(level)
     if batch.tokens is not None:
-        token_sample = cp_token_samples(batch.cu_seqlens_padded, cp_size).to(device)  # [s]
+        token_sample = cp_token_samples(batch.cu_seqlens_padded, cp_size).to(device, non_blocking=True)  # [s]
         level_tok = level[token_sample][:, None]  # [s, 1]
         x0, noise = batch.tokens.float(), draws.noise.to(device)
         x = objective.noisy(x0, noise, level_tok)

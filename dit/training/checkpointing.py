@@ -7,8 +7,9 @@ On disk as Megatron-LM writes them, so its users and tools recognise them::
 
 A checkpoint holds the model's sharded state, the optimizer's (the distributed optimizer's included,
 in Megatron's layout-independent format), the LR schedule, the run's counters (``TrainState``), every
-rank's RNG states, every DP replica's energon loader state with its bad-data counts, the EMA slot,
-and the run's arguments (the model-shape flags are compared on load).
+rank's RNG states, every DP replica's energon loader state with its bad-data counts, the EMA (under
+``ema.*`` keys of its own: in the model's layout, or DP-sharded beside a ``dp_reshardable`` distributed
+optimizer) and the run's arguments (the model-shape flags are compared on load).
 
 Publication is atomic: the shards are written to ``iter_NNNNNNN.partial/``, renamed to ``iter_NNNNNNN/``
 when every rank has finished, and only then is the tracker replaced (temporary file, fsync, rename).
@@ -39,7 +40,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from dit.errors import ConfigError
-from dit.training.ema import EMA
+from dit.training.ema import DP_SHARDS, EMA, MODEL_SPACE
 from dit.training.hooks import TrainLoader
 from dit.training.optimizer import allocate_state
 from dit.training.state import TrainState
@@ -163,22 +164,39 @@ def _restore_adam_step(setup: TrainingSetup, loaded: dict) -> None:
 
 
 def _optimizer_state(setup: TrainingSetup, model: dict, is_loading: bool) -> dict:
-    if is_loading:
-        allocate_state(setup.optimizer)
+    allocate_state(setup.optimizer)  # a save before the first successful step still finds every state
     metadata = ensure_metadata_has_dp_cp_group({"distrib_optim_sharding_type": optimizer_format(setup.args)})
     return setup.optimizer.sharded_state_dict(model, is_loading=is_loading, metadata=metadata)
+
+
+def ema_layout(fmt: str) -> str:
+    """The EMA's checkpoint layout beside an optimizer saved in format ``fmt``: DP shards as they are beside
+    ``dp_reshardable`` (fully parallel, DP may change), the model's own layout otherwise (any layout loads it)."""
+    return DP_SHARDS if fmt == "dp_reshardable" else MODEL_SPACE
+
+
+def saved_ema_layout(common: dict, path: Path, flag: str) -> str | None:
+    """The layout of the EMA saved in ``path`` (None: it holds none)."""
+    if common.get("ema") is None:
+        return None
+    if "layout" not in common["ema"]:
+        raise ConfigError(flag, f"the checkpoint {path} keeps its EMA in the optimizer state, as this recipe did "
+                                "before 2026-12; pass --no-load-optim (training) or --no-ema (sampling, export)")
+    return common["ema"]["layout"]
 
 
 def sharded_state(setup: TrainingSetup, state: TrainState, loader: TrainLoader, ema: EMA | None) -> dict[str, Any]:
     """What a checkpoint holds, as a sharded state dict for ``dist_checkpointing.save``."""
     model = _model_state(setup)
+    fmt = optimizer_format(setup.args)
     return {
         "model": model,
         "optimizer": _optimizer_state(setup, model, is_loading=False),
-        "optimizer_format": optimizer_format(setup.args),
+        "optimizer_format": fmt,
         "scheduler": setup.scheduler.state_dict(),
         "train_state": state.state_dict(),
-        "ema": None if ema is None else ema.state_dict(),  # its tensors are in the optimizer state
+        "ema": None if ema is None else {**ema.state_dict(), "layout": ema_layout(fmt)},
+        "ema_weights": {} if ema is None else ema.sharded_state_dict(model, ema_layout(fmt)),
         "args": {k: v for k, v in vars(setup.args).items()},
         "layout": Layout.current().__dict__,
         "rng": _per_rank("rng_state", _rng_state()),
@@ -311,9 +329,12 @@ def load_checkpoint(setup: TrainingSetup, state: TrainState, loader: TrainLoader
     request = {"model": _model_state(setup)}
     if not (weights_only or args.no_load_optim):
         check_optimizer_format(common, args, saved_layout, layout, path)
-        if ema is not None and common["ema"] is None:
-            raise ConfigError("--ema-decay", f"the checkpoint {path} has no EMA to continue; pass --ema-decay 0, or "
-                                             "--no-load-optim to start an EMA from its weights")
+        if ema is not None:
+            ema_saved = saved_ema_layout(common, path, "--no-load-optim")
+            if ema_saved is None:
+                raise ConfigError("--ema-decay", f"the checkpoint {path} has no EMA to continue; pass --ema-decay 0, "
+                                                 "or --no-load-optim to start an EMA from its weights")
+            request["ema_weights"] = ema.sharded_state_dict(request["model"], ema_saved, is_loading=True)
         request["optimizer"] = _optimizer_state(setup, request["model"], is_loading=True)
     load_rng = not (weights_only or args.no_load_rng) and saved_layout == layout
     if load_rng:
@@ -334,6 +355,7 @@ def load_checkpoint(setup: TrainingSetup, state: TrainState, loader: TrainLoader
         setup.scheduler.load_state_dict(loaded["scheduler"])
         if ema is not None:
             ema.load_state_dict(common["ema"])
+            ema.load_sharded(loaded["ema_weights"], common["ema"]["layout"])
     elif ema is not None:
         ema.reset()  # from the loaded weights
     if not weights_only:
@@ -358,17 +380,18 @@ def load_checkpoint(setup: TrainingSetup, state: TrainState, loader: TrainLoader
 
 
 def load_model_weights(model: torch.nn.Module, path: Path, use_ema: bool) -> str:
-    """Only the weights of ``path`` into a bare model of any layout (sampling, export): its EMA, saved as each
-    weight's optimizer state ``ema`` in Megatron's model-space form, or the trained weights. Returns which."""
+    """Only the weights of ``path`` into a bare model of any layout (sampling, export): its EMA, saved under
+    ``ema.<key>`` in the model's layout, or the trained weights. Returns which."""
     common = dist_checkpointing.load_common_state_dict(str(path))
-    use_ema = use_ema and common.get("ema") is not None  # an imported model or a run without an EMA: raw
+    layout = saved_ema_layout(common, path, "--no-ema") if use_ema else None
+    use_ema = layout is not None  # an imported model or a run without an EMA: raw
     sharded = model.sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group(None))
     if use_ema:
-        if common["optimizer_format"] == "dp_reshardable":
-            raise ConfigError("--no-ema", f"the EMA of {path} is in the distributed optimizer's dp_reshardable "
-                                          "layout, which only a training run of its layout reads; pass --no-ema, or "
-                                          "train with --dist-ckpt-optim-fully-reshardable")
-        sharded = {k: replace(v, key="optimizer.state.ema." + v.key) if isinstance(v, ShardedTensor) else v
+        if layout == DP_SHARDS:
+            raise ConfigError("--no-ema", f"the EMA of {path} is sharded like the distributed optimizer's "
+                                          "dp_reshardable state, which only a training run of its layout reads; pass "
+                                          "--no-ema, or train with --dist-ckpt-optim-fully-reshardable")
+        sharded = {k: replace(v, key="ema." + v.key) if isinstance(v, ShardedTensor) else v
                    for k, v in sharded.items()}  # not the _extra_state objects, which stay the model's
     model.load_state_dict(dist_checkpointing.load({"model": sharded}, str(path))["model"])
     return "EMA" if use_ema else "raw"

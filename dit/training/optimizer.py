@@ -57,9 +57,9 @@ def build_scheduler(args: argparse.Namespace, optimizer: MegatronOptimizer) -> O
 
 
 def allocate_state(optimizer: MegatronOptimizer) -> None:
-    """Create the Adam state of every main parameter now instead of at the first step (same values).
+    """Create the Adam state of every main parameter that has none yet (same values as the first step would).
 
-    The EMA lives in that state, and Megatron's checkpoint requests are built from it: without TE or apex,
+    Megatron's checkpoint requests are built from that state: without TE or apex,
     ``DistributedOptimizer.state_dict`` also reads each state's ``step``, which only torch's Adam keeps.
     """
     for chained in optimizer.chained_optimizers:

@@ -5,6 +5,8 @@ the sample's mean over its real tokens. Samples per pack vary, so the step's sam
 DP before the backward, and each micro-batch's loss is divided by the step's samples per micro-batch
 (``dit.loss.microbatch_loss``): the update then depends on neither the layout nor the micro-batch split.
 A step whose loss or gradient norm is not finite changes no weight and no optimizer state.
+On a GPU a step reads device tensors on the host three times ("host read" below; the layers never do),
+which ``tests/test_host_syncs.py`` holds it to.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def count_step(packs: list[PackedBatch], config: DiTConfig, device: torch.device
         local[2] += pack_flops(config, cu, cu_padded, cu_text)
     total = torch.tensor(local, dtype=torch.float64, device=device)
     dist.all_reduce(total, group=ps.get_data_parallel_group())
-    samples, tokens, flops = total.tolist()
+    samples, tokens, flops = total.tolist()  # host read 1 of a step: the loss is divided by the step's samples
     return StepCounts(packs=len(packs) * ps.get_data_parallel_world_size(), samples=round(samples),
                       real_tokens=round(tokens), flops=flops)
 
@@ -99,7 +101,7 @@ def _step_loss(logged: list[dict], device: torch.device) -> float:
     for entry in logged:
         total += entry["loss"].to(total)
     dist.all_reduce(total)
-    return (total[0] / total[1]).item()
+    return (total[0] / total[1]).item()  # host read 2 of a step: the logged loss, and the non-finite check
 
 
 def apply_gradients(optimizer: MegatronOptimizer, loss: float, clip_grad: float) -> tuple[bool, float]:
@@ -108,7 +110,7 @@ def apply_gradients(optimizer: MegatronOptimizer, loss: float, clip_grad: float)
     This is Megatron's ``ChainedOptimizer.step`` with the non-finite check between the gradient norm and
     the update (without a loss scaler Megatron checks nothing, and a NaN norm never clips)."""
     found_inf = optimizer.prepare_grads()
-    grad_norm = float(optimizer.get_grad_norm())
+    grad_norm = float(optimizer.get_grad_norm())  # host read 3 of a step (Megatron's .item()): clipping, log
     if found_inf or not (math.isfinite(loss) and math.isfinite(grad_norm)):
         return False, grad_norm
     if clip_grad > 0:

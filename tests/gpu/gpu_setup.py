@@ -11,9 +11,9 @@ import torch
 from dit.model import DiTModel
 from tests.model_setup import MicroBatch, hand_loss, make_microbatch, randomize, tiny_config
 
-# head dim 24: 3D RoPE gives t, h and w four pairs each; widths are multiples of 16, as FP8 GEMMs need
+# head dim 24: 3D RoPE gives t, h and w four pairs each; widths are multiples of 32, as MXFP8 GEMMs need
 SMALL = dict(num_layers=2, hidden_size=96, num_attention_heads=4, fps_conditioning=True)
-GRIDS = [(1, 8, 8), (2, 4, 6), (1, 4, 4)]  # 16, 12 and 4 tokens, each padded to a multiple of 8
+GRIDS = [(1, 8, 8), (2, 4, 6), (1, 4, 4)]  # 16, 12 and 4 tokens, each padded to ``pad_multiple``
 
 # bf16 keeps 8 bits of mantissa (relative step 2^-8 = 0.004); two small layers of bf16 matmuls against fp32
 # stay within a few steps, relative to the outputs' scale (measured on CPU: 0.012 relative norm error, the
@@ -24,9 +24,9 @@ BF16_TOL = 3e-2
 GRAD_TOL = 8e-2
 
 
-def device_pack(device: torch.device, seed: int = 61) -> MicroBatch:
+def device_pack(device: torch.device, seed: int = 61, pad_multiple: int = 8) -> MicroBatch:
     """A pack of three samples of different lengths (and pads), on ``device``."""
-    mb = make_microbatch(seed, GRIDS, pad_multiple=8, text_dim=16)
+    mb = make_microbatch(seed, GRIDS, pad_multiple=pad_multiple, text_dim=16)
     return MicroBatch(mb.batch.to(device), mb.timesteps.to(device), mb.target.to(device))
 
 

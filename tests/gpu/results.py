@@ -61,6 +61,29 @@ def train_result(log: str, iterations: int) -> tuple[dict, str | None]:
     return result, None
 
 
+def resume_result(log: str, iterations: int, train: dict) -> tuple[dict, str | None]:
+    """The resumed run as a training run, and how far its losses are from the first run's at the same
+    iterations (0 where the GPU's kernels are deterministic)."""
+    result, why = train_result(log, iterations)
+    first = {r["iteration"]: r["loss"] for r in train.get("logged", [])}
+    pairs = [(r["loss"], first[r["iteration"]]) for r in result.get("logged", []) if r["iteration"] in first]
+    if why is None and not pairs:
+        why = "no iteration logged by both runs"
+    if pairs:
+        result["max_loss_difference"] = max(abs(a - b) / abs(b) for a, b in pairs)
+    return result, why
+
+
+def te_parallel_result(log: str) -> tuple[dict, str | None]:
+    """tests/gpu/te_parallel.py's relative output errors; bf16 runs stay well within 3e-2."""
+    lines = [line for line in log.splitlines() if line.startswith('{"te_parallel"')]
+    if not lines:
+        return {}, "printed no result line"
+    errors = json.loads(lines[-1])["te_parallel"]
+    worst = max(errors.values())
+    return errors, (None if worst < 3e-2 else f"relative error {worst:.3g} (dropped keys?)")
+
+
 def bench_result(log: str) -> tuple[dict, str | None]:
     lines = [line for line in log.splitlines() if line.startswith("{")]
     if not lines:
@@ -80,21 +103,28 @@ def describe(name: str, result: dict) -> str:
         return ""
     if name == "tests":
         return f"{result['passed']} passed, {len(result['failed'])} failed, {result['skipped']} skipped"
-    if name == "train":
+    if name == "te_parallel":
+        return ", ".join(f"{k} {v:.2e}" for k, v in result.items())
+    if name == "train" or name.startswith("train_fp8") or name == "resume":
         last, losses = result["last"], result["losses"]
+        resumed = f", largest loss difference from train {result['max_loss_difference']:.2e}" \
+            if "max_loss_difference" in result else ""
         mfu = f", MFU {last['mfu_percent']:.1f}%" if last["mfu_percent"] is not None else ""
         return (f"iteration {last['iteration']:.0f}, loss {losses[0]:.4g} -> {losses[-1]:.4g}, "
-                f"{last['tokens_per_s']:,.0f} tokens/s, {last['tflops_per_gpu']:.1f} TFLOP/s{mfu}")
+                f"{last['tokens_per_s']:,.0f} tokens/s, {last['tflops_per_gpu']:.1f} TFLOP/s{mfu}{resumed}")
     if result.get("benchmark") == "bench_step":
-        return f"recipe {rate(result['recipe'])}; overhead {result['overhead_ratio']:.3f}"
+        syncs = f"; {result['host_syncs_per_step']} host syncs a step" if "host_syncs_per_step" in result else ""
+        if result.get("cuda_sync_warnings_per_step") is not None:
+            syncs += f" ({result['cuda_sync_warnings_per_step']} CUDA sync warnings)"
+        return f"recipe {rate(result['recipe'])}; overhead {result['overhead_ratio']:.3f}{syncs}"
     if result.get("benchmark") == "bench_model":
         fp8 = f"; fp8 {rate(result['rates']['ours_fp8'])}" if "ours_fp8" in result["rates"] else ""
         return f"ours {rate(result['rates']['ours'])}; / diffusers {result['ratio']:.3f}{fp8}"
     return ""
 
 
-def read_part(work: Path, name: str, status: str, note: str) -> tuple[dict, str | None]:
-    """(result, why it is not ok) of a part that ran."""
+def read_part(work: Path, name: str, status: str, note: str, done: dict) -> tuple[dict, str | None]:
+    """(result, why it is not ok) of a part that ran; ``done``: the results of the parts before it."""
     log_path = work / f"{name}.log"
     log = log_path.read_text(errors="replace") if log_path.is_file() else ""
     if status != "0":
@@ -102,21 +132,26 @@ def read_part(work: Path, name: str, status: str, note: str) -> tuple[dict, str 
         return {"log_tail": log.splitlines()[-40:]}, why
     if name == "tests":
         return tests_result(work / "tests.xml")
-    if name == "train":
+    if name == "train" or name.startswith("train_fp8"):
         return train_result(log, int(note))
+    if name == "resume":
+        return resume_result(log, int(note), done.get("train", {}))
+    if name == "te_parallel":
+        return te_parallel_result(log)
     if name.startswith("bench_"):
         return bench_result(log)
     return {}, None
 
 
 def main(work: Path, out: Path) -> int:
-    parts = []
+    parts, done = [], {}
     for row in (work / "parts.tsv").read_text().splitlines():
         name, status, seconds, limit, note = row.split("\t")
         if status == "skipped":
             parts.append({"part": name, "status": "skipped", "why": note, "seconds": 0})
             continue
-        result, why = read_part(work, name, status, note)
+        result, why = read_part(work, name, status, note, done)
+        done[name] = result
         state = "ok" if why is None else ("timeout" if status in TIMEOUT_STATUSES else "failed")
         parts.append({"part": name, "status": state, "why": why, "seconds": int(seconds), "limit_s": int(limit),
                       "result": result})

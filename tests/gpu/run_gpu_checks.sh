@@ -3,9 +3,14 @@
 #   1. install megatron-core, megatron-energon, diffusers and pytest from the wheels tools/gpu_wheels.sh
 #      downloaded (WHEELS, default .whl) with --no-index, unless they import already;
 #   2. the GPU tests (tests/gpu, marked gpu): the local spec in bf16, the attention's memory, TE and FP8;
-#   3. a 50-iteration pretrain_dit.py run (DiT-B, bf16, packs of 8192 tokens) on a synthetic dataset it writes;
-#   4. bench_step.py and bench_model.py for DiT-B and DiT-XL at 8192 tokens in bf16, and in FP8 where
-#      Transformer Engine imports.
+#   3. a 50-iteration pretrain_dit.py run (DiT-B, bf16, packs of 8192 tokens) on a synthetic dataset it writes,
+#      saving a checkpoint (with the default EMA) half-way and at the end, then a run resumed from the half-way
+#      checkpoint, whose losses are compared with the first run's;
+#   4. a 10-iteration FP8 run per recipe this GPU has kernels for (dit.fp8.MIN_CAPABILITY), where TE imports;
+#   5. with 2 or more GPUs, TE's CP=2 and TP=2 with SP against one GPU (tests/gpu/te_parallel.py);
+#   6. bench_step.py (with host_syncs_per_step from dit.host_syncs' counter, and the warnings of
+#      torch.cuda.set_sync_debug_mode("warn")) and
+#      bench_model.py for DiT-B and DiT-XL at 8192 tokens in bf16, and in FP8 where TE imports.
 # Every part has its own time limit, cut to what is left of the whole run's budget (BUDGET_S, 470 s).
 # Results go to OUT (default runs/gpu_checks): summary.json (each part's status and numbers) and logs.txt
 # (every part's output); a table closes the run. Exit status 0 when every part is ok or skipped.
@@ -93,18 +98,38 @@ fi
 # 2. the GPU tests
 part tests 150 "" "$python" -m pytest -q -m gpu tests/gpu -p no:cacheprovider -rs --junitxml="$work/tests.xml"
 
-# 3. a short training run on a synthetic dataset
+# 3. a short training run on a synthetic dataset, saved with its EMA, and resumed from half-way
+half=$((iterations / 2))
 part dataset 60 "" "$python" -m data.synthetic "$work/data" "${data_args[@]}"
 part train 150 "$iterations" "$python" pretrain_dit.py --data-path "$work/data" --bf16 --train-iters "$iterations" \
-    --lr 1e-4 "${train_args[@]}"
+    --lr 1e-4 --save "$work/ckpt" --save-interval "$half" "${train_args[@]}"
+part resume 90 "$iterations" "$python" pretrain_dit.py --data-path "$work/data" --bf16 --train-iters "$iterations" \
+    --lr 1e-4 --load "$work/ckpt" --ckpt-step "$half" --save "$work/ckpt_resumed" "${train_args[@]}"
 
-# 4. the benchmarks, bf16 (and FP8 where TE imports) at 8192 tokens
+# 4. FP8: a short run per recipe this GPU runs (TE's compute-capability rule, dit/fp8.py)
 fp8=()
-if "$python" -c "import transformer_engine.pytorch" 2>/dev/null; then
+if "$python" -c "import transformer_engine.pytorch" 2>/dev/null && ((!dry)); then
     fp8=(--fp8-format hybrid)
+    for recipe in $("$python" -c "import torch; from dit.fp8 import MIN_CAPABILITY as m
+print(' '.join(r for r, (cc, _) in m.items() if torch.cuda.get_device_capability() >= cc))"); do
+        part "train_fp8_$recipe" 60 10 "$python" pretrain_dit.py --data-path "$work/data" --bf16 --train-iters 10 \
+            --lr 1e-4 "${fp8[@]}" --fp8-recipe "$recipe" "${train_args[@]}"
+    done
 else
-    skip_part fp8 "transformer_engine does not import: no FP8 runs"
+    skip_part fp8 "transformer_engine does not import (or --dry-run): no FP8 runs"
 fi
+
+# 5. TE's context and tensor parallel on 2 GPUs; the same script's wiring with the local layers in the dry run
+if ((dry)); then
+    part te_parallel 90 "" "$python" -m torch.distributed.run --nproc-per-node 2 tests/gpu/te_parallel.py \
+        --transformer-impl local
+elif (($("$python" -c "import torch; print(torch.cuda.device_count())") >= 2)) && ((${#fp8[@]})); then
+    part te_parallel 90 "" "$python" -m torch.distributed.run --nproc-per-node 2 tests/gpu/te_parallel.py
+else
+    skip_part te_parallel "needs 2 GPUs and Transformer Engine"
+fi
+
+# 6. the benchmarks, bf16 (and FP8 where TE imports) at 8192 tokens
 for size in "${sizes[@]}"; do
     part "bench_step_$size" 120 "" "$python" benchmarks/bench_step.py --device "$device" --model-size "$size" \
         --threads "$threads" "${precision[@]}" "${step_args[@]}"

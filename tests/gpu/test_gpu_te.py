@@ -5,7 +5,10 @@ through Megatron-Core's ``fp8`` / ``fp8_recipe`` config fields trains a few step
 import pytest
 import torch
 
+from data.rank_split import pad_multiple
+from dit.fp8 import MIN_CAPABILITY
 from dit.te import have_transformer_engine
+from dit.te_attention import PackedTEAttention
 from tests.gpu.gpu_setup import (
     assert_matches_reference,
     device_pack,
@@ -33,13 +36,16 @@ def test_te_spec_matches_local_spec_forward_and_backward(single_process, device)
     reference = reference_model(device)
     te = model_like(reference, device, **TE_BF16)  # TE's THD attention runs in bf16 only
     assert_matches_reference(forward_backward(te, mb), forward_backward(reference, mb))
+    attention = te.decoder.layers[0].self_attention.core_attention
+    assert isinstance(attention, PackedTEAttention) and "pad_between_seqs" in attention.kept_packed_seq_params
 
 
-@pytest.mark.parametrize("recipe", ["delayed", "tensorwise"])
+@pytest.mark.parametrize("recipe", sorted(MIN_CAPABILITY))
 def test_fp8_training_steps_are_finite_and_near_bf16(single_process, device, recipe):
-    if torch.cuda.get_device_capability(device) < (8, 9):
-        pytest.skip("FP8 needs compute capability 8.9 (Ada) or newer")
-    mb = device_pack(device)
+    needed, gpus = MIN_CAPABILITY[recipe]
+    if torch.cuda.get_device_capability(device) < needed:
+        pytest.skip(f"{recipe} needs {gpus}")
+    mb = device_pack(device, pad_multiple=pad_multiple(1, 1, False, recipe))  # TE's FP8 rows (dit.fp8)
     reference = reference_model(device)
     bf16 = model_like(reference, device, **TE_BF16)
     fp8 = model_like(reference, device, **TE_BF16, fp8="hybrid", fp8_recipe=recipe)
