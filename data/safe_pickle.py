@@ -6,7 +6,9 @@ the loader workers. :func:`loads` admits only the globals a pickled numpy array 
 needs; any other is refused before it is imported, and the sample becomes a counted skip.
 
 A torch tensor pickles its storage as ``torch.storage._load_from_bytes(torch.save bytes)``, which
-calls ``torch.load(weights_only=False)``: that one global is replaced by a ``weights_only`` load.
+calls ``torch.load(weights_only=False)``: that one global is replaced by a ``weights_only`` load. A process
+that imported megatron-core 0.17 or later pickles it as ``megatron.core.safe_globals.safe_load_from_bytes``
+(Megatron swaps torch's function for its own ``weights_only`` one): the same bytes, replaced the same way.
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ ALLOWED = frozenset({
     ("torch._utils", "_rebuild_tensor_v2"),
     ("collections", "OrderedDict"),  # a tensor's (empty) backward hooks
 })
-REPLACED: dict[tuple[str, str], Callable[[bytes], Any]] = {("torch.storage", "_load_from_bytes"): _storage_from_bytes}
+REPLACED: dict[tuple[str, str], Callable[[bytes], Any]] = {
+    ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
+    ("megatron.core.safe_globals", "safe_load_from_bytes"): _storage_from_bytes,
+}
 
 
 class UnsafePickle(pickle.UnpicklingError):

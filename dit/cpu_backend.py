@@ -54,6 +54,22 @@ def _cuda_style_type(self: torch.Tensor, dtype=None, non_blocking: bool = False,
     return original(self, dtype, non_blocking, **kwargs)
 
 
+class _HostStream:
+    """The stream CPU work runs on: in order, so every wait and record is already satisfied."""
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
 def _tracker_class():
     from megatron.core.tensor_parallel import random as mcore_random
 
@@ -111,6 +127,7 @@ def enable() -> bool:
     # their backward buffers with device=torch.cuda.current_device() (sequence/context-parallel gathers).
     patch(torch.cuda, "current_device", lambda: torch.device("cpu"))
     patch(torch.cuda, "synchronize", lambda device=None: None)
+    patch(torch.cuda, "current_stream", lambda device=None: _HostStream())
     patch(torch.cuda, "empty_cache", lambda: None)
     # Checkpointed recomputation saves and restores "the CUDA RNG": on CPU that is the CPU generator.
     patch(mcore_random, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state())
