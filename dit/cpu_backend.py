@@ -1,7 +1,8 @@
 """Megatron-Core on a machine without CUDA: the one compatibility layer.
 
-Megatron-Core 0.16 assumes CUDA in a few places: it allocates with ``device="cuda"`` or
-``device=torch.cuda.current_device()``, calls ``torch.cuda.synchronize()`` in p2p, asserts
+Megatron-Core (0.16 to 0.19) assumes CUDA in a few places: it allocates with ``device="cuda"`` or
+``device=torch.cuda.current_device()``, calls ``torch.cuda.synchronize()`` in p2p, waits on
+``torch.cuda.current_stream()`` before each gradient reduction (0.17 and later), asserts
 ``param.type() == "torch.cuda.FloatTensor"`` in its optimizers and grad clipping, and keeps its
 dropout RNG states with ``torch.cuda.get_rng_state``. This module maps all of that onto the CPU.
 It is enabled only when no CUDA device exists and never touches a GPU run.
