@@ -11,6 +11,9 @@ Two admitted globals are replaced, because what they would do with a crafted arg
 - A torch tensor pickles its storage as ``torch.storage._load_from_bytes(torch.save bytes)``, which
   calls ``torch.load(weights_only=False)``: replaced by :func:`torch_load`, a ``weights_only`` load
   that first checks the sizes the bytes declare (a deflate bomb declares far more than it holds).
+  A process that imported megatron-core 0.17 or later pickles it as
+  ``megatron.core.safe_globals.safe_load_from_bytes`` (Megatron swaps torch's function for its own
+  ``weights_only`` one): the same bytes, replaced the same way.
 - Protocol 2 stores bytes as ``_codecs.encode(text, "latin1")``; other codecs are refused (punycode
   takes minutes on a few kilobytes).
 """
@@ -66,6 +69,7 @@ ALLOWED = frozenset({
 })
 REPLACED: dict[tuple[str, str], Callable[..., Any]] = {
     ("torch.storage", "_load_from_bytes"): torch_load,
+    ("megatron.core.safe_globals", "safe_load_from_bytes"): torch_load,
     ("_codecs", "encode"): _latin1,
 }
 

@@ -79,9 +79,11 @@ def attention_params(params: PackedSeqParams, cp: int, cp_rank: int) -> PackedAt
     if cp > 1:
         kv_order = torch.argsort(torch.cat([thd_partition_indices(params.cu_seqlens_kv_padded, cp, r)
                                             for r in range(cp)]))
-    fields = {name: getattr(params, name) for name in PackedSeqParams.__dataclass_fields__}
+    # megatron-core 0.17+ has a pad_between_seqs field of its own (None): set here, from the pack
+    fields = {name: getattr(params, name) for name in PackedSeqParams.__dataclass_fields__} | {
+        "pad_between_seqs": k_len != k_stride}
     return PackedAttentionParams(**fields, groups=groups, real_rows=None if bool(real.all()) else real,
-                                 kv_order=kv_order, pad_between_seqs=k_len != k_stride)
+                                 kv_order=kv_order)
 
 
 class RowRoPESelfAttention(SelfAttention):

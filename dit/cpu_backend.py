@@ -1,7 +1,8 @@
 """Megatron-Core on a machine without CUDA: the one compatibility layer.
 
-Megatron-Core 0.16 assumes CUDA in a few places: it allocates with ``device="cuda"`` or
-``device=torch.cuda.current_device()``, calls ``torch.cuda.synchronize()`` in p2p, asserts
+Megatron-Core (0.16 to 0.19) assumes CUDA in a few places: it allocates with ``device="cuda"`` or
+``device=torch.cuda.current_device()``, calls ``torch.cuda.synchronize()`` in p2p, waits on
+``torch.cuda.current_stream()`` before each gradient reduction (0.17 and later), asserts
 ``param.type() == "torch.cuda.FloatTensor"`` in its optimizers and grad clipping, and keeps its
 dropout RNG states with ``torch.cuda.get_rng_state``. This module maps all of that onto the CPU.
 It is enabled only when no CUDA device exists and never touches a GPU run.
@@ -52,6 +53,22 @@ def _cuda_style_type(self: torch.Tensor, dtype=None, non_blocking: bool = False,
         name = original(self)
         return name if ".cuda." in name else name.replace("torch.", "torch.cuda.", 1)
     return original(self, dtype, non_blocking, **kwargs)
+
+
+class _HostStream:
+    """The stream CPU work runs on: in order, so every wait and record is already satisfied."""
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
 
 
 def _tracker_class():
@@ -111,6 +128,7 @@ def enable() -> bool:
     # their backward buffers with device=torch.cuda.current_device() (sequence/context-parallel gathers).
     patch(torch.cuda, "current_device", lambda: torch.device("cpu"))
     patch(torch.cuda, "synchronize", lambda device=None: None)
+    patch(torch.cuda, "current_stream", lambda device=None: _HostStream())
     patch(torch.cuda, "empty_cache", lambda: None)
     # Checkpointed recomputation saves and restores "the CUDA RNG": on CPU that is the CPU generator.
     patch(mcore_random, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state())

@@ -12,6 +12,7 @@ every other rank stays alive until torchrun stops it. Only a rank that is still 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -24,6 +25,10 @@ WAIT_S = 60.0
 LIBRARY_WARNINGS = (
     "Transformer Engine and Apex are not installed",  # Megatron-Core, four times per process; the backend line says it
     "'pin_memory' argument is set as true but no accelerator is found",  # energon's loader on a CPU machine
+    "absl.logging is not installed",  # Megatron-Core 0.17+, which then logs through the standard logging
+)
+LIBRARY_LOGGERS = (
+    "torch.utils.cpp_extension",  # a CUDA build of torch on a machine without CUDA: "No CUDA runtime is found"
 )
 
 
@@ -31,6 +36,8 @@ def quiet_library_warnings() -> None:
     """Hide the libraries' warnings that ask nothing of the user (call it before importing them)."""
     for message in LIBRARY_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def user_error(prog: str, error: Exception, status: int = 2) -> int:

@@ -85,13 +85,13 @@ def test_transformer_engine_needs_bf16(dataset, monkeypatch):
 
 
 def test_transformer_engine_before_pad_between_seqs_is_refused(dataset, monkeypatch):
-    """TE (mocked) older than 2.3 cannot be told pad_between_seqs (dit.te_attention)."""
+    """TE (mocked) older than 2.2 cannot be told pad_between_seqs (dit.te_attention)."""
     monkeypatch.setattr(te, "have_transformer_engine", lambda: True)
-    monkeypatch.setattr(te, "te_version", lambda: "2.2.0")
+    monkeypatch.setattr(te, "te_version", lambda: "2.1.0")
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    with pytest.raises(ConfigError, match=r"--transformer-impl: Transformer Engine 2.2.0 is older than 2.3.0"):
+    with pytest.raises(ConfigError, match=r"--transformer-impl: Transformer Engine 2.1.0 is older than 2.2.0"):
         check(TINY + ["--data-path", dataset, "--transformer-impl", "transformer_engine", "--bf16"])
 
 

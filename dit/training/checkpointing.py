@@ -40,6 +40,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from dit.errors import ConfigError
+from dit.mcore019 import async_save_options
 from dit.training.ema import DP_SHARDS, EMA, MODEL_SPACE
 from dit.training.hooks import TrainLoader
 from dit.training.optimizer import allocate_state
@@ -230,7 +231,7 @@ class Checkpointer:
             dist_checkpointing.save(contents, str(partial))
             self._publish(partial, final, state.iteration, start)
             return
-        request = dist_checkpointing.save(contents, str(partial), async_sharded_save=True)
+        request = dist_checkpointing.save(contents, str(partial), async_sharded_save=True, **async_save_options())
         iteration = state.iteration
         request.add_finalize_fn(lambda: self._publish(partial, final, iteration, start))
         self.queue.schedule_async_request(request)
