@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 
 import torch
+import torch.distributed as dist
 
 # The pack's layout: read on the host (sizes, offsets, Python loops); kernels get device copies of what they need.
 LAYOUT = frozenset({"cu_seqlens", "cu_seqlens_padded", "cu_seqlens_text", "grid_sizes"})
@@ -66,3 +67,14 @@ def thd_partition_indices(cu_seqlens_padded: torch.Tensor, cp_size: int, cp_rank
     if not parts:
         return torch.empty(0, dtype=torch.long)
     return torch.cat(parts)
+
+
+def gather_cp_shares(rows: torch.Tensor, cu_seqlens_padded: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Every CP rank's share ``[S/cp, ...]`` of a pack (no gradient) -> the whole pack ``[S, ...]`` in pack order."""
+    cp = dist.get_world_size(group)
+    parts = [torch.empty_like(rows) for _ in range(cp)]
+    dist.all_gather(parts, rows.contiguous(), group=group)
+    order = torch.cat([thd_partition_indices(cu_seqlens_padded, cp, r) for r in range(cp)])
+    whole = torch.empty(int(cu_seqlens_padded[-1]), *rows.shape[1:], dtype=rows.dtype, device=rows.device)
+    whole[order.to(rows.device)] = torch.cat(parts)
+    return whole

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from torch import Tensor
 
@@ -18,7 +17,7 @@ from dit.config import DiTConfig
 from dit.diffusion.edm import EDM
 from dit.diffusion.objective import Objective
 from dit.model import DiTModel
-from dit.packed import PackedBatch, thd_partition_indices
+from dit.packed import PackedBatch, gather_cp_shares, thd_partition_indices
 from dit.patchify import patchify, unpatchify
 
 
@@ -93,7 +92,7 @@ class GuidedPrediction:
         if isinstance(self.objective, EDM):
             out = self.objective.denoised(out, x_tok, level_tok)
         if self.cp > 1:
-            out = self._gather(out, whole)
+            out = gather_cp_shares(out, whole, ps.get_context_parallel_group())
         c, n = self.config, len(x)
         cu_padded, length = whole.tolist(), int(batch.cu_seqlens[1])
         samples = [unpatchify(out[s:s + length].cpu(), grids[i], c.patch_size, c.temporal_patch_size)
@@ -103,13 +102,3 @@ class GuidedPrediction:
             return cond
         uncond = torch.stack(samples[n:]).double()
         return uncond + self.guidance * (cond - uncond)
-
-    def _gather(self, out: Tensor, cu_padded: Tensor) -> Tensor:
-        """This CP rank's rows ``[S/cp, w]`` -> the whole pack ``[S, w]`` in pack order."""
-        group = ps.get_context_parallel_group()
-        parts = [torch.empty_like(out) for _ in range(self.cp)]
-        dist.all_gather(parts, out.contiguous(), group=group)
-        order = torch.cat([thd_partition_indices(cu_padded, self.cp, r) for r in range(self.cp)])
-        whole = torch.empty(int(cu_padded[-1]), out.shape[1], dtype=out.dtype, device=out.device)
-        whole[order.to(out.device)] = torch.cat(parts)
-        return whole

@@ -25,7 +25,7 @@ from megatron.core import parallel_state as ps  # noqa: E402
 
 from dit import runtime  # noqa: E402
 from dit.model import DiTModel  # noqa: E402
-from dit.packed import thd_partition_indices  # noqa: E402
+from dit.packed import gather_cp_shares  # noqa: E402
 from dit.runtime import ParallelLayout  # noqa: E402
 from tests.gpu.gpu_setup import SMALL, relative_error  # noqa: E402
 from tests.model_setup import MicroBatch, cp_share, make_microbatch, randomize, tiny_config, tp_slice  # noqa: E402
@@ -64,12 +64,7 @@ def _outputs(layout: ParallelLayout, sequence_parallel: bool, fields: dict, weig
         with torch.no_grad():
             out = model(mb.batch.tokens, mb.timesteps, mb.batch).float()  # [S/cp, width]
         if cp > 1:
-            parts = [torch.empty_like(out) for _ in range(cp)]
-            dist.all_gather(parts, out, group=ps.get_context_parallel_group())
-            rows = torch.cat([thd_partition_indices(mb.batch.cu_seqlens_padded.cpu(), cp, r) for r in range(cp)])
-            whole = torch.empty(len(rows), out.shape[1], device=out.device)
-            whole[rows.to(out.device)] = torch.cat(parts)
-            out = whole
+            out = gather_cp_shares(out, mb.batch.cu_seqlens_padded, ps.get_context_parallel_group())
         outputs.append(out[make_microbatch(seed, grids, pad_multiple=8).batch.loss_mask.to(out.device)])
     ps.destroy_model_parallel()
     return outputs
