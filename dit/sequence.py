@@ -10,7 +10,6 @@ Three layouts of the same pack appear in a step (S = padded tokens of the whole 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

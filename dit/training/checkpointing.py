@@ -190,14 +190,15 @@ def sharded_state(setup: TrainingSetup, state: TrainState, loader: TrainLoader, 
     """What a checkpoint holds, as a sharded state dict for ``dist_checkpointing.save``."""
     model = _model_state(setup)
     fmt = optimizer_format(setup.args)
+    ema_form = ema_layout(fmt)
     return {
         "model": model,
         "optimizer": _optimizer_state(setup, model, is_loading=False),
         "optimizer_format": fmt,
         "scheduler": setup.scheduler.state_dict(),
         "train_state": state.state_dict(),
-        "ema": None if ema is None else {**ema.state_dict(), "layout": ema_layout(fmt)},
-        "ema_weights": {} if ema is None else ema.sharded_state_dict(model, ema_layout(fmt)),
+        "ema": None if ema is None else {**ema.state_dict(), "layout": ema_form},
+        "ema_weights": {} if ema is None else ema.sharded_state_dict(model, ema_form),
         "args": {k: v for k, v in vars(setup.args).items()},
         "layout": Layout.current().__dict__,
         "rng": _per_rank("rng_state", _rng_state()),
