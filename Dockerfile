@@ -10,7 +10,7 @@ FROM ${BASE_IMAGE}
 
 WORKDIR /workspace/megatron-dit
 # The versions the test suite runs with (inside pyproject.toml's ranges; tests/test_shipping.py checks both).
-RUN pip install --no-cache-dir megatron-core==0.16.1 megatron-energon==7.4.1
+RUN pip install --no-cache-dir megatron-core==0.19.2 megatron-energon==7.4.1
 # Dependencies first (a cached layer), then the code.
 COPY pyproject.toml README.md ./
 COPY dit/__init__.py dit/

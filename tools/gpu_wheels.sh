@@ -11,7 +11,7 @@
 # numpy, pillow, pytest and the usual PyTorch image's packages needs less than half of that.
 #
 # pip resolves the set for the target (pip install --dry-run --report), then downloads it without torch
-# (pip download --no-deps). megatron-core 0.16.1's only cp312 wheel is tagged manylinux_2_24/2_28, so the
+# (pip download --no-deps). megatron-core 0.19.2's cp312 wheel is tagged manylinux_2_24/2_28, so the
 # GPU machine needs glibc 2.28 or newer. PYTHON_VERSION (3.12) and PYTHON (any python3 with pip) may be set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
