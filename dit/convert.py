@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dit.config import DiTConfig
+from dit.model.config import DiTConfig
 
 CONFIG_FILE = "dit_config.json"
 
@@ -178,8 +178,8 @@ def _single_process_model(config: DiTConfig):
     where there is no GPU), whatever layout and backend ``config`` was trained with."""
     from megatron.core import parallel_state
 
-    from dit import runtime
-    from dit.model import DiTModel
+    from dit.runtime import distributed as runtime
+    from dit.model.model import DiTModel
 
     runtime.init_distributed()
     if not parallel_state.model_parallel_is_initialized():
@@ -226,7 +226,7 @@ def checkpoint_config(checkpoint: Path) -> DiTConfig:
     (``pretrain_dit.py`` saves them in every checkpoint)."""
     from megatron.core import dist_checkpointing
 
-    from dit.config import config_from_args
+    from dit.model.config import config_from_args
 
     if (checkpoint / CONFIG_FILE).is_file():
         return load_config(checkpoint)

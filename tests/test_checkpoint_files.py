@@ -7,7 +7,7 @@ import signal
 import pytest
 
 import pretrain_dit
-from dit.arguments import parse_args, validate_args
+from dit.training.arguments import parse_args, validate_args
 from dit.training import checkpointing
 from dit.training.checkpointing import TRACKER, read_tracker, retain, write_tracker
 from dit.training.pretrain import pretrain

@@ -7,10 +7,10 @@ from contextlib import closing
 import pytest
 import torch
 
-from data.errors import BadDataError, DataStats, SkipKind, SkipRecord
-from data.loader import task_encoder
-from data.shard_reads import UNREADABLE, TolerantTarReader
-from dit.arguments import parse_args
+from data.loader.bad_data import BadDataError, DataStats, SkipKind, SkipRecord
+from data.loader.dataloader import task_encoder
+from data.loader.shard_reads import UNREADABLE, TolerantTarReader
+from dit.training.arguments import parse_args
 from tests.tiny_data import DEFECTS, GOOD, TRUNCATED_GOOD, good_entries, mixed_dataset, truncated_dataset  # noqa: F401 (fixtures)
 from tests.tiny_data import write_dataset
 from tests.tiny_data import tiny_loader as _loader

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from data.loader import build_train_loader, energon_loader, task_encoder
-from data.rank_split import RankLayout, shard_for_rank
-from dit import runtime
-from dit.arguments import parse_args
-from dit.packed import PackedBatch, thd_partition_indices
+from data.loader.dataloader import build_train_loader, energon_loader, task_encoder
+from data.loader.rank_split import RankLayout, shard_for_rank
+from dit.runtime import distributed as runtime
+from dit.training.arguments import parse_args
+from dit.model.packed import PackedBatch, thd_partition_indices
 from tests.distributed import run_distributed
 from tests.tiny_data import good_entries, write_dataset
 

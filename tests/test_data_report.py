@@ -11,14 +11,14 @@ import torch
 
 from megatron.energon import stateless
 
-from data.loader import energon_loader, task_encoder
-from data.packing import padded_length
-from data.rank_split import RankLayout
+from data.loader.dataloader import energon_loader, task_encoder
+from data.loader.packing import padded_length
+from data.loader.rank_split import RankLayout
 from data.report import histogram, main, read_order, simulated_efficiency
-from data.sample import sample_key
+from data.loader.sample import sample_key
 from data.shards import shard_name
-from data.task_encoder import DiTTaskEncoder
-from dit.arguments import parse_args
+from data.loader.task_encoder import DiTTaskEncoder
+from dit.training.arguments import parse_args
 from data.synthetic import synthetic_samples, write_synthetic
 from tests.tiny_data import DEFECTS, GOOD, good_entries, mixed_dataset, truncated_dataset  # noqa: F401 (fixtures)
 

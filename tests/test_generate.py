@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import pretrain_dit
-from dit.arguments import parse_args, validate_args
+from dit.training.arguments import parse_args, validate_args
 from dit.diffusion import build_objective
 from dit.diffusion.guidance import Condition, GuidedPrediction
-from dit.model import DiTModel
+from dit.model.model import DiTModel
 from dit.training.pretrain import pretrain
 from tests.distributed import run_distributed
 from tests.launch import ROOT

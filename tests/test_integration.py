@@ -9,12 +9,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from data.loader import build_train_loader
-from dit import runtime
-from dit.arguments import parse_args, validate_args
-from dit.config import config_from_args
-from dit.loss import per_sample_loss
-from dit.model import DiTModel
+from data.loader.dataloader import build_train_loader
+from dit.runtime import distributed as runtime
+from dit.training.arguments import parse_args, validate_args
+from dit.model.config import config_from_args
+from dit.diffusion.loss import per_sample_loss
+from dit.model.model import DiTModel
 from tests.distributed import run_distributed
 from tests.tiny_data import payloads, write_dataset
 

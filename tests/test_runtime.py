@@ -4,7 +4,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from dit import cpu_backend, runtime
+from dit.runtime import cpu_backend, distributed as runtime
 from tests.distributed import run_distributed
 
 

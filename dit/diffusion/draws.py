@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from dit.packed import PackedBatch, thd_partition_indices
-from dit.runtime import sample_generator
+from dit.model.packed import PackedBatch, thd_partition_indices
+from dit.runtime.distributed import sample_generator
 
 
 @dataclass

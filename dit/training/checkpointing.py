@@ -40,7 +40,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from dit.errors import ConfigError
-from dit.mcore019 import async_save_options
+from dit.runtime.mcore019 import async_save_options
 from dit.training.ema import DP_SHARDS, EMA, MODEL_SPACE
 from dit.training.hooks import TrainLoader
 from dit.training.optimizer import allocate_state

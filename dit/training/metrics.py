@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from data.peer_formats import NORMALISATIONS, WARNINGS
+from data.loader.peer_formats import NORMALISATIONS, WARNINGS
 from dit.training.state import TrainState
 from dit.training.step import StepResult
 from dit.training.writers import MetricWriters

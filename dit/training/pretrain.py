@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from dit import runtime
-from dit.config import config_from_args
+from dit.runtime import distributed as runtime
+from dit.model.config import config_from_args
 from dit.diffusion import build_objective
 from dit.errors import TrainingStopped
 from dit.training.ema import EMA

@@ -25,7 +25,7 @@ class SkipKind(str, enum.Enum):
 
     CORRUPT_MEMBER = "corrupt_member"  # a .pth / .pickle payload that does not decode (truncated, garbage)
     CORRUPT_SHARD = "corrupt_shard"  # the tar does not read where its index points (deleted, emptied, cut short after prepare)
-    UNSAFE_PICKLE = "unsafe_pickle"  # .pickle names code (a global no array needs); refused, never run (data.safe_pickle)
+    UNSAFE_PICKLE = "unsafe_pickle"  # .pickle names code (a global no array needs); refused unrun (dit.safe_pickle)
     SAMPLE_ERROR = "sample_error"  # reading, cooking or decoding raised an exception no check foresaw
     NOT_A_LATENT = "not_a_latent"  # .pth is not a dense float tensor [C, T, H, W] / [C, H, W] with --latent-channels, no side 0
     OVERSIZED_STORAGE = "oversized_storage"  # a tensor stored with far more data than it shows (a view of a larger
@@ -52,7 +52,7 @@ class BadSample(Exception):
 
     ``flag`` names the flag the sample contradicts where there is one (``--latent-channels``), and
     ``value`` what the sample has instead (its channel count): when no sample of a dataset fits,
-    :mod:`data.preflight` tells the user which flag to set, and to what. ``also``: the sample's other
+    :mod:`data.loader.launch_check` tells the user which flag to set, and to what. ``also``: the sample's other
     defects, found by the checks that ran after this one's.
     """
 
@@ -92,7 +92,7 @@ class DataStats:
     skipped: dict[str, int] = field(default_factory=dict)  # by SkipKind value
     examples: list[SkipRecord] = field(default_factory=list)  # the first MAX_EXAMPLES skips
     longest: int = 0  # tokens (padded) of the longest sample read, oversize ones included: what --max-seq-length needs
-    formats: dict[str, int] = field(default_factory=dict)  # samples trained by the writer recognised (data.peer_formats)
+    formats: dict[str, int] = field(default_factory=dict)  # samples trained by writer recognised (peer_formats)
     normalised: dict[str, int] = field(default_factory=dict)  # samples trained by normalisation applied
     notes: dict[str, str] = field(default_factory=dict)  # the first sample's detail of each normalisation
 

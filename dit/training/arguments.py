@@ -17,12 +17,12 @@ from typing import NoReturn, Sequence
 
 import yaml
 
-from dit.sizes import MODEL_SIZES
-from dit import te
+from dit.model.sizes import MODEL_SIZES
+from dit.model import te
 from dit.errors import ConfigError
 
 MIN_ROPE_HEAD_DIM = 12
-"""3D RoPE splits a head's rotary pairs over (t, h, w) (``dit.embeddings.axis_split``): from 6 pairs on
+"""3D RoPE splits a head's rotary pairs over (t, h, w) (``dit.model.embeddings.axis_split``): from 6 pairs on
 every axis gets at least one; below that h and w would get none and the model would not see them."""
 MAX_SEED = 2**31  # Megatron offsets the seed per rank; torch refuses seeds past 2**63
 

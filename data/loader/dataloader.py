@@ -18,13 +18,13 @@ from typing import Any, Iterator
 
 from megatron.energon import SavableDataLoader, get_savable_loader, get_train_dataset, get_val_dataset
 
-from data.errors import SIZING, BadDataError, DataStats, SkipKind, one_line
-from data.rank_split import RankLayout, shard_for_rank
-from data.sample import LatentFormat
-from data.task_encoder import DiTTaskEncoder, LoadedPack
+from data.loader.bad_data import SIZING, BadDataError, DataStats, SkipKind, one_line
+from data.loader.rank_split import RankLayout, shard_for_rank
+from data.loader.sample import LatentFormat
+from data.loader.task_encoder import DiTTaskEncoder, LoadedPack
 from dit.errors import ConfigError
-from dit.fp8 import active_recipe
-from dit.packed import PackedBatch
+from dit.model.fp8 import active_recipe
+from dit.model.packed import PackedBatch
 
 STALL_SAMPLES = 1000
 """Samples read with none trainable before the run stops (at least a packing buffer from every worker)."""
@@ -199,7 +199,7 @@ def build_train_loader(args: argparse.Namespace) -> DiTDataLoader:
 
 def build_valid_loader(args: argparse.Namespace) -> DiTDataLoader:
     """The validation loader: the same packs in the same order every time it is built."""
-    from dit.arguments import validation_source
+    from dit.training.arguments import validation_source
 
     path, split = validation_source(args)
     layout = RankLayout.from_parallel_state(args.sequence_parallel, active_recipe(args.fp8_format, args.fp8_recipe))

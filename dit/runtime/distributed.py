@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from dit import cpu_backend
+from dit.runtime import cpu_backend
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class ParallelLayout:
 def initialize_model_parallel(layout: ParallelLayout) -> None:
     """Build Megatron's process groups (TP, PP, CP, DP) for ``layout`` over the default group.
 
-    The flags were checked against the world size already (``dit.arguments``); Megatron checks again.
+    The flags were checked against the world size already (``dit.training.arguments``); Megatron checks again.
     """
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tensor,

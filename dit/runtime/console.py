@@ -1,6 +1,6 @@
 """How a launch ends on a user's mistake: one line that reaches the terminal, under torchrun too.
 
-Every rank validates identically (the same flags, layout and probed samples: ``data.preflight``),
+Every rank validates identically (the same flags, layout and probed samples: ``data.loader.launch_check``),
 so every rank finds the same mistake. Were each to exit at once, torchrun would stop the others as
 soon as the first one is gone, rank 0 sometimes before it printed (about one launch in four). So
 rank 0 prints the line, hands it to torchrun's error file (torchrun's failure summary, the last
@@ -18,7 +18,7 @@ import sys
 import time
 import warnings
 
-from dit.arguments import is_main_process
+from dit.training.arguments import is_main_process
 
 WAIT_S = 60.0
 """How long a rank other than 0 waits to be stopped before it reports its mistake itself."""

@@ -16,7 +16,7 @@ Only the tar layer's read errors are caught, and only around the read: anything 
 stops the run. There is no limit on unreadable samples in a row (energon's own is 100): a shard
 deleted or emptied after prepare makes every sample it held one ``corrupt_shard`` skip, however
 many it held, and the run goes on with the other shards. If the whole dataset is gone, the bad
-fraction limit, or the loader's check that something trains, stops the run (:mod:`data.loader`).
+fraction limit, or the loader's check that something trains, stops the run (:mod:`data.loader.dataloader`).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def tolerate_unreadable_shards(dataset: Any) -> None:
     while not isinstance(inner, WebdatasetSampleLoaderDataset):
         if not hasattr(inner, "dataset"):
             raise TypeError(f"no WebdatasetSampleLoaderDataset under {dataset!r}: energon's dataset layout changed, "
-                            "so unreadable shards would crash the run; update data/shard_reads.py")
+                            "so unreadable shards would crash the run; update data/loader/shard_reads.py")
         inner = inner.dataset
     inner.join_readers = [r if isinstance(r, TolerantTarReader) else TolerantTarReader(r)
                           for r in inner.join_readers]

@@ -3,7 +3,7 @@
 Three layouts of the same pack appear in a step (S = padded tokens of the whole pack):
 - the pack: ``cu_seqlens_padded`` over S tokens, as the data path builds it;
 - the CP share: this CP rank's S/cp tokens, sample by sample (chunks r and 2cp-1-r of each sample,
-  see :func:`dit.packed.thd_partition_indices`), so sample i owns local rows
+  see :func:`dit.model.packed.thd_partition_indices`), so sample i owns local rows
   ``cu_seqlens_padded[i]/cp : cu_seqlens_padded[i+1]/cp``;
 - the SP share: with sequence parallelism each TP rank holds a contiguous 1/tp slice of the CP share.
 """
@@ -17,10 +17,10 @@ from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
-from dit.attention import PackedAttentionParams, attention_params
-from dit.fp8 import fp8_rows
-from dit.packed import PackedBatch
-from dit.runs import SampleRun, sample_runs
+from dit.model.attention import PackedAttentionParams, attention_params
+from dit.model.fp8 import fp8_rows
+from dit.model.packed import PackedBatch
+from dit.model.runs import SampleRun, sample_runs
 
 
 @dataclass
@@ -45,7 +45,7 @@ def cp_token_samples(cu_seqlens_padded: Tensor, cp_size: int) -> Tensor:
 
 def text_padding(num_text_tokens: int, sequence_parallel: bool, fp8_recipe: str | None = None) -> int:
     """Zero rows appended to the text so that each TP rank's slice under sequence parallelism is whole and,
-    under FP8, a multiple of TE's row rule (:func:`dit.fp8.fp8_rows`: cross-attention's key/value linear
+    under FP8, a multiple of TE's row rule (:func:`dit.model.fp8.fp8_rows`: cross-attention's key/value linear
     reads that slice); they are padding of the pack's last sample (``cu_seqlens_kv_padded``)."""
     slices = parallel_state.get_tensor_model_parallel_world_size() if sequence_parallel else 1
     return -num_text_tokens % (slices * fp8_rows(fp8_recipe))
@@ -53,7 +53,7 @@ def text_padding(num_text_tokens: int, sequence_parallel: bool, fp8_recipe: str 
 
 def packed_sequence(batch: PackedBatch, sequence_parallel: bool, fp8_recipe: str | None = None) -> PackedSequence:
     """Build the attention parameters and token->sample map of ``batch`` for this rank, on the host from the
-    pack's layout (``dit.packed.LAYOUT``); :meth:`PackedSequence.to` moves what the kernels read."""
+    pack's layout (``dit.model.packed.LAYOUT``); :meth:`PackedSequence.to` moves what the kernels read."""
     cp = parallel_state.get_context_parallel_world_size()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     cu, cu_padded = batch.cu_seqlens.int(), batch.cu_seqlens_padded.int()

@@ -1,7 +1,7 @@
 """Sequence packing: per-sample padding, first-fit-decreasing bins, and samples -> :class:`PackedBatch`.
 
 Each sample is padded only to the multiple the parallel layout needs (see
-:func:`data.rank_split.pad_multiple`), then whole samples are bin-packed into sequences of at
+:func:`data.loader.rank_split.pad_multiple`), then whole samples are bin-packed into sequences of at
 most ``max_seq_length`` tokens. Packing efficiency is real tokens / (packs x max_seq_length).
 """
 
@@ -11,8 +11,8 @@ from typing import Sequence
 
 import torch
 
-from data.sample import EncodedSample
-from dit.packed import PackedBatch
+from data.loader.sample import EncodedSample
+from dit.model.packed import PackedBatch
 
 
 def padded_length(length: int, multiple: int) -> int:

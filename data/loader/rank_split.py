@@ -4,7 +4,7 @@
   PP rank of one model replica reads the same packs, and replicas read disjoint ones.
 - Each sample is padded to :func:`pad_multiple`: a multiple of 2*cp so that it splits into 2*cp
   equal chunks, times tp under sequence parallelism so that each CP share splits over TP ranks,
-  and under FP8 so that every rank's linear inputs hold TE's row multiple (:mod:`dit.fp8`).
+  and under FP8 so that every rank's linear inputs hold TE's row multiple (:mod:`dit.model.fp8`).
 - After loading, a CP rank keeps chunks r and 2cp-1-r of every sample (TE's THD scheme), and a
   pipeline stage that is neither first nor last drops the latent tokens and the loss mask: it
   needs only the conditioning (text, positions, timesteps from the keys) and the cu_seqlens.
@@ -19,15 +19,15 @@ from megatron.core import parallel_state as ps
 from megatron.energon import WorkerConfig
 from megatron.energon.errors import reraise_exception
 
-from dit.packed import PackedBatch, thd_partition_indices
-from dit.fp8 import fp8_rows
+from dit.model.packed import PackedBatch, thd_partition_indices
+from dit.model.fp8 import fp8_rows
 
 
 def pad_multiple(cp_size: int, tp_size: int, sequence_parallel: bool, fp8_recipe: str | None = None) -> int:
     """The smallest multiple every sample's token count must be padded to for this layout.
 
     Under FP8, TE's GEMMs also need the rows of every linear's input on each rank, S/cp (S/cp/tp under
-    sequence parallelism), in multiples of :func:`dit.fp8.fp8_rows`: each sample then gives every rank
+    sequence parallelism), in multiples of :func:`dit.model.fp8.fp8_rows`: each sample then gives every rank
     a multiple of that many.
     """
     slices = tp_size if sequence_parallel else 1
@@ -68,7 +68,7 @@ class RankLayout:
     def worker_config(self, num_workers: int, seed: int) -> WorkerConfig:
         """energon's config for this replica. Data faults never reach energon's error handler (the
         task encoder turns them into counted skips, shard read errors included: see
-        :mod:`data.shard_reads`), so whatever does is a bug and is raised."""
+        :mod:`data.loader.shard_reads`), so whatever does is a bug and is raised."""
         return WorkerConfig(rank=self.dp_rank, world_size=self.dp_size, num_workers=num_workers,
                             seed_offset=seed, global_error_handler=reraise_exception)
 

@@ -22,9 +22,9 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from torch import nn
 
-from dit.adaln import AdaLNModulation
-from dit.config import DiTConfig
-from dit.embeddings import ClassEmbedder, ScalarEmbedder, TextProjection
+from dit.model.adaln import AdaLNModulation
+from dit.model.config import DiTConfig
+from dit.model.embeddings import ClassEmbedder, ScalarEmbedder, TextProjection
 
 EMBEDDING_STD = 0.02  # the DiT paper's N(0, 0.02) for the timestep MLP and the class table
 

@@ -5,13 +5,13 @@ One layer, on this rank's tokens ``[s, 1, h]`` (packed THD; s = tokens after the
     x = x + g_ca  * CrossAttn(modulate(LN(x), shift_ca, scale_ca), text)        (text conditioning only)
     x = x + g_mlp * MLP(modulate(LN(x), shift_mlp, scale_mlp))
 where (shift, scale, g) come from each token's own sample conditioning (``AdaLNModulation``), broadcast
-over the sample's tokens (``dit.adaln.per_sample``).
+over the sample's tokens (``dit.model.adaln.per_sample``).
 
 Megatron's ``TransformerBlock`` calls layers with a fixed set of arguments. DiT uses them as follows:
 ``attention_mask`` carries the per-sample conditioning ``[N, h]`` (THD attention is masked by cu_seqlens,
 and this is the slot the block passes through activation checkpointing, so recompute keeps its
 gradient), ``context`` the projected text, ``rotary_pos_emb`` the per-token RoPE angles, and
-``packed_seq_params`` a :class:`dit.sequence.PackedSequence`.
+``packed_seq_params`` a :class:`dit.model.sequence.PackedSequence`.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.utils import make_viewless_tensor
 from torch import Tensor, nn
 
-from dit.adaln import AdaLNModulation, ModulatedNorm, gated_residual
-from dit.attention import PackedAttention, RowRoPESelfAttention
-from dit.config import DiTConfig
-from dit.sequence import PackedSequence
+from dit.model.adaln import AdaLNModulation, ModulatedNorm, gated_residual
+from dit.model.attention import PackedAttention, RowRoPESelfAttention
+from dit.model.config import DiTConfig
+from dit.model.sequence import PackedSequence
 
 
 @dataclass
@@ -68,7 +68,7 @@ def _backend(transformer_impl: str) -> _Backend:
         return _Backend(ColumnParallelLinear, RowParallelLinear, PackedAttention, QKNorm)
     from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TENorm, TERowParallelLinear
 
-    from dit.te_attention import PackedTEAttention
+    from dit.model.te_attention import PackedTEAttention
 
     return _Backend(TEColumnParallelLinear, TERowParallelLinear, PackedTEAttention, TENorm)
 

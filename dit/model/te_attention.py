@@ -7,7 +7,7 @@ context-parallel ring path then divides the unpadded ``cu_seqlens`` by cp and si
 (TE issue 3331; 2.18 infers it from the padded offsets being present). The comparison is also a
 device-to-host sync per call. Megatron-Core's wrapper forwards only the ``PackedSeqParams`` fields it keeps;
 0.16's has no ``pad_between_seqs``, so this subclass keeps that one too (0.17 and later keep it themselves on
-TE 2.2+, where the line below changes nothing). :func:`dit.attention.attention_params` sets it from the pack
+TE 2.2+, where the line below changes nothing). :func:`dit.model.attention.attention_params` sets it from the pack
 on the host. TE's ``DotProductAttention`` takes the argument from 2.2 on (:data:`MIN_TE_VERSION`, as
 Megatron-Core 0.19 reads it; checked at launch).
 """

@@ -2,7 +2,7 @@
 
 The modulation linear is column-parallel over TP (it is the largest matrix of a DiT layer) and its output
 is all-gathered, so every TP rank holds the full vectors of every sample ``[N, k*h]``. They reach the
-tokens by broadcasting: the tokens of a run of equal-length samples (:mod:`dit.runs`) are viewed
+tokens by broadcasting: the tokens of a run of equal-length samples (:mod:`dit.model.runs`) are viewed
 ``[B, L, h]`` and each sample's vector ``[B, 1, h]`` is broadcast over its L tokens, so no per-token copy
 ``[s, k*h]`` is made in the forward or kept for the backward. Under sequence parallelism a TP rank
 modulates only its own slice of the tokens, so the gradient of the per-sample vectors is partial on each
@@ -22,8 +22,8 @@ from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel
 from megatron.core.transformer.module import MegatronModule
 from torch import Tensor, nn
 
-from dit.config import DiTConfig
-from dit.runs import SampleRun, split_rows
+from dit.model.config import DiTConfig
+from dit.model.runs import SampleRun, split_rows
 
 
 def per_sample(fn: Callable[..., Tensor], runs: list[SampleRun], tokens: tuple[Tensor, ...],
@@ -49,7 +49,7 @@ def gated_residual(x: Tensor, update: Tensor, gate: Tensor, runs: list[SampleRun
 class AdaLNModulation(MegatronModule):
     """``cond [N, h]`` -> ``num_chunks`` per-sample vectors ``[N, h]`` (shift, scale, gate, ...).
 
-    ``dit.init.initialize_weights`` zeroes it, so every modulated block starts as the identity (adaLN-Zero).
+    ``dit.model.init.initialize_weights`` zeroes it, so every modulated block starts as the identity (adaLN-Zero).
     """
 
     def __init__(self, config: DiTConfig, num_chunks: int):

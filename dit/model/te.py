@@ -6,7 +6,7 @@ import functools
 import importlib.util
 
 from dit.errors import ConfigError
-from dit.fp8 import check_fp8_device
+from dit.model.fp8 import check_fp8_device
 
 
 @functools.cache
@@ -34,7 +34,7 @@ def check_backend(transformer_impl: str, fp8_format: str | None, half_precision:
 
     ``half_precision``: bf16 (or fp16) parameters and activations. TE's fused and flash attention for packed
     (THD) sequences, and its context parallelism, have no fp32 kernels. ``fp8_recipe`` must have FP8 kernels
-    on this GPU (:data:`dit.fp8.MIN_CAPABILITY`).
+    on this GPU (:data:`dit.model.fp8.MIN_CAPABILITY`).
     """
     if transformer_impl == "transformer_engine":
         if not have_transformer_engine():
@@ -48,7 +48,7 @@ def check_backend(transformer_impl: str, fp8_format: str | None, half_precision:
                               "transformer_engine needs a CUDA GPU and there is none here; use --transformer-impl local")
         from packaging.version import Version
 
-        from dit.te_attention import MIN_TE_VERSION
+        from dit.model.te_attention import MIN_TE_VERSION
 
         if Version(te_version()) < Version(MIN_TE_VERSION):
             raise ConfigError("--transformer-impl",

@@ -15,7 +15,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 from torch import Tensor, nn
 
-from dit.config import DiTConfig
+from dit.model.config import DiTConfig
 
 FREQUENCY_EMBEDDING_SIZE = 256  # sinusoid width of a scalar before its MLP, as in DiT
 
@@ -42,7 +42,7 @@ def tie_pipeline_replicated(module: nn.Module) -> None:
     """Make the ``pipeline_parallel`` copies on the PP stages act as one parameter (call it when PP > 1).
 
     - Initial values: the first stage's, broadcast over the PP group (each stage draws its own weights,
-      as ``dit.runtime.set_random_seed`` offsets the seed per stage);
+      as ``dit.runtime.distributed.set_random_seed`` offsets the seed per stage);
     - ``shared`` on every stage but the first, so Megatron's gradient norm (clipping) counts them once;
     - ``shared_embedding``, so Megatron's DDP gives each a gradient bucket of its own: with the
       distributed optimizer such a bucket splits into the same DP shards on every stage, and the

@@ -36,8 +36,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
-from dit.packed import thd_partition_indices
-from dit.runs import split_rows
+from dit.model.packed import thd_partition_indices
+from dit.model.runs import split_rows
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class PackedAttentionParams(PackedSeqParams):
     """Megatron's THD parameters plus what :class:`PackedAttention` derives from them once per micro-batch."""
 
     groups: list[AttentionGroup] = field(default_factory=list)
-    pad_between_seqs: bool = True  # a sample has padding rows (TE's argument, see dit.te_attention)
+    pad_between_seqs: bool = True  # a sample has padding rows (TE's argument, see dit.model.te_attention)
     real_rows: Tensor | None = None  # [t] bool, this rank's real query rows; None: no pad rows
     kv_order: Tensor | None = None  # [S] index: all-gathered CP shares -> pack order (self-attention, CP > 1)
 

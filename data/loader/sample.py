@@ -4,18 +4,18 @@ energon hands the cooker a crude sample of raw bytes: ``.pth`` latent ``[C, T, H
 ``[C, H, W]`` (any float dtype), ``.pickle`` text embedding ``[L, D]`` (numpy or torch) and
 ``.json`` metadata (an object; keys kept as they are). The peers' variants of it (a batch
 dimension of one, a dict pickle, zero-padded text, ``KEY..pth`` names) are read as their readers
-read them, and noted (:mod:`data.peer_formats`).
+read them, and noted (:mod:`data.loader.peer_formats`).
 
 - :func:`read_header` makes a :class:`DiffusionSample`: the lengths come from the tensor header
   (a meta-device load reads no tensor data) and the latent stays raw bytes; the text embedding is
-  unpickled (by :mod:`data.safe_pickle`, which runs nothing) and checked here, kept in its stored
+  unpickled (by :mod:`dit.safe_pickle`, which runs nothing) and checked here, kept in its stored
   dtype: as many bytes as its payload, so a packing buffer of hundreds of samples still costs only
   their on-disk size, and a text defect is found before it takes room in a pack.
   Every problem of a sample is found, not only the first (``--validate-only`` lists them).
 - :func:`decode` runs after packing, on the samples of one pack: it decodes the latent, checks its
   values and patchifies into an :class:`EncodedSample`.
 
-Both raise :class:`~data.errors.BadSample` naming the defect. Nothing may cost much more memory
+Both raise :class:`~data.loader.bad_data.BadSample` naming the defect. Nothing may cost much more memory
 than its declared shape: a tensor stored with more than :data:`MAX_STORAGE_RATIO` times its own
 bytes is skipped before its data is loaded, and shapes are checked before any conversion.
 """
@@ -32,11 +32,12 @@ import torch
 from megatron.energon import Sample
 from megatron.energon.edataclass import edataclass
 
-from data import peer_formats, safe_pickle
-from data.errors import BadSample, SkipKind, SkipRecord
-from data.peer_formats import Notes
-from data.shard_reads import TOO_LARGE, UNREADABLE
-from dit.patchify import as_video, grid_size, patchify
+from data.loader import peer_formats
+from dit import safe_pickle
+from data.loader.bad_data import BadSample, SkipKind, SkipRecord
+from data.loader.peer_formats import Notes
+from data.loader.shard_reads import TOO_LARGE, UNREADABLE
+from dit.model.patchify import as_video, grid_size, patchify
 
 MEMBERS = ("pth", "pickle", "json")
 NUMPY_KEPT = (np.dtype(np.float16), np.dtype(np.float32))  # numpy text kept as stored; other floats -> float32
@@ -79,7 +80,7 @@ class DiffusionSample(Sample):
     seq_len: int  # real latent tokens = T' * H' * W'
     padded_len: int  # seq_len rounded up to the layout's multiple (or --max-seq-length without packing)
     metadata: dict[str, Any]
-    format: str  # the writer recognised (data.peer_formats.FORMATS)
+    format: str  # the writer recognised (data.loader.peer_formats.FORMATS)
     notes: dict[str, str]  # normalisations applied: name -> this sample's detail
 
 
@@ -304,7 +305,7 @@ def _members(crude: dict, notes: Notes) -> dict[str, bytes]:
 def read_header(crude: dict, fmt: LatentFormat) -> Header:
     """Check a crude sample as far as possible without reading its latent's data; raise its first defect
     with the others in ``also``."""
-    if UNREADABLE in crude:  # its tar bytes did not read (see data.shard_reads)
+    if UNREADABLE in crude:  # its tar bytes did not read (see data.loader.shard_reads)
         raise BadSample(SkipKind.CORRUPT_SHARD, crude[UNREADABLE])
     if TOO_LARGE in crude:
         raise BadSample(SkipKind.MEMBER_TOO_LARGE, crude[TOO_LARGE])

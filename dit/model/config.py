@@ -1,5 +1,5 @@
 """DiTConfig (a Megatron ``TransformerConfig`` with DiT's own fields), a named size -> config
-(:func:`dit_config`, sizes in ``dit/sizes.py``), and parsed flags -> config (:func:`config_from_args`)."""
+(:func:`dit_config`, sizes in ``dit/model/sizes.py``), and parsed flags -> config (:func:`config_from_args`)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from dit.sizes import MODEL_SIZES
-from dit import te
+from dit.model.sizes import MODEL_SIZES
+from dit.model import te
 from dit.errors import ConfigError
-from dit.fp8 import check_fp8_widths
+from dit.model.fp8 import check_fp8_widths
 
 
 @dataclass
@@ -142,7 +142,7 @@ def dit_config(size: str, **fields) -> DiTConfig:
 
 
 def config_from_args(args: argparse.Namespace) -> DiTConfig:
-    """The one place where parsed flags (``dit.arguments.parse_args``) become a DiTConfig."""
+    """The one place where parsed flags (``dit.training.arguments.parse_args``) become a DiTConfig."""
     full = args.recompute_granularity == "full"
     return DiTConfig(
         num_layers=args.num_layers,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from dit.arguments import is_main_process
+from dit.training.arguments import is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def enable() -> bool:
     mode.__enter__()
     _state["mode"] = mode
     if is_main_process():  # once per job, not once per rank
-        log.warning("No CUDA device: Megatron-Core runs on CPU through dit.cpu_backend (gloo, local kernels).")
+        log.warning("No CUDA device: Megatron-Core runs on CPU through dit.runtime.cpu_backend (gloo, local kernels).")
     return True
 
 

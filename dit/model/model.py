@@ -28,9 +28,9 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 from torch import Tensor, nn
 
-from dit.adaln import AdaLNModulation, ModulatedNorm
-from dit.config import DiTConfig
-from dit.embeddings import (
+from dit.model.adaln import AdaLNModulation, ModulatedNorm
+from dit.model.config import DiTConfig
+from dit.model.embeddings import (
     ClassEmbedder,
     ScalarEmbedder,
     SinCos3D,
@@ -38,13 +38,13 @@ from dit.embeddings import (
     rope3d_angles,
     tie_pipeline_replicated,
 )
-from dit.fp8 import active_recipe
-from dit.init import initialize_weights
-from dit.layer_spec import get_dit_layer_spec
-from dit.packed import PackedBatch
-from dit.patchify import unpatchify
-from dit.runs import SampleRun
-from dit.sequence import packed_sequence, text_padding
+from dit.model.fp8 import active_recipe
+from dit.model.init import initialize_weights
+from dit.model.layer_spec import get_dit_layer_spec
+from dit.model.packed import PackedBatch
+from dit.model.patchify import unpatchify
+from dit.model.runs import SampleRun
+from dit.model.sequence import packed_sequence, text_padding
 
 
 class FinalLayer(MegatronModule):
@@ -80,7 +80,7 @@ class DiTModel(VisionModule):
             raise ValueError("virtual pipeline stages are not supported yet: "
                              "leave virtual_pipeline_model_parallel_size unset")
         self.pre_process, self.post_process = pre_process, post_process
-        self.fp8_recipe = active_recipe(config.fp8, config.fp8_recipe)  # the shape rule the packs follow (dit.fp8)
+        self.fp8_recipe = active_recipe(config.fp8, config.fp8_recipe)  # the packs' shape rule (dit.model.fp8)
         self.t_embedder = ScalarEmbedder(config, freq_shift=config.timestep_freq_shift)
         self.fps_embedder = ScalarEmbedder(config) if config.fps_conditioning else None
         self.class_embedder = ClassEmbedder(config) if config.conditioning == "class" else None
@@ -150,7 +150,7 @@ class DiTModel(VisionModule):
 
     def _text(self, batch: PackedBatch) -> Tensor | None:
         """Projected text ``[K, 1, h]``, zero-padded to a multiple of tp under SP (then split ``[K/tp, 1, h]``)
-        and to TE's FP8 row rule (``dit.sequence.text_padding``)."""
+        and to TE's FP8 row rule (``dit.model.sequence.text_padding``)."""
         if self.text_projection is None:
             return None
         text = self.text_projection(batch.text).unsqueeze(1)  # [K, 1, h]
@@ -169,7 +169,7 @@ class DiTModel(VisionModule):
     def _rope(self, batch: PackedBatch) -> Tensor | None:
         """Per-token 3D RoPE angles of this rank's rows ``[s, 1, 1, hn]`` (its CP share, in row order), once per
         micro-batch on the device; every layer's self-attention applies them row by row
-        (``dit.attention.RowRoPESelfAttention``)."""
+        (``dit.model.attention.RowRoPESelfAttention``)."""
         if self.config.position_embedding != "rope3d":
             return None
         return rope3d_angles(batch.positions, self.config.kv_channels)

@@ -2,7 +2,7 @@
 
 energon's order with a packing buffer (``get_train_dataset(..., packing_buffer_size=N)``):
 
-1. :meth:`DiTTaskEncoder.cook` on each crude sample (no decoding, see :mod:`data.sample`);
+1. :meth:`DiTTaskEncoder.cook` on each crude sample (no decoding, see :mod:`data.loader.sample`);
 2. :meth:`select_samples_to_pack` on a full buffer: first-fit-decreasing into packs;
 3. :meth:`postencode_sample` on each sample of one chosen pack: decode and check;
 4. :meth:`pack_selected_samples`: concatenate into a :class:`PackedBatch`.
@@ -26,11 +26,12 @@ from megatron.energon import Cooker, DefaultTaskEncoder, Sample, WorkerConfig, s
 from megatron.energon.edataclass import edataclass
 from megatron.energon.task_encoder.cooking import basic_sample_keys
 
-from data.errors import BadSample, DataStats, SkipKind, one_line
-from data.packing import build_pack, first_fit_decreasing, padded_length
-from data.sample import DiffusionSample, EncodedSample, LatentFormat, SkippedSample, decode, read_header, sample_key
-from data.shard_reads import tolerate_unreadable_shards
-from dit.packed import PackedBatch
+from data.loader.bad_data import BadSample, DataStats, SkipKind, one_line
+from data.loader.packing import build_pack, first_fit_decreasing, padded_length
+from data.loader.sample import (DiffusionSample, EncodedSample, LatentFormat, SkippedSample, decode, read_header,
+                                sample_key)
+from data.loader.shard_reads import tolerate_unreadable_shards
+from dit.model.packed import PackedBatch
 
 AnySample = DiffusionSample | EncodedSample | SkippedSample
 
@@ -67,7 +68,7 @@ class DiTTaskEncoder(DefaultTaskEncoder):
         return super().build_cook_crude_sample(dataset, **kwargs)
 
     def cooked(self, crude: dict) -> DiffusionSample:
-        """The cooked sample, or :class:`BadSample` naming why it cannot train (``data.preflight`` uses it too)."""
+        """The cooked sample, or :class:`BadSample` naming why it cannot train (the launch check uses it too)."""
         header = read_header(crude, self.fmt)
         seq_len = header.grid[0] * header.grid[1] * header.grid[2]
         padded = padded_length(seq_len, self.pad_multiple) if self.packing else self.max_seq_length

@@ -2,7 +2,7 @@
 
 :func:`check_launch` is what ``pretrain_dit.py`` runs first on every rank, and all that
 ``--validate-only`` runs (one plain process, for a launch of ``--world-size`` processes). It reads
-only what every rank reads alike, so every rank finds the same mistake (``dit.launch``).
+only what every rank reads alike, so every rank finds the same mistake (``dit.runtime.console``).
 
 The dataset is probed: the first :data:`PROBE_PER_SHARD` samples of up to :data:`PROBE_SHARDS`
 shards spread over it go through the real cooker. When none of them could train, the mistake is
@@ -24,15 +24,15 @@ from megatron.energon.epathlib import EPath
 from megatron.energon.flavors.webdataset.config import split_name_re
 from megatron.energon.flavors.webdataset.metadata import get_dataset_info
 
-from data.errors import BadSample, SkipKind, one_line
-from data.loader import task_encoder
-from data.rank_split import pad_multiple
-from data.shard_reads import READ_ERRORS, TOO_LARGE, declared_size_error
-from data.task_encoder import DiTTaskEncoder
-from dit.arguments import has_split, validate_args, world_size
-from dit.config import DiTConfig, config_from_args
+from data.loader.bad_data import BadSample, SkipKind, one_line
+from data.loader.dataloader import task_encoder
+from data.loader.rank_split import pad_multiple
+from data.loader.shard_reads import READ_ERRORS, TOO_LARGE, declared_size_error
+from data.loader.task_encoder import DiTTaskEncoder
+from dit.training.arguments import has_split, validate_args, world_size
+from dit.model.config import DiTConfig, config_from_args
 from dit.errors import ConfigError
-from dit.fp8 import active_recipe
+from dit.model.fp8 import active_recipe
 
 PROBE_SHARDS = 8
 PROBE_PER_SHARD = 4
@@ -70,7 +70,7 @@ class Launch:
 
 
 def check_launch(args: argparse.Namespace) -> Launch:
-    """Every check a launch of parsed flags can make before it starts (``dit.arguments.parse_args`` first:
+    """Every check a launch of parsed flags can make before it starts (``dit.training.arguments.parse_args`` first:
     it answers ``--help`` without these imports); raises :class:`ConfigError` on the first mistake."""
     world = world_size(args)
     validate_args(args, world)
