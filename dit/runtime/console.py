@@ -18,8 +18,6 @@ import sys
 import time
 import warnings
 
-from dit.training.arguments import is_main_process
-
 WAIT_S = 60.0
 """How long a rank other than 0 waits to be stopped before it reports its mistake itself."""
 LIBRARY_WARNINGS = (
@@ -30,6 +28,11 @@ LIBRARY_WARNINGS = (
 LIBRARY_LOGGERS = (
     "torch.utils.cpp_extension",  # a CUDA build of torch on a machine without CUDA: "No CUDA runtime is found"
 )
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun launch, or a plain ``python`` process: the one that prints a job's lines."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def quiet_library_warnings() -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from dit.training.arguments import is_main_process
+from dit.runtime.console import is_main_process
 
 log = logging.getLogger(__name__)
 

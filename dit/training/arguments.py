@@ -562,6 +562,3 @@ def world_size(args: argparse.Namespace) -> int:
     _require("--world-size", args.world_size >= 1, f"must be >= 1, got {args.world_size}")
     return args.world_size
 
-
-def is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"

@@ -3,9 +3,9 @@ then ``pretrain``; a run that must stop is one line too (exit 1)."""
 
 from __future__ import annotations
 
-from dit.training.arguments import is_main_process, parse_args
+from dit.training.arguments import parse_args
 from dit.errors import ConfigError, TrainingStopped
-from dit.runtime.console import user_error
+from dit.runtime.console import is_main_process, user_error
 from dit.training.hooks import Hooks
 
 
