@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from data.loader.peer_formats import NORMALISATIONS, WARNINGS
 from dit.errors import TrainingStopped
 
 MAX_EXAMPLES = 8  # skipped samples remembered by key and shard, for the log
@@ -63,12 +64,6 @@ class BadSample(Exception):
         self.flag = flag
         self.value = value
         self.also: list[BadSample] = []
-
-
-def one_line(error: BaseException) -> str:
-    """An exception as one short line for the skip log: its type and the first line of its message."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
 
 
 class BadDataError(TrainingStopped):
@@ -126,6 +121,10 @@ class DataStats:
                 f"{self.bad} of {read} samples read ({self.bad / read:.1%}) were broken, more than "
                 f"--max-bad-sample-fraction {max_bad_fraction}: {self.describe()}. Fix or drop those shards "
                 "(python -m data.report DATASET lists them), or raise the limit if this is expected.")
+
+    def warnings(self) -> dict[str, str]:
+        """The normalisations applied so far that deserve a warning, each with what it did (for the trainer's log)."""
+        return {name: NORMALISATIONS[name] for name in self.normalised if name in WARNINGS}
 
     def describe(self) -> str:
         """One line for the log: counts by kind and the first few skipped samples."""

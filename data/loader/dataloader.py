@@ -18,11 +18,11 @@ from typing import Any, Iterator
 
 from megatron.energon import SavableDataLoader, get_savable_loader, get_train_dataset, get_val_dataset
 
-from data.loader.bad_data import SIZING, BadDataError, DataStats, SkipKind, one_line
+from data.loader.bad_data import SIZING, BadDataError, DataStats, SkipKind
 from data.loader.rank_split import RankLayout, shard_for_rank
 from data.loader.sample import LatentFormat
 from data.loader.task_encoder import DiTTaskEncoder, LoadedPack
-from dit.errors import ConfigError
+from dit.errors import ConfigError, one_line
 from dit.model.fp8 import active_recipe
 from dit.model.packed import PackedBatch
 

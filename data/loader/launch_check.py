@@ -24,14 +24,14 @@ from megatron.energon.epathlib import EPath
 from megatron.energon.flavors.webdataset.config import split_name_re
 from megatron.energon.flavors.webdataset.metadata import get_dataset_info
 
-from data.loader.bad_data import BadSample, SkipKind, one_line
+from data.loader.bad_data import BadSample, SkipKind
 from data.loader.dataloader import task_encoder
 from data.loader.rank_split import pad_multiple
 from data.loader.shard_reads import READ_ERRORS, TOO_LARGE, declared_size_error
 from data.loader.task_encoder import DiTTaskEncoder
 from dit.training.arguments import has_split, validate_args, world_size
 from dit.model.config import DiTConfig, config_from_args
-from dit.errors import ConfigError
+from dit.errors import ConfigError, one_line
 from dit.model.fp8 import active_recipe
 
 PROBE_SHARDS = 8

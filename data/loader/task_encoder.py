@@ -26,11 +26,12 @@ from megatron.energon import Cooker, DefaultTaskEncoder, Sample, WorkerConfig, s
 from megatron.energon.edataclass import edataclass
 from megatron.energon.task_encoder.cooking import basic_sample_keys
 
-from data.loader.bad_data import BadSample, DataStats, SkipKind, one_line
+from data.loader.bad_data import BadSample, DataStats, SkipKind
 from data.loader.packing import build_pack, first_fit_decreasing, padded_length
 from data.loader.sample import (DiffusionSample, EncodedSample, LatentFormat, SkippedSample, decode, read_header,
                                 sample_key)
 from data.loader.shard_reads import tolerate_unreadable_shards
+from dit.errors import one_line
 from dit.model.packed import PackedBatch
 
 AnySample = DiffusionSample | EncodedSample | SkippedSample

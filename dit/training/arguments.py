@@ -468,7 +468,7 @@ def check_energon_dataset(path: str | Path, flag: str = "--data-path") -> None:
     else:
         missing = [names[0] for names in NV_META if not any((path / ".nv-meta" / n).is_file() for n in names)]
         if missing:
-            from data.prepare_refusals import prepare_refusal
+            from dit.training.prepare_refusals import prepare_refusal
 
             refusal = prepare_refusal(path)
             raise ConfigError(flag, f"{path}/.nv-meta lacks {', '.join(missing)}: " + (

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from megatron.energon.flavors.webdataset.config import split_name_re
 
-from data.loader.bad_data import one_line
+from dit.errors import one_line
 
 
 def _keys(shard: Path) -> list[str]:
