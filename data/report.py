@@ -66,13 +66,13 @@ def histogram(lengths: Sequence[int], max_seq_length: int, bins: int = 6) -> dic
 def measure(args: argparse.Namespace, data_path: str) -> dict[str, Any]:
     """One pass over the dataset through the real loader; the report as a dict."""
     from data.loader.bad_data import DataStats  # the loader's imports take seconds: after the flags are checked
-    from data.loader.dataloader import energon_loader, iterate_packs, task_encoder
+    from data.loader.dataloader import energon_loader, iterate_packs, build_task_encoder
     from data.loader.rank_split import RankLayout
 
     layout = RankLayout(cp_size=args.context_parallel_size, tp_size=args.tensor_model_parallel_size,
                         sequence_parallel=args.sequence_parallel,
                         fp8_recipe=active_recipe(args.fp8_format, args.fp8_recipe))
-    encoder = task_encoder(args, layout.pad_multiple)
+    encoder = build_task_encoder(args, layout.pad_multiple)
     loader = energon_loader(data_path, encoder, layout, num_workers=args.num_workers, seed=args.seed,
                             packing_buffer_size=args.packing_buffer_size, micro_batch_size=args.micro_batch_size,
                             repeat=False)

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from data.loader.bad_data import SkipKind
-from data.loader.dataloader import DiTDataLoader, buffer_samples, energon_loader, task_encoder
+from data.loader.dataloader import DiTDataLoader, buffer_samples, energon_loader, build_task_encoder
 from data.loader.rank_split import RankLayout
 from data.loader.sample import LatentFormat
 from data import shards
@@ -73,7 +73,7 @@ def tiny_loader(path, *extra: str, workers: int = 0, repeat: bool = True, max_ba
     from dit.training.arguments import parse_args
 
     args = parse_args([*FLAGS, *extra])
-    loader = energon_loader(path, task_encoder(args, pad_multiple=4), RankLayout(), num_workers=workers, seed=3,
+    loader = energon_loader(path, build_task_encoder(args, pad_multiple=4), RankLayout(), num_workers=workers, seed=3,
                             packing_buffer_size=args.packing_buffer_size, micro_batch_size=args.micro_batch_size,
                             repeat=repeat)
     return DiTDataLoader(loader, RankLayout(), max_bad_sample_fraction=max_bad, num_workers=workers,

@@ -62,7 +62,7 @@ def stall_limit(packing_buffer_size: int, num_workers: int) -> int:
     return max(STALL_SAMPLES, packing_buffer_size * max(num_workers, 1))
 
 
-def task_encoder(args: argparse.Namespace, pad_multiple: int) -> DiTTaskEncoder:
+def build_task_encoder(args: argparse.Namespace, pad_multiple: int) -> DiTTaskEncoder:
     """The task encoder for parsed flags and the layout's padding multiple."""
     fmt = LatentFormat(args.patch_size, args.temporal_patch_size, args.latent_channels, args.text_embed_dim,
                        max_text_length=args.max_text_length, fps_conditioning=args.fps_conditioning,
@@ -188,7 +188,7 @@ def buffer_samples(args: argparse.Namespace) -> int:
 def build_train_loader(args: argparse.Namespace) -> DiTDataLoader:
     """The training loader for parsed, validated flags; Megatron's parallel state must be initialised."""
     layout = RankLayout.from_parallel_state(args.sequence_parallel, active_recipe(args.fp8_format, args.fp8_recipe))
-    loader = energon_loader(args.data_path, task_encoder(args, layout.pad_multiple), layout,
+    loader = energon_loader(args.data_path, build_task_encoder(args, layout.pad_multiple), layout,
                             num_workers=args.num_workers, seed=args.seed,
                             packing_buffer_size=args.packing_buffer_size, micro_batch_size=args.micro_batch_size)
     return DiTDataLoader(loader, layout, max_bad_sample_fraction=args.max_bad_sample_fraction,
@@ -203,7 +203,7 @@ def build_valid_loader(args: argparse.Namespace) -> DiTDataLoader:
 
     path, split = validation_source(args)
     layout = RankLayout.from_parallel_state(args.sequence_parallel, active_recipe(args.fp8_format, args.fp8_recipe))
-    loader = energon_loader(path, task_encoder(args, layout.pad_multiple), layout, num_workers=args.num_workers,
+    loader = energon_loader(path, build_task_encoder(args, layout.pad_multiple), layout, num_workers=args.num_workers,
                             seed=args.seed, packing_buffer_size=args.packing_buffer_size,
                             micro_batch_size=args.micro_batch_size, split=split)
     return DiTDataLoader(loader, layout, max_bad_sample_fraction=args.max_bad_sample_fraction,

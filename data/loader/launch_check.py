@@ -25,7 +25,7 @@ from megatron.energon.flavors.webdataset.config import split_name_re
 from megatron.energon.flavors.webdataset.metadata import get_dataset_info
 
 from data.loader.bad_data import BadSample, SkipKind
-from data.loader.dataloader import task_encoder
+from data.loader.dataloader import build_task_encoder
 from data.loader.rank_split import pad_multiple
 from data.loader.shard_reads import READ_ERRORS, TOO_LARGE, declared_size_error
 from data.loader.task_encoder import DiTTaskEncoder
@@ -78,7 +78,7 @@ def check_launch(args: argparse.Namespace) -> Launch:
     multiple = pad_multiple(args.context_parallel_size, args.tensor_model_parallel_size, args.sequence_parallel,
                             active_recipe(args.fp8_format, args.fp8_recipe))
     check_layout(args, multiple)
-    encoder = task_encoder(args, multiple)
+    encoder = build_task_encoder(args, multiple)
     probes = [check_dataset(args.data_path, "--data-path", encoder)]
     if args.valid_data_path is not None:
         probes.append(check_dataset(args.valid_data_path, "--valid-data-path", encoder))
