@@ -11,8 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from dit.model.packed import PackedBatch
-from dit.model.sequence import cp_token_samples
+from dit.model.packed import PackedBatch, cp_token_samples
 
 
 def per_sample_loss(prediction: Tensor, target: Tensor, batch: PackedBatch, cp_group: dist.ProcessGroup) -> Tensor:

@@ -9,8 +9,7 @@ from torch import Tensor
 
 from dit.diffusion.draws import SampleDraws, drop_conditioning
 from dit.diffusion.objective import Objective
-from dit.model.packed import PackedBatch
-from dit.model.sequence import cp_token_samples
+from dit.model.packed import PackedBatch, cp_token_samples
 
 
 @dataclass

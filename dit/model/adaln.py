@@ -2,7 +2,7 @@
 
 The modulation linear is column-parallel over TP (it is the largest matrix of a DiT layer) and its output
 is all-gathered, so every TP rank holds the full vectors of every sample ``[N, k*h]``. They reach the
-tokens by broadcasting: the tokens of a run of equal-length samples (:mod:`dit.model.runs`) are viewed
+tokens by broadcasting: the tokens of a run of equal-length samples (:class:`dit.model.packed.SampleRun`) are viewed
 ``[B, L, h]`` and each sample's vector ``[B, 1, h]`` is broadcast over its L tokens, so no per-token copy
 ``[s, k*h]`` is made in the forward or kept for the backward. Under sequence parallelism a TP rank
 modulates only its own slice of the tokens, so the gradient of the per-sample vectors is partial on each
@@ -23,7 +23,7 @@ from megatron.core.transformer.module import MegatronModule
 from torch import Tensor, nn
 
 from dit.model.config import DiTConfig
-from dit.model.runs import SampleRun, split_rows
+from dit.model.packed import SampleRun, split_rows
 
 
 def per_sample(fn: Callable[..., Tensor], runs: list[SampleRun], tokens: tuple[Tensor, ...],

@@ -36,8 +36,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
-from dit.model.packed import thd_partition_indices
-from dit.model.runs import split_rows
+from dit.model.packed import split_rows, thd_partition_indices
 
 
 @dataclass(frozen=True)

@@ -41,9 +41,8 @@ from dit.model.embeddings import (
 from dit.model.fp8 import active_recipe
 from dit.model.init import initialize_weights
 from dit.model.layer_spec import get_dit_layer_spec
-from dit.model.packed import PackedBatch
+from dit.model.packed import PackedBatch, SampleRun
 from dit.model.patchify import unpatchify
-from dit.model.runs import SampleRun
 from dit.model.sequence import packed_sequence, text_padding
 
 

@@ -5,14 +5,21 @@ range ``cu_seqlens_padded[i]:cu_seqlens_padded[i+1]`` of which the first ``seqle
 real. Under context parallelism every CP rank holds only its load-balanced share of each sample
 (:func:`thd_partition_indices`), while the ``cu_seqlens`` stay those of the whole pack, as in
 Transformer Engine's THD convention. The text side (cross-attention keys) is never split.
+
+Per-sample work on a pack goes by runs of consecutive samples with equal row counts (:class:`SampleRun`):
+samples of a run share one reshaped view ``[count, rows, ...]``, one fused call per run instead of a Python
+step and a kernel launch per sample. First-fit-decreasing packing puts equal lengths side by side, so a
+pack of same-size images is a single run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 # The pack's layout: read on the host (sizes, offsets, Python loops); kernels get device copies of what they need.
 LAYOUT = frozenset({"cu_seqlens", "cu_seqlens_padded", "cu_seqlens_text", "grid_sizes"})
@@ -78,3 +85,35 @@ def gather_cp_shares(rows: torch.Tensor, cu_seqlens_padded: torch.Tensor, group:
     whole = torch.empty(int(cu_seqlens_padded[-1]), *rows.shape[1:], dtype=rows.dtype, device=rows.device)
     whole[order.to(rows.device)] = torch.cat(parts)
     return whole
+
+
+def cp_token_samples(cu_seqlens_padded: Tensor, cp_size: int) -> Tensor:
+    """Sample index of each token of this rank's CP share, ``[S/cp]`` int64, on the host (the pack's layout)."""
+    lengths = (cu_seqlens_padded[1:] - cu_seqlens_padded[:-1]).long() // cp_size
+    return torch.repeat_interleave(torch.arange(lengths.numel()), lengths,
+                                   output_size=int(cu_seqlens_padded[-1]) // cp_size)
+
+
+class SampleRun(NamedTuple):
+    """``count`` consecutive samples from sample ``first`` on, each with ``rows`` rows of a tensor."""
+
+    first: int
+    count: int
+    rows: int
+
+
+def sample_runs(rows: list[int]) -> list[SampleRun]:
+    """Group the samples (with ``rows[i]`` rows each, in order) into maximal runs of equal row counts."""
+    runs: list[SampleRun] = []
+    for i, n in enumerate(rows):
+        if runs and runs[-1].rows == n:
+            runs[-1] = runs[-1]._replace(count=runs[-1].count + 1)
+        else:
+            runs.append(SampleRun(i, 1, n))
+    return runs
+
+
+def split_rows(x: Tensor, sizes: list[int]) -> tuple[Tensor, ...]:
+    """``x.split(sizes)`` along rows, ``(x,)`` for a single size. Splitting, not slicing: its backward is one
+    concatenation, while each slice's backward would fill a zero tensor the size of ``x``."""
+    return x.split(sizes) if len(sizes) > 1 else (x,)

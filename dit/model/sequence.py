@@ -15,12 +15,10 @@ from dataclasses import dataclass
 import torch
 from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
-from torch import Tensor
 
 from dit.model.attention import PackedAttentionParams, attention_params
 from dit.model.fp8 import fp8_rows
-from dit.model.packed import PackedBatch
-from dit.model.runs import SampleRun, sample_runs
+from dit.model.packed import PackedBatch, SampleRun, sample_runs
 
 
 @dataclass
@@ -34,13 +32,6 @@ class PackedSequence:
     def to(self, device: torch.device) -> PackedSequence:
         """Built on the host from the pack's layout; the attention kernels' tensors go to ``device``."""
         return PackedSequence(self.self_attention.to(device), self.cross_attention.to(device), self.token_runs)
-
-
-def cp_token_samples(cu_seqlens_padded: Tensor, cp_size: int) -> Tensor:
-    """Sample index of each token of this rank's CP share, ``[S/cp]`` int64, on the host (the pack's layout)."""
-    lengths = (cu_seqlens_padded[1:] - cu_seqlens_padded[:-1]).long() // cp_size
-    return torch.repeat_interleave(torch.arange(lengths.numel()), lengths,
-                                   output_size=int(cu_seqlens_padded[-1]) // cp_size)
 
 
 def text_padding(num_text_tokens: int, sequence_parallel: bool, fp8_recipe: str | None = None) -> int:
