@@ -215,10 +215,9 @@ def load_parameters(model: torch.nn.Module, state: dict[str, Tensor]) -> None:
 
 def resolve_checkpoint(path: Path) -> Path:
     """A training run's ``--save`` folder (its tracker names the latest checkpoint) or one checkpoint folder."""
-    from dit.training.checkpointing import checkpoint_dir, read_tracker
+    from dit.checkpoint.files import find_checkpoint
 
-    iteration = read_tracker(path)
-    return path if iteration is None else checkpoint_dir(path, iteration)
+    return find_checkpoint(path, flag="checkpoint", required=False) or path
 
 
 def checkpoint_config(checkpoint: Path) -> DiTConfig:
@@ -237,7 +236,7 @@ def read_checkpoint(checkpoint: Path, config: DiTConfig, use_ema: bool = True) -
     """The model's weights in a Megatron dist checkpoint saved under any parallel layout (by this module's
     import or by ``pretrain_dit.py``, whose checkpoints hold them under the same keys, and their EMA)
     -> full tensors. ``use_ema``: a training run's EMA where it has one."""
-    from dit.training.checkpointing import load_model_weights
+    from dit.checkpoint.weights import load_model_weights
 
     model = _single_process_model(config)
     load_model_weights(model, checkpoint, use_ema)

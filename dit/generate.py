@@ -82,18 +82,6 @@ def model_args(saved: dict, args: argparse.Namespace) -> argparse.Namespace:
                                  "fp8_format": None, "recompute_granularity": None})
 
 
-def checkpoint_path(args: argparse.Namespace) -> Path:
-    from dit.training.checkpointing import checkpoint_dir, read_tracker
-
-    iteration = args.ckpt_step if args.ckpt_step is not None else read_tracker(args.load)
-    if iteration is None:
-        raise ConfigError("--load", f"{args.load} holds no checkpoint (no latest_checkpointed_iteration.txt)")
-    path = checkpoint_dir(args.load, iteration)
-    if not (path / "metadata.json").is_file():
-        raise ConfigError("--ckpt-step" if args.ckpt_step is not None else "--load", f"{path} is not a complete checkpoint")
-    return path
-
-
 def conditions(args: argparse.Namespace, config) -> list:
     import torch
 
@@ -218,7 +206,7 @@ def load_model(args: argparse.Namespace, path: Path, device) -> tuple:
     from dit.runtime import distributed as runtime
     from dit.model.config import config_from_args
     from dit.model.model import DiTModel
-    from dit.training.checkpointing import load_model_weights
+    from dit.checkpoint.weights import load_model_weights
 
     common = dist_checkpointing.load_common_state_dict(str(path))
     saved = model_args(common["args"], args)
@@ -233,10 +221,11 @@ def generate(args: argparse.Namespace, shape: tuple) -> int:
     import torch
     import torch.distributed as dist
 
-    from dit.runtime import distributed as runtime
+    from dit.checkpoint.files import find_checkpoint
     from dit.diffusion import build_objective
+    from dit.runtime import distributed as runtime
 
-    path = checkpoint_path(args)
+    path = find_checkpoint(args.load, args.ckpt_step)
     runtime.init_distributed()
     try:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
