@@ -7,14 +7,13 @@ RNG contract:
   and across DP replicas too once seeded ``per_data_parallel_rank``;
 - the default generator after :func:`set_random_seed` with ``per_data_parallel_rank=True`` is
   equal across the TP/CP ranks of one replica and distinct across DP replicas;
-- per-sample diffusion draws come from :func:`sample_generator` and depend only on
+- per-sample diffusion draws come from :func:`dit.diffusion.draws.sample_generator` and depend only on
   (seed, iteration, sample key): every rank, and every parallel layout, draws the same.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import logging
 import os
 import random
@@ -101,16 +100,6 @@ def set_random_seed(seed: int, *, per_data_parallel_rank: bool) -> None:
     np.random.seed(stage_seed % 2**32)
     torch.manual_seed(stage_seed)
     tensor_parallel.model_parallel_cuda_manual_seed(stage_seed, force_reset_rng=True)
-
-
-def sample_generator(seed: int, iteration: int, key: str, device: str | torch.device = "cpu") -> torch.Generator:
-    """A generator for one sample's diffusion draws (sigma or t, noise, text drop).
-
-    It depends only on (seed, iteration, sample key), so a resumed run or another parallel layout
-    draws exactly the same numbers for the same sample.
-    """
-    digest = hashlib.blake2b(f"{seed}/{iteration}/{key}".encode(), digest_size=8).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
 def destroy() -> None:
