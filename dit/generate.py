@@ -228,7 +228,7 @@ def generate(args: argparse.Namespace, shape: tuple) -> int:
     path = find_checkpoint(args.load, args.ckpt_step)
     runtime.init_distributed()
     try:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        device = runtime.current_device()
         model, saved, weights = load_model(args, path, device)
         config = model.config
         if shape[0] != config.latent_channels:

@@ -16,6 +16,7 @@ from megatron.core.transformer.module import MegatronModule
 from torch import Tensor, nn
 
 from dit.model.config import DiTConfig
+from dit.runtime.distributed import current_device
 
 FREQUENCY_EMBEDDING_SIZE = 256  # sinusoid width of a scalar before its MLP, as in DiT
 
@@ -52,7 +53,7 @@ def tie_pipeline_replicated(module: nn.Module) -> None:
     group = parallel_state.get_pipeline_model_parallel_group()
     first_rank = parallel_state.get_pipeline_model_parallel_first_rank()
     first_stage = parallel_state.get_pipeline_model_parallel_rank() == 0
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = current_device()
     for param in module.parameters():
         if not getattr(param, "pipeline_parallel", False):
             continue

@@ -64,6 +64,11 @@ def init_distributed(timeout_minutes: float = 10.0) -> str:
     return backend
 
 
+def current_device() -> torch.device:
+    """This rank's GPU (chosen by :func:`init_distributed` from ``LOCAL_RANK``), or the CPU where there is none."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 @dataclass(frozen=True)
 class ParallelLayout:
     """The model-parallel sizes of a run; DP is what is left of the world."""

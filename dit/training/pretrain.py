@@ -63,10 +63,8 @@ def setup_training(args: argparse.Namespace, hooks: Hooks) -> TrainingSetup:
     runtime.set_random_seed(args.seed, per_data_parallel_rank=False)  # the same initial weights on every replica
     config = config_from_args(args)
     model = hooks.model_provider(config, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-        model.cuda(device)
+    device = runtime.current_device()
+    model.to(device)
     runtime.set_random_seed(args.seed, per_data_parallel_rank=True)
     ddp = wrap_model(model, config, args)
     optimizer = build_optimizer(args, [ddp])
