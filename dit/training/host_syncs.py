@@ -37,7 +37,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 if TYPE_CHECKING:
     from dit.training.pretrain import TrainingLoop
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository: sites read dit/training/step.py
 _TORCH = str(Path(torch.__file__).parent)
 
 # Reads of the tensor whatever the arguments; repeat_interleave, moves and indexing are judged by their arguments.
