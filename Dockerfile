@@ -14,6 +14,7 @@ RUN pip install --no-cache-dir megatron-core==0.19.2 megatron-energon==7.4.1
 # Dependencies first (a cached layer), then the code.
 COPY pyproject.toml README.md ./
 COPY dit/__init__.py dit/
+COPY data/__init__.py data/
 RUN pip install --no-cache-dir -e ".[prep,log]"
 COPY . .
 ENV OMP_NUM_THREADS=8

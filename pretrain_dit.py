@@ -14,41 +14,41 @@ import sys
 from functools import partial
 from typing import TYPE_CHECKING, Iterator
 
-from dit.launch import quiet_library_warnings
+from dit.runtime.console import quiet_library_warnings
 from dit.training.hooks import Hooks
 from dit.training.main import main
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from data.loader import DiTDataLoader
-    from data.preflight import Launch
-    from dit.config import DiTConfig
+    from data.loader.dataloader import DiTDataLoader
+    from data.loader.launch_check import Launch
+    from dit.model.config import DiTConfig
     from dit.diffusion.microbatch import DiffusionMicroBatch
-    from dit.model import DiTModel
+    from dit.model.model import DiTModel
 
 quiet_library_warnings()
 
 
 def launch_check(args: argparse.Namespace) -> Launch:
-    """Flags, recipe, model, layout and the dataset itself, before any process group (data/preflight.py)."""
-    from data.preflight import check_launch
+    """Flags, recipe, model, layout and the dataset itself, before any process group (data/loader/launch_check.py)."""
+    from data.loader.launch_check import check_launch
 
     return check_launch(args)
 
 
 def model_provider(config: DiTConfig, pre_process: bool = True, post_process: bool = True) -> DiTModel:
     """This pipeline stage's DiTModel."""
-    from dit.model import DiTModel
+    from dit.model.model import DiTModel
 
     return DiTModel(config, pre_process=pre_process, post_process=post_process)
 
 
 def loss_func(microbatch: DiffusionMicroBatch, output: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-sample mean over real tokens, weighted, normalised by the step's samples (dit/loss.py)."""
+    """Per-sample mean over real tokens, weighted, normalised by the step's samples (dit/diffusion/loss.py)."""
     from megatron.core import parallel_state
 
-    from dit.loss import microbatch_loss
+    from dit.diffusion.loss import microbatch_loss
 
     return microbatch_loss(output, target=microbatch.target, batch=microbatch.batch, weights=microbatch.weights,
                            cp_group=parallel_state.get_context_parallel_group(),
@@ -64,14 +64,14 @@ def forward_step(data_iterator: Iterator[DiffusionMicroBatch], model: DiTModel):
 
 def train_data_provider(args: argparse.Namespace) -> DiTDataLoader:
     """The energon loader of packed micro-batches, already cut to this rank."""
-    from data.loader import build_train_loader
+    from data.loader.dataloader import build_train_loader
 
     return build_train_loader(args)
 
 
 def valid_data_provider(args: argparse.Namespace) -> DiTDataLoader:
     """The validation packs, the same ones in the same order at every call."""
-    from data.loader import build_valid_loader
+    from data.loader.dataloader import build_valid_loader
 
     return build_valid_loader(args)
 

@@ -46,7 +46,7 @@ BASELINES = {  # data.report's comparison keys: what each packs like
 
 def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.Namespace]:
     """(this benchmark's flags, the recipe's parsed flags)."""
-    from dit.arguments import check_loader_flags, parse_args
+    from dit.training.arguments import check_loader_flags, parse_args
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False,  # the recipe's flags pass through whole
@@ -133,7 +133,7 @@ def table(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from dit.errors import ConfigError
-    from dit.launch import quiet_library_warnings
+    from dit.runtime.console import quiet_library_warnings
 
     quiet_library_warnings()
     try:

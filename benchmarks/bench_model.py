@@ -14,7 +14,7 @@ most of a shared machine's load drift.
 
 On a GPU: ``--bf16`` runs both models in bf16 (ours through Megatron-Core's ``bf16`` / ``params_dtype`` config
 fields, diffusers' cast), each checked against the fp32 outputs (relative error printed). Our layers are
-Transformer Engine's where it imports (the spec ``dit.layer_spec`` selects, as training does), else the local
+Transformer Engine's where it imports (the spec ``dit.model.layer_spec`` selects, as training does), else the local
 spec. ``--fp8-format`` adds our model in FP8 (Megatron-Core's ``fp8`` / ``fp8_recipe`` fields, TE's layers),
 timed in the same rounds. Rates (``benchmarks/throughput.py``): tokens/s, model TFLOP/s from
 ``dit.training.flops`` and MFU against the GPU's dense peak (fp8's for the FP8 model). TF32 is off, so fp32
@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # dit/ and benchmarks/ from a checkout, installed or not
 
-from dit.sizes import MODEL_SIZES  # noqa: E402  (no Megatron import)
+from dit.model.sizes import MODEL_SIZES  # noqa: E402  (no Megatron import)
 
 SEQUENCE_LENGTHS = (2048, 4096, 8192)
 LATENT_TOKENS = 256  # a 32 x 32 latent at patch 2
@@ -93,8 +93,8 @@ def attention_peak_bytes(length: int, heads: int, head_dim: int, device: torch.d
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.enums import AttnMaskType
 
-    from dit.attention import PackedAttention, attention_params
-    from dit.config import DiTConfig
+    from dit.model.attention import PackedAttention, attention_params
+    from dit.model.config import DiTConfig
 
     config = DiTConfig(num_layers=1, hidden_size=heads * head_dim, num_attention_heads=heads, transformer_impl="local")
     attention = PackedAttention(config, 1, AttnMaskType.no_mask, "self",
@@ -129,7 +129,7 @@ def _diffusers_model(size: str, num_layers: int):
 def _ours_from(theirs, device: torch.device, **fields):
     """Our DiTModel on ``device`` with diffusers' weights; ``fields`` of the config: dtype, backend, FP8."""
     from dit import convert
-    from dit.model import DiTModel
+    from dit.model.model import DiTModel
 
     # on a GPU the layers are built there (TE's too) and not initialised: every weight is loaded next
     placement = (dict(use_cpu_initialization=True) if device.type == "cpu"
@@ -145,7 +145,7 @@ class Inputs:
     latents: torch.Tensor  # [n, 4, 32, 32]
     timesteps: torch.Tensor  # [n]
     labels: torch.Tensor  # [n]
-    batch: object  # dit.packed.PackedBatch of the n latents' tokens
+    batch: object  # dit.model.packed.PackedBatch of the n latents' tokens
 
     def to(self, device: torch.device) -> Inputs:
         return Inputs(self.latents.to(device), self.timesteps.to(device), self.labels.to(device),
@@ -154,8 +154,8 @@ class Inputs:
 
 def _inputs(n: int) -> Inputs:
     """``n`` latents and the same tokens packed (the data path's work, not timed)."""
-    from dit.packed import PackedBatch
-    from dit.patchify import patchify
+    from dit.model.packed import PackedBatch
+    from dit.model.patchify import patchify
 
     g = torch.Generator().manual_seed(1)
     latents = torch.randn(n, 4, 32, 32, generator=g)
@@ -275,8 +275,8 @@ def main() -> None:
 
     select_device(args.device)
     torch.set_num_threads(args.threads)
-    from dit import runtime
-    from dit.te import have_transformer_engine
+    from dit.runtime import distributed as runtime
+    from dit.model.te import have_transformer_engine
     from dit.training.flops import forward_flops
 
     if args.transformer_impl is None:
@@ -298,7 +298,7 @@ def main() -> None:
               for length in args.attention_lengths}
     runtime.destroy()
 
-    from dit.config import DiTConfig
+    from dit.model.config import DiTConfig
 
     config = DiTConfig(num_layers=args.num_layers, hidden_size=hidden, num_attention_heads=heads, latent_channels=4,
                        conditioning="class", transformer_impl="local")

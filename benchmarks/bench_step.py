@@ -11,7 +11,7 @@ Each step's rates (``benchmarks/throughput.py``): real tokens/s, model TFLOP/s o
 cu_seqlens (``dit.training.flops``) and, on a GPU, MFU against its dense peak (fp8's under --fp8-format).
 Every pack holds as many same-sized images (256 tokens each), so both steps do the FLOPs of the first pack.
 ``host_syncs_per_step``: host reads of device tensors (device-to-host syncs on a GPU) in a recipe step, counted by
-``dit.host_syncs`` over a few untimed steps (on the CPU as if on a GPU), with the site of each and those inside the
+``dit.training.host_syncs`` over a few untimed steps (on the CPU as if on a GPU), with the site of each and those inside the
 DiT layers apart; on a GPU also ``cuda_sync_warnings_per_step``, CUDA's count under ``set_sync_debug_mode("warn")``.
 
     python benchmarks/bench_step.py                      # DiT-S, packs of up to 4096 tokens, CPU
@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SYNC_STEPS = 2  # recipe steps counted for host_syncs_per_step (dit.host_syncs)
+SYNC_STEPS = 2  # recipe steps counted for host_syncs_per_step (dit.training.host_syncs)
 
 
 def parse() -> argparse.Namespace:
@@ -73,7 +73,7 @@ def write_images(root: Path, samples: int) -> None:
 
 
 def recipe_args(a: argparse.Namespace, data: str) -> argparse.Namespace:
-    from dit.arguments import parse_args, validate_args
+    from dit.training.arguments import parse_args, validate_args
 
     flags = ["--model-size", a.model_size, "--data-path", data, "--max-seq-length", str(a.max_seq_length),
              "--packing-buffer-size", "32", "--num-workers", str(a.num_workers), "--train-iters", "100000",
@@ -110,8 +110,8 @@ class Bare:
     def __init__(self, args: argparse.Namespace, pack, device):
         import torch
 
-        from dit.config import config_from_args
-        from dit.model import DiTModel
+        from dit.model.config import config_from_args
+        from dit.model.model import DiTModel
 
         self.model = DiTModel(config_from_args(args)).to(device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
@@ -142,8 +142,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(a.threads)
-    from dit import runtime
-    from dit.host_syncs import count_iterations
+    from dit.runtime import distributed as runtime
+    from dit.training.host_syncs import count_iterations
     from dit.training.flops import pack_flops
 
     with tempfile.TemporaryDirectory() as tmp:

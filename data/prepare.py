@@ -5,7 +5,7 @@
 Each sample is ``samples/sample_NNNNNNN.{pth,pickle,json}``: the VAE latent ``[C, T, H, W]``
 (``[C, H, W]`` for an image), the caption's embedding ``[L, D]`` at its true length, and metadata
 (caption, pixel height/width, aspect_ratio = width / height, source file; fps and num_frames for a
-video). See data/encoders.py for how latents are computed and normalised.
+video). See dit/encoders.py for how latents are computed and normalised.
 
 Resumable: inputs go to shards by their position in a fixed order, ``--samples-per-shard`` each,
 and a shard exists only once complete (it is written as ``.partial`` and renamed), so a rerun
@@ -30,7 +30,7 @@ from typing import Iterator
 
 import torch
 
-from data.encoders import TextEncoder, VaeEncoder, check_source
+from dit.encoders import TextEncoder, VaeEncoder, check_source
 from data.inputs import MediaItem, find_items
 from data.media import Clip, MediaError, PixelSpec, read_image, read_video
 from data.shards import ShardSample, encode_sample, energon_prepare, shard_name, write_shard

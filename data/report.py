@@ -24,10 +24,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from data.packing import first_fit_decreasing, padded_length
-from data.peer_formats import NORMALISATIONS
+from data.loader.packing import first_fit_decreasing, padded_length
+from data.loader.peer_formats import NORMALISATIONS
 from dit.errors import ConfigError, TrainingStopped
-from dit.fp8 import active_recipe
+from dit.model.fp8 import active_recipe
 
 DFM_MULTIPLE = 64  # NeMo's / DFM's per-sample padding
 DFM_BUFFER = 40  # DFM's recipe default packing buffer
@@ -65,14 +65,14 @@ def histogram(lengths: Sequence[int], max_seq_length: int, bins: int = 6) -> dic
 
 def measure(args: argparse.Namespace, data_path: str) -> dict[str, Any]:
     """One pass over the dataset through the real loader; the report as a dict."""
-    from data.errors import DataStats  # the loader's imports take seconds: after the flags are checked
-    from data.loader import energon_loader, iterate_packs, task_encoder
-    from data.rank_split import RankLayout
+    from data.loader.bad_data import DataStats  # the loader's imports take seconds: after the flags are checked
+    from data.loader.dataloader import energon_loader, iterate_packs, build_task_encoder
+    from data.loader.rank_split import RankLayout
 
     layout = RankLayout(cp_size=args.context_parallel_size, tp_size=args.tensor_model_parallel_size,
                         sequence_parallel=args.sequence_parallel,
                         fp8_recipe=active_recipe(args.fp8_format, args.fp8_recipe))
-    encoder = task_encoder(args, layout.pad_multiple)
+    encoder = build_task_encoder(args, layout.pad_multiple)
     loader = energon_loader(data_path, encoder, layout, num_workers=args.num_workers, seed=args.seed,
                             packing_buffer_size=args.packing_buffer_size, micro_batch_size=args.micro_batch_size,
                             repeat=False)
@@ -151,8 +151,8 @@ def format_text(r: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from dit.arguments import ArgumentParser, check_energon_dataset, check_loader_flags, parse_args
-    from dit.launch import quiet_library_warnings
+    from dit.training.arguments import ArgumentParser, check_energon_dataset, check_loader_flags, parse_args
+    from dit.runtime.console import quiet_library_warnings
 
     quiet_library_warnings()
     p = ArgumentParser(prog="data.report", description=__doc__,

@@ -1,1 +1,2 @@
-"""Megatron-Core native DiT pretraining: model, diffusion, training loop and runtime."""
+"""Megatron-Core native DiT pretraining, by layer: training, sampling (`generate`) and export (`convert`) over
+the checkpoint files (`checkpoint`), the diffusion process, the model and the runtime."""

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dit.config import DiTConfig
+from dit.model.config import DiTConfig
 
 CONFIG_FILE = "dit_config.json"
 
@@ -178,8 +178,8 @@ def _single_process_model(config: DiTConfig):
     where there is no GPU), whatever layout and backend ``config`` was trained with."""
     from megatron.core import parallel_state
 
-    from dit import runtime
-    from dit.model import DiTModel
+    from dit.runtime import distributed as runtime
+    from dit.model.model import DiTModel
 
     runtime.init_distributed()
     if not parallel_state.model_parallel_is_initialized():
@@ -215,10 +215,9 @@ def load_parameters(model: torch.nn.Module, state: dict[str, Tensor]) -> None:
 
 def resolve_checkpoint(path: Path) -> Path:
     """A training run's ``--save`` folder (its tracker names the latest checkpoint) or one checkpoint folder."""
-    from dit.training.checkpointing import checkpoint_dir, read_tracker
+    from dit.checkpoint.files import find_checkpoint
 
-    iteration = read_tracker(path)
-    return path if iteration is None else checkpoint_dir(path, iteration)
+    return find_checkpoint(path, flag="checkpoint", required=False) or path
 
 
 def checkpoint_config(checkpoint: Path) -> DiTConfig:
@@ -226,7 +225,7 @@ def checkpoint_config(checkpoint: Path) -> DiTConfig:
     (``pretrain_dit.py`` saves them in every checkpoint)."""
     from megatron.core import dist_checkpointing
 
-    from dit.config import config_from_args
+    from dit.model.config import config_from_args
 
     if (checkpoint / CONFIG_FILE).is_file():
         return load_config(checkpoint)
@@ -237,7 +236,7 @@ def read_checkpoint(checkpoint: Path, config: DiTConfig, use_ema: bool = True) -
     """The model's weights in a Megatron dist checkpoint saved under any parallel layout (by this module's
     import or by ``pretrain_dit.py``, whose checkpoints hold them under the same keys, and their EMA)
     -> full tensors. ``use_ema``: a training run's EMA where it has one."""
-    from dit.training.checkpointing import load_model_weights
+    from dit.checkpoint.weights import load_model_weights
 
     model = _single_process_model(config)
     load_model_weights(model, checkpoint, use_ema)

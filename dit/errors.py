@@ -1,4 +1,5 @@
-"""The two exceptions a user acts on, each printed by the entry points as one line without a traceback."""
+"""The two exceptions a user acts on, each printed by the entry points as one line without a traceback, and
+the one-line form of any other exception."""
 
 
 class ConfigError(ValueError):
@@ -15,3 +16,9 @@ class ConfigError(ValueError):
 class TrainingStopped(RuntimeError):
     """A run that cannot go on for a reason the user must act on (too much bad data, steps that keep
     producing a non-finite loss); the message says what happened and what to do. Exit status 1."""
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one short line for the skip log: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from dit.errors import ConfigError
-from dit.launch import quiet_library_warnings, user_error
+from dit.runtime.console import quiet_library_warnings, user_error
 
 PROG = "python -m dit.generate"
 
@@ -72,7 +72,7 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
 
 def model_args(saved: dict, args: argparse.Namespace) -> argparse.Namespace:
     """The training run's flags with this process's parallelism and precision: the model's config source."""
-    from dit import te
+    from dit.model import te
 
     impl = "transformer_engine" if te.have_transformer_engine() and args.bf16 else "local"
     return argparse.Namespace(**{**saved, "tensor_model_parallel_size": args.tensor_model_parallel_size,
@@ -80,18 +80,6 @@ def model_args(saved: dict, args: argparse.Namespace) -> argparse.Namespace:
                                  "pipeline_model_parallel_size": 1, "virtual_pipeline_model_parallel_size": None,
                                  "sequence_parallel": False, "transformer_impl": impl, "bf16": args.bf16,
                                  "fp8_format": None, "recompute_granularity": None})
-
-
-def checkpoint_path(args: argparse.Namespace) -> Path:
-    from dit.training.checkpointing import checkpoint_dir, read_tracker
-
-    iteration = args.ckpt_step if args.ckpt_step is not None else read_tracker(args.load)
-    if iteration is None:
-        raise ConfigError("--load", f"{args.load} holds no checkpoint (no latest_checkpointed_iteration.txt)")
-    path = checkpoint_dir(args.load, iteration)
-    if not (path / "metadata.json").is_file():
-        raise ConfigError("--ckpt-step" if args.ckpt_step is not None else "--load", f"{path} is not a complete checkpoint")
-    return path
 
 
 def conditions(args: argparse.Namespace, config) -> list:
@@ -113,7 +101,7 @@ def conditions(args: argparse.Namespace, config) -> list:
         raise ConfigError("--class-label", "this model is text-conditioned: pass --text-embedding or --caption")
     texts = []
     for name in args.text_embedding:
-        from data.safe_pickle import loads
+        from dit.safe_pickle import loads
 
         try:
             value = loads(Path(name).read_bytes())
@@ -126,7 +114,7 @@ def conditions(args: argparse.Namespace, config) -> list:
     if args.caption:
         if args.text_encoder is None:
             raise ConfigError("--caption", "needs --text-encoder NAME_OR_FOLDER (the one the dataset was prepared with)")
-        from data.encoders import TextEncoder
+        from dit.encoders import TextEncoder
 
         texts = TextEncoder(args.text_encoder, args.text_encoder_subfolder, args.tokenizer_subfolder).encode(args.caption)
     null = torch.zeros(1, config.text_embed_dim)
@@ -169,7 +157,7 @@ def write_grid(latents, rows: int, path: str) -> None:
 
 
 def decode_to_files(args: argparse.Namespace, latents) -> list[str]:
-    from data.encoders import VaeEncoder
+    from dit.encoders import VaeEncoder
 
     pixels = VaeEncoder(args.vae, args.vae_subfolder).decode(latents)  # [N, T, 3, H, W] uint8
     stem, written = Path(args.output).with_suffix(""), []
@@ -215,10 +203,10 @@ def load_model(args: argparse.Namespace, path: Path, device) -> tuple:
     """The checkpoint's model on this rank's layout, with its EMA (or raw) weights: (model, its flags, which)."""
     from megatron.core import dist_checkpointing
 
-    from dit import runtime
-    from dit.config import config_from_args
-    from dit.model import DiTModel
-    from dit.training.checkpointing import load_model_weights
+    from dit.runtime import distributed as runtime
+    from dit.model.config import config_from_args
+    from dit.model.model import DiTModel
+    from dit.checkpoint.weights import load_model_weights
 
     common = dist_checkpointing.load_common_state_dict(str(path))
     saved = model_args(common["args"], args)
@@ -233,13 +221,14 @@ def generate(args: argparse.Namespace, shape: tuple) -> int:
     import torch
     import torch.distributed as dist
 
-    from dit import runtime
+    from dit.checkpoint.files import find_checkpoint
     from dit.diffusion import build_objective
+    from dit.runtime import distributed as runtime
 
-    path = checkpoint_path(args)
+    path = find_checkpoint(args.load, args.ckpt_step)
     runtime.init_distributed()
     try:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        device = runtime.current_device()
         model, saved, weights = load_model(args, path, device)
         config = model.config
         if shape[0] != config.latent_channels:

@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from dit.runtime import free_port
+from dit.runtime.distributed import free_port
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results, output: str) -> None:
@@ -33,7 +33,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
     import torch
 
     torch.set_num_threads(1)
-    from dit import runtime
+    from dit.runtime import distributed as runtime
 
     try:
         runtime.init_distributed(timeout_minutes=3)
@@ -67,8 +67,8 @@ def _deaths(procs: list, reported: dict) -> list[str]:
 # spends ~8 s of CPU importing them, most of the suite's time on 2 cores. The server only imports
 # (no process group, no loader), so each rank still starts clean.
 _CONTEXT = mp.get_context("forkserver")
-_CONTEXT.set_forkserver_preload(["dit.runtime", "dit.training.pretrain", "megatron.energon", "data.loader",
-                                 "pretrain_dit", "tests.model_setup"])
+_CONTEXT.set_forkserver_preload(["dit.runtime.distributed", "dit.training.pretrain", "megatron.energon",
+                                 "data.loader.dataloader", "pretrain_dit", "tests.model_setup"])
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 240) -> list[Any]:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from dit.runtime import free_port
+from dit.runtime.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,11 +17,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from dit import cpu_backend, runtime
-from dit.config import DiTConfig
-from dit.model import DiTModel
-from dit.packed import PackedBatch, thd_partition_indices
-from dit.patchify import patchify
+from dit.runtime import cpu_backend, distributed as runtime
+from dit.model.config import DiTConfig
+from dit.model.model import DiTModel
+from dit.model.packed import PackedBatch, thd_partition_indices
+from dit.model.patchify import patchify
 
 TINY = dict(num_layers=2, hidden_size=48, num_attention_heads=4, latent_channels=4, patch_size=2,
             text_embed_dim=16, num_classes=10, use_cpu_initialization=True, transformer_impl="local")
@@ -147,7 +147,7 @@ def parallel_run(fields: dict, layout: runtime.ParallelLayout, microbatches: lis
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    from dit.loss import microbatch_loss
+    from dit.diffusion.loss import microbatch_loss
 
     runtime.initialize_model_parallel(layout)
     runtime.set_random_seed(1234, per_data_parallel_rank=False)
@@ -173,7 +173,7 @@ def parallel_run(fields: dict, layout: runtime.ParallelLayout, microbatches: lis
     cp, cp_group = layout.context, ps.get_context_parallel_group()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     mine = [cp_share(mb, cp, ps.get_context_parallel_rank()) for mb in microbatches[dp_rank::dp]]
-    # samples in the global batch / (micro-batches per rank x DP), as dit.loss.microbatch_loss asks
+    # samples in the global batch / (micro-batches per rank x DP), as dit.diffusion.loss.microbatch_loss asks
     samples_per_microbatch = sum(mb.batch.num_samples for mb in microbatches) / len(microbatches)
 
     def forward_step(data_iterator, model):

@@ -18,7 +18,7 @@ import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
-from dit.training.checkpointing import checkpoint_dir, write_tracker
+from dit.checkpoint.files import checkpoint_dir, write_tracker
 from dit.training.sample_log import read_sample_log
 from tests.distributed import pretrain_main, run_distributed
 from tests.launch import ROOT

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from data.shards import energon_prepare, write_shard
-from dit import te
-from dit.arguments import MIN_ROPE_HEAD_DIM, check_energon_dataset, parse_args, validate_args
+from dit.model import te
+from dit.training.arguments import MIN_ROPE_HEAD_DIM, check_energon_dataset, parse_args, validate_args
 from dit.errors import ConfigError
 from tests.tiny_data import good_entries, write_dataset
 
@@ -85,7 +85,7 @@ def test_transformer_engine_needs_bf16(dataset, monkeypatch):
 
 
 def test_transformer_engine_before_pad_between_seqs_is_refused(dataset, monkeypatch):
-    """TE (mocked) older than 2.2 cannot be told pad_between_seqs (dit.te_attention)."""
+    """TE (mocked) older than 2.2 cannot be told pad_between_seqs (dit.model.te_attention)."""
     monkeypatch.setattr(te, "have_transformer_engine", lambda: True)
     monkeypatch.setattr(te, "te_version", lambda: "2.1.0")
     import torch
@@ -167,7 +167,7 @@ def test_rope_needs_a_head_dim_that_gives_every_axis_a_pair(dataset, hidden, hea
 
 
 def test_the_rope_head_dim_limit_is_the_one_axis_split_gives():
-    from dit.embeddings import axis_split
+    from dit.model.embeddings import axis_split
 
     for head_dim in range(2, 64, 2):
         assert (min(axis_split(head_dim // 2)) >= 1) == (head_dim >= MIN_ROPE_HEAD_DIM), head_dim
@@ -274,7 +274,7 @@ def test_user_mistake_is_one_line_without_traceback(tmp_path, capsys):
 
 def test_command_line_does_not_import_megatron():
     """--help and config mistakes answer at once: the parser must not pull in Megatron-Core or torch."""
-    out = subprocess.run([sys.executable, "-c", "import sys, dit.arguments; "
+    out = subprocess.run([sys.executable, "-c", "import sys, dit.training.arguments; "
                           "print(sorted(m for m in ('megatron', 'torch') if m in sys.modules))"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr

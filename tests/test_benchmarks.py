@@ -41,7 +41,7 @@ def test_gpu_checks_dry_run_writes_every_part(tmp_path):
     step = parts["bench_step_DiT-B"]["result"]
     assert (step["model_size"], step["num_layers"], step["device"]) == ("DiT-B", 1, "cpu")
     assert step["recipe"]["tokens_per_s"] > 0 and step["bare"]["tflops"] > 0 and step["recipe"]["mfu"] is None
-    assert step["host_syncs_in_layers_per_step"] == 0 and 0 < step["host_syncs_per_step"] <= 5  # dit.host_syncs
+    assert step["host_syncs_in_layers_per_step"] == 0 and 0 < step["host_syncs_per_step"] <= 5  # host_syncs
     model = parts["bench_model_DiT-B"]["result"]
     assert (model["model_size"], model["tokens"], model["transformer_impl"]) == ("DiT-B", 256, "local")
     assert model["rates"]["ours"]["tokens_per_s"] > 0 and set(model["attention_peak_mib"]) == {"256", "512"}

@@ -7,9 +7,9 @@ import signal
 import pytest
 
 import pretrain_dit
-from dit.arguments import parse_args, validate_args
+from dit.training.arguments import parse_args, validate_args
 from dit.training import checkpointing
-from dit.training.checkpointing import TRACKER, read_tracker, retain, write_tracker
+from dit.checkpoint.files import TRACKER, read_tracker, retain, write_tracker
 from dit.training.pretrain import pretrain
 from tests.distributed import RankFailed, pretrain_main, run_distributed
 from tests.tiny_data import TINY_RUN, good_entries, write_dataset

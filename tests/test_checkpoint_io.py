@@ -7,7 +7,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
-from dit import runtime
+from dit.runtime import distributed as runtime
 from tests.distributed import run_distributed
 
 IN, OUT = 6, 8

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pretrain_dit
-from dit.arguments import parse_args, validate_args
+from dit.training.arguments import parse_args, validate_args
 from dit.training.pretrain import pretrain
 from tests.distributed import run_distributed
 from tests.model_setup import full_weights

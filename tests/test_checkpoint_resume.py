@@ -12,7 +12,7 @@ import signal
 
 import pytest
 
-from dit.training.checkpointing import read_tracker
+from dit.checkpoint.files import read_tracker
 from dit.training.sample_log import read_sample_log
 from tests.distributed import pretrain_main, run_distributed
 from tests.launch import kill, run_to_end, torchrun, wait_until, workers

@@ -9,9 +9,9 @@ import torch
 from diffusers import DiTTransformer2DModel
 
 from dit import convert
-from dit.model import DiTModel
-from dit.packed import PackedBatch
-from dit.patchify import patchify
+from dit.model.model import DiTModel
+from dit.model.packed import PackedBatch
+from dit.model.patchify import patchify
 from tests.distributed import run_distributed
 from tests.model_setup import full_weights, single_process  # noqa: F401
 from tests.tiny_data import payloads, write_dataset
@@ -120,7 +120,7 @@ def _train_tp2(data_path, save):
     import torch.distributed as dist
 
     import pretrain_dit
-    from dit.arguments import parse_args, validate_args
+    from dit.training.arguments import parse_args, validate_args
     from dit.training.pretrain import pretrain
 
     args = validate_args(parse_args(TRAIN_FLAGS + ["--data-path", data_path, "--save", str(save)]),

@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from dit import cpu_backend
+from dit.runtime import cpu_backend
 
 
 @pytest.fixture
@@ -26,18 +26,18 @@ def test_inactive_when_cuda_is_present(layer, monkeypatch):
 
 def test_the_backend_line_comes_from_rank_0_only(layer, caplog, monkeypatch):
     monkeypatch.setenv("RANK", "1")  # a torchrun rank other than 0: the job's line is rank 0's
-    with caplog.at_level(logging.WARNING, logger="dit.cpu_backend"):
+    with caplog.at_level(logging.WARNING, logger="dit.runtime.cpu_backend"):
         assert layer.enable() is True
     assert caplog.records == []
 
 
 def test_active_without_cuda_maps_megatron_cuda_idioms(layer, caplog):
     assert not torch.cuda.is_available()
-    with caplog.at_level(logging.WARNING, logger="dit.cpu_backend"):
+    with caplog.at_level(logging.WARNING, logger="dit.runtime.cpu_backend"):
         assert layer.enable() is True
         assert layer.enable() is True  # idempotent, logs once
     assert [r.getMessage() for r in caplog.records].count(
-        "No CUDA device: Megatron-Core runs on CPU through dit.cpu_backend (gloo, local kernels).") == 1
+        "No CUDA device: Megatron-Core runs on CPU through dit.runtime.cpu_backend (gloo, local kernels).") == 1
     assert torch.zeros(2, device="cuda").device.type == "cpu"
     assert torch.empty(3, device=torch.cuda.current_device()).device.type == "cpu"
     assert torch.ones(2, device=torch.device("cuda", 0)).device.type == "cpu"

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from data.errors import SkipKind
-from data.sample import DiffusionSample, EncodedSample, SkippedSample
-from data.preflight import check_dataset
+from data.loader.bad_data import SkipKind
+from data.loader.sample import DiffusionSample, EncodedSample, SkippedSample
+from data.loader.launch_check import check_dataset
 from data.shards import energon_prepare, shard_name
-from data.task_encoder import DiTTaskEncoder
+from data.loader.task_encoder import DiTTaskEncoder
 from tests.tiny_data import (FMT, HOSTILE_FLAGS, HOSTILE_FMT, crude, cut_shard, good_entries, hostile, tiny_loader,
                              write_dataset, write_shard_with_sparse_member)
 

@@ -6,10 +6,10 @@ import random
 import pytest
 import torch
 
-from data.packing import build_pack, first_fit_decreasing, padded_length
-from data.rank_split import pad_multiple
-from data.sample import EncodedSample
-from dit.patchify import patchify, unpatchify
+from data.loader.packing import build_pack, first_fit_decreasing, padded_length
+from data.loader.rank_split import pad_multiple
+from data.loader.sample import EncodedSample
+from dit.model.patchify import patchify, unpatchify
 
 
 @pytest.mark.parametrize("cp, tp, sp, expected", [

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import pretrain_dit
-from data.peer_formats import NORMALISATIONS
+from data.loader.peer_formats import NORMALISATIONS
 from data.report import main as report_main
 from data.shards import ShardSample, encode_sample, energon_prepare, write_shard
 from dit.training.main import main as train_main

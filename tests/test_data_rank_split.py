@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from data.loader import build_train_loader, energon_loader, task_encoder
-from data.rank_split import RankLayout, shard_for_rank
-from dit import runtime
-from dit.arguments import parse_args
-from dit.packed import PackedBatch, thd_partition_indices
+from data.loader.dataloader import build_train_loader, energon_loader, build_task_encoder
+from data.loader.rank_split import RankLayout, shard_for_rank
+from dit.runtime import distributed as runtime
+from dit.training.arguments import parse_args
+from dit.model.packed import PackedBatch, thd_partition_indices
 from tests.distributed import run_distributed
 from tests.tiny_data import good_entries, write_dataset
 
@@ -91,7 +91,7 @@ def _reference_packs(data_path, dp_rank, dp_size, cp):
     """The same stream read in this process, unsplit: what every rank of replica ``dp_rank`` must see."""
     args = parse_args(FLAGS + ["--data-path", str(data_path)])
     layout = RankLayout(dp_rank=dp_rank, dp_size=dp_size)
-    loader = energon_loader(data_path, task_encoder(args, 2 * cp), layout, num_workers=0, seed=7,
+    loader = energon_loader(data_path, build_task_encoder(args, 2 * cp), layout, num_workers=0, seed=7,
                             packing_buffer_size=6, micro_batch_size=1)
     return [item.batch for item, _ in zip(loader, range(PACKS))]
 

@@ -11,14 +11,14 @@ import torch
 
 from megatron.energon import stateless
 
-from data.loader import energon_loader, task_encoder
-from data.packing import padded_length
-from data.rank_split import RankLayout
+from data.loader.dataloader import energon_loader, build_task_encoder
+from data.loader.packing import padded_length
+from data.loader.rank_split import RankLayout
 from data.report import histogram, main, read_order, simulated_efficiency
-from data.sample import sample_key
+from data.loader.sample import sample_key
 from data.shards import shard_name
-from data.task_encoder import DiTTaskEncoder
-from dit.arguments import parse_args
+from data.loader.task_encoder import DiTTaskEncoder
+from dit.training.arguments import parse_args
 from data.synthetic import synthetic_samples, write_synthetic
 from tests.tiny_data import DEFECTS, GOOD, good_entries, mixed_dataset, truncated_dataset  # noqa: F401 (fixtures)
 
@@ -70,7 +70,7 @@ def test_packs_carry_each_samples_place_in_the_read_order(mixed_dataset, monkeyp
 
     monkeypatch.setattr(DiTTaskEncoder, "cook", recording_cook)
     args = parse_args(["--max-seq-length", "32", "--patch-size", "2", "--latent-channels", "4", "--text-embed-dim", "8"])
-    loader = energon_loader(mixed_dataset, task_encoder(args, 4), RankLayout(), num_workers=0, seed=3,
+    loader = energon_loader(mixed_dataset, build_task_encoder(args, 4), RankLayout(), num_workers=0, seed=3,
                             packing_buffer_size=6, micro_batch_size=1, repeat=False)
     packs = [item for item in loader if item.batch is not None]
     assert all(item.read_indices == [read.index(k) for k in item.batch.keys] for item in packs)

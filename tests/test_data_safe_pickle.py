@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from data import safe_pickle
+from dit import safe_pickle
 from tests.tiny_data import Calls, RunsCodeThenReturnsArray, RunsCommand, StorageRunsCommand, deflate_bomb
 
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from data.errors import BadSample, SkipKind
-from data.sample import DiffusionSample, EncodedSample, SkippedSample
-from data.task_encoder import DiTTaskEncoder
-from dit.patchify import patchify
+from data.loader.bad_data import BadSample, SkipKind
+from data.loader.sample import DiffusionSample, EncodedSample, SkippedSample
+from data.loader.task_encoder import DiTTaskEncoder
+from dit.model.patchify import patchify
 from tests.tiny_data import DEFECTS, FMT, crude, payloads, torch_bytes, with_members
 
 ENCODER = DiTTaskEncoder(FMT, max_seq_length=32, pad_multiple=4)

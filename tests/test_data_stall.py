@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from data.errors import BadDataError
-from data.loader import STALL_SAMPLES, stall_limit
+from data.loader.bad_data import BadDataError
+from data.loader.dataloader import STALL_SAMPLES, stall_limit
 from data.report import main as report_main
-from data.task_encoder import DiTTaskEncoder
+from data.loader.task_encoder import DiTTaskEncoder
 from dit.errors import ConfigError
 from tests.tiny_data import payloads, tiny_loader, write_dataset
 

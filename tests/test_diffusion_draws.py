@@ -8,11 +8,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from data.loader import build_train_loader
-from dit import runtime
-from dit.arguments import parse_args, validate_args
+from data.loader.dataloader import build_train_loader
+from dit.runtime import distributed as runtime
+from dit.training.arguments import parse_args, validate_args
 from dit.diffusion.draws import draw, drop_conditioning
-from dit.packed import thd_partition_indices
+from dit.model.packed import thd_partition_indices
 from tests.distributed import run_distributed
 from tests.model_setup import make_microbatch
 from tests.tiny_data import TINY_RUN, payloads, write_dataset

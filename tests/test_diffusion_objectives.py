@@ -7,7 +7,7 @@ import torch
 
 from dit.diffusion import build_objective
 from dit.diffusion.flow import shift_time
-from dit.embeddings import FREQUENCY_EMBEDDING_SIZE, sinusoid
+from dit.model.embeddings import FREQUENCY_EMBEDDING_SIZE, sinusoid
 
 
 def test_edm_preconditioning_and_weight_by_hand():

@@ -7,8 +7,8 @@ A flag new to the parser fails :func:`test_every_flag_is_walked` until it gets a
 
 import pytest
 
-from data.preflight import check_launch
-from dit.arguments import build_parser, parse_args
+from data.loader.launch_check import check_launch
+from dit.training.arguments import build_parser, parse_args
 from dit.errors import ConfigError
 from tests.tiny_data import good_entries, write_dataset
 

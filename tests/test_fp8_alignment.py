@@ -1,4 +1,4 @@
-"""Transformer Engine's FP8 shape rule (``dit.fp8``), held on the CPU where no FP8 kernel runs.
+"""Transformer Engine's FP8 shape rule (``dit.model.fp8``), held on the CPU where no FP8 kernel runs.
 
 TE's FP8 GEMMs need every dimension of a linear layer's input and weight on each rank to divide by 16 (32
 under MXFP8; TE's ``cublaslt_gemm.cu``, Megatron-Core's ``get_fp8_align_size``). The model runs here in fp32
@@ -12,13 +12,13 @@ import pytest
 import torch
 from megatron.core import parallel_state as ps
 
-from data.rank_split import pad_multiple
-from dit import runtime
-from dit.config import dit_config
+from data.loader.rank_split import pad_multiple
+from dit.runtime import distributed as runtime
+from dit.model.config import dit_config
 from dit.errors import ConfigError
-from dit.fp8 import check_fp8_device, check_fp8_widths, fp8_rows
-from dit.model import DiTModel
-from dit.runtime import ParallelLayout
+from dit.model.fp8 import check_fp8_device, check_fp8_widths, fp8_rows
+from dit.model.model import DiTModel
+from dit.runtime.distributed import ParallelLayout
 from tests.distributed import run_distributed
 from tests.model_setup import cp_share, make_microbatch, randomize, single_process, tiny_config  # noqa: F401
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import pretrain_dit
-from dit.arguments import parse_args, validate_args
+from dit.training.arguments import parse_args, validate_args
+from dit.checkpoint.files import find_checkpoint
 from dit.diffusion import build_objective
 from dit.diffusion.guidance import Condition, GuidedPrediction
-from dit.model import DiTModel
+from dit.model.model import DiTModel
 from dit.training.pretrain import pretrain
 from tests.distributed import run_distributed
 from tests.launch import ROOT
@@ -57,7 +58,7 @@ def _loaded(save: str, no_ema: bool) -> dict:
 
     args = generate.build_parser().parse_args(["--load", save, "--latent-shape", "4,4,4", "--output", "x.pt"]
                                               + (["--no-ema"] if no_ema else []))
-    model, _, which = generate.load_model(args, generate.checkpoint_path(args), torch.device("cpu"))
+    model, _, which = generate.load_model(args, find_checkpoint(args.load), torch.device("cpu"))
     assert which == ("raw" if no_ema else "EMA")
     return {n: p.detach().clone().numpy() for n, p in model.named_parameters()}
 

@@ -1,9 +1,9 @@
-"""Device-to-host syncs of real training steps of the tiny model, counted on the CPU (``dit.host_syncs``).
+"""Device-to-host syncs of real training steps of the tiny model, counted on the CPU (``dit.training.host_syncs``).
 
 The DiT layers read no device tensor on the host, forward, backward or recomputed, and a training step makes
 only the reads named in ``STEP_READS``. The count can fail: ``test_a_read_in_a_layer_is_caught`` puts a
 ``.tolist()`` of a device tensor back into ``DiTLayer.forward`` (as Megatron's THD RoPE did, per sample, before
-``dit.attention.RowRoPESelfAttention``) and the counter finds it there.
+``dit.model.attention.RowRoPESelfAttention``) and the counter finds it there.
 """
 
 from collections import Counter
@@ -35,8 +35,8 @@ def _count(data_path: str, extra: list[str], plant_read: bool) -> dict:
     import torch.distributed as dist
 
     import pretrain_dit
-    from dit.arguments import parse_args, validate_args
-    from dit.host_syncs import count_iterations
+    from dit.training.arguments import parse_args, validate_args
+    from dit.training.host_syncs import count_iterations
     from dit.training.pretrain import TrainingLoop, setup_training
     from dit.training.state import TrainState
 
@@ -46,15 +46,15 @@ def _count(data_path: str, extra: list[str], plant_read: bool) -> dict:
     loop = TrainingLoop(setup, pretrain_dit.train_data_provider(args), pretrain_dit.forward_step, TrainState())
     loop.iterate()  # warm-up: the optimizer's state exists from here on
     if plant_read:
-        import dit.layer_spec
+        import dit.model.layer_spec
 
-        residual = dit.layer_spec.gated_residual
+        residual = dit.model.layer_spec.gated_residual
 
         def reading_residual(x, update, gate, runs):
             gate.sum(-1).tolist()  # a host read of a device tensor, inside DiTLayer.forward
             return residual(x, update, gate, runs)
 
-        dit.layer_spec.gated_residual = reading_residual
+        dit.model.layer_spec.gated_residual = reading_residual
     counter = count_iterations(loop, COUNTED_STEPS)
     return {"inside": counter.by_site(inside=True), "backward": counter.by_site(backward=True),
             "all": counter.by_site()}

@@ -9,12 +9,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from data.loader import build_train_loader
-from dit import runtime
-from dit.arguments import parse_args, validate_args
-from dit.config import config_from_args
-from dit.loss import per_sample_loss
-from dit.model import DiTModel
+from data.loader.dataloader import build_train_loader
+from dit.runtime import distributed as runtime
+from dit.training.arguments import parse_args, validate_args
+from dit.model.config import config_from_args
+from dit.diffusion.draws import sample_generator
+from dit.diffusion.loss import per_sample_loss
+from dit.model.model import DiTModel
 from tests.distributed import run_distributed
 from tests.tiny_data import payloads, write_dataset
 
@@ -32,7 +33,7 @@ def _first_pack_loss_and_grads(data_path: str, cp: int) -> dict:
     loader = build_train_loader(args)
     batch = next(loader)
     loader.close()
-    timesteps = torch.stack([torch.rand((), generator=runtime.sample_generator(args.seed, 0, k)) for k in batch.keys])
+    timesteps = torch.stack([torch.rand((), generator=sample_generator(args.seed, 0, k)) for k in batch.keys])
     target = batch.tokens.flip(-1)  # any target computed from the data alone
     loss = per_sample_loss(model(batch.tokens, timesteps, batch), target, batch, ps.get_context_parallel_group()).mean()
     loss.backward()

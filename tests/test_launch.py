@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from data.preflight import check_launch
-from dit import launch
-from dit.arguments import parse_args
+from data.loader.launch_check import check_launch
+from dit.runtime import console as launch
+from dit.training.arguments import parse_args
 from dit.errors import ConfigError
 from tests.tiny_data import good_entries, write_dataset
 
@@ -54,7 +54,7 @@ def test_validate_only_checks_a_launch_of_n_processes_in_one_plain_process(datas
 
 @pytest.mark.slow
 def test_a_mistaken_torchrun_launch_always_shows_the_line(dataset):
-    """Rank 0 prints first, then exits; rank 1 waits until torchrun stops it (dit.launch)."""
+    """Rank 0 prints first, then exits; rank 1 waits until torchrun stops it (dit.runtime.console)."""
     mistakes = [(["--lr", "-1"], "--lr: must be a positive number, got -1.0"),
                 (["--latent-channels", "16"], f"--latent-channels: the latents of {dataset} have 4 channels: "
                                               "pass --latent-channels 4")]

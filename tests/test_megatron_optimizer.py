@@ -12,7 +12,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.transformer import TransformerConfig
 
-from dit import runtime
+from dit.runtime import distributed as runtime
 from tests.distributed import run_distributed
 
 LR, BATCH, WIDTH = 0.1, 8, 6

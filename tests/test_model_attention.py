@@ -9,7 +9,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
 
-from dit.attention import PackedAttention, attention_params
+from dit.model.attention import PackedAttention, attention_params
 from tests.model_setup import single_process, tiny_config  # noqa: F401
 
 HEADS, HEAD_DIM = 3, 8
@@ -90,7 +90,7 @@ def _te_217_infers_padding(params: PackedSeqParams) -> bool:
     ([8, 8], [8, 8], False, False),
 ])
 def test_pad_between_seqs_is_set_from_the_pack(real, padded, expected, te_217):
-    """The flag ``dit.te_attention.PackedTEAttention`` hands TE: padding anywhere, the tail included."""
+    """The flag ``dit.model.te_attention.PackedTEAttention`` hands TE: padding anywhere, the tail included."""
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=_cu(real), cu_seqlens_kv=_cu(real),
                              cu_seqlens_q_padded=_cu(padded), cu_seqlens_kv_padded=_cu(padded),
                              max_seqlen_q=max(padded), max_seqlen_kv=max(padded))

@@ -4,10 +4,10 @@ FP8/TE errors on a machine without them."""
 import pytest
 import torch
 
-import dit.te
-from dit.arguments import parse_args
+import dit.model.te
+from dit.training.arguments import parse_args
 from dit.errors import ConfigError
-from dit.config import DiTConfig, config_from_args
+from dit.model.config import DiTConfig, config_from_args
 
 
 def test_flags_become_config_fields():
@@ -42,8 +42,8 @@ def test_fp8_without_te_or_gpu_is_a_config_error():
 
 def test_fp8_flags_map_onto_megatron_fields(monkeypatch):
     # pretend to be the NGC container on a GPU: the mapping itself is what is checked
-    monkeypatch.setattr(dit.te, "have_transformer_engine", lambda: True)
-    monkeypatch.setattr(dit.te, "te_version", lambda: "2.9.0")
+    monkeypatch.setattr(dit.model.te, "have_transformer_engine", lambda: True)
+    monkeypatch.setattr(dit.model.te, "te_version", lambda: "2.9.0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA H100 80GB HBM3")
@@ -75,7 +75,7 @@ def test_uniform_recompute_groups_divide_the_layers_of_a_virtual_pipeline_chunk(
 
 
 def test_model_rejects_virtual_pipeline_stages():
-    from dit.model import DiTModel
+    from dit.model.model import DiTModel
 
     config = DiTConfig(num_layers=4, hidden_size=32, num_attention_heads=2, transformer_impl="local",
                        pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
@@ -85,8 +85,8 @@ def test_model_rejects_virtual_pipeline_stages():
 
 def test_transformer_engine_config_needs_bf16_and_a_gpu(monkeypatch):
     """DiTConfig users get the flag errors too (TE mocked importable: it cannot be installed here)."""
-    monkeypatch.setattr(dit.te, "have_transformer_engine", lambda: True)
-    monkeypatch.setattr(dit.te, "te_version", lambda: "2.9.0")
+    monkeypatch.setattr(dit.model.te, "have_transformer_engine", lambda: True)
+    monkeypatch.setattr(dit.model.te, "te_version", lambda: "2.9.0")
     tiny = dict(num_layers=2, hidden_size=32, num_attention_heads=2, transformer_impl="transformer_engine")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="transformer_engine needs a CUDA GPU"):

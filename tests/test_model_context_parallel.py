@@ -3,7 +3,7 @@ gradient equal the single-process model; samples are split into load-balanced ch
 
 from megatron.core import parallel_state
 
-from dit.runtime import ParallelLayout
+from dit.runtime.distributed import ParallelLayout
 from tests.distributed import run_distributed
 from tests.model_setup import assert_matches_reference, make_microbatch, parallel_run, reference_run, single_process  # noqa: F401
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from dit.model import DiTModel
+from dit.model.model import DiTModel
 from tests.model_setup import make_microbatch, single_process, tiny_config  # noqa: F401
 
 

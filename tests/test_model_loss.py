@@ -4,7 +4,7 @@ import pytest
 import torch
 from megatron.core import parallel_state
 
-from dit.loss import microbatch_loss, per_sample_loss
+from dit.diffusion.loss import microbatch_loss, per_sample_loss
 from tests.model_setup import hand_loss, make_microbatch, single_process  # noqa: F401
 
 

@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from dit.model import DiTModel
+from dit.model.model import DiTModel
 from tests.model_setup import make_microbatch, randomize, single_process, tiny_config  # noqa: F401
 
 
@@ -58,10 +58,10 @@ def test_sincos_positions_past_the_table_raise(single_process):
 
 
 def test_fp8_pads_the_text_to_16_rows_and_rejects_token_counts_fp8_gemms_cannot_take(single_process):
-    """TE's FP8 GEMMs need row counts in multiples of 16 (``dit.fp8``). The local backend runs no FP8 GEMM, so
+    """TE's FP8 GEMMs need row counts in multiples of 16 (``dit.model.fp8``). The local backend runs no FP8 GEMM, so
     the model's FP8 padding switched on in a CPU model checks the model's side: text padding that changes
     nothing, a clear error for the tokens."""
-    from dit.sequence import packed_sequence
+    from dit.model.sequence import packed_sequence
 
     mb = make_microbatch(61, [(1, 4, 6), (1, 2, 4)])  # 8 + 8 tokens; text of 5 + 6 rows
     assert mb.batch.text.shape[0] % 16

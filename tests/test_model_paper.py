@@ -7,11 +7,11 @@ import numpy as np
 import torch
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
-from dit.config import dit_config
-from dit.embeddings import SinCos3D
-from dit.init import EMBEDDING_STD
-from dit.model import DiTModel
-from dit.runtime import ParallelLayout
+from dit.model.config import dit_config
+from dit.model.embeddings import SinCos3D
+from dit.model.init import EMBEDDING_STD
+from dit.model.model import DiTModel
+from dit.runtime.distributed import ParallelLayout
 from tests.distributed import run_distributed
 from tests.model_setup import single_process, tiny_config  # noqa: F401
 
@@ -50,7 +50,7 @@ def test_every_channel_of_a_video_table_varies_with_time_and_space():
 
 
 def _expected_rule(name: str) -> str:
-    """The paper's initialize_weights, by parameter name (independent of dit.init's by-module rules)."""
+    """The paper's initialize_weights, by parameter name (independent of dit.model.init's by-module rules)."""
     if name.startswith(("t_embedder.", "fps_embedder.", "class_embedder.", "text_projection.")):
         return "zero" if name.endswith("bias") else "normal"
     if ".adaln.up." in name or name.startswith("final_layer.linear."):
@@ -96,7 +96,7 @@ def _tp2_init():
     """Both ways of drawing at TP=2, each checked on this rank; returns the CPU-initialised full tensors."""
     from megatron.core import parallel_state as ps
 
-    from dit import runtime
+    from dit.runtime import distributed as runtime
 
     runtime.initialize_model_parallel(ParallelLayout(tensor=2))
     for cpu_initialization in (False, True):
@@ -118,7 +118,7 @@ def test_tp2_initialisation_has_the_full_matrix_distribution(single_process):
     """Without CPU initialisation each rank draws its shard, from the distribution of the full matrix (checked
     on each rank); with it the TP=2 shards are the TP=1 weights drawn from the same seed."""
     ranks = run_distributed(_tp2_init, 2)
-    from dit import runtime
+    from dit.runtime import distributed as runtime
 
     runtime.set_random_seed(1234, per_data_parallel_rank=False)
     reference = DiTModel(tiny_config(**FIELDS))

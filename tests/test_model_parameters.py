@@ -4,9 +4,9 @@ DiT-XL/2 class-conditioned against the DiT paper's 675M."""
 import pytest
 import torch
 
-from dit.config import dit_config
-from dit.sizes import MODEL_SIZES
-from dit.model import DiTModel
+from dit.model.config import dit_config
+from dit.model.sizes import MODEL_SIZES
+from dit.model.model import DiTModel
 from tests.model_setup import single_process  # noqa: F401
 
 

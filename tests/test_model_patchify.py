@@ -4,8 +4,8 @@ unpatchify of a whole pack; odd grids are rejected with a clear error."""
 import pytest
 import torch
 
-from dit.model import DiTModel
-from dit.patchify import patchify, unpatchify
+from dit.model.model import DiTModel
+from dit.model.patchify import patchify, unpatchify
 from tests.model_setup import make_microbatch, single_process, tiny_config  # noqa: F401
 
 

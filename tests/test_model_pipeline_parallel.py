@@ -7,7 +7,7 @@ import math
 import pytest
 from megatron.core import parallel_state
 
-from dit.runtime import ParallelLayout
+from dit.runtime.distributed import ParallelLayout
 from tests.distributed import run_distributed
 from tests.model_setup import RTOL, assert_matches_reference, make_microbatch, parallel_run, reference_run, single_process  # noqa: F401
 

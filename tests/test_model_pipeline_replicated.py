@@ -7,9 +7,9 @@ from megatron.core import parallel_state as ps
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
-from dit import runtime
-from dit.arguments import parse_args
-from dit.config import config_from_args
+from dit.runtime import distributed as runtime
+from dit.training.arguments import parse_args
+from dit.model.config import config_from_args
 from tests.distributed import run_distributed
 from tests.model_setup import global_name
 

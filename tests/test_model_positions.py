@@ -7,8 +7,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from dit.embeddings import rope3d_angles
-from dit.model import DiTModel
+from dit.model.embeddings import rope3d_angles
+from dit.model.model import DiTModel
 from tests.model_setup import make_microbatch, randomize, single_process, tiny_config  # noqa: F401 (fixture)
 
 THETA = 10000.0

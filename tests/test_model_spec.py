@@ -7,10 +7,10 @@ from megatron.core.extensions import transformer_engine as mcore_te
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.identity_op import IdentityOp
 
-from dit.attention import PackedAttention
-from dit.layer_spec import QKNorm, get_dit_layer_spec
-from dit.te import have_transformer_engine
-from dit.te_attention import PackedTEAttention
+from dit.model.attention import PackedAttention
+from dit.model.layer_spec import QKNorm, get_dit_layer_spec
+from dit.model.te import have_transformer_engine
+from dit.model.te_attention import PackedTEAttention
 from tests.model_setup import single_process  # noqa: F401
 
 
@@ -30,7 +30,7 @@ def test_one_function_gives_te_and_local_variants():
         assert te[slot] is mcore_te.TEColumnParallelLinear and local[slot] is ColumnParallelLinear
     for slot in row:
         assert te[slot] is mcore_te.TERowParallelLinear and local[slot] is RowParallelLinear
-    for slot in ("core", "cross_core"):  # Megatron-Core's, told pad_between_seqs (dit.te_attention)
+    for slot in ("core", "cross_core"):  # Megatron-Core's, told pad_between_seqs (dit.model.te_attention)
         assert te[slot] is PackedTEAttention and local[slot] is PackedAttention
     for slot in ("q_norm", "k_norm"):
         assert te[slot] is mcore_te.TENorm and local[slot] is QKNorm
@@ -50,7 +50,7 @@ BF16_TOL = 3e-2
 
 def test_bf16_local_model_matches_fp32(single_process):
     """Every parameter in the parameter dtype and the inputs cast to it: a bf16 model runs forward and backward."""
-    from dit.model import DiTModel
+    from dit.model.model import DiTModel
     from tests.model_setup import make_microbatch, randomize, tiny_config
 
     mb = make_microbatch(52, [(1, 4, 6), (1, 2, 4)])
@@ -76,8 +76,8 @@ _MISSING = [what for what, present in (
 
 @pytest.mark.skipif(bool(_MISSING), reason="the TE spec runs with TE on a GPU: " + "; ".join(_MISSING))
 def test_te_spec_matches_local_spec_on_gpu():
-    from dit import runtime
-    from dit.model import DiTModel
+    from dit.runtime import distributed as runtime
+    from dit.model.model import DiTModel
     from tests.model_setup import make_microbatch, randomize, tiny_config
 
     runtime.init_distributed()

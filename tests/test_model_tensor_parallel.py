@@ -2,7 +2,7 @@
 
 import pytest
 
-from dit.runtime import ParallelLayout
+from dit.runtime.distributed import ParallelLayout
 from tests.distributed import run_distributed
 from tests.model_setup import assert_matches_reference, make_microbatch, parallel_run, reference_run, single_process  # noqa: F401
 

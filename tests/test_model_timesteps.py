@@ -4,7 +4,7 @@ sample i's output, for every i (a model that broadcast one timestep per pack wou
 import pytest
 import torch
 
-from dit.model import DiTModel
+from dit.model.model import DiTModel
 from tests.model_setup import make_microbatch, randomize, single_process, tiny_config  # noqa: F401
 
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from data.preflight import PROBE_PER_SHARD, check_dataset, check_launch
+from data.loader.launch_check import PROBE_PER_SHARD, check_dataset, check_launch
 from data.shards import shard_name
-from data.task_encoder import DiTTaskEncoder
-from dit.arguments import parse_args
+from data.loader.task_encoder import DiTTaskEncoder
+from dit.training.arguments import parse_args
 from dit.errors import ConfigError
 from tests.tiny_data import FMT, good_entries, payloads, torch_bytes, with_members, write_dataset
 

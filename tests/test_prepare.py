@@ -26,7 +26,7 @@ av = pytest.importorskip("av")
 
 from PIL import Image  # noqa: E402
 
-from data.encoders import VaeEncoder  # noqa: E402
+from dit.encoders import VaeEncoder  # noqa: E402
 from data.prepare import PrepareConfig, build_parser, main, prepare  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -346,7 +346,7 @@ def test_vae_decode_for_sampling(models, tmp_path, vae, frames):
 
     from diffusers import AutoModel
 
-    from data.encoders import VaeEncoder
+    from dit.encoders import VaeEncoder
     from dit.generate import decode_to_files
 
     latents = torch.randn(2, 4, frames, 4, 6, generator=torch.Generator().manual_seed(0))

@@ -4,7 +4,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from dit import cpu_backend, runtime
+from dit.diffusion.draws import sample_generator
+from dit.runtime import cpu_backend, distributed as runtime
 from tests.distributed import run_distributed
 
 
@@ -64,7 +65,7 @@ def _rng_draws(seed):
     with get_cuda_rng_tracker().fork():
         tp_region = torch.rand(4)
     after_fork = torch.rand(4)  # the fork must leave the default stream where it was
-    sample = torch.rand(4, generator=runtime.sample_generator(seed, 7, "shard_0/sample_3"))
+    sample = torch.rand(4, generator=sample_generator(seed, 7, "shard_0/sample_3"))
     return dict(tp=ps.get_tensor_model_parallel_rank(), dp=ps.get_data_parallel_rank(),
                 init=init, data=data, tp_region=tp_region, after_fork=after_fork, sample=sample)
 
@@ -89,7 +90,7 @@ def test_rng_contract_tp2_dp2():
 
 
 def test_sample_generator_depends_on_key_and_iteration():
-    a = torch.rand(3, generator=runtime.sample_generator(1, 0, "k"))
-    assert torch.equal(a, torch.rand(3, generator=runtime.sample_generator(1, 0, "k")))
-    assert not torch.equal(a, torch.rand(3, generator=runtime.sample_generator(1, 1, "k")))
-    assert not torch.equal(a, torch.rand(3, generator=runtime.sample_generator(1, 0, "j")))
+    a = torch.rand(3, generator=sample_generator(1, 0, "k"))
+    assert torch.equal(a, torch.rand(3, generator=sample_generator(1, 0, "k")))
+    assert not torch.equal(a, torch.rand(3, generator=sample_generator(1, 1, "k")))
+    assert not torch.equal(a, torch.rand(3, generator=sample_generator(1, 0, "j")))

@@ -5,8 +5,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from dit.config import dit_config
-from dit.model import DiTModel
+from dit.model.config import dit_config
+from dit.model.model import DiTModel
 from dit.training.flops import forward_flops, pack_flops, peak_tflops
 from tests.model_setup import make_microbatch, randomize, single_process, tiny_config  # noqa: F401
 

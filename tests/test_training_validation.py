@@ -4,7 +4,7 @@ weights differ), and TP=2 and CP=2 give the same value to fp32 tolerance."""
 import pytest
 
 import pretrain_dit
-from dit.arguments import parse_args, validate_args
+from dit.training.arguments import parse_args, validate_args
 from dit.training.pretrain import pretrain
 from tests.distributed import run_distributed
 from tests.tiny_data import TINY_RUN, payloads

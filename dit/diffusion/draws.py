@@ -1,6 +1,6 @@
 """Per-sample draws: every sample of a pack gets its own noise level, noise and guidance dropout.
 
-Each sample's numbers come from ``runtime.sample_generator(seed, iteration, key)`` in one fixed
+Each sample's numbers come from :func:`sample_generator` ``(seed, iteration, key)`` in one fixed
 order: z (the noise level, through ``Objective.level``), u (guidance dropout), then the noise of
 the sample's real tokens, drawn for the whole sample. Every TP, PP and CP rank of a replica, any
 parallel layout and a resumed run therefore draw the same numbers; a CP rank keeps the rows it
@@ -9,13 +9,23 @@ holds. (NeMo and DFM draw one level per pack: 32 images of a pack would share on
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-from dit.packed import PackedBatch, thd_partition_indices
-from dit.runtime import sample_generator
+from dit.model.packed import PackedBatch, thd_partition_indices
+
+
+def sample_generator(seed: int, iteration: int, key: str, device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator for one sample's diffusion draws (sigma or t, noise, text drop).
+
+    It depends only on (seed, iteration, sample key), so a resumed run or another parallel layout
+    draws exactly the same numbers for the same sample.
+    """
+    digest = hashlib.blake2b(f"{seed}/{iteration}/{key}".encode(), digest_size=8).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
 @dataclass

@@ -13,12 +13,12 @@ import torch
 from megatron.core import parallel_state as ps
 from torch import Tensor
 
-from dit.config import DiTConfig
+from dit.model.config import DiTConfig
 from dit.diffusion.edm import EDM
 from dit.diffusion.objective import Objective
-from dit.model import DiTModel
-from dit.packed import PackedBatch, gather_cp_shares, thd_partition_indices
-from dit.patchify import patchify, unpatchify
+from dit.model.model import DiTModel
+from dit.model.packed import PackedBatch, gather_cp_shares, thd_partition_indices
+from dit.model.patchify import patchify, unpatchify
 
 
 @dataclass(frozen=True)

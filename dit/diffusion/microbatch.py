@@ -9,8 +9,7 @@ from torch import Tensor
 
 from dit.diffusion.draws import SampleDraws, drop_conditioning
 from dit.diffusion.objective import Objective
-from dit.packed import PackedBatch
-from dit.sequence import cp_token_samples
+from dit.model.packed import PackedBatch, cp_token_samples
 
 
 @dataclass
@@ -23,7 +22,7 @@ class DiffusionMicroBatch:
     target: Tensor | None  # [s, D] regression target of the network output
     weights: Tensor  # [N] loss weight of each sample
     level: Tensor  # [N] sigma or t of each sample (for logging and tests)
-    samples_per_microbatch: float  # samples of the global batch / (micro-batches x DP), see dit.loss
+    samples_per_microbatch: float  # samples of the global batch / (micro-batches x DP), see dit.diffusion.loss
 
 
 def diffusion_microbatch(objective: Objective, batch: PackedBatch, draws: SampleDraws, *, cp_size: int,

@@ -1,31 +1,22 @@
-"""Checkpoints: everything a run needs to continue exactly, in one Megatron dist checkpoint.
-
-On disk as Megatron-LM writes them, so its users and tools recognise them::
-
-    SAVE/iter_0000100/                   a torch_dist checkpoint (any TP/PP/DP layout loads it)
-    SAVE/latest_checkpointed_iteration.txt
+"""A run's state in a checkpoint: everything it needs to continue exactly, in one Megatron dist checkpoint.
 
 A checkpoint holds the model's sharded state, the optimizer's (the distributed optimizer's included,
 in Megatron's layout-independent format), the LR schedule, the run's counters (``TrainState``), every
 rank's RNG states, every DP replica's energon loader state with its bad-data counts, the EMA (under
 ``ema.*`` keys of its own: in the model's layout, or DP-sharded beside a ``dp_reshardable`` distributed
-optimizer) and the run's arguments (the model-shape flags are compared on load).
-
-Publication is atomic: the shards are written to ``iter_NNNNNNN.partial/``, renamed to ``iter_NNNNNNN/``
-when every rank has finished, and only then is the tracker replaced (temporary file, fsync, rename).
-A process killed at any moment of a save therefore leaves the previous checkpoint the latest, and a
-``.partial`` folder is never loaded.
+optimizer) and the run's arguments (the model-shape flags are compared on load). Each component gives its
+own ``state_dict`` / ``load_state_dict`` (or sharded form); :func:`sharded_state` gathers them. Where the
+folders go and how a save is published: :mod:`dit.checkpoint.files`.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +26,15 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
-from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
+from dit.checkpoint.files import checkpoint_dir, folder_size, partial_dir, publish, retain
+from dit.checkpoint.weights import DP_SHARDS, MODEL_SPACE, saved_ema_layout
 from dit.errors import ConfigError
-from dit.mcore019 import async_save_options
-from dit.training.ema import DP_SHARDS, EMA, MODEL_SPACE
+from dit.runtime.mcore019 import async_save_options
+from dit.training.ema import EMA
 from dit.training.hooks import TrainLoader
 from dit.training.optimizer import allocate_state
 from dit.training.state import TrainState
@@ -49,46 +42,10 @@ from dit.training.step import TrainingSetup
 
 log = logging.getLogger(__name__)
 
-TRACKER = "latest_checkpointed_iteration.txt"
-
 # Flags that shape the model's parameters: a checkpoint of another value cannot be loaded.
 MODEL_SHAPE_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "latent_channels", "patch_size",
                      "temporal_patch_size", "text_embed_dim", "conditioning", "num_classes", "position_embedding",
                      "qk_layernorm", "adaln_lora_rank", "fps_conditioning", "timestep_freq_shift")
-
-
-def checkpoint_dir(root: str | Path, iteration: int) -> Path:
-    return Path(root) / f"iter_{iteration:07d}"
-
-
-def read_tracker(root: str | Path) -> int | None:
-    """The iteration the tracker names, or None where there is no tracker."""
-    path = Path(root) / TRACKER
-    if not path.is_file():
-        return None
-    text = path.read_text().strip()
-    if not text.isdigit():
-        raise ConfigError("--load", f"{path} holds {text!r}, not an iteration number")
-    return int(text)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_tracker(root: Path, iteration: int) -> None:
-    """Replace the tracker atomically: a reader sees the old or the new iteration, never a torn file."""
-    tmp = root / (TRACKER + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(f"{iteration}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / TRACKER)
-    _fsync_dir(root)
 
 
 @dataclass(frozen=True)
@@ -176,16 +133,6 @@ def ema_layout(fmt: str) -> str:
     return DP_SHARDS if fmt == "dp_reshardable" else MODEL_SPACE
 
 
-def saved_ema_layout(common: dict, path: Path, flag: str) -> str | None:
-    """The layout of the EMA saved in ``path`` (None: it holds none)."""
-    if common.get("ema") is None:
-        return None
-    if "layout" not in common["ema"]:
-        raise ConfigError(flag, f"the checkpoint {path} keeps its EMA in the optimizer state, as this recipe did "
-                                "before 2026-12; pass --no-load-optim (training) or --no-ema (sampling, export)")
-    return common["ema"]["layout"]
-
-
 def sharded_state(setup: TrainingSetup, state: TrainState, loader: TrainLoader, ema: EMA | None) -> dict[str, Any]:
     """What a checkpoint holds, as a sharded state dict for ``dist_checkpointing.save``."""
     model = _model_state(setup)
@@ -206,10 +153,6 @@ def sharded_state(setup: TrainingSetup, state: TrainState, loader: TrainLoader, 
     }
 
 
-def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 class Checkpointer:
     """Saves (in the background with ``--async-save``) and remembers the last checkpoint published."""
 
@@ -221,7 +164,7 @@ class Checkpointer:
     def save(self, setup: TrainingSetup, state: TrainState, loader: TrainLoader, ema: EMA | None) -> None:
         """Write ``SAVE/iter_NNNNNNN.partial``, then publish it: rename, tracker, ``--save-retain``."""
         final = checkpoint_dir(self.root, state.iteration)
-        partial = final.with_name(final.name + ".partial")
+        partial = partial_dir(final)
         start = time.monotonic()
         if dist.get_rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
@@ -253,49 +196,10 @@ class Checkpointer:
         if dist.get_rank() == 0:
             publish(self.root, partial, final, iteration)
             retain(self.root, self.retain)
-            print(f"saved checkpoint {final} ({_size(final) / 2**20:.1f} MiB, iteration {iteration}) in "
+            print(f"saved checkpoint {final} ({folder_size(final) / 2**20:.1f} MiB, iteration {iteration}) in "
                   f"{time.monotonic() - start:.1f} s", flush=True)
         dist.barrier()
         self.last = final
-
-
-def publish(root: Path, partial: Path, final: Path, iteration: int) -> None:
-    """Rename the complete folder into place, then point the tracker at it."""
-    if final.exists():  # an earlier save of the same iteration: replaced, never merged
-        shutil.rmtree(final)
-    os.replace(partial, final)
-    _fsync_dir(root)
-    write_tracker(root, iteration)
-
-
-def retain(root: Path, keep: int | None) -> None:
-    """Delete all but the newest ``keep`` checkpoints; never the one the tracker names."""
-    if keep is None:
-        return
-    latest = read_tracker(root)
-    saved = sorted(p for p in root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
-    for old in saved[:-keep]:
-        if int(old.name[5:]) != latest:
-            shutil.rmtree(old)
-
-
-def find_checkpoint(args: argparse.Namespace) -> Path | None:
-    """The checkpoint this run starts from: ``--load`` (it must hold one) or ``--save`` when it does."""
-    root = args.load or args.save
-    if root is None:
-        return None
-    flag = "--load" if args.load else "--save"
-    iteration = args.ckpt_step if args.ckpt_step is not None else read_tracker(root)
-    if iteration is None:
-        if args.load:
-            raise ConfigError("--load", f"{root} holds no checkpoint (no {TRACKER}); point it at a --save "
-                                        "folder of an earlier run, or drop --load to start from scratch")
-        return None
-    path = checkpoint_dir(root, iteration)
-    if not (path / "metadata.json").is_file():
-        raise ConfigError("--ckpt-step" if args.ckpt_step is not None else flag,
-                          f"{path} is not a complete checkpoint; pick another --ckpt-step")
-    return path
 
 
 def check_model_shape(saved: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
@@ -320,16 +224,30 @@ def check_optimizer_format(common: dict, args: argparse.Namespace, saved: Layout
                           "--no-load-optim, or save it with --dist-ckpt-optim-fully-reshardable")
 
 
-def load_checkpoint(setup: TrainingSetup, state: TrainState, loader: TrainLoader, ema: EMA | None, path: Path) -> None:
-    """Restore what ``args`` ask for from ``path`` into the run (before the loader's first ``next``)."""
+@dataclass(frozen=True)
+class LoadChoices:
+    """What a run restores from its checkpoint, beyond the model's weights (Megatron-LM's flags)."""
+
+    weights_only: bool = False  # --finetune: the weights and nothing of the run (counters, data, schedule)
+    optimizer: bool = True  # the optimizer, the schedule and the EMA (--no-load-optim: False)
+    rng: bool = True  # every rank's RNG states, where the parallel layout is the saved one (--no-load-rng: False)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> LoadChoices:
+        return cls(weights_only=args.finetune, optimizer=not args.no_load_optim, rng=not args.no_load_rng)
+
+
+def load_checkpoint(setup: TrainingSetup, state: TrainState, loader: TrainLoader, ema: EMA | None, path: Path,
+                    choices: LoadChoices) -> None:
+    """Restore the ``choices`` from ``path`` into the run (before the loader's first ``next``)."""
     args = setup.args
     start = time.monotonic()
     common = dist_checkpointing.load_common_state_dict(str(path))
     check_model_shape(common["args"], args, path)
-    weights_only = args.finetune
+    weights_only = choices.weights_only
     layout, saved_layout = Layout.current(), Layout(**common["layout"])
     request = {"model": _model_state(setup)}
-    if not (weights_only or args.no_load_optim):
+    if not weights_only and choices.optimizer:
         check_optimizer_format(common, args, saved_layout, layout, path)
         if ema is not None:
             ema_saved = saved_ema_layout(common, path, "--no-load-optim")
@@ -338,7 +256,7 @@ def load_checkpoint(setup: TrainingSetup, state: TrainState, loader: TrainLoader
                                                  "or --no-load-optim to start an EMA from its weights")
             request["ema_weights"] = ema.sharded_state_dict(request["model"], ema_saved, is_loading=True)
         request["optimizer"] = _optimizer_state(setup, request["model"], is_loading=True)
-    load_rng = not (weights_only or args.no_load_rng) and saved_layout == layout
+    load_rng = not weights_only and choices.rng and saved_layout == layout
     if load_rng:
         request["rng"] = _per_rank("rng_state", None)
     load_data = not weights_only and saved_layout.dp == layout.dp
@@ -374,26 +292,8 @@ def load_checkpoint(setup: TrainingSetup, state: TrainState, loader: TrainLoader
             notes.append(f"WARNING: the checkpoint was saved with {saved_layout.dp} data-parallel replicas and this "
                          f"run has {layout.dp}; their loader states cannot be split differently, so the data "
                          "stream restarts from the beginning of the epoch")
-        if not (weights_only or args.no_load_rng) and not load_rng:
+        if not weights_only and choices.rng and not load_rng:
             notes.append("the parallel layout changed, so the per-rank RNG states were not restored")
         what = "weights only (--finetune)" if weights_only else f"iteration {state.iteration}"
-        print(f"loaded checkpoint {path} ({_size(path) / 2**20:.1f} MiB, {what}) in "
+        print(f"loaded checkpoint {path} ({folder_size(path) / 2**20:.1f} MiB, {what}) in "
               f"{time.monotonic() - start:.1f} s" + "".join(f"; {n}" for n in notes), flush=True)
-
-
-def load_model_weights(model: torch.nn.Module, path: Path, use_ema: bool) -> str:
-    """Only the weights of ``path`` into a bare model of any layout (sampling, export): its EMA, saved under
-    ``ema.<key>`` in the model's layout, or the trained weights. Returns which."""
-    common = dist_checkpointing.load_common_state_dict(str(path))
-    layout = saved_ema_layout(common, path, "--no-ema") if use_ema else None
-    use_ema = layout is not None  # an imported model or a run without an EMA: raw
-    sharded = model.sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group(None))
-    if use_ema:
-        if layout == DP_SHARDS:
-            raise ConfigError("--no-ema", f"the EMA of {path} is sharded like the distributed optimizer's "
-                                          "dp_reshardable state, which only a training run of its layout reads; pass "
-                                          "--no-ema, or train with --dist-ckpt-optim-fully-reshardable")
-        sharded = {k: replace(v, key="ema." + v.key) if isinstance(v, ShardedTensor) else v
-                   for k, v in sharded.items()}  # not the _extra_state objects, which stay the model's
-    model.load_state_dict(dist_checkpointing.load({"model": sharded}, str(path))["model"])
-    return "EMA" if use_ema else "raw"

@@ -26,13 +26,9 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+from dit.checkpoint.weights import DP_SHARDS, MODEL_SPACE
 from dit.training.optimizer import publish_main_params
 from dit.training.step import TrainingSetup
-
-# How the EMA is laid out in a checkpoint, chosen with the optimizer's format (see ``checkpointing``):
-MODEL_SPACE = "model"  # "ema.<model key>", each tensor as the model's: loads under any layout (and in dit.generate)
-DP_SHARDS = "dp_shards"  # each DP rank's flat shard as it is: fully parallel, only DP may change (dp_reshardable)
-
 
 def ema_decay(decay: float, updates: int, warmup: bool) -> float:
     """The decay of update number ``updates + 1``."""

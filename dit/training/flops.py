@@ -9,8 +9,8 @@ every pipeline stage recomputes, is counted once.
 
 from __future__ import annotations
 
-from dit.config import DiTConfig
-from dit.embeddings import FREQUENCY_EMBEDDING_SIZE
+from dit.model.config import DiTConfig
+from dit.model.embeddings import FREQUENCY_EMBEDDING_SIZE
 
 # Dense (no sparsity) peak TFLOP/s by device name: (bf16, fp8). MFU uses the bf16 peak, or fp8 under --fp8-format.
 PEAK_TFLOPS = {

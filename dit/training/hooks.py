@@ -11,15 +11,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 if TYPE_CHECKING:
-    from dit.config import DiTConfig
-    from dit.model import DiTModel
-    from dit.packed import PackedBatch
+    from dit.model.config import DiTConfig
+    from dit.model.model import DiTModel
+    from dit.model.packed import PackedBatch
 
 
 class TrainLoader(Protocol):
     """What the train data provider returns: this rank's packs, its bad-data counts and a savable state."""
 
-    stats: Any  # data.errors.DataStats: .read, .bad, .skipped, .examples, .add()
+    stats: Any  # data.loader.bad_data.DataStats: .read, .bad, .skipped, .examples, .add()
 
     def __next__(self) -> PackedBatch: ...
 

@@ -3,9 +3,9 @@ then ``pretrain``; a run that must stop is one line too (exit 1)."""
 
 from __future__ import annotations
 
-from dit.arguments import is_main_process, parse_args
+from dit.training.arguments import parse_args
 from dit.errors import ConfigError, TrainingStopped
-from dit.launch import user_error
+from dit.runtime.console import is_main_process, user_error
 from dit.training.hooks import Hooks
 
 
@@ -18,7 +18,7 @@ def main(hooks: Hooks, argv: list[str] | None = None, prog: str = "pretrain_dit.
     if args.validate_only:
         print(f"{prog}: ok: {launch.summary}")
         return 0
-    from dit import runtime
+    from dit.runtime import distributed as runtime
     from dit.training.pretrain import pretrain
 
     try:

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from data.peer_formats import NORMALISATIONS, WARNINGS
 from dit.training.state import TrainState
 from dit.training.step import StepResult
 from dit.training.writers import MetricWriters
@@ -148,11 +147,12 @@ class TrainingLogger:
         """Each writer recognised and each normalisation that deserves a warning, once, with its count so far."""
         for name in sorted(set(data_stats.formats) - self.formats_shown):
             print(f" data format: {name} ({data_stats.formats[name]} samples so far)", flush=True)
-        for name in sorted(set(data_stats.normalised) & WARNINGS - self.notes_shown):
-            print(f" data warning: {data_stats.normalised[name]} samples so far: {NORMALISATIONS[name]} "
+        warnings = data_stats.warnings()
+        for name in sorted(set(warnings) - self.notes_shown):
+            print(f" data warning: {data_stats.normalised[name]} samples so far: {warnings[name]} "
                   f"(first: {data_stats.notes[name]})", flush=True)
         self.formats_shown |= set(data_stats.formats)
-        self.notes_shown |= set(data_stats.normalised) & WARNINGS
+        self.notes_shown |= set(warnings)
 
     def close(self) -> None:
         if self.writers is not None:

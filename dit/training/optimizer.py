@@ -19,8 +19,8 @@ from megatron.core.optimizer import (
 )
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
 
-from dit.config import DiTConfig
-from dit.model import DiTModel
+from dit.model.config import DiTConfig
+from dit.model.model import DiTModel
 
 EMBEDDING_TABLES = ("*class_embedder.table.weight",)
 

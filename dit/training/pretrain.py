@@ -16,12 +16,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from dit import runtime
-from dit.config import config_from_args
+from dit.runtime import distributed as runtime
+from dit.model.config import config_from_args
 from dit.diffusion import build_objective
 from dit.errors import TrainingStopped
 from dit.training.ema import EMA
-from dit.training.checkpointing import Checkpointer, find_checkpoint, load_checkpoint
+from dit.checkpoint.files import find_checkpoint
+from dit.training.checkpointing import Checkpointer, LoadChoices, load_checkpoint
 from dit.training.exits import ExitConditions
 from dit.training.flops import peak_tflops
 from dit.training.hooks import Hooks, TrainLoader
@@ -62,10 +63,8 @@ def setup_training(args: argparse.Namespace, hooks: Hooks) -> TrainingSetup:
     runtime.set_random_seed(args.seed, per_data_parallel_rank=False)  # the same initial weights on every replica
     config = config_from_args(args)
     model = hooks.model_provider(config, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-        model.cuda(device)
+    device = runtime.current_device()
+    model.to(device)
     runtime.set_random_seed(args.seed, per_data_parallel_rank=True)
     ddp = wrap_model(model, config, args)
     optimizer = build_optimizer(args, [ddp])
@@ -200,9 +199,11 @@ def pretrain(args: argparse.Namespace, hooks: Hooks) -> TrainResult:
     loader = hooks.train_data_provider(args)
     state = TrainState()
     try:
-        path = find_checkpoint(args)
+        path = find_checkpoint(args.load or args.save, args.ckpt_step, flag="--load" if args.load else "--save",
+                               required=bool(args.load), fix="point it at a --save folder of an earlier run, or "
+                                                             "drop --load to start from scratch")
         if path is not None:
-            load_checkpoint(setup, state, loader, ema, path)
+            load_checkpoint(setup, state, loader, ema, path, LoadChoices.from_args(args))
         validator = None
         if args.eval_interval or args.skip_train:
             validator = Validator(setup, hooks.forward_step, lambda: hooks.valid_data_provider(args), ema)

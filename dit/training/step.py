@@ -3,7 +3,7 @@
 The loss of a step is the mean, over every sample of its packs (all micro-batches, all DP ranks), of
 the sample's mean over its real tokens. Samples per pack vary, so the step's samples are counted over
 DP before the backward, and each micro-batch's loss is divided by the step's samples per micro-batch
-(``dit.loss.microbatch_loss``): the update then depends on neither the layout nor the micro-batch split.
+(``dit.diffusion.loss.microbatch_loss``): the update then depends on neither the layout nor the micro-batch split.
 A step whose loss or gradient norm is not finite changes no weight and no optimizer state.
 On a GPU a step reads device tensors on the host three times ("host read" below; the layers never do),
 which ``tests/test_host_syncs.py`` holds it to.
@@ -25,11 +25,11 @@ from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from dit.config import DiTConfig
+from dit.model.config import DiTConfig
 from dit.diffusion import Objective
 from dit.diffusion.draws import draw
 from dit.diffusion.microbatch import DiffusionMicroBatch, diffusion_microbatch
-from dit.packed import PackedBatch
+from dit.model.packed import PackedBatch
 from dit.training.flops import pack_flops
 
 ForwardStep = Callable  # Megatron's forward_step_func(data_iterator, model) -> (output, loss_func)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from dit.model import DiTModel
+from dit.model.model import DiTModel
 from tests.model_setup import MicroBatch, hand_loss, make_microbatch, randomize, tiny_config
 
 # head dim 24: 3D RoPE gives t, h and w four pairs each; widths are multiples of 32, as MXFP8 GEMMs need

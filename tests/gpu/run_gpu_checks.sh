@@ -6,9 +6,9 @@
 #   3. a 50-iteration pretrain_dit.py run (DiT-B, bf16, packs of 8192 tokens) on a synthetic dataset it writes,
 #      saving a checkpoint (with the default EMA) half-way and at the end, then a run resumed from the half-way
 #      checkpoint, whose losses are compared with the first run's;
-#   4. a 10-iteration FP8 run per recipe this GPU has kernels for (dit.fp8.MIN_CAPABILITY), where TE imports;
+#   4. a 10-iteration FP8 run per recipe this GPU has kernels for (dit.model.fp8.MIN_CAPABILITY), where TE imports;
 #   5. with 2 or more GPUs, TE's CP=2 and TP=2 with SP against one GPU (tests/gpu/te_parallel.py);
-#   6. bench_step.py (with host_syncs_per_step from dit.host_syncs' counter, and the warnings of
+#   6. bench_step.py (with host_syncs_per_step from dit.training.host_syncs' counter, and the warnings of
 #      torch.cuda.set_sync_debug_mode("warn")) and
 #      bench_model.py for DiT-B and DiT-XL at 8192 tokens in bf16, and in FP8 where TE imports.
 # Every part has its own time limit, cut to what is left of the whole run's budget (BUDGET_S, 470 s).
@@ -106,11 +106,11 @@ part train 150 "$iterations" "$python" pretrain_dit.py --data-path "$work/data" 
 part resume 90 "$iterations" "$python" pretrain_dit.py --data-path "$work/data" --bf16 --train-iters "$iterations" \
     --lr 1e-4 --load "$work/ckpt" --ckpt-step "$half" --save "$work/ckpt_resumed" "${train_args[@]}"
 
-# 4. FP8: a short run per recipe this GPU runs (TE's compute-capability rule, dit/fp8.py)
+# 4. FP8: a short run per recipe this GPU runs (TE's compute-capability rule, dit/model/fp8.py)
 fp8=()
 if "$python" -c "import transformer_engine.pytorch" 2>/dev/null && ((!dry)); then
     fp8=(--fp8-format hybrid)
-    for recipe in $("$python" -c "import torch; from dit.fp8 import MIN_CAPABILITY as m
+    for recipe in $("$python" -c "import torch; from dit.model.fp8 import MIN_CAPABILITY as m
 print(' '.join(r for r, (cc, _) in m.items() if torch.cuda.get_device_capability() >= cc))"); do
         part "train_fp8_$recipe" 60 10 "$python" pretrain_dit.py --data-path "$work/data" --bf16 --train-iters 10 \
             --lr 1e-4 "${fp8[@]}" --fp8-recipe "$recipe" "${train_args[@]}"

@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from megatron.core import parallel_state as ps  # noqa: E402
 
-from dit import runtime  # noqa: E402
-from dit.model import DiTModel  # noqa: E402
-from dit.packed import gather_cp_shares  # noqa: E402
-from dit.runtime import ParallelLayout  # noqa: E402
+from dit.runtime import distributed as runtime  # noqa: E402
+from dit.model.model import DiTModel  # noqa: E402
+from dit.model.packed import gather_cp_shares  # noqa: E402
+from dit.runtime.distributed import ParallelLayout  # noqa: E402
 from tests.gpu.gpu_setup import SMALL, relative_error  # noqa: E402
 from tests.model_setup import MicroBatch, cp_share, make_microbatch, randomize, tiny_config, tp_slice  # noqa: E402
 

@@ -1,14 +1,14 @@
-"""Transformer Engine on one GPU: the TE spec (Megatron-Core's own TE classes, which ``dit.layer_spec`` selects
+"""Transformer Engine on one GPU: the TE spec (Megatron-Core's own TE classes, which ``dit.model.layer_spec`` selects
 when TE imports) computes what the local spec computes with the same weights, forward and backward; and FP8
 through Megatron-Core's ``fp8`` / ``fp8_recipe`` config fields trains a few steps with finite values near bf16."""
 
 import pytest
 import torch
 
-from data.rank_split import pad_multiple
-from dit.fp8 import MIN_CAPABILITY
-from dit.te import have_transformer_engine
-from dit.te_attention import PackedTEAttention
+from data.loader.rank_split import pad_multiple
+from dit.model.fp8 import MIN_CAPABILITY
+from dit.model.te import have_transformer_engine
+from dit.model.te_attention import PackedTEAttention
 from tests.gpu.gpu_setup import (
     assert_matches_reference,
     device_pack,
@@ -45,7 +45,7 @@ def test_fp8_training_steps_are_finite_and_near_bf16(single_process, device, rec
     needed, gpus = MIN_CAPABILITY[recipe]
     if torch.cuda.get_device_capability(device) < needed:
         pytest.skip(f"{recipe} needs {gpus}")
-    mb = device_pack(device, pad_multiple=pad_multiple(1, 1, False, recipe))  # TE's FP8 rows (dit.fp8)
+    mb = device_pack(device, pad_multiple=pad_multiple(1, 1, False, recipe))  # TE's FP8 rows (dit.model.fp8)
     reference = reference_model(device)
     bf16 = model_like(reference, device, **TE_BF16)
     fp8 = model_like(reference, device, **TE_BF16, fp8="hybrid", fp8_recipe=recipe)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from dit.te import have_transformer_engine
+from dit.model.te import have_transformer_engine
 from tests.gpu.gpu_setup import BF16_TOL
 from tests.launch import ROOT
 

@@ -1,0 +1,158 @@
+"""Megatron-Core on a machine without CUDA: the one compatibility layer.
+
+Megatron-Core (0.16 to 0.19) assumes CUDA in a few places: it allocates with ``device="cuda"`` or
+``device=torch.cuda.current_device()``, calls ``torch.cuda.synchronize()`` in p2p, waits on
+``torch.cuda.current_stream()`` before each gradient reduction (0.17 and later), asserts
+``param.type() == "torch.cuda.FloatTensor"`` in its optimizers and grad clipping, and keeps its
+dropout RNG states with ``torch.cuda.get_rng_state``. This module maps all of that onto the CPU.
+It is enabled only when no CUDA device exists and never touches a GPU run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from dit.runtime.console import is_main_process
+
+log = logging.getLogger(__name__)
+
+_state: dict[str, Any] = {"mode": None, "saved": {}}
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, int) and not isinstance(device, bool):
+        return True  # a bare ordinal means a CUDA device to torch
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Rewrites every CUDA device request (``device=`` keyword, ``.cuda()``, ``.to("cuda")``) to cpu."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs = {**kwargs, "device": "cpu"}
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+def _cuda_style_type(self: torch.Tensor, dtype=None, non_blocking: bool = False, **kwargs):
+    """``Tensor.type()`` with no argument answers ``torch.cuda.*`` names, as Megatron's asserts expect."""
+    original = _state["saved"]["Tensor.type"]
+    if dtype is None and not kwargs:
+        name = original(self)
+        return name if ".cuda." in name else name.replace("torch.", "torch.cuda.", 1)
+    return original(self, dtype, non_blocking, **kwargs)
+
+
+class _HostStream:
+    """The stream CPU work runs on: in order, so every wait and record is already satisfied."""
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _tracker_class():
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    class CPURNGStatesTracker(mcore_random.CudaRNGStatesTracker):
+        """Megatron's RNG tracker over the CPU default generator, which is what CPU dropout draws from."""
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.seeds_.add(seed)
+            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name=mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            outer = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(outer)
+
+    return CPURNGStatesTracker
+
+
+
+def is_active() -> bool:
+    return _state["mode"] is not None
+
+
+def enable() -> bool:
+    """Turn the layer on when there is no CUDA device; return whether it is on. Idempotent."""
+    if torch.cuda.is_available():
+        return False
+    if is_active():
+        return True
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    saved = _state["saved"]
+    saved["Tensor.type"] = torch.Tensor.type
+    saved["patches"] = []
+
+    def patch(owner, name, value):
+        saved["patches"].append((owner, name, getattr(owner, name)))
+        setattr(owner, name, value)
+
+    patch(torch.Tensor, "type", _cuda_style_type)
+    # A device, not the ordinal 0: since torch 2.13 torch.autograd.backward dispatches to torch-function
+    # modes, so backward runs with _CudaToCpu switched off, and Megatron's autograd functions allocate
+    # their backward buffers with device=torch.cuda.current_device() (sequence/context-parallel gathers).
+    patch(torch.cuda, "current_device", lambda: torch.device("cpu"))
+    patch(torch.cuda, "synchronize", lambda device=None: None)
+    patch(torch.cuda, "current_stream", lambda device=None: _HostStream())
+    patch(torch.cuda, "empty_cache", lambda: None)
+    # Checkpointed recomputation saves and restores "the CUDA RNG": on CPU that is the CPU generator.
+    patch(mcore_random, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state())
+    patch(mcore_random, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
+    patch(mcore_random, "CudaRNGStatesTracker", _tracker_class())
+    mcore_random.initialize_rng_tracker(force_reset=True)
+
+    mode = _CudaToCpu()
+    mode.__enter__()
+    _state["mode"] = mode
+    if is_main_process():  # once per job, not once per rank
+        log.warning("No CUDA device: Megatron-Core runs on CPU through dit.runtime.cpu_backend (gloo, local kernels).")
+    return True
+
+
+def disable() -> None:
+    """Undo :func:`enable` (used by tests)."""
+    if not is_active():
+        return
+    _state["mode"].__exit__(None, None, None)
+    _state["mode"] = None
+    for owner, name, value in reversed(_state["saved"].pop("patches")):
+        setattr(owner, name, value)
+    _state["saved"].clear()
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random.initialize_rng_tracker(force_reset=True)
