@@ -7,7 +7,7 @@ import signal
 import pytest
 
 import pretrain_dit
-from dit.arguments import parse_args, validate_args
+from dit.arguments import load_run_config
 from dit.training import checkpointing
 from dit.training.checkpointing import TRACKER, read_tracker, retain, write_tracker
 from dit.training.pretrain import pretrain
@@ -52,8 +52,8 @@ def _train(data_path: str, extra: list[str], die_on_save: int | None = None) -> 
             return result
 
         checkpointing.dist_checkpointing.save = save
-    args = validate_args(parse_args(FLAGS + ["--data-path", data_path] + extra), dist.get_world_size())
-    result = pretrain(args, pretrain_dit.HOOKS)
+    run = load_run_config(FLAGS + ["--data-path", data_path] + extra, dist.get_world_size())
+    result = pretrain(run, pretrain_dit.HOOKS)
     return {"iteration": result.state.iteration, "losses": {r.iteration: r.loss for r in result.history},
             "exit": result.exit_reason}
 

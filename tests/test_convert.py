@@ -120,12 +120,12 @@ def _train_tp2(data_path, save):
     import torch.distributed as dist
 
     import pretrain_dit
-    from dit.arguments import parse_args, validate_args
+    from dit.arguments import load_run_config
     from dit.training.pretrain import pretrain
 
-    args = validate_args(parse_args(TRAIN_FLAGS + ["--data-path", data_path, "--save", str(save)]),
+    run = load_run_config(TRAIN_FLAGS + ["--data-path", data_path, "--save", str(save)],
                          dist.get_world_size())
-    result = pretrain(args, pretrain_dit.HOOKS)
+    result = pretrain(run, pretrain_dit.HOOKS)
     raw = full_weights(result.setup.model[0].module, result.setup.config)
     with result.ema.applied():
         return raw, full_weights(result.setup.model[0].module, result.setup.config)

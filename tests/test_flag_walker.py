@@ -8,7 +8,7 @@ A flag new to the parser fails :func:`test_every_flag_is_walked` until it gets a
 import pytest
 
 from data.preflight import check_launch
-from dit.arguments import build_parser, parse_args
+from dit.arguments import build_parser, load_run_config
 from dit.errors import ConfigError
 from tests.tiny_data import good_entries, write_dataset
 
@@ -142,7 +142,7 @@ def dataset(tmp_path_factory):
 
 
 def _launch(argv: list[str], dataset: str):
-    return check_launch(parse_args([a.format(dataset=dataset) for a in argv]))
+    return check_launch(load_run_config([a.format(dataset=dataset) for a in argv]))
 
 
 def test_every_flag_is_walked():

@@ -9,7 +9,9 @@ A checkpoint holds the model's sharded state, the optimizer's (the distributed o
 in Megatron's layout-independent format), the LR schedule, the run's counters (``TrainState``), every
 rank's RNG states, every DP replica's energon loader state with its bad-data counts, the EMA (under
 ``ema.*`` keys of its own: in the model's layout, or DP-sharded beside a ``dp_reshardable`` distributed
-optimizer) and the run's arguments (the model-shape flags are compared on load).
+optimizer), the model's architecture (``DiTConfig.architecture``, compared on load; ``dit.generate`` and
+``dit.convert export`` rebuild the model from it) and the objective's parameters. Checkpoints written before
+2026-12 stored the run's flags instead (``args``); :func:`saved_architecture` reads both.
 
 Publication is atomic: the shards are written to ``iter_NNNNNNN.partial/``, renamed to ``iter_NNNNNNN/``
 when every rank has finished, and only then is the tracker replaced (temporary file, fsync, rename).
@@ -19,7 +21,7 @@ A process killed at any moment of a save therefore leaves the previous checkpoin
 
 from __future__ import annotations
 
-import argparse
+import json
 import logging
 import os
 import random
@@ -39,22 +41,19 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
+from dit.config import DiTConfig
 from dit.errors import ConfigError
 from dit.mcore019 import async_save_options
 from dit.training.ema import DP_SHARDS, EMA, MODEL_SPACE
 from dit.training.hooks import TrainLoader
 from dit.training.optimizer import allocate_state
+from dit.training.run_config import CheckpointConfig, ObjectiveConfig
 from dit.training.state import TrainState
 from dit.training.step import TrainingSetup
 
 log = logging.getLogger(__name__)
 
 TRACKER = "latest_checkpointed_iteration.txt"
-
-# Flags that shape the model's parameters: a checkpoint of another value cannot be loaded.
-MODEL_SHAPE_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "latent_channels", "patch_size",
-                     "temporal_patch_size", "text_embed_dim", "conditioning", "num_classes", "position_embedding",
-                     "qk_layernorm", "adaln_lora_rank", "fps_conditioning", "timestep_freq_shift")
 
 
 def checkpoint_dir(root: str | Path, iteration: int) -> Path:
@@ -141,14 +140,19 @@ def _model_state(setup: TrainingSetup) -> dict:
     return setup.model[0].module.sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group(None))
 
 
-def optimizer_format(args: argparse.Namespace) -> str:
+def optimizer_format(use_distributed_optimizer: bool, fully_reshardable: bool) -> str:
     """How the optimizer state is laid out on disk. Megatron's regular optimizer maps its state onto the
     model's tensors, so it loads under any layout; the distributed optimizer's default ``dp_reshardable``
     keeps each DP shard's buffers as they are (fully parallel, only DP may change), ``fully_reshardable``
     gathers them into per-parameter tensors on each DP group's first rank (TP and PP may change too)."""
-    if not args.use_distributed_optimizer:
+    if not use_distributed_optimizer:
         return "regular"
-    return "fully_reshardable" if args.dist_ckpt_optim_fully_reshardable else "dp_reshardable"
+    return "fully_reshardable" if fully_reshardable else "dp_reshardable"
+
+
+def _optimizer_format(setup: TrainingSetup) -> str:
+    run = setup.run
+    return optimizer_format(run.optimizer.use_distributed_optimizer, run.checkpoint.fully_reshardable_optimizer)
 
 
 def _restore_adam_step(setup: TrainingSetup, loaded: dict) -> None:
@@ -166,7 +170,7 @@ def _restore_adam_step(setup: TrainingSetup, loaded: dict) -> None:
 
 def _optimizer_state(setup: TrainingSetup, model: dict, is_loading: bool) -> dict:
     allocate_state(setup.optimizer)  # a save before the first successful step still finds every state
-    metadata = ensure_metadata_has_dp_cp_group({"distrib_optim_sharding_type": optimizer_format(setup.args)})
+    metadata = ensure_metadata_has_dp_cp_group({"distrib_optim_sharding_type": _optimizer_format(setup)})
     return setup.optimizer.sharded_state_dict(model, is_loading=is_loading, metadata=metadata)
 
 
@@ -189,7 +193,7 @@ def saved_ema_layout(common: dict, path: Path, flag: str) -> str | None:
 def sharded_state(setup: TrainingSetup, state: TrainState, loader: TrainLoader, ema: EMA | None) -> dict[str, Any]:
     """What a checkpoint holds, as a sharded state dict for ``dist_checkpointing.save``."""
     model = _model_state(setup)
-    fmt = optimizer_format(setup.args)
+    fmt = _optimizer_format(setup)
     ema_form = ema_layout(fmt)
     return {
         "model": model,
@@ -199,11 +203,42 @@ def sharded_state(setup: TrainingSetup, state: TrainState, loader: TrainLoader, 
         "train_state": state.state_dict(),
         "ema": None if ema is None else {**ema.state_dict(), "layout": ema_form},
         "ema_weights": {} if ema is None else ema.sharded_state_dict(model, ema_form),
-        "args": {k: v for k, v in vars(setup.args).items()},
+        **model_description(setup.config, setup.run.objective),
         "layout": Layout.current().__dict__,
         "rng": _per_rank("rng_state", _rng_state()),
         "data": _per_replica("data_state", loader.state_dict()),
     }
+
+
+def model_description(config: DiTConfig, objective: ObjectiveConfig | None = None) -> dict[str, Any]:
+    """What every checkpoint stores about its model, training's and ``dit.convert import``'s alike: the
+    architecture, and the objective where one trained it."""
+    return {"model_config": config.architecture(), "objective": None if objective is None else objective.to_dict()}
+
+
+LEGACY_IMPORT_CONFIG = "dit_config.json"
+"""Where ``dit.convert import`` wrote the architecture before 2026-12, beside the checkpoint."""
+
+
+def saved_architecture(common: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The model architecture of the checkpoint ``path`` with common state ``common``: its ``model_config``;
+    in checkpoints written before 2026-12, the training run's flags (``args``, named like the fields) or an
+    import's :data:`LEGACY_IMPORT_CONFIG`."""
+    if "model_config" in common:
+        return common["model_config"]
+    if "args" in common:
+        return common["args"]
+    legacy = path / LEGACY_IMPORT_CONFIG
+    if legacy.is_file():
+        return json.loads(legacy.read_text())
+    raise ConfigError("--load", f"{path} stores no model architecture: it was not written by pretrain_dit.py "
+                                "or python -m dit.convert import")
+
+
+def saved_objective(common: dict[str, Any]) -> ObjectiveConfig | None:
+    """The objective a checkpoint was trained with (None: an imported model, trained elsewhere)."""
+    saved = common.get("objective") if "model_config" in common else common["args"]
+    return None if saved is None else ObjectiveConfig.from_dict(saved)
 
 
 def _size(path: Path) -> int:
@@ -213,9 +248,9 @@ def _size(path: Path) -> int:
 class Checkpointer:
     """Saves (in the background with ``--async-save``) and remembers the last checkpoint published."""
 
-    def __init__(self, args: argparse.Namespace):
-        self.root, self.retain = (Path(args.save) if args.save else None), args.save_retain
-        self.queue = AsyncCallsQueue() if args.async_save else None
+    def __init__(self, ckpt: CheckpointConfig):
+        self.root, self.retain = (Path(ckpt.save) if ckpt.save else None), ckpt.save_retain
+        self.queue = AsyncCallsQueue() if ckpt.async_save else None
         self.last: Path | None = None
 
     def save(self, setup: TrainingSetup, state: TrainState, loader: TrainLoader, ema: EMA | None) -> None:
@@ -279,37 +314,28 @@ def retain(root: Path, keep: int | None) -> None:
             shutil.rmtree(old)
 
 
-def find_checkpoint(args: argparse.Namespace) -> Path | None:
+def find_checkpoint(ckpt: CheckpointConfig) -> Path | None:
     """The checkpoint this run starts from: ``--load`` (it must hold one) or ``--save`` when it does."""
-    root = args.load or args.save
+    root = ckpt.load or ckpt.save
     if root is None:
         return None
-    flag = "--load" if args.load else "--save"
-    iteration = args.ckpt_step if args.ckpt_step is not None else read_tracker(root)
+    flag = "--load" if ckpt.load else "--save"
+    iteration = ckpt.ckpt_step if ckpt.ckpt_step is not None else read_tracker(root)
     if iteration is None:
-        if args.load:
+        if ckpt.load:
             raise ConfigError("--load", f"{root} holds no checkpoint (no {TRACKER}); point it at a --save "
                                         "folder of an earlier run, or drop --load to start from scratch")
         return None
     path = checkpoint_dir(root, iteration)
     if not (path / "metadata.json").is_file():
-        raise ConfigError("--ckpt-step" if args.ckpt_step is not None else flag,
+        raise ConfigError("--ckpt-step" if ckpt.ckpt_step is not None else flag,
                           f"{path} is not a complete checkpoint; pick another --ckpt-step")
     return path
 
 
-def check_model_shape(saved: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
-    for name in MODEL_SHAPE_FLAGS:
-        if saved.get(name) != getattr(args, name):
-            flag = "--" + name.replace("_", "-")
-            raise ConfigError(flag, f"the checkpoint {path} was trained with {flag} {saved.get(name)}, this run "
-                                    f"has {getattr(args, name)}; pass {flag} {saved.get(name)} (or start from "
-                                    "scratch without it)")
-
-
-def check_optimizer_format(common: dict, args: argparse.Namespace, saved: Layout, layout: Layout, path: Path) -> None:
+def check_optimizer_format(common: dict, distributed: bool, saved: Layout, layout: Layout, path: Path) -> None:
     fmt = common["optimizer_format"]
-    if (fmt == "regular") != (not args.use_distributed_optimizer):
+    if (fmt == "regular") != (not distributed):
         raise ConfigError("--use-distributed-optimizer",
                           f"the checkpoint {path} holds a {'distributed' if fmt != 'regular' else 'regular'} "
                           "optimizer's state; match its --use-distributed-optimizer or pass --no-load-optim")
@@ -321,16 +347,16 @@ def check_optimizer_format(common: dict, args: argparse.Namespace, saved: Layout
 
 
 def load_checkpoint(setup: TrainingSetup, state: TrainState, loader: TrainLoader, ema: EMA | None, path: Path) -> None:
-    """Restore what ``args`` ask for from ``path`` into the run (before the loader's first ``next``)."""
-    args = setup.args
+    """Restore what the run's checkpoint config asks for from ``path`` (before the loader's first ``next``)."""
+    ckpt, distributed = setup.run.checkpoint, setup.run.optimizer.use_distributed_optimizer
     start = time.monotonic()
     common = dist_checkpointing.load_common_state_dict(str(path))
-    check_model_shape(common["args"], args, path)
-    weights_only = args.finetune
+    setup.config.check_architecture(saved_architecture(common, path), str(path))
+    weights_only = ckpt.finetune
     layout, saved_layout = Layout.current(), Layout(**common["layout"])
     request = {"model": _model_state(setup)}
-    if not (weights_only or args.no_load_optim):
-        check_optimizer_format(common, args, saved_layout, layout, path)
+    if not weights_only and ckpt.load_optim:
+        check_optimizer_format(common, distributed, saved_layout, layout, path)
         if ema is not None:
             ema_saved = saved_ema_layout(common, path, "--no-load-optim")
             if ema_saved is None:
@@ -338,7 +364,7 @@ def load_checkpoint(setup: TrainingSetup, state: TrainState, loader: TrainLoader
                                                  "or --no-load-optim to start an EMA from its weights")
             request["ema_weights"] = ema.sharded_state_dict(request["model"], ema_saved, is_loading=True)
         request["optimizer"] = _optimizer_state(setup, request["model"], is_loading=True)
-    load_rng = not (weights_only or args.no_load_rng) and saved_layout == layout
+    load_rng = not weights_only and ckpt.load_rng and saved_layout == layout
     if load_rng:
         request["rng"] = _per_rank("rng_state", None)
     load_data = not weights_only and saved_layout.dp == layout.dp
@@ -349,7 +375,7 @@ def load_checkpoint(setup: TrainingSetup, state: TrainState, loader: TrainLoader
         setup.model[0].module.load_state_dict(loaded["model"])
         if "optimizer" in request:
             setup.optimizer.load_state_dict(loaded["optimizer"])
-            if args.use_distributed_optimizer:
+            if distributed:
                 _restore_adam_step(setup, loaded["optimizer"])
         else:
             setup.optimizer.reload_model_params()  # fp32 main weights from the loaded model
@@ -374,7 +400,7 @@ def load_checkpoint(setup: TrainingSetup, state: TrainState, loader: TrainLoader
             notes.append(f"WARNING: the checkpoint was saved with {saved_layout.dp} data-parallel replicas and this "
                          f"run has {layout.dp}; their loader states cannot be split differently, so the data "
                          "stream restarts from the beginning of the epoch")
-        if not (weights_only or args.no_load_rng) and not load_rng:
+        if not weights_only and ckpt.load_rng and not load_rng:
             notes.append("the parallel layout changed, so the per-rank RNG states were not restored")
         what = "weights only (--finetune)" if weights_only else f"iteration {state.iteration}"
         print(f"loaded checkpoint {path} ({_size(path) / 2**20:.1f} MiB, {what}) in "

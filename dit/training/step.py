@@ -11,7 +11,6 @@ which ``tests/test_host_syncs.py`` holds it to.
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -31,6 +30,7 @@ from dit.diffusion.draws import draw
 from dit.diffusion.microbatch import DiffusionMicroBatch, diffusion_microbatch
 from dit.packed import PackedBatch
 from dit.training.flops import pack_flops
+from dit.training.run_config import RunConfig
 
 ForwardStep = Callable  # Megatron's forward_step_func(data_iterator, model) -> (output, loss_func)
 
@@ -39,8 +39,8 @@ ForwardStep = Callable  # Megatron's forward_step_func(data_iterator, model) -> 
 class TrainingSetup:
     """What every step uses; built once by ``dit.training.pretrain``."""
 
-    args: argparse.Namespace
-    config: DiTConfig
+    run: RunConfig
+    config: DiTConfig  # run.model
     model: list[DistributedDataParallel]  # one model chunk (no virtual pipeline stages)
     optimizer: MegatronOptimizer
     scheduler: OptimizerParamScheduler
@@ -84,11 +84,11 @@ def count_step(packs: list[PackedBatch], config: DiTConfig, device: torch.device
 
 def prepare_microbatches(setup: TrainingSetup, packs: list[PackedBatch], iteration: int,
                          counts: StepCounts) -> list[DiffusionMicroBatch]:
-    args, cp = setup.args, ps.get_context_parallel_world_size()
+    run, cp = setup.run, ps.get_context_parallel_world_size()
     samples_per_microbatch = counts.samples / (len(packs) * ps.get_data_parallel_world_size())
     return [diffusion_microbatch(
         setup.objective, pack.to(setup.device),
-        draw(pack, seed=args.seed, iteration=iteration, drop_prob=args.text_drop_prob, cp_size=cp,
+        draw(pack, seed=run.training.seed, iteration=iteration, drop_prob=run.objective.text_drop_prob, cp_size=cp,
              cp_rank=ps.get_context_parallel_rank()),
         cp_size=cp, null_class=setup.config.num_classes, samples_per_microbatch=samples_per_microbatch)
         for pack in packs]
@@ -134,7 +134,7 @@ def train_step(setup: TrainingSetup, forward_step: ForwardStep, packs: list[Pack
         num_microbatches=len(microbatches), seq_length=max(int(p.cu_seqlens_padded[-1]) for p in packs),
         micro_batch_size=1, forward_only=False)
     loss = _step_loss(logged, setup.device)
-    updated, grad_norm = apply_gradients(setup.optimizer, loss, setup.args.clip_grad)
+    updated, grad_norm = apply_gradients(setup.optimizer, loss, setup.run.optimizer.clip_grad)
     if updated:
         setup.scheduler.step(increment=1)
     return StepResult(loss=loss, grad_norm=grad_norm, skipped=not updated, counts=counts,
