@@ -639,7 +639,8 @@ def run_config(args: argparse.Namespace, world_size: int, *, need_data: bool = T
         model=model_config(a),
         training=TrainingConfig(
             train_iters=a.train_iters, micro_batch_size=a.micro_batch_size, global_batch_size=a.global_batch_size,
-            seed=a.seed, max_skipped_steps=a.max_skipped_steps, distributed_timeout_minutes=a.distributed_timeout_minutes,
+            seed=a.seed, max_skipped_steps=a.max_skipped_steps,
+            distributed_timeout_minutes=a.distributed_timeout_minutes,
             exit_interval=a.exit_interval, exit_duration_in_mins=a.exit_duration_in_mins,
             exit_signal_handler=a.exit_signal_handler),
         optimizer=OptimizerConfig(
@@ -689,11 +690,19 @@ def loader_run_config(args: argparse.Namespace) -> RunConfig:
 
 def _check_checkpoint(run: RunConfig) -> None:
     """What the run starts from, before it starts: ``--load`` holds a checkpoint, ``--ckpt-step`` names a
-    complete one, and ``--finetune`` / ``--ckpt-step`` / ``--skip-train`` find one."""
-    from dit.training.checkpointing import find_checkpoint
+    complete one, ``--finetune`` / ``--skip-train`` find one, and its model is this run's."""
+    from megatron.core import dist_checkpointing
+
+    from dit.training.checkpointing import find_checkpoint, saved_architecture
 
     ckpt = run.checkpoint
-    if find_checkpoint(ckpt) is not None:
+    path = find_checkpoint(ckpt)
+    if path is not None:
+        common = dist_checkpointing.load_common_state_dict(str(path))
+        try:
+            run.model.check_architecture(saved_architecture(common, path), str(path))
+        except ConfigError as e:
+            raise flag_error(e) from None
         return
     for flag, used in (("--finetune", ckpt.finetune), ("--skip-train", run.evaluation.skip_train)):
         if used:

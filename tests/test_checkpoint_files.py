@@ -95,7 +95,7 @@ def test_checkpoint_mistakes_are_one_line(tmp_path, dataset, capfd):
     assert run_distributed(_train, 1, dataset, ["--save", str(ckpt), "--train-iters", "2"])[0]["iteration"] == 2
     assert _error_line(capfd, "--data-path", dataset, "--load", str(ckpt), "--hidden-size", "96") == (
         f"pretrain_dit.py: error: --hidden-size: the checkpoint {ckpt / 'iter_0000002'} was trained with "
-        "--hidden-size 48, this run has 96; pass --hidden-size 48 (or start from scratch without it)")
+        "48, this run has 96; set it to 48 (or start from scratch)")
     assert _error_line(capfd, "--data-path", dataset, "--load", str(ckpt), "--ckpt-step", "7") == (
         f"pretrain_dit.py: error: --ckpt-step: {ckpt / 'iter_0000007'} is not a complete checkpoint; pick "
         "another --ckpt-step")

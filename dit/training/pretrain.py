@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from dit import runtime
-from dit.errors import TrainingStopped
+from dit.errors import ConfigError, TrainingStopped
 from dit.training.ema import EMA
 from dit.training.checkpointing import Checkpointer, find_checkpoint, load_checkpoint
 from dit.training.exits import ExitConditions
@@ -115,10 +115,11 @@ class TrainingLoop:
 
     def __init__(self, setup: TrainingSetup, loader: TrainLoader, forward_step: ForwardStep, state: TrainState,
                  ema: EMA | None = None, validator: Validator | None = None):
-        run = self.run = setup.run
+        run = self.run_config = setup.run
         self.setup, self.loader, self.forward_step, self.ema, self.validator = setup, loader, forward_step, ema, validator
         training = run.training
-        self.num_microbatches = training.global_batch_size // (training.micro_batch_size * ps.get_data_parallel_world_size())
+        dp = ps.get_data_parallel_world_size()
+        self.num_microbatches = training.global_batch_size // (training.micro_batch_size * dp)
         self.logging_rank = dist.get_rank() == dist.get_world_size() - 1  # the last stage has the loss
         peak = run.logging.peak_tflops or (peak_tflops(torch.cuda.get_device_name(), run.model.fp8 is not None)
                                            if torch.cuda.is_available() else None)
@@ -131,7 +132,7 @@ class TrainingLoop:
         self.result = TrainResult(state=state, setup=setup, ema=ema)
 
     def announce(self) -> None:
-        run, config, state = self.run, self.run.model, self.result.state
+        run, config, state = self.run_config, self.run_config.model, self.result.state
         parameters = count_parameters(self.setup.model[0].module)
         if self.logging_rank:
             print(f"pretrain_dit.py: {parameters:,} parameters, {config.transformer_impl} backend, "
@@ -143,10 +144,14 @@ class TrainingLoop:
 
     def iterate(self) -> str | None:
         """One step and what follows it; the reason to stop early, if there is one."""
-        run, state = self.run, self.result.state
+        run, state = self.run_config, self.result.state
         start = time.monotonic()
-        packs = [next(self.loader) for _ in range(self.num_microbatches)]
-        step = train_step(self.setup, self.forward_step, packs, state.iteration + 1)
+        packs, stop = [], None
+        try:
+            packs = [next(self.loader) for _ in range(self.num_microbatches)]
+        except (ConfigError, TrainingStopped) as e:  # bad data, a stall: this rank's alone, told to all in the step
+            stop = e
+        step = train_step(self.setup, self.forward_step, packs, state.iteration + 1, stop)
         self.checkpointer.poll()
         if self.ema is not None and not step.skipped:
             self.ema.update()
@@ -175,10 +180,11 @@ class TrainingLoop:
     def run(self) -> TrainResult:
         self.announce()
         try:
-            if self.run.evaluation.skip_train:
+            if self.run_config.evaluation.skip_train:
                 self.validate()
                 return self.result
-            while self.result.state.iteration < self.run.training.train_iters and self.result.exit_reason is None:
+            iters = self.run_config.training.train_iters
+            while self.result.state.iteration < iters and self.result.exit_reason is None:
                 self.result.exit_reason = self.iterate()
             self.checkpointer.finish()
         finally:

@@ -28,6 +28,7 @@ from dit.config import DiTConfig
 from dit.diffusion import Objective
 from dit.diffusion.draws import draw
 from dit.diffusion.microbatch import DiffusionMicroBatch, diffusion_microbatch
+from dit.errors import ConfigError, TrainingStopped
 from dit.packed import PackedBatch
 from dit.training.flops import pack_flops
 from dit.training.run_config import RunConfig
@@ -67,9 +68,12 @@ class StepResult:
     keys: list[str]  # this rank's samples, in order
 
 
-def count_step(packs: list[PackedBatch], config: DiTConfig, device: torch.device) -> StepCounts:
-    """Samples, real tokens and FLOPs of this DP rank's packs, summed over DP (one all-reduce)."""
-    local = [0.0, 0.0, 0.0]
+def count_step(packs: list[PackedBatch], config: DiTConfig, device: torch.device,
+               stop: ConfigError | TrainingStopped | None = None) -> StepCounts:
+    """Samples, real tokens and FLOPs of this DP rank's packs, summed over DP (one all-reduce), which also
+    tells every rank whether one of them could not read its packs (``stop``): then all raise that rank's
+    error together (:func:`raise_agreed_stop`), none is left waiting in a collective."""
+    local = [0.0, 0.0, 0.0, float(stop is not None)]
     for pack in packs:
         cu, cu_padded, cu_text = (x.tolist() for x in (pack.cu_seqlens, pack.cu_seqlens_padded, pack.cu_seqlens_text))
         local[0] += pack.num_samples
@@ -77,9 +81,22 @@ def count_step(packs: list[PackedBatch], config: DiTConfig, device: torch.device
         local[2] += pack_flops(config, cu, cu_padded, cu_text)
     total = torch.tensor(local, dtype=torch.float64, device=device)
     dist.all_reduce(total, group=ps.get_data_parallel_group())
-    samples, tokens, flops = total.tolist()  # host read 1 of a step: the loss is divided by the step's samples
+    samples, tokens, flops, stops = total.tolist()  # host read 1 of a step: the loss is divided by the step's samples
+    if stops:
+        raise_agreed_stop(stop)
     return StepCounts(packs=len(packs) * ps.get_data_parallel_world_size(), samples=round(samples),
                       real_tokens=round(tokens), flops=flops)
+
+
+def raise_agreed_stop(stop: ConfigError | TrainingStopped | None) -> None:
+    """Raise, on every rank of this DP group, the stop of its first rank that had one (the ranks of a replica
+    read the same packs, so they stop alike). The entry point then ends the launch with that one line."""
+    mine = None if stop is None else (stop.flag, str(stop).split(": ", 1)[1]) if isinstance(stop, ConfigError) \
+        else (None, str(stop))
+    stops = [None] * ps.get_data_parallel_world_size()
+    dist.all_gather_object(stops, mine, group=ps.get_data_parallel_group())
+    flag, message = next(s for s in stops if s is not None)
+    raise ConfigError(flag, message) if flag is not None else TrainingStopped(message)
 
 
 def prepare_microbatches(setup: TrainingSetup, packs: list[PackedBatch], iteration: int,
@@ -122,9 +139,11 @@ def apply_gradients(optimizer: MegatronOptimizer, loss: float, clip_grad: float)
     return optimizer.step_with_ready_grads(), grad_norm
 
 
-def train_step(setup: TrainingSetup, forward_step: ForwardStep, packs: list[PackedBatch], iteration: int) -> StepResult:
-    """Run one optimizer step on this DP rank's ``packs`` (its micro-batches of the global batch)."""
-    counts = count_step(packs, setup.config, setup.device)
+def train_step(setup: TrainingSetup, forward_step: ForwardStep, packs: list[PackedBatch], iteration: int,
+               stop: ConfigError | TrainingStopped | None = None) -> StepResult:
+    """Run one optimizer step on this DP rank's ``packs`` (its micro-batches of the global batch); ``stop``:
+    why this rank could not read them, which stops every rank before the step (:func:`count_step`)."""
+    counts = count_step(packs, setup.config, setup.device, stop)
     microbatches = prepare_microbatches(setup, packs, iteration, counts)
     for chunk in setup.model:
         chunk.zero_grad_buffer()

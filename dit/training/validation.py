@@ -68,7 +68,8 @@ class Validator:
         setup = self.setup
         packs = self._packs()
         cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
-        draws = [draw(p, seed=setup.run.training.seed, iteration=VALIDATION_ITERATION, drop_prob=0.0, cp_size=cp, cp_rank=cp_rank)
+        seed = setup.run.training.seed
+        draws = [draw(p, seed=seed, iteration=VALIDATION_ITERATION, drop_prob=0.0, cp_size=cp, cp_rank=cp_rank)
                  for p in packs]
         count = torch.tensor([sum(p.num_samples for p in packs)], dtype=torch.float64, device=setup.device)
         dist.all_reduce(count, group=ps.get_data_parallel_group())
