@@ -7,8 +7,10 @@ import dataclasses
 import pytest
 import torch
 from diffusers import DiTTransformer2DModel
+from megatron.core import dist_checkpointing
 
 from dit import convert
+from dit.config import ARCHITECTURE_FIELDS
 from dit.model import DiTModel
 from dit.packed import PackedBatch
 from dit.patchify import patchify
@@ -148,7 +150,10 @@ def test_a_tp2_training_checkpoint_exports_to_diffusers_and_imports_back(single_
 
     assert convert.main(["export", str(tmp_path / "run"), str(tmp_path / "diffusers")]) == 0  # the EMA again
     assert convert.main(["import", str(tmp_path / "diffusers"), str(tmp_path / "ours")]) == 0
-    back = convert.read_checkpoint(tmp_path / "ours", convert.load_config(tmp_path / "ours"))
+    stored = [dist_checkpointing.load_common_state_dict(str(path))["model_config"]
+              for path in (convert.resolve_checkpoint(tmp_path / "run"), tmp_path / "ours")]
+    assert stored[0] == stored[1] and stored[0].keys() == set(ARCHITECTURE_FIELDS)  # one format, both writers
+    back = convert.read_checkpoint(tmp_path / "ours", convert.checkpoint_config(tmp_path / "ours"))
     assert back.keys() == trained.keys()
     for name, weight in trained.items():
         assert torch.equal(back[name], torch.from_numpy(weight)), name

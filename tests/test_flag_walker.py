@@ -22,7 +22,6 @@ INVALID: dict[str, list[str]] = {
     # parallelism
     "--tensor-model-parallel-size": ["--tensor-model-parallel-size", "0"],
     "--pipeline-model-parallel-size": ["--pipeline-model-parallel-size", "0"],
-    "--virtual-pipeline-model-parallel-size": ["--virtual-pipeline-model-parallel-size", "2"],
     "--context-parallel-size": ["--context-parallel-size", "0"],
     "--sequence-parallel": ["--sequence-parallel"],  # needs tp > 1
     "--distributed-timeout-minutes": ["--distributed-timeout-minutes", "0"],
