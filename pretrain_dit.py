@@ -9,7 +9,6 @@ objectives in dit/diffusion/, the data path in data/.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from functools import partial
 from typing import TYPE_CHECKING, Iterator
@@ -26,15 +25,16 @@ if TYPE_CHECKING:
     from dit.model.config import DiTConfig
     from dit.diffusion.microbatch import DiffusionMicroBatch
     from dit.model.model import DiTModel
+    from dit.training.run_config import RunConfig
 
 quiet_library_warnings()
 
 
-def launch_check(args: argparse.Namespace) -> Launch:
-    """Flags, recipe, model, layout and the dataset itself, before any process group (data/loader/launch_check.py)."""
+def launch_check(run: RunConfig) -> Launch:
+    """The checked run against its layout and the dataset itself, before any process group (data/loader/launch_check.py)."""
     from data.loader.launch_check import check_launch
 
-    return check_launch(args)
+    return check_launch(run)
 
 
 def model_provider(config: DiTConfig, pre_process: bool = True, post_process: bool = True) -> DiTModel:
@@ -62,18 +62,18 @@ def forward_step(data_iterator: Iterator[DiffusionMicroBatch], model: DiTModel):
     return output, partial(loss_func, microbatch)
 
 
-def train_data_provider(args: argparse.Namespace) -> DiTDataLoader:
+def train_data_provider(run: RunConfig) -> DiTDataLoader:
     """The energon loader of packed micro-batches, already cut to this rank."""
     from data.loader.dataloader import build_train_loader
 
-    return build_train_loader(args)
+    return build_train_loader(run)
 
 
-def valid_data_provider(args: argparse.Namespace) -> DiTDataLoader:
+def valid_data_provider(run: RunConfig) -> DiTDataLoader:
     """The validation packs, the same ones in the same order at every call."""
     from data.loader.dataloader import build_valid_loader
 
-    return build_valid_loader(args)
+    return build_valid_loader(run)
 
 
 HOOKS = Hooks(launch_check=launch_check, model_provider=model_provider, forward_step=forward_step,

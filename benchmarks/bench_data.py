@@ -28,6 +28,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dit.training.run_config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -44,9 +48,9 @@ BASELINES = {  # data.report's comparison keys: what each packs like
 }
 
 
-def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.Namespace]:
-    """(this benchmark's flags, the recipe's parsed flags)."""
-    from dit.training.arguments import check_loader_flags, parse_args
+def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, RunConfig]:
+    """(this benchmark's flags, the recipe's run config)."""
+    from dit.training.arguments import loader_run_config, parse_args
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False,  # the recipe's flags pass through whole
@@ -58,9 +62,7 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.N
                    help="Dataset folder: used as it is when energon indexed it already, else written there and kept.")
     p.add_argument("--rounds", type=int, default=1, help="Epochs through the loader (throughput: their median).")
     a, rest = p.parse_known_args(argv)
-    args = parse_args(DATA_FLAGS + rest, prog="bench_data.py")
-    check_loader_flags(args)
-    return a, args
+    return a, loader_run_config(parse_args(DATA_FLAGS + rest, prog="bench_data.py"))
 
 
 def dataset(a: argparse.Namespace, tmp: str) -> tuple[Path, float | None]:
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_library_warnings()
     try:
-        a, args = parse(argv)
+        a, run = parse(argv)
     except ConfigError as e:
         print(f"bench_data.py: error: {e}", file=sys.stderr)
         return 2
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         path, write_s = dataset(a, tmp)
-        reports = [measure(args, str(path)) for _ in range(a.rounds)]
+        reports = [measure(run, str(path)) for _ in range(a.rounds)]
     result = summarize(a, reports, write_s)
     print(table(result))
     print(json.dumps(result))

@@ -31,6 +31,11 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dit.model.config import DiTConfig
+    from dit.training.run_config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -72,8 +77,8 @@ def write_images(root: Path, samples: int) -> None:
     write_dataset(root, stream, samples_per_shard=40)
 
 
-def recipe_args(a: argparse.Namespace, data: str) -> argparse.Namespace:
-    from dit.training.arguments import parse_args, validate_args
+def recipe_run(a: argparse.Namespace, data: str) -> RunConfig:
+    from dit.training.arguments import load_run_config
 
     flags = ["--model-size", a.model_size, "--data-path", data, "--max-seq-length", str(a.max_seq_length),
              "--packing-buffer-size", "32", "--num-workers", str(a.num_workers), "--train-iters", "100000",
@@ -83,21 +88,21 @@ def recipe_args(a: argparse.Namespace, data: str) -> argparse.Namespace:
     flags += ["--num-layers", str(a.num_layers)] if a.num_layers else []
     flags += ["--bf16"] if a.bf16 else []
     flags += ["--fp8-format", a.fp8_format, "--fp8-recipe", a.fp8_recipe] if a.fp8_format else []
-    return validate_args(parse_args(flags), 1)
+    return load_run_config(flags, 1)
 
 
 class Recipe:
     """The training loop's own iteration (dit.training.pretrain.TrainingLoop.iterate), one at a time."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, run: RunConfig):
         import pretrain_dit
         from dit.training.ema import EMA
         from dit.training.pretrain import TrainingLoop, setup_training
         from dit.training.state import TrainState
 
-        self.setup = setup_training(args, pretrain_dit.HOOKS)
-        self.loader = pretrain_dit.train_data_provider(args)
-        ema = EMA(self.setup, args.ema_decay, args.ema_warmup)
+        self.setup = setup_training(run, pretrain_dit.HOOKS)
+        self.loader = pretrain_dit.train_data_provider(run)
+        ema = EMA(self.setup, run.evaluation.ema_decay, run.evaluation.ema_warmup)
         self.loop = TrainingLoop(self.setup, self.loader, pretrain_dit.forward_step, TrainState(), ema)
 
     def step(self) -> None:
@@ -107,13 +112,12 @@ class Recipe:
 class Bare:
     """The same model on one pack in memory: forward, MSE over real tokens, backward, AdamW."""
 
-    def __init__(self, args: argparse.Namespace, pack, device):
+    def __init__(self, config: DiTConfig, pack, device):
         import torch
 
-        from dit.model.config import config_from_args
         from dit.model.model import DiTModel
 
-        self.model = DiTModel(config_from_args(args)).to(device)
+        self.model = DiTModel(config).to(device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.pack = pack.to(device)
         g = torch.Generator().manual_seed(0)
@@ -148,12 +152,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         write_images(Path(tmp), a.samples)
-        args = recipe_args(a, tmp)
-        recipe = Recipe(args)
+        run = recipe_run(a, tmp)
+        recipe = Recipe(run)
         device = recipe.setup.device
         sync = synchronizer(device)
         first = next(recipe.loader)
-        bare = Bare(args, first, device)
+        bare = Bare(run.model, first, device)
         tokens = int(first.cu_seqlens[-1])
         flops = pack_flops(recipe.setup.config, first.cu_seqlens.tolist(), first.cu_seqlens_padded.tolist(),
                            first.cu_seqlens_text.tolist())
@@ -170,9 +174,9 @@ def main() -> None:
     recipe_s, bare_s = statistics.median(r for r, _ in rounds), statistics.median(b for _, b in rounds)
     fp8 = a.fp8_format is not None
     result = {
-        "benchmark": "bench_step", "model_size": a.model_size, "num_layers": args.num_layers, "device": a.device,
+        "benchmark": "bench_step", "model_size": a.model_size, "num_layers": run.model.num_layers, "device": a.device,
         "dtype": "bf16" if a.bf16 else "fp32", "fp8": a.fp8_format, "fp8_recipe": a.fp8_recipe if fp8 else None,
-        "transformer_impl": args.transformer_impl, "max_seq_length": a.max_seq_length,
+        "transformer_impl": run.model.transformer_impl, "max_seq_length": a.max_seq_length,
         "tokens_per_pack": tokens, "threads": a.threads, "rounds": a.rounds, "steps_per_round": a.steps_per_round,
         "recipe_step_s": recipe_s, "bare_step_s": bare_s,
         "overhead_ratio": statistics.median(ratios), "ratios": ratios, "model_tflop_per_step": flops / 1e12,

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 from data.loader.packing import first_fit_decreasing, padded_length
 from data.loader.peer_formats import NORMALISATIONS
 from dit.errors import ConfigError, TrainingStopped
-from dit.model.fp8 import active_recipe
+from dit.training.run_config import RunConfig
 
 DFM_MULTIPLE = 64  # NeMo's / DFM's per-sample padding
 DFM_BUFFER = 40  # DFM's recipe default packing buffer
@@ -63,18 +63,19 @@ def histogram(lengths: Sequence[int], max_seq_length: int, bins: int = 6) -> dic
     return {f"{lo + 1}-{hi}": sum(lo < n <= hi for n in lengths) for lo, hi in zip(edges[:-1], edges[1:])}
 
 
-def measure(args: argparse.Namespace, data_path: str) -> dict[str, Any]:
+def measure(run: RunConfig, data_path: str) -> dict[str, Any]:
     """One pass over the dataset through the real loader; the report as a dict."""
     from data.loader.bad_data import DataStats  # the loader's imports take seconds: after the flags are checked
     from data.loader.dataloader import energon_loader, iterate_packs, build_task_encoder
     from data.loader.rank_split import RankLayout
 
-    layout = RankLayout(cp_size=args.context_parallel_size, tp_size=args.tensor_model_parallel_size,
-                        sequence_parallel=args.sequence_parallel,
-                        fp8_recipe=active_recipe(args.fp8_format, args.fp8_recipe))
-    encoder = build_task_encoder(args, layout.pad_multiple)
-    loader = energon_loader(data_path, encoder, layout, num_workers=args.num_workers, seed=args.seed,
-                            packing_buffer_size=args.packing_buffer_size, micro_batch_size=args.micro_batch_size,
+    config, data = run.model, run.data
+    layout = RankLayout(cp_size=config.context_parallel_size, tp_size=config.tensor_model_parallel_size,
+                        sequence_parallel=config.sequence_parallel, fp8_recipe=config.active_fp8_recipe)
+    encoder = build_task_encoder(config, data, layout.pad_multiple)
+    loader = energon_loader(data_path, encoder, layout, num_workers=data.num_workers, seed=run.training.seed,
+                            packing_buffer_size=data.packing_buffer_size,
+                            micro_batch_size=run.training.micro_batch_size,
                             repeat=False)
     stats, lengths, reads, padded, rows = DataStats(), [], [], 0, 0
     start = time.perf_counter()  # everything counts: worker start-up, every buffer fill, the epoch's tail
@@ -84,19 +85,19 @@ def measure(args: argparse.Namespace, data_path: str) -> dict[str, Any]:
             continue
         pack_lengths = item.batch.cu_seqlens.diff().tolist()  # in pack order (sorted by the packer)
         lengths += pack_lengths
-        reads += read_order(item.read_indices, pack_lengths, args.num_workers)  # in read order: the stream
+        reads += read_order(item.read_indices, pack_lengths, data.num_workers)  # in read order: the stream
         padded += int(item.batch.cu_seqlens_padded[-1])
-        rows += item.batch.num_samples if args.no_packing else 1
+        rows += 1 if data.packing else item.batch.num_samples
     end = time.perf_counter()
     real = sum(lengths)
     shard_bytes = sum(f.stat().st_size for f in Path(data_path).glob("**/*.tar"))
-    sim = dict(buffer_size=args.packing_buffer_size, max_seq_length=args.max_seq_length)
+    sim = dict(buffer_size=data.packing_buffer_size, max_seq_length=data.max_seq_length)
     return {
         "dataset": str(data_path),
         "layout": {"cp": layout.cp_size, "tp": layout.tp_size, "sequence_parallel": layout.sequence_parallel,
-                   "pad_multiple": layout.pad_multiple, "packing": not args.no_packing},
-        "max_seq_length": args.max_seq_length,
-        "packing_buffer_size": args.packing_buffer_size,
+                   "pad_multiple": layout.pad_multiple, "packing": data.packing},
+        "max_seq_length": data.max_seq_length,
+        "packing_buffer_size": data.packing_buffer_size,
         "samples_read": stats.read,
         "samples_trained": stats.trained,
         "samples_skipped": dict(sorted(stats.skipped.items())),
@@ -104,15 +105,15 @@ def measure(args: argparse.Namespace, data_path: str) -> dict[str, Any]:
         "formats": dict(sorted(stats.formats.items())),
         "normalised": dict(sorted(stats.normalised.items())),
         "normalised_first": dict(sorted(stats.notes.items())),
-        "packs": rows if not args.no_packing else None,
-        "micro_batches_without_packing": rows if args.no_packing else None,
+        "packs": rows if data.packing else None,
+        "micro_batches_without_packing": None if data.packing else rows,
         "real_tokens": real,
         "padded_tokens": padded,
-        "packing_efficiency": real / (rows * args.max_seq_length) if rows else 0.0,
+        "packing_efficiency": real / (rows * data.max_seq_length) if rows else 0.0,
         "alignment_padding_fraction": (padded - real) / padded if padded else 0.0,
-        "length_histogram": histogram(lengths, args.max_seq_length),
-        "packing_buffer_mb": shard_bytes / max(stats.read, 1) * args.packing_buffer_size / 2**20,
-        "num_workers": args.num_workers,
+        "length_histogram": histogram(lengths, data.max_seq_length),
+        "packing_buffer_mb": shard_bytes / max(stats.read, 1) * data.packing_buffer_size / 2**20,
+        "num_workers": data.num_workers,
         "loader_tokens_per_s": real / (end - start),
         "loader_wall_s": end - start,
         "load_average_1m": os.getloadavg()[0],
@@ -120,8 +121,8 @@ def measure(args: argparse.Namespace, data_path: str) -> dict[str, Any]:
             "this_recipe_simulated": simulated_efficiency(reads, multiple=layout.pad_multiple, **sim),
             "nemo_dfm_pad64_packed": simulated_efficiency(reads, multiple=DFM_MULTIPLE, **sim),
             "dfm_pad64_buffer40": simulated_efficiency(reads, multiple=DFM_MULTIPLE, buffer_size=DFM_BUFFER,
-                                                       max_seq_length=args.max_seq_length),
-            "nemo_pad_to_max_unpacked": real / (len(lengths) * args.max_seq_length) if lengths else 0.0,
+                                                       max_seq_length=data.max_seq_length),
+            "nemo_pad_to_max_unpacked": real / (len(lengths) * data.max_seq_length) if lengths else 0.0,
         },
     }
 
@@ -151,8 +152,8 @@ def format_text(r: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from dit.training.arguments import ArgumentParser, check_energon_dataset, check_loader_flags, parse_args
     from dit.runtime.console import quiet_library_warnings
+    from dit.training.arguments import ArgumentParser, check_energon_dataset, loader_run_config, parse_args
 
     quiet_library_warnings()
     p = ArgumentParser(prog="data.report", description=__doc__,
@@ -163,13 +164,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         known, rest = p.parse_known_args(argv)
         check_energon_dataset(known.dataset, "DATASET")
-        args = parse_args(rest, prog="data.report")
-        check_loader_flags(args)
+        run = loader_run_config(parse_args(rest, prog="data.report"))
     except ConfigError as e:  # one line naming the flag and the fix, as pretrain_dit.py does
         print(f"data.report: error: {e}", file=sys.stderr)
         return 2
     try:
-        report = measure(args, known.dataset)
+        report = measure(run, known.dataset)
     except TrainingStopped as e:  # a loader worker that died
         print(f"data.report: error: {e}", file=sys.stderr)
         return 1

@@ -4,9 +4,9 @@ format) in and out of our class-conditioned DiTModel, computing the same functio
     python -m dit.convert import facebook/DiT-XL-2-256 runs/dit_xl_2 --subfolder transformer
     python -m dit.convert export runs/dit_xl_2 runs/dit_xl_2_diffusers
 
-``import`` writes a Megatron dist checkpoint of the model (``megatron.core.dist_checkpointing``) and
-``dit_config.json`` (the DiTConfig fields that shape it) into the output folder. ``export`` reads such a
-checkpoint or a training run's (``pretrain_dit.py --save``: its latest, or one ``iter_NNNNNNN`` folder),
+``import`` writes a Megatron dist checkpoint of the model (``megatron.core.dist_checkpointing``) that stores
+its architecture as a training checkpoint does (``dit.checkpoint.description.model_description``). ``export``
+reads such a checkpoint or a training run's (``pretrain_dit.py --save``: its latest, or one ``iter_NNNNNNN`` folder),
 saved under any TP/PP layout (dist checkpointing reshards it to one process), and writes a diffusers folder
 (``save_pretrained``: config.json and the weights). A run is exportable when diffusers computes the same
 model: class conditioning, ``--position-embedding sincos3d --no-qk-layernorm --timestep-freq-shift 1``,
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -39,15 +38,7 @@ import torch
 from torch import Tensor
 
 from dit.model.config import DiTConfig
-
-CONFIG_FILE = "dit_config.json"
-
-# The DiTConfig fields that shape the model (and so a checkpoint); the rest is run-time choice.
-ARCHITECTURE_FIELDS = (
-    "num_layers", "hidden_size", "num_attention_heads", "latent_channels", "patch_size", "temporal_patch_size",
-    "text_embed_dim", "max_latent_grid", "conditioning", "num_classes", "position_embedding", "adaln_lora_rank",
-    "fps_conditioning", "qk_layernorm", "learn_sigma", "timestep_freq_shift", "layernorm_epsilon",
-    "pre_mlp_layernorm_epsilon")
+from dit.errors import ConfigError
 
 # What diffusers' DiTTransformer2DModel must have for our model to compute the same function.
 _DIFFUSERS_FIXED = dict(activation_fn="gelu-approximate", attention_bias=True, norm_type="ada_norm_zero",
@@ -70,10 +61,10 @@ def config_from_diffusers(diffusers_config: dict, **fields) -> DiTConfig:
     c = diffusers_config
     for key, value in _DIFFUSERS_FIXED.items():
         if c.get(key, value) != value:
-            raise ValueError(f"diffusers DiT with {key}={c[key]!r}: only {value!r} converts")
+            raise ConfigError("source", f"diffusers DiT with {key}={c[key]!r}: only {value!r} converts")
     out = c.get("out_channels") or c["in_channels"]
     if out not in (c["in_channels"], 2 * c["in_channels"]):
-        raise ValueError(f"out_channels={out}: only in_channels or 2 * in_channels (learned sigma) convert")
+        raise ConfigError("source", f"out_channels={out}: only in_channels or 2 * in_channels (learned sigma) convert")
     grid = c["sample_size"] // c["patch_size"]
     return DiTConfig(
         num_layers=c["num_layers"], hidden_size=c["num_attention_heads"] * c["attention_head_dim"],
@@ -92,10 +83,10 @@ def diffusers_config(config: DiTConfig) -> dict:
                  ffn_hidden_size=4 * config.hidden_size, gated_linear_unit=False, add_bias_linear=True)
     for key, value in needs.items():
         if getattr(config, key) != value:
-            raise ValueError(f"diffusers' DiTTransformer2DModel needs {key}={value!r}, this model has "
-                             f"{getattr(config, key)!r}")
+            raise ConfigError("checkpoint", f"diffusers' DiTTransformer2DModel needs {key}={value!r}, this model "
+                                            f"has {getattr(config, key)!r}")
     if t != 1 or h != w:
-        raise ValueError(f"diffusers' DiT takes square images: max_latent_grid must be (1, n, n), got {(t, h, w)}")
+        raise ConfigError("checkpoint", f"diffusers' DiT takes square images: max_latent_grid must be (1, n, n), got {(t, h, w)}")
     return dict(num_attention_heads=config.num_attention_heads, attention_head_dim=config.kv_channels,
                 in_channels=config.latent_channels, out_channels=config.prediction_width // config.token_width
                 * config.latent_channels, num_layers=config.num_layers, sample_size=h * config.patch_size,
@@ -110,7 +101,7 @@ def state_dict_from_diffusers(state: dict[str, Tensor], config: DiTConfig) -> di
     for name in (n for n in state if n.startswith(blocks[0] + _EMBEDDERS)):
         copies = [state[name.replace(blocks[0], b, 1)] for b in blocks]
         if not all(torch.equal(x, copies[0]) for x in copies):
-            raise ValueError(f"the blocks' copies of {name[len(blocks[0]):]} differ; our DiT has one conditioning "
+            raise ConfigError("source", f"the blocks' copies of {name[len(blocks[0]):]} differ; our DiT has one conditioning "
                              "embedder (the paper's), so only a model with equal copies converts")
     ours = {our + kind: state[blocks[0] + _EMBEDDERS + theirs + kind]
             for theirs, our in _OURS_FROM_EMBEDDERS.items() for kind in _kinds(our)}
@@ -163,16 +154,6 @@ def state_dict_to_diffusers(state: dict[str, Tensor], config: DiTConfig) -> dict
     return {name: x.contiguous() for name, x in theirs.items()}
 
 
-def save_config(config: DiTConfig, folder: Path) -> None:
-    fields = {name: getattr(config, name) for name in ARCHITECTURE_FIELDS}
-    (folder / CONFIG_FILE).write_text(json.dumps(fields, indent=2) + "\n")
-
-
-def load_config(folder: Path, **fields) -> DiTConfig:
-    saved = json.loads((folder / CONFIG_FILE).read_text())
-    return DiTConfig(**{**saved, "max_latent_grid": tuple(saved["max_latent_grid"]), **fields})
-
-
 def _single_process_model(config: DiTConfig):
     """Our DiTModel (uninitialised) at TP = PP = CP = 1 in this process, local backend (gloo; the CPU layer
     where there is no GPU), whatever layout and backend ``config`` was trained with."""
@@ -195,13 +176,17 @@ def import_diffusers(source: str, out: Path, subfolder: str | None = None) -> Di
     from diffusers import DiTTransformer2DModel
     from megatron.core import dist_checkpointing
 
-    theirs = DiTTransformer2DModel.from_pretrained(source, subfolder=subfolder)
+    from dit.checkpoint.description import model_description
+
+    try:
+        theirs = DiTTransformer2DModel.from_pretrained(source, subfolder=subfolder)
+    except OSError as e:  # diffusers' answer to a name the hub and the disk do not have
+        raise ConfigError("source", f"cannot load a DiTTransformer2DModel from {source}: {e}") from None
     config = config_from_diffusers(dict(theirs.config))
     model = _single_process_model(config)
     load_parameters(model, state_dict_from_diffusers(theirs.state_dict(), config))
     out.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(model.sharded_state_dict(), str(out))
-    save_config(config, out)
+    dist_checkpointing.save({"model": model.sharded_state_dict(), **model_description(config)}, str(out))
     return config
 
 
@@ -217,19 +202,21 @@ def resolve_checkpoint(path: Path) -> Path:
     """A training run's ``--save`` folder (its tracker names the latest checkpoint) or one checkpoint folder."""
     from dit.checkpoint.files import find_checkpoint
 
-    return find_checkpoint(path, flag="checkpoint", required=False) or path
+    checkpoint = find_checkpoint(path, flag="checkpoint", required=False) or path
+    if not (checkpoint / "metadata.json").is_file():
+        raise ConfigError("checkpoint", f"{checkpoint} is not a dist checkpoint (no metadata.json): give a "
+                                        "training run's --save folder, one of its iter_NNNNNNN folders, or an import")
+    return checkpoint
 
 
 def checkpoint_config(checkpoint: Path) -> DiTConfig:
-    """The model's config: ``dit_config.json`` beside an imported checkpoint, else the training run's flags
-    (``pretrain_dit.py`` saves them in every checkpoint)."""
+    """The model's config, from the architecture the checkpoint stores (training's and import's alike)."""
     from megatron.core import dist_checkpointing
 
-    from dit.model.config import config_from_args
+    from dit.checkpoint.description import saved_architecture
 
-    if (checkpoint / CONFIG_FILE).is_file():
-        return load_config(checkpoint)
-    return config_from_args(argparse.Namespace(**dist_checkpointing.load_common_state_dict(str(checkpoint))["args"]))
+    common = dist_checkpointing.load_common_state_dict(str(checkpoint))
+    return DiTConfig.from_architecture(saved_architecture(common, checkpoint), transformer_impl="local")
 
 
 def read_checkpoint(checkpoint: Path, config: DiTConfig, use_ema: bool = True) -> dict[str, Tensor]:
@@ -257,13 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     imp = commands.add_parser("import", help="diffusers DiTTransformer2DModel -> our dist checkpoint")
     imp.add_argument("source", help="hub name or local folder of a DiTTransformer2DModel")
-    imp.add_argument("out", type=Path, help="folder for the dist checkpoint and dit_config.json")
+    imp.add_argument("out", type=Path, help="folder for the dist checkpoint")
     imp.add_argument("--subfolder", help="the model's subfolder (a DiT pipeline: transformer)")
     exp = commands.add_parser("export", help="our dist checkpoint (any layout) -> diffusers folder")
     exp.add_argument("checkpoint", type=Path, help="a checkpoint folder, or a training run's --save folder")
     exp.add_argument("out", type=Path, help="diffusers folder to write")
-    exp.add_argument("--config", type=Path, help=f"folder holding {CONFIG_FILE} (default: the checkpoint's, or "
-                                                 "the training run's flags saved in it)")
     exp.add_argument("--no-ema", action="store_true", help="Export a training run's raw weights, not its EMA.")
     args = parser.parse_args(argv)
     try:
@@ -272,10 +257,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"imported {args.source}: {config.num_layers} layers, hidden {config.hidden_size} -> {args.out}")
         else:
             checkpoint = resolve_checkpoint(args.checkpoint)
-            config = load_config(args.config) if args.config else checkpoint_config(checkpoint)
+            config = checkpoint_config(checkpoint)
             export_diffusers(read_checkpoint(checkpoint, config, use_ema=not args.no_ema), config, args.out)
             print(f"exported {checkpoint} -> {args.out}")
-    except (ValueError, FileNotFoundError, OSError) as error:  # ConfigError is a ValueError
+    except ConfigError as error:  # a user's mistake; anything else is a bug and keeps its traceback
         print(f"python -m dit.convert: error: {error}", file=sys.stderr)
         return 2
     return 0

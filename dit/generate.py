@@ -4,7 +4,7 @@
         --seed SEED --output OUT.pt [--text-embedding F.pickle ... | --class-label K ... |
         --caption "..." ... --text-encoder NAME] [--vae NAME] [--png-grid GRID.png]
 
-The model's shape comes from the checkpoint (its saved flags), so no model flag is repeated; its EMA
+The model's shape and objective come from the checkpoint, which stores them, so no model flag is repeated; its EMA
 weights are used when it has them (``--no-ema``: the raw weights). One row of ``--num-samples`` samples
 per condition; ``torchrun --nproc-per-node N`` with ``--tensor-model-parallel-size`` /
 ``--context-parallel-size`` for models that do not fit one GPU. EDM samples with Heun (Karras et al.
@@ -21,7 +21,7 @@ import math
 import sys
 from pathlib import Path
 
-from dit.errors import ConfigError
+from dit.errors import ConfigError, flag_error
 from dit.runtime.console import quiet_library_warnings, user_error
 
 PROG = "python -m dit.generate"
@@ -68,18 +68,6 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
     if len(shape) not in (3, 4) or min(shape) < 1:
         raise ConfigError("--latent-shape", f"expected C,T,H,W or C,H,W of positive integers, got {text!r}")
     return shape if len(shape) == 4 else (shape[0], 1, *shape[1:])
-
-
-def model_args(saved: dict, args: argparse.Namespace) -> argparse.Namespace:
-    """The training run's flags with this process's parallelism and precision: the model's config source."""
-    from dit.model import te
-
-    impl = "transformer_engine" if te.have_transformer_engine() and args.bf16 else "local"
-    return argparse.Namespace(**{**saved, "tensor_model_parallel_size": args.tensor_model_parallel_size,
-                                 "context_parallel_size": args.context_parallel_size,
-                                 "pipeline_model_parallel_size": 1, "virtual_pipeline_model_parallel_size": None,
-                                 "sequence_parallel": False, "transformer_impl": impl, "bf16": args.bf16,
-                                 "fp8_format": None, "recompute_granularity": None})
 
 
 def conditions(args: argparse.Namespace, config) -> list:
@@ -196,25 +184,37 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(flag, f"must be >= 1, got {value}")
         return generate(args, shape)
     except ConfigError as e:
-        return user_error(PROG, e)
+        return user_error(PROG, flag_error(e))
 
 
 def load_model(args: argparse.Namespace, path: Path, device) -> tuple:
-    """The checkpoint's model on this rank's layout, with its EMA (or raw) weights: (model, its flags, which)."""
+    """The checkpoint's model on this rank's layout, with its EMA (or raw) weights: (model, its objective
+    config, which weights)."""
+    import torch
     from megatron.core import dist_checkpointing
 
+    from dit.model import te
     from dit.runtime import distributed as runtime
-    from dit.model.config import config_from_args
+    from dit.model.config import DiTConfig
     from dit.model.model import DiTModel
+    from dit.checkpoint.description import saved_architecture, saved_objective
     from dit.checkpoint.weights import load_model_weights
 
     common = dist_checkpointing.load_common_state_dict(str(path))
-    saved = model_args(common["args"], args)
+    objective = saved_objective(common)
+    if objective is None:
+        raise ConfigError("--load", f"{path} holds an imported model, which names no training objective to sample "
+                                    "with; sample it with diffusers, or train from it (--finetune)")
+    impl = "transformer_engine" if te.have_transformer_engine() and args.bf16 else "local"
+    config = DiTConfig.from_architecture(
+        saved_architecture(common, path), tensor_model_parallel_size=args.tensor_model_parallel_size,
+        context_parallel_size=args.context_parallel_size, transformer_impl=impl, bf16=args.bf16,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32)
     runtime.initialize_model_parallel(runtime.ParallelLayout(tensor=args.tensor_model_parallel_size,
                                                              context=args.context_parallel_size))
     runtime.set_random_seed(args.seed, per_data_parallel_rank=False)
-    model = DiTModel(config_from_args(saved)).to(device).eval()
-    return model, saved, load_model_weights(model, path, use_ema=not args.no_ema)
+    model = DiTModel(config).to(device).eval()
+    return model, objective, load_model_weights(model, path, use_ema=not args.no_ema)
 
 
 def generate(args: argparse.Namespace, shape: tuple) -> int:
@@ -222,20 +222,17 @@ def generate(args: argparse.Namespace, shape: tuple) -> int:
     import torch.distributed as dist
 
     from dit.checkpoint.files import find_checkpoint
-    from dit.diffusion import build_objective
     from dit.runtime import distributed as runtime
 
     path = find_checkpoint(args.load, args.ckpt_step)
     runtime.init_distributed()
     try:
         device = runtime.current_device()
-        model, saved, weights = load_model(args, path, device)
+        model, trained_with, weights = load_model(args, path, device)
         config = model.config
         if shape[0] != config.latent_channels:
             raise ConfigError("--latent-shape", f"the model takes {config.latent_channels} latent channels, not {shape[0]}")
-        objective = build_objective(saved.objective, edm_p_mean=saved.edm_p_mean, edm_p_std=saved.edm_p_std,
-                                    sigma_data=saved.sigma_data, flow_logit_mean=saved.flow_logit_mean,
-                                    flow_logit_std=saved.flow_logit_std, flow_shift=saved.flow_shift)
+        objective = trained_with.build()
         conds = conditions(args, config)
         latents = sample(args, model, objective, config, conds, shape, device).float()
         if dist.get_rank() == 0:
@@ -247,7 +244,7 @@ def generate(args: argparse.Namespace, shape: tuple) -> int:
             if args.vae:
                 files = decode_to_files(args, latents)
                 notes.append(f"{len(files)} decoded files -> {Path(files[0]).parent}")
-            print(f"{PROG}: {path} ({weights} weights, {saved.objective}, {args.steps} steps, guidance "
+            print(f"{PROG}: {path} ({weights} weights, {trained_with.objective}, {args.steps} steps, guidance "
                   f"{args.guidance}): " + "; ".join(notes), flush=True)
     finally:
         runtime.destroy()

@@ -8,7 +8,7 @@ import pytest
 
 from data.shards import energon_prepare, write_shard
 from dit.model import te
-from dit.training.arguments import MIN_ROPE_HEAD_DIM, check_energon_dataset, parse_args, validate_args
+from dit.training.arguments import MIN_ROPE_HEAD_DIM, check_energon_dataset, load_run_config, parse_args
 from dit.errors import ConfigError
 from tests.tiny_data import good_entries, write_dataset
 
@@ -24,7 +24,7 @@ def dataset(tmp_path_factory):
 
 
 def check(argv, world_size=1, **kw):
-    return validate_args(parse_args(argv), world_size, **kw)
+    return load_run_config(argv, world_size, **kw)
 
 
 @pytest.mark.parametrize("argv, world, flag, words", [
@@ -32,10 +32,9 @@ def check(argv, world_size=1, **kw):
      "--tensor-model-parallel-size", "world size 6 is not divisible by tp*pp*cp = 2*2*1 = 4"),
     (["--tensor-model-parallel-size", "3"], 3, "--tensor-model-parallel-size", "4 attention heads are not divisible by tp=3"),
     (["--pipeline-model-parallel-size", "3"], 3, "--pipeline-model-parallel-size", "4 layers are not divisible into 3"),
-    (["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "4"], 2,
-     "--pipeline-model-parallel-size", "not divisible into 8 pipeline chunks"),
+    (["--pipeline-model-parallel-size", "8"], 8, "--pipeline-model-parallel-size", "not divisible into 8 pipeline stages"),
     (["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2"], 2,
-     "--virtual-pipeline-model-parallel-size", "not supported yet"),
+     "--virtual-pipeline-model-parallel-size", "virtual pipeline stages are not supported"),
     (["--sequence-parallel"], 1, "--sequence-parallel", "needs --tensor-model-parallel-size > 1"),
     (["--global-batch-size", "3"], 2, "--global-batch-size", "not a multiple of micro batch x DP = 1x2"),
     (["--context-parallel-size", "0"], 1, "--context-parallel-size", "must be >= 1"),
@@ -163,7 +162,12 @@ def test_rope_needs_a_head_dim_that_gives_every_axis_a_pair(dataset, hidden, hea
         with pytest.raises(ConfigError, match="3D RoPE needs an even head dim") as e:
             check(argv)
         assert e.value.flag == "--hidden-size"
-    check(argv[:-2] + ["--position-embedding", "sincos3d", "--data-path", dataset])  # sin-cos splits the hidden size
+    sincos = argv[:-2] + ["--position-embedding", "sincos3d", "--data-path", dataset]  # splits the hidden size
+    if hidden % 4:
+        with pytest.raises(ConfigError, match="--hidden-size: sincos3d splits the channels .* multiple of 4"):
+            check(sincos)
+    else:
+        check(sincos)
 
 
 def test_the_rope_head_dim_limit_is_the_one_axis_split_gives():
@@ -174,11 +178,11 @@ def test_the_rope_head_dim_limit_is_the_one_axis_split_gives():
 
 
 def test_model_size_fills_and_flags_override(dataset):
-    a = check(["--model-size", "DiT-B", "--data-path", dataset])
+    a = check(["--model-size", "DiT-B", "--data-path", dataset]).model
     assert (a.num_layers, a.hidden_size, a.num_attention_heads) == (12, 768, 12)
-    a = check(["--model-size", "DiT-B", "--num-layers", "2", "--data-path", dataset])
-    assert (a.num_layers, a.hidden_size) == (2, 768)
-    assert a.global_batch_size == 1  # micro batch 1 x DP 1
+    run = check(["--model-size", "DiT-B", "--num-layers", "2", "--data-path", dataset])
+    assert (run.model.num_layers, run.model.hidden_size) == (2, 768)
+    assert run.training.global_batch_size == 1  # micro batch 1 x DP 1
 
 
 def test_yaml_recipe_and_command_line_override(tmp_path, dataset):
@@ -186,7 +190,8 @@ def test_yaml_recipe_and_command_line_override(tmp_path, dataset):
     recipe.write_text(f"model-size: DiT-S\nlr: 3.0e-4\ndata_path: {dataset}\nsequence-parallel: true\n"
                       "tensor-model-parallel-size: 2\n")
     a = check(["--config", str(recipe), "--lr", "1e-3"], world_size=2)
-    assert a.lr == 1e-3 and a.hidden_size == 384 and a.sequence_parallel and a.data_path == dataset
+    assert a.optimizer.lr == 1e-3 and a.model.hidden_size == 384 and a.model.sequence_parallel
+    assert a.data.data_path == dataset
     recipe.write_text("learning-rate: 1\n")
     with pytest.raises(ConfigError, match="unknown key 'learning-rate'"):
         parse_args(["--config", str(recipe)])

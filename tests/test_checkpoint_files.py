@@ -7,7 +7,7 @@ import signal
 import pytest
 
 import pretrain_dit
-from dit.training.arguments import parse_args, validate_args
+from dit.training.arguments import load_run_config
 from dit.training import checkpointing
 from dit.checkpoint.files import TRACKER, read_tracker, retain, write_tracker
 from dit.training.pretrain import pretrain
@@ -52,8 +52,8 @@ def _train(data_path: str, extra: list[str], die_on_save: int | None = None) -> 
             return result
 
         checkpointing.dist_checkpointing.save = save
-    args = validate_args(parse_args(FLAGS + ["--data-path", data_path] + extra), dist.get_world_size())
-    result = pretrain(args, pretrain_dit.HOOKS)
+    run = load_run_config(FLAGS + ["--data-path", data_path] + extra, dist.get_world_size())
+    result = pretrain(run, pretrain_dit.HOOKS)
     return {"iteration": result.state.iteration, "losses": {r.iteration: r.loss for r in result.history},
             "exit": result.exit_reason}
 
@@ -95,7 +95,7 @@ def test_checkpoint_mistakes_are_one_line(tmp_path, dataset, capfd):
     assert run_distributed(_train, 1, dataset, ["--save", str(ckpt), "--train-iters", "2"])[0]["iteration"] == 2
     assert _error_line(capfd, "--data-path", dataset, "--load", str(ckpt), "--hidden-size", "96") == (
         f"pretrain_dit.py: error: --hidden-size: the checkpoint {ckpt / 'iter_0000002'} was trained with "
-        "--hidden-size 48, this run has 96; pass --hidden-size 48 (or start from scratch without it)")
+        "48, this run has 96; set it to 48 (or start from scratch)")
     assert _error_line(capfd, "--data-path", dataset, "--load", str(ckpt), "--ckpt-step", "7") == (
         f"pretrain_dit.py: error: --ckpt-step: {ckpt / 'iter_0000007'} is not a complete checkpoint; pick "
         "another --ckpt-step")

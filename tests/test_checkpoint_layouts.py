@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pretrain_dit
-from dit.training.arguments import parse_args, validate_args
+from dit.training.arguments import load_run_config
 from dit.training.pretrain import pretrain
 from tests.distributed import run_distributed
 from tests.model_setup import full_weights
@@ -25,8 +25,8 @@ def dataset(tmp_path_factory):
 def _train(data_path: str, extra: list[str]) -> dict:
     import torch.distributed as dist
 
-    args = validate_args(parse_args(FLAGS + ["--data-path", data_path] + extra), dist.get_world_size())
-    result = pretrain(args, pretrain_dit.HOOKS)
+    run = load_run_config(FLAGS + ["--data-path", data_path] + extra, dist.get_world_size())
+    result = pretrain(run, pretrain_dit.HOOKS)
     adam = result.setup.optimizer.chained_optimizers[0].optimizer
     return {"losses": {r.iteration: r.loss for r in result.history}, "keys": {r.iteration: r.keys for r in result.history},
             "iteration": result.state.iteration, "adam_steps": {int(s["step"]) for s in adam.state.values()},

@@ -18,3 +18,14 @@ def test_the_old_stacks_checkpoint_resumes_with_its_losses(tmp_path):
     assert sorted(losses) == [int(it) for it in sorted(expected)]  # it started after the saved iteration
     for it, loss in expected.items():
         assert losses[int(it)] == pytest.approx(loss, rel=1e-6), it
+
+
+def test_the_old_checkpoints_flags_give_its_model(tmp_path):
+    """Written before checkpoints stored ``model_config``: its saved flags rebuild the model (dit.convert export,
+    dit.generate) that its recipe describes, field for field."""
+    from dit.training.arguments import load_run_config
+    from dit.convert import checkpoint_config, resolve_checkpoint
+
+    config = checkpoint_config(resolve_checkpoint(old_checkpoint.ASSET))
+    run = load_run_config([*old_checkpoint.FLAGS, "--save", str(tmp_path)], need_data=False)
+    assert config.architecture() == run.model.architecture()

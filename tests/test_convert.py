@@ -7,11 +7,13 @@ import dataclasses
 import pytest
 import torch
 from diffusers import DiTTransformer2DModel
+from megatron.core import dist_checkpointing
 
 from dit import convert
 from dit.model.model import DiTModel
 from dit.model.packed import PackedBatch
 from dit.model.patchify import patchify
+from dit.model.config import ARCHITECTURE_FIELDS
 from tests.distributed import run_distributed
 from tests.model_setup import full_weights, single_process  # noqa: F401
 from tests.tiny_data import payloads, write_dataset
@@ -120,12 +122,12 @@ def _train_tp2(data_path, save):
     import torch.distributed as dist
 
     import pretrain_dit
-    from dit.training.arguments import parse_args, validate_args
+    from dit.training.arguments import load_run_config
     from dit.training.pretrain import pretrain
 
-    args = validate_args(parse_args(TRAIN_FLAGS + ["--data-path", data_path, "--save", str(save)]),
+    run = load_run_config(TRAIN_FLAGS + ["--data-path", data_path, "--save", str(save)],
                          dist.get_world_size())
-    result = pretrain(args, pretrain_dit.HOOKS)
+    result = pretrain(run, pretrain_dit.HOOKS)
     raw = full_weights(result.setup.model[0].module, result.setup.config)
     with result.ema.applied():
         return raw, full_weights(result.setup.model[0].module, result.setup.config)
@@ -148,7 +150,10 @@ def test_a_tp2_training_checkpoint_exports_to_diffusers_and_imports_back(single_
 
     assert convert.main(["export", str(tmp_path / "run"), str(tmp_path / "diffusers")]) == 0  # the EMA again
     assert convert.main(["import", str(tmp_path / "diffusers"), str(tmp_path / "ours")]) == 0
-    back = convert.read_checkpoint(tmp_path / "ours", convert.load_config(tmp_path / "ours"))
+    stored = [dist_checkpointing.load_common_state_dict(str(path))["model_config"]
+              for path in (convert.resolve_checkpoint(tmp_path / "run"), tmp_path / "ours")]
+    assert stored[0] == stored[1] and stored[0].keys() == set(ARCHITECTURE_FIELDS)  # one format, both writers
+    back = convert.read_checkpoint(tmp_path / "ours", convert.checkpoint_config(tmp_path / "ours"))
     assert back.keys() == trained.keys()
     for name, weight in trained.items():
         assert torch.equal(back[name], torch.from_numpy(weight)), name

@@ -10,7 +10,7 @@ import torch
 from data.loader.bad_data import BadDataError, DataStats, SkipKind, SkipRecord
 from data.loader.dataloader import build_task_encoder
 from data.loader.shard_reads import UNREADABLE, TolerantTarReader
-from dit.training.arguments import parse_args
+from dit.training.arguments import load_run_config
 from tests.tiny_data import DEFECTS, GOOD, TRUNCATED_GOOD, good_entries, mixed_dataset, truncated_dataset  # noqa: F401 (fixtures)
 from tests.tiny_data import write_dataset
 from tests.tiny_data import tiny_loader as _loader
@@ -74,9 +74,9 @@ def test_unreadable_samples_count_towards_the_bad_fraction_limit(truncated_datas
 
 def test_the_task_encoder_knows_the_runs_conditioning():
     flags = ["--patch-size", "2", "--latent-channels", "4", "--text-embed-dim", "8"]
-    assert build_task_encoder(parse_args(flags), 1).fmt.num_classes is None
-    class_flags = [*flags, "--conditioning", "class", "--num-classes", "10"]
-    assert build_task_encoder(parse_args(class_flags), 1).fmt.num_classes == 10
+    for extra, classes in (([], None), (["--conditioning", "class", "--num-classes", "10"], 10)):
+        run = load_run_config([*flags, *extra], need_data=False)
+        assert build_task_encoder(run.model, run.data, 1).fmt.num_classes == classes
 
 
 def test_bad_fraction_limit_stops_the_run_with_a_clear_error(mixed_dataset):

@@ -2,12 +2,13 @@
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from data.loader.dataloader import build_train_loader, energon_loader, build_task_encoder
 from data.loader.rank_split import RankLayout, shard_for_rank
 from dit.runtime import distributed as runtime
-from dit.training.arguments import parse_args
 from dit.model.packed import PackedBatch, thd_partition_indices
+from dit.training.arguments import load_run_config
 from tests.distributed import run_distributed
 from tests.tiny_data import good_entries, write_dataset
 
@@ -78,9 +79,9 @@ def _read_packs(data_path):
     out = {}
     for tp, cp in ((2, 2), (1, 2)):
         runtime.initialize_model_parallel(runtime.ParallelLayout(tensor=tp, context=cp))
-        args = parse_args(FLAGS + ["--data-path", data_path, "--tensor-model-parallel-size", str(tp),
-                                   "--context-parallel-size", str(cp)])
-        loader = build_train_loader(args)
+        run = load_run_config(FLAGS + ["--data-path", data_path, "--tensor-model-parallel-size", str(tp),
+                                       "--context-parallel-size", str(cp)], dist.get_world_size(), need_data=False)
+        loader = build_train_loader(run)
         out[tp, cp] = {"tp": ps.get_tensor_model_parallel_rank(), "cp": ps.get_context_parallel_rank(),
                        "dp": ps.get_data_parallel_rank(), "packs": [next(loader) for _ in range(PACKS)]}
         ps.destroy_model_parallel()
@@ -89,9 +90,9 @@ def _read_packs(data_path):
 
 def _reference_packs(data_path, dp_rank, dp_size, cp):
     """The same stream read in this process, unsplit: what every rank of replica ``dp_rank`` must see."""
-    args = parse_args(FLAGS + ["--data-path", str(data_path)])
+    run = load_run_config(FLAGS + ["--data-path", str(data_path)], need_data=False)
     layout = RankLayout(dp_rank=dp_rank, dp_size=dp_size)
-    loader = energon_loader(data_path, build_task_encoder(args, 2 * cp), layout, num_workers=0, seed=7,
+    loader = energon_loader(data_path, build_task_encoder(run.model, run.data, 2 * cp), layout, num_workers=0, seed=7,
                             packing_buffer_size=6, micro_batch_size=1)
     return [item.batch for item, _ in zip(loader, range(PACKS))]
 

@@ -18,7 +18,7 @@ from data.report import histogram, main, read_order, simulated_efficiency
 from data.loader.sample import sample_key
 from data.shards import shard_name
 from data.loader.task_encoder import DiTTaskEncoder
-from dit.training.arguments import parse_args
+from dit.training.arguments import load_run_config
 from data.synthetic import synthetic_samples, write_synthetic
 from tests.tiny_data import DEFECTS, GOOD, good_entries, mixed_dataset, truncated_dataset  # noqa: F401 (fixtures)
 
@@ -69,8 +69,9 @@ def test_packs_carry_each_samples_place_in_the_read_order(mixed_dataset, monkeyp
         return cook(self, crude)
 
     monkeypatch.setattr(DiTTaskEncoder, "cook", recording_cook)
-    args = parse_args(["--max-seq-length", "32", "--patch-size", "2", "--latent-channels", "4", "--text-embed-dim", "8"])
-    loader = energon_loader(mixed_dataset, build_task_encoder(args, 4), RankLayout(), num_workers=0, seed=3,
+    run = load_run_config(["--max-seq-length", "32", "--patch-size", "2", "--latent-channels", "4",
+                           "--text-embed-dim", "8"], need_data=False)
+    loader = energon_loader(mixed_dataset, build_task_encoder(run.model, run.data, 4), RankLayout(), num_workers=0, seed=3,
                             packing_buffer_size=6, micro_batch_size=1, repeat=False)
     packs = [item for item in loader if item.batch is not None]
     assert all(item.read_indices == [read.index(k) for k in item.batch.keys] for item in packs)

@@ -10,7 +10,7 @@ from megatron.core import parallel_state as ps
 
 from data.loader.dataloader import build_train_loader
 from dit.runtime import distributed as runtime
-from dit.training.arguments import parse_args, validate_args
+from dit.training.arguments import load_run_config
 from dit.diffusion.draws import draw, drop_conditioning
 from dit.model.packed import thd_partition_indices
 from tests.distributed import run_distributed
@@ -53,11 +53,11 @@ def test_guidance_dropout_rate_and_null_conditioning():
 
 
 def _rank_draws(data_path: str, tp: int, cp: int) -> dict:
-    args = validate_args(parse_args(TINY_RUN + [
+    run = load_run_config(TINY_RUN + [
         "--max-seq-length", "64", "--packing-buffer-size", "16", "--tensor-model-parallel-size", str(tp),
-        "--context-parallel-size", str(cp), "--data-path", data_path]), dist.get_world_size())
+        "--context-parallel-size", str(cp), "--data-path", data_path], dist.get_world_size())
     runtime.initialize_model_parallel(runtime.ParallelLayout(tensor=tp, context=cp))
-    loader = build_train_loader(args)
+    loader = build_train_loader(run)
     pack = next(loader)
     loader.close()
     drawn = draw(pack, seed=9, iteration=3, drop_prob=0.5, cp_size=cp, cp_rank=ps.get_context_parallel_rank())

@@ -8,7 +8,7 @@ A flag new to the parser fails :func:`test_every_flag_is_walked` until it gets a
 import pytest
 
 from data.loader.launch_check import check_launch
-from dit.training.arguments import build_parser, parse_args
+from dit.training.arguments import build_parser, load_run_config
 from dit.errors import ConfigError
 from tests.tiny_data import good_entries, write_dataset
 
@@ -22,7 +22,6 @@ INVALID: dict[str, list[str]] = {
     # parallelism
     "--tensor-model-parallel-size": ["--tensor-model-parallel-size", "0"],
     "--pipeline-model-parallel-size": ["--pipeline-model-parallel-size", "0"],
-    "--virtual-pipeline-model-parallel-size": ["--virtual-pipeline-model-parallel-size", "2"],
     "--context-parallel-size": ["--context-parallel-size", "0"],
     "--sequence-parallel": ["--sequence-parallel"],  # needs tp > 1
     "--distributed-timeout-minutes": ["--distributed-timeout-minutes", "0"],
@@ -142,7 +141,7 @@ def dataset(tmp_path_factory):
 
 
 def _launch(argv: list[str], dataset: str):
-    return check_launch(parse_args([a.format(dataset=dataset) for a in argv]))
+    return check_launch(load_run_config([a.format(dataset=dataset) for a in argv]))
 
 
 def test_every_flag_is_walked():

@@ -95,10 +95,10 @@ def test_widths_that_break_the_rule_are_refused_with_one_line():
     widths = {"hidden width": xl.hidden_size, "MLP width / tp=8": xl.ffn_hidden_size // 8,
               "query width / tp=8": xl.hidden_size // 8}
     check_fp8_widths("delayed", widths)  # 144 = 9 x 16
-    with pytest.raises(ConfigError, match=r"--hidden-size: FP8 \(mxfp8\).* multiple of 32, and the query width / "
+    with pytest.raises(ConfigError, match=r"hidden_size: FP8 \(mxfp8\).* multiple of 32, and the query width / "
                                           r"tp=8 is 144"):
         check_fp8_widths("mxfp8", widths)
-    with pytest.raises(ConfigError, match="--hidden-size: FP8 .*multiple of 32"):  # the launch check's config
+    with pytest.raises(ConfigError, match="hidden_size: FP8 .*multiple of 32"):  # DiTConfig names its field
         dit_config("DiT-XL", tensor_model_parallel_size=8, fp8="hybrid", fp8_recipe="mxfp8")
 
 
@@ -110,5 +110,5 @@ def test_recipes_are_refused_on_gpus_without_their_kernels(recipe, capability, o
     if ok:
         check_fp8_device(recipe, capability, "GPU")
     else:
-        with pytest.raises(ConfigError, match=f"--fp8-recipe: {recipe} needs compute capability"):
+        with pytest.raises(ConfigError, match=f"fp8_recipe: {recipe} needs compute capability"):
             check_fp8_device(recipe, capability, "GPU")

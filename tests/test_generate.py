@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import pretrain_dit
-from dit.training.arguments import parse_args, validate_args
 from dit.checkpoint.files import find_checkpoint
+from dit.training.arguments import load_run_config
 from dit.diffusion import build_objective
 from dit.diffusion.guidance import Condition, GuidedPrediction
 from dit.model.model import DiTModel
@@ -46,9 +46,9 @@ FLAGS = TINY_RUN + ["--lr", "1e-2", "--ema-decay", "0.5", "--global-batch-size",
 def _train(data_path: str, save: str) -> dict:
     import torch.distributed as dist
 
-    args = validate_args(parse_args(FLAGS + ["--data-path", data_path, "--save", save,
-                                             "--tensor-model-parallel-size", "2"]), dist.get_world_size())
-    result = pretrain(args, pretrain_dit.HOOKS)
+    run = load_run_config(FLAGS + ["--data-path", data_path, "--save", save,
+                                             "--tensor-model-parallel-size", "2"], dist.get_world_size())
+    result = pretrain(run, pretrain_dit.HOOKS)
     with result.ema.applied():
         return full_weights(result.setup.model[0].module, result.setup.config)
 

@@ -35,15 +35,15 @@ def _count(data_path: str, extra: list[str], plant_read: bool) -> dict:
     import torch.distributed as dist
 
     import pretrain_dit
-    from dit.training.arguments import parse_args, validate_args
     from dit.training.host_syncs import count_iterations
+    from dit.training.arguments import load_run_config
     from dit.training.pretrain import TrainingLoop, setup_training
     from dit.training.state import TrainState
 
-    args = validate_args(parse_args(TINY_RUN + ["--data-path", data_path, "--train-iters", "10",
-                                                "--log-interval", "100"] + extra), dist.get_world_size())
-    setup = setup_training(args, pretrain_dit.HOOKS)
-    loop = TrainingLoop(setup, pretrain_dit.train_data_provider(args), pretrain_dit.forward_step, TrainState())
+    run = load_run_config(TINY_RUN + ["--data-path", data_path, "--train-iters", "10",
+                                                "--log-interval", "100"] + extra, dist.get_world_size())
+    setup = setup_training(run, pretrain_dit.HOOKS)
+    loop = TrainingLoop(setup, pretrain_dit.train_data_provider(run), pretrain_dit.forward_step, TrainState())
     loop.iterate()  # warm-up: the optimizer's state exists from here on
     if plant_read:
         import dit.model.layer_spec

@@ -11,11 +11,10 @@ from megatron.core import parallel_state as ps
 
 from data.loader.dataloader import build_train_loader
 from dit.runtime import distributed as runtime
-from dit.training.arguments import parse_args, validate_args
-from dit.model.config import config_from_args
 from dit.diffusion.draws import sample_generator
 from dit.diffusion.loss import per_sample_loss
 from dit.model.model import DiTModel
+from dit.training.arguments import load_run_config
 from tests.distributed import run_distributed
 from tests.tiny_data import payloads, write_dataset
 
@@ -25,15 +24,15 @@ FLAGS = ["--num-layers", "2", "--hidden-size", "48", "--num-attention-heads", "4
 
 
 def _first_pack_loss_and_grads(data_path: str, cp: int) -> dict:
-    args = validate_args(parse_args(FLAGS + ["--data-path", data_path, "--context-parallel-size", str(cp)]),
+    run = load_run_config(FLAGS + ["--data-path", data_path, "--context-parallel-size", str(cp)],
                          dist.get_world_size())
     runtime.initialize_model_parallel(runtime.ParallelLayout(context=cp))
-    runtime.set_random_seed(args.seed, per_data_parallel_rank=False)
-    model = DiTModel(config_from_args(args))
-    loader = build_train_loader(args)
+    runtime.set_random_seed(run.training.seed, per_data_parallel_rank=False)
+    model = DiTModel(run.model)
+    loader = build_train_loader(run)
     batch = next(loader)
     loader.close()
-    timesteps = torch.stack([torch.rand((), generator=sample_generator(args.seed, 0, k)) for k in batch.keys])
+    timesteps = torch.stack([torch.rand((), generator=sample_generator(run.training.seed, 0, k)) for k in batch.keys])
     target = batch.tokens.flip(-1)  # any target computed from the data alone
     loss = per_sample_loss(model(batch.tokens, timesteps, batch), target, batch, ps.get_context_parallel_group()).mean()
     loss.backward()

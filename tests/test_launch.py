@@ -10,7 +10,7 @@ import pytest
 
 from data.loader.launch_check import check_launch
 from dit.runtime import console as launch
-from dit.training.arguments import parse_args
+from dit.training.arguments import load_run_config
 from dit.errors import ConfigError
 from tests.tiny_data import good_entries, write_dataset
 
@@ -47,7 +47,7 @@ def test_validate_only_checks_a_launch_of_n_processes_in_one_plain_process(datas
     assert ok.stdout.startswith("pretrain_dit.py: ok: 2 processes as tp=1 pp=1 cp=1 dp=2; 2 layers of width 48; "
                                 f"--data-path {dataset}: 8 of 8 samples probed could train")
     with pytest.raises(ConfigError, match="world size 3 is not divisible by tp\\*pp\\*cp = 2\\*1\\*1 = 2") as e:
-        check_launch(parse_args([*TINY, "--data-path", dataset, "--validate-only", "--world-size", "3",
+        check_launch(load_run_config([*TINY, "--data-path", dataset, "--validate-only", "--world-size", "3",
                                  "--tensor-model-parallel-size", "2"]))
     assert e.value.flag == "--tensor-model-parallel-size"
 

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 import dit.model.te
-from dit.training.arguments import parse_args
+from dit.training.arguments import model_config, parse_args
 from dit.errors import ConfigError
-from dit.model.config import DiTConfig, config_from_args
+from dit.model.config import DiTConfig
 
 
 def test_flags_become_config_fields():
-    config = config_from_args(parse_args([
+    config = model_config(parse_args([
         "--model-size", "DiT-B", "--conditioning", "class", "--num-classes", "10", "--position-embedding",
         "sincos3d", "--no-qk-layernorm", "--adaln-lora-rank", "16", "--fps-conditioning", "--latent-channels", "4",
         "--temporal-patch-size", "2", "--max-latent-grid", "8", "16", "16", "--recompute-granularity", "full",
@@ -27,17 +27,17 @@ def test_flags_become_config_fields():
 
 
 def test_selective_recompute_drops_the_full_recompute_fields():
-    config = config_from_args(parse_args(["--recompute-granularity", "selective"]))
+    config = model_config(parse_args(["--recompute-granularity", "selective"]))
     assert (config.recompute_granularity, config.recompute_method, config.recompute_num_layers) == (
         "selective", None, None)
 
 
 def test_fp8_without_te_or_gpu_is_a_config_error():
     with pytest.raises(ConfigError, match="--fp8-format"):
-        config_from_args(parse_args(["--fp8-format", "e4m3", "--transformer-impl", "local"]))
+        model_config(parse_args(["--fp8-format", "e4m3", "--transformer-impl", "local"]))
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="--transformer-impl|--fp8-format"):
-            config_from_args(parse_args(["--fp8-format", "e4m3", "--transformer-impl", "transformer_engine"]))
+            model_config(parse_args(["--fp8-format", "e4m3", "--transformer-impl", "transformer_engine"]))
 
 
 def test_fp8_flags_map_onto_megatron_fields(monkeypatch):
@@ -47,12 +47,12 @@ def test_fp8_flags_map_onto_megatron_fields(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA H100 80GB HBM3")
-    config = config_from_args(parse_args(["--transformer-impl", "transformer_engine", "--fp8-format", "hybrid",
+    config = model_config(parse_args(["--transformer-impl", "transformer_engine", "--fp8-format", "hybrid",
                                           "--fp8-recipe", "tensorwise", "--bf16"]))
     assert (config.fp8, config.fp8_recipe, config.bf16, config.params_dtype) == (
         "hybrid", "tensorwise", True, torch.bfloat16)
     with pytest.raises(ConfigError, match="--fp8-recipe: mxfp8 needs compute capability 10.0 .* this NVIDIA H100"):
-        config_from_args(parse_args(["--transformer-impl", "transformer_engine", "--fp8-format", "hybrid",
+        model_config(parse_args(["--transformer-impl", "transformer_engine", "--fp8-format", "hybrid",
                                      "--fp8-recipe", "mxfp8", "--bf16"]))
 
 
@@ -66,25 +66,24 @@ def test_invalid_dit_settings_are_rejected():
                   recompute_granularity="full", recompute_method="uniform", recompute_num_layers=2)
 
 
-def test_uniform_recompute_groups_divide_the_layers_of_a_virtual_pipeline_chunk():
-    # 4 layers over pp=2 x vpp=2 chunks: one layer per chunk, which a group of 2 does not divide
-    with pytest.raises(ConfigError, match="the 1 layers of a pipeline model chunk"):
+def test_uniform_recompute_groups_divide_the_layers_of_a_pipeline_stage():
+    # 2 layers over pp=2 stages: one layer per stage, which a group of 2 does not divide
+    with pytest.raises(ConfigError, match="recompute_num_layers: .*the 1 layers of a pipeline stage") as e:
+        DiTConfig(num_layers=2, hidden_size=32, num_attention_heads=2, transformer_impl="local",
+                  pipeline_model_parallel_size=2, recompute_granularity="full", recompute_method="uniform",
+                  recompute_num_layers=2)
+    assert e.value.flag == "recompute_num_layers"  # its own field's name; the command line says the flag
+
+
+def test_virtual_pipeline_stages_are_refused():
+    with pytest.raises(ConfigError, match="virtual pipeline stages are not supported"):
         DiTConfig(num_layers=4, hidden_size=32, num_attention_heads=2, transformer_impl="local",
-                  pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2,
-                  recompute_granularity="full", recompute_method="uniform", recompute_num_layers=2)
-
-
-def test_model_rejects_virtual_pipeline_stages():
-    from dit.model.model import DiTModel
-
-    config = DiTConfig(num_layers=4, hidden_size=32, num_attention_heads=2, transformer_impl="local",
-                       pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
-    with pytest.raises(ValueError, match="virtual pipeline stages are not supported yet"):
-        DiTModel(config)
+                  pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
 
 
 def test_transformer_engine_config_needs_bf16_and_a_gpu(monkeypatch):
-    """DiTConfig users get the flag errors too (TE mocked importable: it cannot be installed here)."""
+    """DiTConfig users get these errors too, named after its fields (TE mocked importable: it cannot be
+    installed here)."""
     monkeypatch.setattr(dit.model.te, "have_transformer_engine", lambda: True)
     monkeypatch.setattr(dit.model.te, "te_version", lambda: "2.9.0")
     tiny = dict(num_layers=2, hidden_size=32, num_attention_heads=2, transformer_impl="transformer_engine")
@@ -94,5 +93,5 @@ def test_transformer_engine_config_needs_bf16_and_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ConfigError, match="add --bf16") as e:
         DiTConfig(**tiny)
-    assert e.value.flag == "--bf16"
+    assert e.value.flag == "bf16"
     assert DiTConfig(**tiny, bf16=True, params_dtype=torch.bfloat16).transformer_impl == "transformer_engine"

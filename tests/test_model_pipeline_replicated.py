@@ -8,8 +8,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from dit.runtime import distributed as runtime
-from dit.training.arguments import parse_args
-from dit.model.config import config_from_args
+from dit.training.arguments import model_config, parse_args
 from tests.distributed import run_distributed
 from tests.model_setup import global_name
 
@@ -23,7 +22,7 @@ def _provided(argv: list[str], seed: int):
     from pretrain_dit import model_provider
 
     runtime.set_random_seed(seed, per_data_parallel_rank=False)
-    return model_provider(config_from_args(parse_args(argv)), ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())
+    return model_provider(model_config(parse_args(argv)), ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())
 
 
 def _weights(model) -> dict:

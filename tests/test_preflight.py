@@ -10,7 +10,7 @@ import torch
 from data.loader.launch_check import PROBE_PER_SHARD, check_dataset, check_launch
 from data.shards import shard_name
 from data.loader.task_encoder import DiTTaskEncoder
-from dit.training.arguments import parse_args
+from dit.training.arguments import load_run_config
 from dit.errors import ConfigError
 from tests.tiny_data import FMT, good_entries, payloads, torch_bytes, with_members, write_dataset
 
@@ -19,7 +19,7 @@ FLAGS = ["--num-layers", "2", "--hidden-size", "48", "--num-attention-heads", "4
 
 
 def launch(data, *extra):
-    return check_launch(parse_args([*FLAGS, "--data-path", str(data), *extra]))
+    return check_launch(load_run_config([*FLAGS, "--data-path", str(data), *extra]))
 
 
 def mistake(data, *extra) -> ConfigError:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pretrain_dit
-from dit.training.arguments import parse_args, validate_args
+from dit.training.arguments import load_run_config
 from dit.training.ema import ema_decay
 from dit.training.pretrain import pretrain
 from tests.distributed import run_distributed
@@ -66,11 +66,11 @@ def test_the_stand_in_enforces_fused_adams_contract():
 def _run(data_path: str, extra: list[str], record: bool = False, fused_adam_contract: bool = False) -> dict:
     import torch.distributed as dist
 
-    args = validate_args(parse_args(FLAGS + ["--data-path", data_path] + extra), dist.get_world_size())
+    run = load_run_config(FLAGS + ["--data-path", data_path] + extra, dist.get_world_size())
     hooks = replace(pretrain_dit.HOOKS, forward_step=_recording_forward_step) if record else pretrain_dit.HOOKS
     if fused_adam_contract:  # read by Megatron-Core's get_megatron_optimizer when it builds the optimizer
         torch.optim.AdamW = FusedAdamContract  # this rank's process only
-    result = pretrain(args, hooks)
+    result = pretrain(run, hooks)
     model = result.setup.model[0].module
     final = {n: p.detach().clone() for n, p in model.named_parameters()}
     state_keys = {name for chained in result.setup.optimizer.chained_optimizers

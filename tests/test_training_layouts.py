@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import pretrain_dit
-from dit.training.arguments import parse_args, validate_args
+from dit.training.arguments import load_run_config
 from dit.training.pretrain import pretrain
 from tests.distributed import run_distributed
 from tests.model_setup import full_weights, global_name, tp_slice
@@ -60,8 +60,8 @@ def _random_model(config, pre_process: bool, post_process: bool):
 def _train(data_path: str, extra: list[str]) -> dict:
     import torch.distributed as dist
 
-    args = validate_args(parse_args(FLAGS + ["--data-path", data_path] + extra), dist.get_world_size())
-    result = pretrain(args, replace(pretrain_dit.HOOKS, model_provider=_random_model))
+    run = load_run_config(FLAGS + ["--data-path", data_path] + extra, dist.get_world_size())
+    result = pretrain(run, replace(pretrain_dit.HOOKS, model_provider=_random_model))
     return {"losses": [r.loss for r in result.history], "grad_norms": [r.grad_norm for r in result.history],
             "samples": result.state.consumed_samples, "keys": [r.keys for r in result.history],
             "weights": full_weights(result.setup.model[0].module, result.setup.config)}

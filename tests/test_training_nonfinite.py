@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pretrain_dit
-from dit.training.arguments import parse_args, validate_args
+from dit.training.arguments import load_run_config
 from dit.errors import TrainingStopped
 from dit.training.pretrain import pretrain
 from tests.distributed import run_distributed
@@ -32,9 +32,9 @@ def _poisoning_forward_step(poisoned: set[int]):
 def _run(data_path: str, extra: list[str], poisoned: set[int]):
     import torch.distributed as dist
 
-    args = validate_args(parse_args(FLAGS + ["--data-path", data_path] + extra), dist.get_world_size())
+    run = load_run_config(FLAGS + ["--data-path", data_path] + extra, dist.get_world_size())
     try:
-        result = pretrain(args, replace(pretrain_dit.HOOKS, forward_step=_poisoning_forward_step(poisoned)))
+        result = pretrain(run, replace(pretrain_dit.HOOKS, forward_step=_poisoning_forward_step(poisoned)))
     except TrainingStopped as e:
         return {"stopped": str(e), "calls": _calls["n"]}
     adam = result.setup.optimizer.chained_optimizers[0].optimizer

@@ -4,7 +4,7 @@ weights differ), and TP=2 and CP=2 give the same value to fp32 tolerance."""
 import pytest
 
 import pretrain_dit
-from dit.training.arguments import parse_args, validate_args
+from dit.training.arguments import load_run_config
 from dit.training.pretrain import pretrain
 from tests.distributed import run_distributed
 from tests.tiny_data import TINY_RUN, payloads
@@ -28,8 +28,8 @@ def dataset(tmp_path_factory):
 def _run(data_path: str, extra: list[str]) -> dict:
     import torch.distributed as dist
 
-    args = validate_args(parse_args(FLAGS + ["--data-path", data_path] + extra), dist.get_world_size())
-    result = pretrain(args, pretrain_dit.HOOKS)
+    run = load_run_config(FLAGS + ["--data-path", data_path] + extra, dist.get_world_size())
+    result = pretrain(run, pretrain_dit.HOOKS)
     return {it: (v.loss, v.per_level, v.samples) for it, v in result.validations}
 
 

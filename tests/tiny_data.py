@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from data.loader.bad_data import SkipKind
-from data.loader.dataloader import DiTDataLoader, buffer_samples, energon_loader, build_task_encoder
+from data.loader.dataloader import DiTDataLoader, build_task_encoder, energon_loader
 from data.loader.rank_split import RankLayout
 from data.loader.sample import LatentFormat
 from data import shards
@@ -70,14 +70,14 @@ def good_entries(n: int, seed: int = 0, prefix: str = "good", fps: float | None 
 def tiny_loader(path, *extra: str, workers: int = 0, repeat: bool = True, max_bad: float = 1.0,
                 reject_oversize: bool = False, stall_samples: int = 1000) -> DiTDataLoader:
     """The training loader over a tiny dataset (max 32 tokens, buffer 6, pad multiple 4), on one rank."""
-    from dit.training.arguments import parse_args
+    from dit.training.arguments import load_run_config
 
-    args = parse_args([*FLAGS, *extra])
-    loader = energon_loader(path, build_task_encoder(args, pad_multiple=4), RankLayout(), num_workers=workers, seed=3,
-                            packing_buffer_size=args.packing_buffer_size, micro_batch_size=args.micro_batch_size,
-                            repeat=repeat)
+    run = load_run_config([*FLAGS, *extra], need_data=False)
+    loader = energon_loader(path, build_task_encoder(run.model, run.data, pad_multiple=4), RankLayout(),
+                            num_workers=workers, seed=3, packing_buffer_size=run.data.packing_buffer_size,
+                            micro_batch_size=run.training.micro_batch_size, repeat=repeat)
     return DiTDataLoader(loader, RankLayout(), max_bad_sample_fraction=max_bad, num_workers=workers,
-                         buffer_size=buffer_samples(args), reject_oversize=reject_oversize,
+                         buffer_size=run.data.buffer_samples, reject_oversize=reject_oversize,
                          stall_samples=stall_samples)
 
 

@@ -12,7 +12,6 @@ samples without one it could train, the loader stops the run with one line namin
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,8 +22,9 @@ from data.loader.rank_split import RankLayout, shard_for_rank
 from data.loader.sample import LatentFormat
 from data.loader.task_encoder import DiTTaskEncoder, LoadedPack
 from dit.errors import ConfigError, one_line
-from dit.model.fp8 import active_recipe
 from dit.model.packed import PackedBatch
+from dit.model.config import DiTConfig
+from dit.training.run_config import DataConfig, RunConfig
 
 STALL_SAMPLES = 1000
 """Samples read with none trainable before the run stops (at least a packing buffer from every worker)."""
@@ -62,13 +62,13 @@ def stall_limit(packing_buffer_size: int, num_workers: int) -> int:
     return max(STALL_SAMPLES, packing_buffer_size * max(num_workers, 1))
 
 
-def build_task_encoder(args: argparse.Namespace, pad_multiple: int) -> DiTTaskEncoder:
-    """The task encoder for parsed flags and the layout's padding multiple."""
-    fmt = LatentFormat(args.patch_size, args.temporal_patch_size, args.latent_channels, args.text_embed_dim,
-                       max_text_length=args.max_text_length, fps_conditioning=args.fps_conditioning,
-                       num_classes=args.num_classes if args.conditioning == "class" else None,
-                       text_padding=args.text_padding, text_embedding_key=args.text_embedding_key)
-    return DiTTaskEncoder(fmt, max_seq_length=args.max_seq_length, pad_multiple=pad_multiple, packing=not args.no_packing)
+def build_task_encoder(model: DiTConfig, data: DataConfig, pad_multiple: int) -> DiTTaskEncoder:
+    """The task encoder for the model's latents and text, the data settings and the layout's padding multiple."""
+    fmt = LatentFormat(model.patch_size, model.temporal_patch_size, model.latent_channels, model.text_embed_dim,
+                       max_text_length=data.max_text_length, fps_conditioning=model.fps_conditioning,
+                       num_classes=model.num_classes if model.conditioning == "class" else None,
+                       text_padding=data.text_padding, text_embedding_key=data.text_embedding_key)
+    return DiTTaskEncoder(fmt, max_seq_length=data.max_seq_length, pad_multiple=pad_multiple, packing=data.packing)
 
 
 def energon_loader(data_path: str | Path, encoder: DiTTaskEncoder, layout: RankLayout, *, num_workers: int,
@@ -180,31 +180,28 @@ class DiTDataLoader:
         self.stats = DataStats.from_state_dict(state["stats"])
 
 
-def buffer_samples(args: argparse.Namespace) -> int:
-    """Samples a loader worker reads before it hands over their first pack or micro-batch."""
-    return 1 if args.no_packing else args.packing_buffer_size
+def build_train_loader(run: RunConfig) -> DiTDataLoader:
+    """The training loader of a run; Megatron's parallel state must be initialised."""
+    data = run.data
+    layout = RankLayout.from_parallel_state(run.model)
+    loader = energon_loader(data.data_path, build_task_encoder(run.model, data, layout.pad_multiple), layout,
+                            num_workers=data.num_workers, seed=run.training.seed,
+                            packing_buffer_size=data.packing_buffer_size,
+                            micro_batch_size=run.training.micro_batch_size)
+    return DiTDataLoader(loader, layout, max_bad_sample_fraction=data.max_bad_sample_fraction,
+                         num_workers=data.num_workers, buffer_size=data.buffer_samples,
+                         reject_oversize=data.oversize_policy == "error",
+                         stall_samples=stall_limit(data.packing_buffer_size, data.num_workers))
 
 
-def build_train_loader(args: argparse.Namespace) -> DiTDataLoader:
-    """The training loader for parsed, validated flags; Megatron's parallel state must be initialised."""
-    layout = RankLayout.from_parallel_state(args.sequence_parallel, active_recipe(args.fp8_format, args.fp8_recipe))
-    loader = energon_loader(args.data_path, build_task_encoder(args, layout.pad_multiple), layout,
-                            num_workers=args.num_workers, seed=args.seed,
-                            packing_buffer_size=args.packing_buffer_size, micro_batch_size=args.micro_batch_size)
-    return DiTDataLoader(loader, layout, max_bad_sample_fraction=args.max_bad_sample_fraction,
-                         num_workers=args.num_workers, buffer_size=buffer_samples(args),
-                         reject_oversize=args.oversize_policy == "error",
-                         stall_samples=stall_limit(args.packing_buffer_size, args.num_workers))
-
-
-def build_valid_loader(args: argparse.Namespace) -> DiTDataLoader:
+def build_valid_loader(run: RunConfig) -> DiTDataLoader:
     """The validation loader: the same packs in the same order every time it is built."""
-    from dit.training.arguments import validation_source
-
-    path, split = validation_source(args)
-    layout = RankLayout.from_parallel_state(args.sequence_parallel, active_recipe(args.fp8_format, args.fp8_recipe))
-    loader = energon_loader(path, build_task_encoder(args, layout.pad_multiple), layout, num_workers=args.num_workers,
-                            seed=args.seed, packing_buffer_size=args.packing_buffer_size,
-                            micro_batch_size=args.micro_batch_size, split=split)
-    return DiTDataLoader(loader, layout, max_bad_sample_fraction=args.max_bad_sample_fraction,
-                         num_workers=args.num_workers, buffer_size=buffer_samples(args))
+    data = run.data
+    path, split = data.validation
+    layout = RankLayout.from_parallel_state(run.model)
+    loader = energon_loader(path, build_task_encoder(run.model, data, layout.pad_multiple), layout,
+                            num_workers=data.num_workers, seed=run.training.seed,
+                            packing_buffer_size=data.packing_buffer_size,
+                            micro_batch_size=run.training.micro_batch_size, split=split)
+    return DiTDataLoader(loader, layout, max_bad_sample_fraction=data.max_bad_sample_fraction,
+                         num_workers=data.num_workers, buffer_size=data.buffer_samples)

@@ -13,7 +13,6 @@ pass --latent-channels 1"); a few broken samples among good ones are the loader'
 
 from __future__ import annotations
 
-import argparse
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -29,10 +28,9 @@ from data.loader.dataloader import build_task_encoder
 from data.loader.rank_split import pad_multiple
 from data.loader.shard_reads import READ_ERRORS, TOO_LARGE, declared_size_error
 from data.loader.task_encoder import DiTTaskEncoder
-from dit.training.arguments import has_split, validate_args, world_size
-from dit.model.config import DiTConfig, config_from_args
 from dit.errors import ConfigError, one_line
-from dit.model.fp8 import active_recipe
+from dit.training.arguments import has_split
+from dit.training.run_config import RunConfig
 
 PROBE_SHARDS = 8
 PROBE_PER_SHARD = 4
@@ -63,42 +61,39 @@ FIXES = {
 class Launch:
     """A launch that passed every check."""
 
-    args: argparse.Namespace
-    config: DiTConfig
-    world_size: int
+    run: RunConfig
     summary: str  # one line for --validate-only
 
 
-def check_launch(args: argparse.Namespace) -> Launch:
-    """Every check a launch of parsed flags can make before it starts (``dit.training.arguments.parse_args`` first:
-    it answers ``--help`` without these imports); raises :class:`ConfigError` on the first mistake."""
-    world = world_size(args)
-    validate_args(args, world)
-    config = config_from_args(args)
-    multiple = pad_multiple(args.context_parallel_size, args.tensor_model_parallel_size, args.sequence_parallel,
-                            active_recipe(args.fp8_format, args.fp8_recipe))
-    check_layout(args, multiple)
-    encoder = build_task_encoder(args, multiple)
-    probes = [check_dataset(args.data_path, "--data-path", encoder)]
-    if args.valid_data_path is not None:
-        probes.append(check_dataset(args.valid_data_path, "--valid-data-path", encoder))
-    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+def check_launch(run: RunConfig) -> Launch:
+    """Every check a checked run (``dit.arguments.run_config``) can still make before it starts: its layout
+    against the sequence length, and the datasets themselves; raises :class:`ConfigError` on the first mistake."""
+    config, world = run.model, run.world_size
+    multiple = pad_multiple(config.context_parallel_size, config.tensor_model_parallel_size,
+                            config.sequence_parallel, config.active_fp8_recipe)
+    check_layout(run, multiple)
+    encoder = build_task_encoder(config, run.data, multiple)
+    probes = [check_dataset(run.data.data_path, "--data-path", encoder)]
+    if run.data.valid_data_path is not None:
+        probes.append(check_dataset(run.data.valid_data_path, "--valid-data-path", encoder))
+    tp, pp, cp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size, config.context_parallel_size
     summary = (f"{world} processes as tp={tp} pp={pp} cp={cp} dp={world // (tp * pp * cp)}; "
                f"{config.num_layers} layers of width {config.hidden_size}; " + "; ".join(probes))
-    return Launch(args, config, world, summary)
+    return Launch(run, summary)
 
 
-def check_layout(args: argparse.Namespace, multiple: int) -> None:
+def check_layout(run: RunConfig, multiple: int) -> None:
     """``--max-seq-length`` against the padding the parallel layout gives every sample."""
-    layout = (f"cp={args.context_parallel_size}" + (f", tp={args.tensor_model_parallel_size} with sequence "
-              "parallel" if args.sequence_parallel else "") + (", fp8" if args.fp8_format else ""))
-    if args.max_seq_length < multiple:
-        raise ConfigError("--max-seq-length", f"{args.max_seq_length} is shorter than one patch padded for this "
+    config, length = run.model, run.data.max_seq_length
+    layout = (f"cp={config.context_parallel_size}" + (f", tp={config.tensor_model_parallel_size} with sequence "
+              "parallel" if config.sequence_parallel else "") + (", fp8" if config.fp8 else ""))
+    if length < multiple:
+        raise ConfigError("--max-seq-length", f"{length} is shorter than one patch padded for this "
                                               f"layout ({layout}: {multiple} tokens); use at least {multiple}")
-    if args.no_packing and args.max_seq_length % multiple:
-        raise ConfigError("--max-seq-length", f"--no-packing pads every sample to {args.max_seq_length} tokens, "
+    if not run.data.packing and length % multiple:
+        raise ConfigError("--max-seq-length", f"--no-packing pads every sample to {length} tokens, "
                                               f"which must split into multiples of {multiple} for this layout "
-                                              f"({layout}); use {args.max_seq_length // multiple * multiple}")
+                                              f"({layout}); use {length // multiple * multiple}")
 
 
 def _probe_shards(root: Path) -> list[str]:
@@ -163,6 +158,11 @@ def check_dataset(path: str, flag: str, encoder: DiTTaskEncoder) -> str:
                                 "re-copy the dataset or run energon prepare again")
     if not trainable:
         raise _mismatch(flag, path, failures)
+    labels = [p.value for f in failures for p in (f, *f.also) if p.flag == "--num-classes"]
+    if labels:  # the rest trains, but these labels would be skipped for the whole run
+        raise ConfigError("--num-classes", FIXES["--num-classes"].format(path=path, most=max(labels)) +
+                          f" ({len(labels)} of the {trainable + len(failures)} samples probed have a label past the "
+                          "last class)")
     kinds = Counter(f.kind.value for f in failures)
     skipped = f", skipped {dict(kinds)}" if kinds else ""
     lost = f", {len(unreadable)} shards unreadable" if unreadable else ""
@@ -179,6 +179,10 @@ def _mismatch(flag: str, path: str, failures: list[BadSample]) -> ConfigError:
     flagged = Counter(p.flag for p in every if p.flag is not None)
     if flagged:
         culprit = flagged.most_common(1)[0][0]
+        if flag != "--data-path":  # the training data set the model's flags; this dataset must follow them
+            return ConfigError(flag, f"{path} does not match the training data: none of its {len(failures)} "
+                                     f"samples probed fits this run's {culprit} ({problems}); give validation "
+                                     "data prepared like --data-path")
         cases = [p for p in every if p.flag == culprit]
         values = sorted({p.value for p in cases if p.value is not None}) or [0]
         text = FIXES[culprit].format(path=path, n=len(failures), values=" or ".join(map(str, values[:4])),

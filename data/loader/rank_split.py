@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from megatron.core import parallel_state as ps
 from megatron.energon import WorkerConfig
@@ -21,6 +22,9 @@ from megatron.energon.errors import reraise_exception
 
 from dit.model.packed import PackedBatch, thd_partition_indices
 from dit.model.fp8 import fp8_rows
+
+if TYPE_CHECKING:
+    from dit.model.config import DiTConfig
 
 
 def pad_multiple(cp_size: int, tp_size: int, sequence_parallel: bool, fp8_recipe: str | None = None) -> int:
@@ -50,13 +54,14 @@ class RankLayout:
     last_stage: bool = True
 
     @classmethod
-    def from_parallel_state(cls, sequence_parallel: bool, fp8_recipe: str | None = None) -> RankLayout:
-        """Read Megatron's initialised parallel state (DP without CP: CP ranks share the data)."""
+    def from_parallel_state(cls, config: DiTConfig) -> RankLayout:
+        """Read Megatron's initialised parallel state (DP without CP: CP ranks share the data); the model's
+        config gives sequence parallelism and the FP8 recipe."""
         return cls(
             dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
             cp_rank=ps.get_context_parallel_rank(), cp_size=ps.get_context_parallel_world_size(),
-            tp_size=ps.get_tensor_model_parallel_world_size(), sequence_parallel=sequence_parallel,
-            fp8_recipe=fp8_recipe,
+            tp_size=ps.get_tensor_model_parallel_world_size(), sequence_parallel=config.sequence_parallel,
+            fp8_recipe=config.active_fp8_recipe,
             first_stage=ps.is_pipeline_first_stage(ignore_virtual=True),
             last_stage=ps.is_pipeline_last_stage(ignore_virtual=True),
         )

@@ -1,21 +1,32 @@
-"""DiTConfig (a Megatron ``TransformerConfig`` with DiT's own fields), a named size -> config
-(:func:`dit_config`, sizes in ``dit/model/sizes.py``), and parsed flags -> config (:func:`config_from_args`)."""
+"""DiTConfig (a Megatron ``TransformerConfig`` with DiT's own fields), its architecture as checkpoints store
+it (:data:`ARCHITECTURE_FIELDS`), and a named size -> config (:func:`dit_config`, sizes in ``dit/model/sizes.py``).
+
+Its checks raise :class:`ConfigError` named after its own fields (``timestep_freq_shift``); the command
+line (``dit.arguments``) maps them to flags."""
 
 from __future__ import annotations
 
-import argparse
 import functools
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
-import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from dit.model.sizes import MODEL_SIZES
 from dit.model import te
 from dit.errors import ConfigError
-from dit.model.fp8 import check_fp8_widths
+from dit.model.fp8 import active_recipe, check_fp8_widths
+
+ARCHITECTURE_FIELDS = (
+    "num_layers", "hidden_size", "num_attention_heads", "latent_channels", "patch_size", "temporal_patch_size",
+    "text_embed_dim", "max_latent_grid", "conditioning", "num_classes", "position_embedding", "adaln_lora_rank",
+    "fps_conditioning", "qk_layernorm", "learn_sigma", "timestep_freq_shift", "layernorm_epsilon",
+    "pre_mlp_layernorm_epsilon")
+"""The DiTConfig fields that define the model's function; a checkpoint stores them, and sampling, export
+and a resumed run rebuild or check the model from them. The rest is run-time choice (layout, precision)."""
+RESIZABLE_FIELDS = ("max_latent_grid",)
+"""Architecture fields a resumed run may change: they size tables computed, never trained."""
 
 
 @dataclass
@@ -92,25 +103,28 @@ class DiTConfig(TransformerConfig):
         if self.position_embedding not in ("rope3d", "sincos3d"):
             raise ValueError(f"position_embedding must be 'rope3d' or 'sincos3d', got {self.position_embedding!r}")
         if self.position_embedding == "sincos3d" and self.hidden_size % 4:
-            raise ValueError(f"sincos3d splits the channels into (w, h) sin-cos quarters: hidden_size "
-                             f"{self.hidden_size} must be a multiple of 4")
+            raise ConfigError("hidden_size", f"sincos3d splits the channels into (w, h) sin-cos quarters: "
+                                             f"{self.hidden_size} must be a multiple of 4")
         if not 0 <= self.timestep_freq_shift < 128:  # 128: half the timestep sinusoid's 256 channels
-            raise ConfigError("--timestep-freq-shift", f"must be in [0, 128), got {self.timestep_freq_shift}")
+            raise ConfigError("timestep_freq_shift", f"must be in [0, 128), got {self.timestep_freq_shift}")
         if self.normalization != "RMSNorm":
             raise ValueError("normalization names the QK-norm, which is RMSNorm in both backends")
         if self.hidden_dropout or self.attention_dropout:
             raise ValueError("DiT layers have no dropout; set hidden_dropout and attention_dropout to 0")
+        if self.virtual_pipeline_model_parallel_size is not None:  # each chunk would hold its own conditioning
+            raise ConfigError("virtual_pipeline_model_parallel_size",
+                              "virtual pipeline stages are not supported (the conditioning embedders are not "
+                              "tied across model chunks)")
         if self.apply_rope_fusion:
             raise ValueError("apply_rope_fusion must be off: fused THD RoPE restarts positions per sequence, "
                              "3D RoPE needs the per-token (t, h, w) frequencies")
-        # each model chunk (pipeline stage, or virtual stage under VPP) is one TransformerBlock that recomputes
-        chunks = self.pipeline_model_parallel_size * (self.virtual_pipeline_model_parallel_size or 1)
-        layers_per_chunk = self.num_layers // chunks
+        # each pipeline stage is one TransformerBlock that recomputes
+        layers_per_chunk = self.num_layers // self.pipeline_model_parallel_size
         full_uniform = self.recompute_granularity == "full" and self.recompute_method == "uniform"
         if full_uniform and layers_per_chunk % self.recompute_num_layers:
-            raise ConfigError("--recompute-num-layers",
+            raise ConfigError("recompute_num_layers",
                               f"uniform recompute groups {self.recompute_num_layers} layers, which does not divide "
-                              f"the {layers_per_chunk} layers of a pipeline model chunk; pick a divisor")
+                              f"the {layers_per_chunk} layers of a pipeline stage; pick a divisor")
         if self.recompute_granularity == "selective" and set(self.recompute_modules) != {"core_attn"}:
             raise ValueError(f"selective recompute supports recompute_modules=['core_attn'] only, "
                              f"got {self.recompute_modules}")
@@ -125,6 +139,11 @@ class DiTConfig(TransformerConfig):
                          fp8_recipe=self.fp8_recipe)
 
     @property
+    def active_fp8_recipe(self) -> str | None:
+        """The FP8 recipe whose shape rule the packs follow, None without FP8 (``dit.fp8.active_recipe``)."""
+        return active_recipe(self.fp8, self.fp8_recipe)
+
+    @property
     def token_width(self) -> int:
         """Width of a patchified latent token, pt*p*p*C."""
         return self.temporal_patch_size * self.patch_size**2 * self.latent_channels
@@ -136,41 +155,30 @@ class DiTConfig(TransformerConfig):
         return self.token_width * (2 if self.learn_sigma else 1)
 
 
+    def architecture(self) -> dict[str, Any]:
+        """The :data:`ARCHITECTURE_FIELDS` as plain values: what a checkpoint stores."""
+        return {name: list(v) if isinstance(v := getattr(self, name), tuple) else v for name in ARCHITECTURE_FIELDS}
+
+    @classmethod
+    def from_architecture(cls, saved: dict[str, Any], **fields) -> DiTConfig:
+        """The config a checkpoint's stored architecture describes; ``fields`` set layout and precision. A field
+        missing from ``saved`` (a checkpoint written before it existed) keeps its default."""
+        arch = {name: saved[name] for name in ARCHITECTURE_FIELDS if name in saved}
+        if "max_latent_grid" in arch:
+            arch["max_latent_grid"] = tuple(arch["max_latent_grid"])
+        return cls(**arch, **fields)
+
+    def check_architecture(self, saved: dict[str, Any], source: str) -> None:
+        """Refuse weights of another model: every non-resizable architecture field of ``saved`` must be ours."""
+        ours = self.architecture()
+        for name in ARCHITECTURE_FIELDS:
+            if name in RESIZABLE_FIELDS or name not in saved:
+                continue
+            if saved[name] != ours[name]:
+                raise ConfigError(name, f"the checkpoint {source} was trained with {saved[name]}, this run has "
+                                        f"{ours[name]}; set it to {saved[name]} (or start from scratch)")
+
+
 def dit_config(size: str, **fields) -> DiTConfig:
     """A DiTConfig of the named size (``MODEL_SIZES``); ``fields`` set the rest."""
     return DiTConfig(**MODEL_SIZES[size]._asdict(), **fields)
-
-
-def config_from_args(args: argparse.Namespace) -> DiTConfig:
-    """The one place where parsed flags (``dit.training.arguments.parse_args``) become a DiTConfig."""
-    full = args.recompute_granularity == "full"
-    return DiTConfig(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
-        context_parallel_size=args.context_parallel_size,
-        sequence_parallel=args.sequence_parallel,
-        latent_channels=args.latent_channels,
-        patch_size=args.patch_size,
-        temporal_patch_size=args.temporal_patch_size,
-        text_embed_dim=args.text_embed_dim,
-        max_latent_grid=tuple(args.max_latent_grid),
-        conditioning=args.conditioning,
-        num_classes=args.num_classes,
-        position_embedding=args.position_embedding,
-        qk_layernorm=args.qk_layernorm,
-        adaln_lora_rank=args.adaln_lora_rank,
-        fps_conditioning=args.fps_conditioning,
-        timestep_freq_shift=args.timestep_freq_shift,
-        transformer_impl=args.transformer_impl,
-        recompute_granularity=args.recompute_granularity,
-        recompute_method=args.recompute_method if full else None,
-        recompute_num_layers=args.recompute_num_layers if full else None,
-        bf16=args.bf16,
-        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-        fp8=args.fp8_format,
-        fp8_recipe=args.fp8_recipe,
-    )

@@ -38,7 +38,6 @@ from dit.model.embeddings import (
     rope3d_angles,
     tie_pipeline_replicated,
 )
-from dit.model.fp8 import active_recipe
 from dit.model.init import initialize_weights
 from dit.model.layer_spec import get_dit_layer_spec
 from dit.model.packed import PackedBatch, SampleRun
@@ -74,12 +73,8 @@ class DiTModel(VisionModule):
 
     def __init__(self, config: DiTConfig, pre_process: bool = True, post_process: bool = True):
         super().__init__(config=config)
-        if config.virtual_pipeline_model_parallel_size is not None:
-            # each model chunk would hold its own copy of the conditioning, drawn and checkpointed apart
-            raise ValueError("virtual pipeline stages are not supported yet: "
-                             "leave virtual_pipeline_model_parallel_size unset")
         self.pre_process, self.post_process = pre_process, post_process
-        self.fp8_recipe = active_recipe(config.fp8, config.fp8_recipe)  # the packs' shape rule (dit.model.fp8)
+        self.fp8_recipe = config.active_fp8_recipe  # the shape rule the packs follow (dit.fp8)
         self.t_embedder = ScalarEmbedder(config, freq_shift=config.timestep_freq_shift)
         self.fps_embedder = ScalarEmbedder(config) if config.fps_conditioning else None
         self.class_embedder = ClassEmbedder(config) if config.conditioning == "class" else None

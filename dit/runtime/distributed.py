@@ -76,7 +76,6 @@ class ParallelLayout:
     tensor: int = 1
     pipeline: int = 1
     context: int = 1
-    virtual_pipeline: int | None = None
 
 
 def initialize_model_parallel(layout: ParallelLayout) -> None:
@@ -87,7 +86,6 @@ def initialize_model_parallel(layout: ParallelLayout) -> None:
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tensor,
         pipeline_model_parallel_size=layout.pipeline,
-        virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
         context_parallel_size=layout.context,
     )
 

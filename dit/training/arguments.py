@@ -1,8 +1,9 @@
 """The command line: Megatron-LM's flag names, DiT's own flags, YAML recipes, and validation.
 
-Arguments become configs in ONE place (the builders that read ``args``); library code takes
-configs, never ``args``. Validation runs before any heavy work and raises :class:`ConfigError`,
-(dit/errors.py), which the entry point prints as one line naming the flag and the fix.
+Arguments become a :class:`~dit.training.run_config.RunConfig` in ONE place (:func:`run_config`); the
+library takes configs, never a Namespace. Validation runs before any heavy work and raises
+:class:`ConfigError` (dit/errors.py), which the entry point prints as one line naming the flag and the
+fix; an error the configs raise in their own field names is renamed to its flag here (:func:`flag_error`).
 """
 
 from __future__ import annotations
@@ -11,20 +12,41 @@ import argparse
 import importlib.util
 import math
 import os
+import re
 import sys
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import TYPE_CHECKING, NoReturn, Sequence
 
 import yaml
 
 from dit.model.sizes import MODEL_SIZES
 from dit.model import te
-from dit.errors import ConfigError
+from dit.errors import ConfigError, flag_error
+
+if TYPE_CHECKING:
+    from dit.model.config import DiTConfig
+    from dit.training.run_config import RunConfig
 
 MIN_ROPE_HEAD_DIM = 12
 """3D RoPE splits a head's rotary pairs over (t, h, w) (``dit.model.embeddings.axis_split``): from 6 pairs on
 every axis gets at least one; below that h and w would get none and the model would not see them."""
 MAX_SEED = 2**31  # Megatron offsets the seed per rank; torch refuses seeds past 2**63
+UNSUPPORTED_FLAGS = {
+    "--virtual-pipeline-model-parallel-size": "virtual pipeline stages are not supported (the conditioning "
+                                              "embedders are not tied across model chunks); drop the flag",
+    "--num-layers-per-virtual-pipeline-stage": "virtual pipeline stages are not supported; drop the flag",
+}
+"""Megatron-LM flags this recipe refuses, with the reason (the one place they are refused)."""
+NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf$")
+"""A negative number, ``-1e-3`` and ``-inf`` included: a flag's value, never a flag (argparse's own rule
+misses the exponent, and then says ``--lr: expected one argument``)."""
+
+
+def refuse_unsupported(flag: str) -> None:
+    """Raise the line of a Megatron-LM flag this recipe refuses (:data:`UNSUPPORTED_FLAGS`), if it is one."""
+    name = "--" + flag.lstrip("-").split("=")[0].replace("_", "-")
+    if name in UNSUPPORTED_FLAGS:
+        raise ConfigError(name, UNSUPPORTED_FLAGS[name])
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -32,6 +54,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, allow_abbrev=False, **kwargs)  # --lr-warmup must not pass for --lr-warmup-iters
+        self._negative_number_matcher = NUMBER
 
     def error(self, message: str) -> NoReturn:
         if message.startswith("argument "):  # "argument --lr: invalid float value: 'x'"
@@ -40,6 +63,7 @@ class ArgumentParser(argparse.ArgumentParser):
         if message.startswith("the following arguments are required: "):
             raise ConfigError(message.split(": ", 1)[1], "is required")
         if message.startswith("unrecognized arguments: "):
+            refuse_unsupported(message.split()[2])
             raise ConfigError(message.split()[2], "not a flag of this command (see --help)")
         raise ConfigError("usage", message)
 
@@ -48,8 +72,6 @@ def _add_parallel(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP degree.")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP degree.")
-    g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None,
-                   help="Model chunks per pipeline stage (interleaved 1F1B).")
     g.add_argument("--context-parallel-size", type=int, default=1, help="CP degree.")
     g.add_argument("--sequence-parallel", action="store_true", help="Sequence parallel (needs TP > 1).")
     g.add_argument("--use-distributed-optimizer", action="store_true",
@@ -276,6 +298,11 @@ def _recipe_tokens(parser: argparse.ArgumentParser, path: str) -> list[str]:
     tokens: list[str] = []
     for key, value in recipe.items():
         action = actions.get(str(key).lstrip("-").replace("-", "_"))
+        if action is None:
+            try:
+                refuse_unsupported(str(key))
+            except ConfigError as e:
+                raise ConfigError("--config", f"{path}: {e}") from None
         if action is None or action.dest in ("config", "help"):
             raise ConfigError("--config", f"{path}: unknown key '{key}' (see --help for the flag names)")
         flag = action.option_strings[0]
@@ -332,17 +359,10 @@ def _check_parallel(args: argparse.Namespace, world_size: int) -> None:
         raise ConfigError("--tensor-model-parallel-size",
                           f"{args.num_attention_heads} attention heads are not divisible by tp={tp}; "
                           "pick a tp that divides the head count")
-    chunks = pp * (args.virtual_pipeline_model_parallel_size or 1)
-    if args.num_layers % chunks:
+    if args.num_layers % pp:
         raise ConfigError("--pipeline-model-parallel-size",
-                          f"{args.num_layers} layers are not divisible into {chunks} pipeline chunks; "
-                          "pick a pp (x virtual pp) that divides --num-layers")
-    if args.virtual_pipeline_model_parallel_size is not None and pp < 2:
-        raise ConfigError("--virtual-pipeline-model-parallel-size", "needs --pipeline-model-parallel-size > 1")
-    if args.virtual_pipeline_model_parallel_size is not None:
-        raise ConfigError("--virtual-pipeline-model-parallel-size",
-                          "not supported yet (the conditioning embedders are not tied across model chunks); "
-                          "drop the flag")
+                          f"{args.num_layers} layers are not divisible into {pp} pipeline stages; "
+                          "pick a pp that divides --num-layers")
     if args.sequence_parallel and tp == 1:
         raise ConfigError("--sequence-parallel", "needs --tensor-model-parallel-size > 1; drop the flag or raise tp")
     dp = world_size // (tp * pp * cp)
@@ -355,7 +375,10 @@ def _check_parallel(args: argparse.Namespace, world_size: int) -> None:
 
 
 def _check_backend(args: argparse.Namespace) -> None:
-    te.check_backend(args.transformer_impl, args.fp8_format, half_precision=args.bf16, fp8_recipe=args.fp8_recipe)
+    try:
+        te.check_backend(args.transformer_impl, args.fp8_format, half_precision=args.bf16, fp8_recipe=args.fp8_recipe)
+    except ConfigError as e:
+        raise flag_error(e) from None
 
 
 def _require(flag: str, ok: bool, message: str) -> None:
@@ -433,7 +456,6 @@ def _check_intervals(args: argparse.Namespace) -> None:
     _require("--save-interval", args.save_interval is None or args.save is not None, "needs --save DIR")
     _require("--save-retain", args.save_retain is None or args.save is not None, "needs --save DIR")
     _require("--async-save", not args.async_save or args.save is not None, "needs --save DIR")
-    _require("--save", args.save is None or not Path(args.save).is_file(), f"{args.save} is a file; give a directory")
     _require("--dist-ckpt-optim-fully-reshardable", not args.dist_ckpt_optim_fully_reshardable
              or args.use_distributed_optimizer, "concerns the distributed optimizer: add --use-distributed-optimizer "
                                                 "or drop the flag")
@@ -546,7 +568,136 @@ def validate_args(args: argparse.Namespace, world_size: int, *, need_data: bool 
         _check_data(args)
     if args.load is not None and not Path(args.load).exists():
         raise ConfigError("--load", f"{args.load} does not exist")
+    _check_save(args.save)
     return args
+
+
+def _check_save(save: str | None) -> None:
+    """``--save`` must be a folder this process can create or write, not a path under a file."""
+    if save is None:
+        return
+    path = Path(save).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if existing.is_file():
+        where = "is a file" if existing == path else f"is under {existing}, which is a file"
+        raise ConfigError("--save", f"{save} {where}; give a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError("--save", f"{save} cannot be written ({existing} is not writable for this user); "
+                                    "give a directory you can write")
+
+
+def model_config(args: argparse.Namespace) -> DiTConfig:
+    """The one place where parsed flags become a DiTConfig; its field-named errors become flag errors."""
+    from dit.model.config import DiTConfig
+
+    full = args.recompute_granularity == "full"
+    try:
+        return DiTConfig(
+            num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            context_parallel_size=args.context_parallel_size, sequence_parallel=args.sequence_parallel,
+            latent_channels=args.latent_channels, patch_size=args.patch_size,
+            temporal_patch_size=args.temporal_patch_size, text_embed_dim=args.text_embed_dim,
+            max_latent_grid=tuple(args.max_latent_grid), conditioning=args.conditioning,
+            num_classes=args.num_classes, position_embedding=args.position_embedding,
+            qk_layernorm=args.qk_layernorm, adaln_lora_rank=args.adaln_lora_rank,
+            fps_conditioning=args.fps_conditioning, timestep_freq_shift=args.timestep_freq_shift,
+            transformer_impl=args.transformer_impl, recompute_granularity=args.recompute_granularity,
+            recompute_method=args.recompute_method if full else None,
+            recompute_num_layers=args.recompute_num_layers if full else None,
+            bf16=args.bf16, params_dtype=_torch_dtype(args.bf16), fp8=args.fp8_format, fp8_recipe=args.fp8_recipe)
+    except ConfigError as e:
+        raise flag_error(e) from None
+
+
+def _torch_dtype(bf16: bool):
+    import torch
+
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def run_config(args: argparse.Namespace, world_size: int, *, need_data: bool = True) -> RunConfig:
+    """Validate parsed flags for a launch of ``world_size`` processes and convert them, once, into the
+    RunConfig everything past the command line reads. Raises :class:`ConfigError` on the first mistake."""
+    from dit.training.run_config import (CheckpointConfig, DataConfig, EvaluationConfig, LoggingConfig,
+                                         ObjectiveConfig, OptimizerConfig, RunConfig, TrainingConfig)
+
+    validate_args(args, world_size, need_data=need_data)
+    a = args
+    run = RunConfig(
+        model=model_config(a),
+        training=TrainingConfig(
+            train_iters=a.train_iters, micro_batch_size=a.micro_batch_size, global_batch_size=a.global_batch_size,
+            seed=a.seed, max_skipped_steps=a.max_skipped_steps,
+            distributed_timeout_minutes=a.distributed_timeout_minutes,
+            exit_interval=a.exit_interval, exit_duration_in_mins=a.exit_duration_in_mins,
+            exit_signal_handler=a.exit_signal_handler),
+        optimizer=OptimizerConfig(
+            lr=a.lr, min_lr=a.min_lr, lr_warmup_iters=a.lr_warmup_iters, lr_decay_iters=a.lr_decay_iters,
+            lr_decay_style=a.lr_decay_style, weight_decay=a.weight_decay, adam_beta1=a.adam_beta1,
+            adam_beta2=a.adam_beta2, adam_eps=a.adam_eps, clip_grad=a.clip_grad,
+            use_distributed_optimizer=a.use_distributed_optimizer, overlap_grad_reduce=a.overlap_grad_reduce),
+        objective=ObjectiveConfig(
+            objective=a.objective, edm_p_mean=a.edm_p_mean, edm_p_std=a.edm_p_std, sigma_data=a.sigma_data,
+            flow_logit_mean=a.flow_logit_mean, flow_logit_std=a.flow_logit_std, flow_shift=a.flow_shift,
+            text_drop_prob=a.text_drop_prob),
+        data=DataConfig(
+            data_path=a.data_path, max_seq_length=a.max_seq_length, max_text_length=a.max_text_length,
+            text_padding=a.text_padding, text_embedding_key=a.text_embedding_key, num_workers=a.num_workers,
+            packing_buffer_size=a.packing_buffer_size, max_bad_sample_fraction=a.max_bad_sample_fraction,
+            oversize_policy=a.oversize_policy, packing=not a.no_packing, valid_data_path=a.valid_data_path,
+            validation=validation_source(a) if need_data else None),
+        checkpoint=CheckpointConfig(
+            save=a.save, save_interval=a.save_interval, save_retain=a.save_retain, async_save=a.async_save,
+            fully_reshardable_optimizer=a.dist_ckpt_optim_fully_reshardable, load=a.load, ckpt_step=a.ckpt_step,
+            finetune=a.finetune, load_optim=not a.no_load_optim, load_rng=not a.no_load_rng),
+        logging=LoggingConfig(
+            log_interval=a.log_interval, peak_tflops=a.peak_tflops, tensorboard_dir=a.tensorboard_dir,
+            wandb_project=a.wandb_project, wandb_exp_name=a.wandb_exp_name, sample_log=a.sample_log),
+        evaluation=EvaluationConfig(
+            ema_decay=a.ema_decay, ema_warmup=a.ema_warmup, eval_interval=a.eval_interval, eval_iters=a.eval_iters,
+            use_ema=not a.no_ema, skip_train=a.skip_train),
+        world_size=world_size)
+    _check_checkpoint(run)
+    return run
+
+
+def load_run_config(argv: Sequence[str], world: int | None = None, *, need_data: bool = True) -> RunConfig:
+    """:func:`run_config` of a command line (with its ``--config`` recipe), for a launch of ``world`` processes
+    (None: ``--world-size``, or the launched world)."""
+    args = parse_args(argv)
+    return run_config(args, world_size(args) if world is None else world, need_data=need_data)
+
+
+def loader_run_config(args: argparse.Namespace) -> RunConfig:
+    """The RunConfig of a recipe's data path alone (``data.report``, the data benchmark): the loader's flags
+    checked, for one model replica (the world of its TP x PP x CP), any dataset."""
+    check_loader_flags(args)
+    replica = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.context_parallel_size
+    return run_config(args, replica, need_data=False)
+
+
+def _check_checkpoint(run: RunConfig) -> None:
+    """What the run starts from, before it starts: ``--load`` holds a checkpoint, ``--ckpt-step`` names a
+    complete one, ``--finetune`` / ``--skip-train`` find one, and its model is this run's."""
+    from megatron.core import dist_checkpointing
+
+    from dit.training.checkpointing import find_checkpoint, saved_architecture
+
+    ckpt = run.checkpoint
+    path = find_checkpoint(ckpt)
+    if path is not None:
+        common = dist_checkpointing.load_common_state_dict(str(path))
+        try:
+            run.model.check_architecture(saved_architecture(common, path), str(path))
+        except ConfigError as e:
+            raise flag_error(e) from None
+        return
+    for flag, used in (("--finetune", ckpt.finetune), ("--skip-train", run.evaluation.skip_train)):
+        if used:
+            raise ConfigError(flag, f"needs a checkpoint to load, and --save {ckpt.save} holds none: pass --load DIR "
+                                    "(a --save folder of an earlier run), or drop the flag to train from scratch")
 
 
 def launched_world_size() -> int:

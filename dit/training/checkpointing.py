@@ -4,14 +4,15 @@ A checkpoint holds the model's sharded state, the optimizer's (the distributed o
 in Megatron's layout-independent format), the LR schedule, the run's counters (``TrainState``), every
 rank's RNG states, every DP replica's energon loader state with its bad-data counts, the EMA (under
 ``ema.*`` keys of its own: in the model's layout, or DP-sharded beside a ``dp_reshardable`` distributed
-optimizer) and the run's arguments (the model-shape flags are compared on load). Each component gives its
-own ``state_dict`` / ``load_state_dict`` (or sharded form); :func:`sharded_state` gathers them. Where the
-folders go and how a save is published: :mod:`dit.checkpoint.files`.
+optimizer), the model's architecture (``DiTConfig.architecture``, compared on load; ``dit.generate`` and
+``dit.convert export`` rebuild the model from it) and the objective's parameters. Checkpoints written before
+2026-12 stored the run's flags instead (``args``); ``dit.checkpoint.description`` reads both. Each
+component gives its own ``state_dict`` / ``load_state_dict`` (or sharded form); :func:`sharded_state` gathers
+them. Where the folders go and how a save is published: :mod:`dit.checkpoint.files`.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import random
 import shutil
@@ -30,6 +31,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
+from dit.checkpoint import files
+from dit.checkpoint.description import model_description, saved_architecture
 from dit.checkpoint.files import checkpoint_dir, folder_size, partial_dir, publish, retain
 from dit.checkpoint.weights import DP_SHARDS, MODEL_SPACE, saved_ema_layout
 from dit.errors import ConfigError
@@ -37,16 +40,11 @@ from dit.runtime.mcore019 import async_save_options
 from dit.training.ema import EMA
 from dit.training.hooks import TrainLoader
 from dit.training.optimizer import allocate_state
+from dit.training.run_config import CheckpointConfig
 from dit.training.state import TrainState
 from dit.training.step import TrainingSetup
 
 log = logging.getLogger(__name__)
-
-# Flags that shape the model's parameters: a checkpoint of another value cannot be loaded.
-MODEL_SHAPE_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "latent_channels", "patch_size",
-                     "temporal_patch_size", "text_embed_dim", "conditioning", "num_classes", "position_embedding",
-                     "qk_layernorm", "adaln_lora_rank", "fps_conditioning", "timestep_freq_shift")
-
 
 @dataclass(frozen=True)
 class Layout:
@@ -57,8 +55,8 @@ class Layout:
 
     @classmethod
     def current(cls) -> Layout:
-        return cls(ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
-                   ps.get_context_parallel_world_size(), ps.get_data_parallel_world_size())
+        return cls(ps.get_tensor_model_parallel_worldfolder_size(), ps.get_pipeline_model_parallel_worldfolder_size(),
+                   ps.get_context_parallel_worldfolder_size(), ps.get_data_parallel_worldfolder_size())
 
 
 def _rng_state() -> dict[str, Any]:
@@ -80,17 +78,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def _replica_rank() -> int:
     """This rank's place among the ranks of its DP replica (TP x CP x PP), which read the same packs."""
-    tp, cp = ps.get_tensor_model_parallel_world_size(), ps.get_context_parallel_world_size()
+    tp, cp = ps.get_tensor_model_parallel_worldfolder_size(), ps.get_context_parallel_worldfolder_size()
     return (ps.get_tensor_model_parallel_rank()
             + tp * (ps.get_context_parallel_rank() + cp * ps.get_pipeline_model_parallel_rank()))
 
 
 def _per_rank(name: str, value: Any) -> ShardedObject:
-    return ShardedObject(name, value, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
+    return ShardedObject(name, value, (dist.get_worldfolder_size(),), (dist.get_rank(),), replica_id=0)
 
 
 def _per_replica(name: str, value: Any) -> ShardedObject:
-    return ShardedObject(name, value, (ps.get_data_parallel_world_size(),), (ps.get_data_parallel_rank(),),
+    return ShardedObject(name, value, (ps.get_data_parallel_worldfolder_size(),), (ps.get_data_parallel_rank(),),
                          replica_id=_replica_rank())
 
 
@@ -98,14 +96,19 @@ def _model_state(setup: TrainingSetup) -> dict:
     return setup.model[0].module.sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group(None))
 
 
-def optimizer_format(args: argparse.Namespace) -> str:
+def optimizer_format(use_distributed_optimizer: bool, fully_reshardable: bool) -> str:
     """How the optimizer state is laid out on disk. Megatron's regular optimizer maps its state onto the
     model's tensors, so it loads under any layout; the distributed optimizer's default ``dp_reshardable``
     keeps each DP shard's buffers as they are (fully parallel, only DP may change), ``fully_reshardable``
     gathers them into per-parameter tensors on each DP group's first rank (TP and PP may change too)."""
-    if not args.use_distributed_optimizer:
+    if not use_distributed_optimizer:
         return "regular"
-    return "fully_reshardable" if args.dist_ckpt_optim_fully_reshardable else "dp_reshardable"
+    return "fully_reshardable" if fully_reshardable else "dp_reshardable"
+
+
+def _optimizer_format(setup: TrainingSetup) -> str:
+    run = setup.run
+    return optimizer_format(run.optimizer.use_distributed_optimizer, run.checkpoint.fully_reshardable_optimizer)
 
 
 def _restore_adam_step(setup: TrainingSetup, loaded: dict) -> None:
@@ -123,7 +126,7 @@ def _restore_adam_step(setup: TrainingSetup, loaded: dict) -> None:
 
 def _optimizer_state(setup: TrainingSetup, model: dict, is_loading: bool) -> dict:
     allocate_state(setup.optimizer)  # a save before the first successful step still finds every state
-    metadata = ensure_metadata_has_dp_cp_group({"distrib_optim_sharding_type": optimizer_format(setup.args)})
+    metadata = ensure_metadata_has_dp_cp_group({"distrib_optim_sharding_type": _optimizer_format(setup)})
     return setup.optimizer.sharded_state_dict(model, is_loading=is_loading, metadata=metadata)
 
 
@@ -136,7 +139,7 @@ def ema_layout(fmt: str) -> str:
 def sharded_state(setup: TrainingSetup, state: TrainState, loader: TrainLoader, ema: EMA | None) -> dict[str, Any]:
     """What a checkpoint holds, as a sharded state dict for ``dist_checkpointing.save``."""
     model = _model_state(setup)
-    fmt = optimizer_format(setup.args)
+    fmt = _optimizer_format(setup)
     ema_form = ema_layout(fmt)
     return {
         "model": model,
@@ -146,7 +149,7 @@ def sharded_state(setup: TrainingSetup, state: TrainState, loader: TrainLoader, 
         "train_state": state.state_dict(),
         "ema": None if ema is None else {**ema.state_dict(), "layout": ema_form},
         "ema_weights": {} if ema is None else ema.sharded_state_dict(model, ema_form),
-        "args": {k: v for k, v in vars(setup.args).items()},
+        **model_description(setup.config, setup.run.objective),
         "layout": Layout.current().__dict__,
         "rng": _per_rank("rng_state", _rng_state()),
         "data": _per_replica("data_state", loader.state_dict()),
@@ -156,9 +159,9 @@ def sharded_state(setup: TrainingSetup, state: TrainState, loader: TrainLoader, 
 class Checkpointer:
     """Saves (in the background with ``--async-save``) and remembers the last checkpoint published."""
 
-    def __init__(self, args: argparse.Namespace):
-        self.root, self.retain = (Path(args.save) if args.save else None), args.save_retain
-        self.queue = AsyncCallsQueue() if args.async_save else None
+    def __init__(self, ckpt: CheckpointConfig):
+        self.root, self.retain = (Path(ckpt.save) if ckpt.save else None), ckpt.save_retain
+        self.queue = AsyncCallsQueue() if ckpt.async_save else None
         self.last: Path | None = None
 
     def save(self, setup: TrainingSetup, state: TrainState, loader: TrainLoader, ema: EMA | None) -> None:
@@ -202,18 +205,19 @@ class Checkpointer:
         self.last = final
 
 
-def check_model_shape(saved: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
-    for name in MODEL_SHAPE_FLAGS:
-        if saved.get(name) != getattr(args, name):
-            flag = "--" + name.replace("_", "-")
-            raise ConfigError(flag, f"the checkpoint {path} was trained with {flag} {saved.get(name)}, this run "
-                                    f"has {getattr(args, name)}; pass {flag} {saved.get(name)} (or start from "
-                                    "scratch without it)")
+def find_checkpoint(ckpt: CheckpointConfig) -> Path | None:
+    """The checkpoint this run starts from: ``--load`` (it must hold one) or ``--save`` when it does."""
+    root = ckpt.load or ckpt.save
+    if root is None:
+        return None
+    return files.find_checkpoint(root, ckpt.ckpt_step, flag="--load" if ckpt.load else "--save",
+                                 required=bool(ckpt.load), fix="point it at a --save folder of an earlier run, "
+                                                                "or drop --load to start from scratch")
 
 
-def check_optimizer_format(common: dict, args: argparse.Namespace, saved: Layout, layout: Layout, path: Path) -> None:
+def check_optimizer_format(common: dict, distributed: bool, saved: Layout, layout: Layout, path: Path) -> None:
     fmt = common["optimizer_format"]
-    if (fmt == "regular") != (not args.use_distributed_optimizer):
+    if (fmt == "regular") != (not distributed):
         raise ConfigError("--use-distributed-optimizer",
                           f"the checkpoint {path} holds a {'distributed' if fmt != 'regular' else 'regular'} "
                           "optimizer's state; match its --use-distributed-optimizer or pass --no-load-optim")
@@ -224,31 +228,17 @@ def check_optimizer_format(common: dict, args: argparse.Namespace, saved: Layout
                           "--no-load-optim, or save it with --dist-ckpt-optim-fully-reshardable")
 
 
-@dataclass(frozen=True)
-class LoadChoices:
-    """What a run restores from its checkpoint, beyond the model's weights (Megatron-LM's flags)."""
-
-    weights_only: bool = False  # --finetune: the weights and nothing of the run (counters, data, schedule)
-    optimizer: bool = True  # the optimizer, the schedule and the EMA (--no-load-optim: False)
-    rng: bool = True  # every rank's RNG states, where the parallel layout is the saved one (--no-load-rng: False)
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> LoadChoices:
-        return cls(weights_only=args.finetune, optimizer=not args.no_load_optim, rng=not args.no_load_rng)
-
-
-def load_checkpoint(setup: TrainingSetup, state: TrainState, loader: TrainLoader, ema: EMA | None, path: Path,
-                    choices: LoadChoices) -> None:
-    """Restore the ``choices`` from ``path`` into the run (before the loader's first ``next``)."""
-    args = setup.args
+def load_checkpoint(setup: TrainingSetup, state: TrainState, loader: TrainLoader, ema: EMA | None, path: Path) -> None:
+    """Restore what the run's checkpoint config asks for from ``path`` (before the loader's first ``next``)."""
+    ckpt, distributed = setup.run.checkpoint, setup.run.optimizer.use_distributed_optimizer
     start = time.monotonic()
     common = dist_checkpointing.load_common_state_dict(str(path))
-    check_model_shape(common["args"], args, path)
-    weights_only = choices.weights_only
+    setup.config.check_architecture(saved_architecture(common, path), str(path))
+    weights_only = ckpt.finetune
     layout, saved_layout = Layout.current(), Layout(**common["layout"])
     request = {"model": _model_state(setup)}
-    if not weights_only and choices.optimizer:
-        check_optimizer_format(common, args, saved_layout, layout, path)
+    if not weights_only and ckpt.load_optim:
+        check_optimizer_format(common, distributed, saved_layout, layout, path)
         if ema is not None:
             ema_saved = saved_ema_layout(common, path, "--no-load-optim")
             if ema_saved is None:
@@ -256,7 +246,7 @@ def load_checkpoint(setup: TrainingSetup, state: TrainState, loader: TrainLoader
                                                  "or --no-load-optim to start an EMA from its weights")
             request["ema_weights"] = ema.sharded_state_dict(request["model"], ema_saved, is_loading=True)
         request["optimizer"] = _optimizer_state(setup, request["model"], is_loading=True)
-    load_rng = not weights_only and choices.rng and saved_layout == layout
+    load_rng = not weights_only and ckpt.load_rng and saved_layout == layout
     if load_rng:
         request["rng"] = _per_rank("rng_state", None)
     load_data = not weights_only and saved_layout.dp == layout.dp
@@ -267,7 +257,7 @@ def load_checkpoint(setup: TrainingSetup, state: TrainState, loader: TrainLoader
         setup.model[0].module.load_state_dict(loaded["model"])
         if "optimizer" in request:
             setup.optimizer.load_state_dict(loaded["optimizer"])
-            if args.use_distributed_optimizer:
+            if distributed:
                 _restore_adam_step(setup, loaded["optimizer"])
         else:
             setup.optimizer.reload_model_params()  # fp32 main weights from the loaded model
@@ -292,7 +282,7 @@ def load_checkpoint(setup: TrainingSetup, state: TrainState, loader: TrainLoader
             notes.append(f"WARNING: the checkpoint was saved with {saved_layout.dp} data-parallel replicas and this "
                          f"run has {layout.dp}; their loader states cannot be split differently, so the data "
                          "stream restarts from the beginning of the epoch")
-        if not weights_only and choices.rng and not load_rng:
+        if not weights_only and ckpt.load_rng and not load_rng:
             notes.append("the parallel layout changed, so the per-rank RNG states were not restored")
         what = "weights only (--finetune)" if weights_only else f"iteration {state.iteration}"
         print(f"loaded checkpoint {path} ({folder_size(path) / 2**20:.1f} MiB, {what}) in "

@@ -8,19 +8,21 @@ stops after the same step.
 
 from __future__ import annotations
 
-import argparse
 import signal
 import time
 
 import torch
 import torch.distributed as dist
 
+from dit.training.run_config import TrainingConfig
+
 
 class ExitConditions:
-    def __init__(self, args: argparse.Namespace, device: torch.device):
-        self.interval, self.device = args.exit_interval, device
-        self.deadline = None if args.exit_duration_in_mins is None else time.monotonic() + 60 * args.exit_duration_in_mins
-        self.signal_handler = args.exit_signal_handler
+    def __init__(self, training: TrainingConfig, device: torch.device):
+        self.interval, self.device = training.exit_interval, device
+        minutes = training.exit_duration_in_mins
+        self.deadline = None if minutes is None else time.monotonic() + 60 * minutes
+        self.signal_handler = training.exit_signal_handler
         self.received = False
         if self.signal_handler:
             self.previous = signal.signal(signal.SIGTERM, self._on_signal)

@@ -6,7 +6,6 @@ command line answers ``--help`` and flag mistakes at once.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
@@ -14,6 +13,7 @@ if TYPE_CHECKING:
     from dit.model.config import DiTConfig
     from dit.model.model import DiTModel
     from dit.model.packed import PackedBatch
+    from dit.training.run_config import RunConfig
 
 
 class TrainLoader(Protocol):
@@ -34,8 +34,8 @@ class TrainLoader(Protocol):
 class Hooks:
     """The entry point's part of a run."""
 
-    launch_check: Callable[[argparse.Namespace], Any]  # raises ConfigError; .summary: one line for --validate-only
+    launch_check: Callable[[RunConfig], Any]  # raises ConfigError; .summary: one line for --validate-only
     model_provider: Callable[[DiTConfig, bool, bool], DiTModel]  # (config, pre_process, post_process)
     forward_step: Callable  # Megatron's forward_step_func(iterator of DiffusionMicroBatch, model)
-    train_data_provider: Callable[[argparse.Namespace], TrainLoader]
-    valid_data_provider: Callable[[argparse.Namespace], TrainLoader] | None = None  # the same packs each call
+    train_data_provider: Callable[[RunConfig], TrainLoader]
+    valid_data_provider: Callable[[RunConfig], TrainLoader] | None = None  # the same packs each call

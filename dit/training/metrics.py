@@ -8,7 +8,6 @@ their cu_seqlens); MFU divides the model TFLOP/s per GPU by the accelerator's de
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import resource
 import time
@@ -17,6 +16,7 @@ from typing import Any
 
 import torch
 
+from dit.training.run_config import RunConfig
 from dit.training.state import TrainState
 from dit.training.step import StepResult
 from dit.training.writers import MetricWriters
@@ -61,12 +61,12 @@ def peak_memory() -> tuple[float, str]:
 class TrainingLogger:
     """Accumulates steps; :meth:`log` prints and writes on the logging rank only."""
 
-    def __init__(self, args: argparse.Namespace, *, world_size: int, peak_tflops: float | None,
+    def __init__(self, run: RunConfig, *, world_size: int, peak_tflops: float | None,
                  pack_capacity: int, logging_rank: bool, objective: str):
-        self.args, self.world_size, self.peak = args, world_size, peak_tflops
+        self.train_iters, self.world_size, self.peak = run.training.train_iters, world_size, peak_tflops
         self.pack_capacity, self.logging_rank, self.objective = pack_capacity, logging_rank, objective
         self.interval = Interval()
-        self.writers = MetricWriters(args) if logging_rank else None
+        self.writers = MetricWriters(run.logging, run.summary()) if logging_rank else None
         self.start = time.monotonic()
         self.steps_this_run = 0
         self.examples_shown = 0
@@ -81,7 +81,7 @@ class TrainingLogger:
 
     def log(self, state: TrainState, lr: float, data_stats: Any) -> dict[str, float]:
         """Print the interval's line (logging rank) and start a new interval; return its metrics."""
-        i, args = self.interval, self.args
+        i = self.interval
         seconds = max(i.seconds, 1e-9)
         metrics = {
             "loss": i.loss / i.finite_steps if i.finite_steps else float("nan"),
@@ -103,11 +103,11 @@ class TrainingLogger:
 
     def _line(self, state: TrainState, m: dict[str, float], data_stats: Any, i: Interval) -> str:
         elapsed = time.monotonic() - self.start
-        eta = elapsed / self.steps_this_run * (self.args.train_iters - state.iteration)
+        eta = elapsed / self.steps_this_run * (self.train_iters - state.iteration)
         memory, where = peak_memory()
         kinds = ", ".join(f"{k}={n}" for k, n in sorted(data_stats.skipped.items()))
         fields = [
-            f"iteration {state.iteration:>8}/{self.args.train_iters:>8}",
+            f"iteration {state.iteration:>8}/{self.train_iters:>8}",
             f"consumed packs: {state.consumed_packs:>10}",
             f"consumed samples: {state.consumed_samples:>12}",
             f"elapsed time per iteration (ms): {1000 * i.seconds / i.steps:.1f}",

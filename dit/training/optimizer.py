@@ -6,8 +6,6 @@ bf16 runs keep fp32 main weights and reduce gradients in fp32. No weight decay o
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import (
@@ -21,39 +19,42 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, Par
 
 from dit.model.config import DiTConfig
 from dit.model.model import DiTModel
+from dit.training import run_config
 
 EMBEDDING_TABLES = ("*class_embedder.table.weight",)
 
 
-def wrap_model(model: DiTModel, config: DiTConfig, args: argparse.Namespace) -> DistributedDataParallel:
+def wrap_model(model: DiTModel, config: DiTConfig, optim: run_config.OptimizerConfig) -> DistributedDataParallel:
     """Megatron DDP over ``model``; the schedule finalises (reduces) gradients through ``config``."""
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
-        use_distributed_optimizer=args.use_distributed_optimizer), model)
+        grad_reduce_in_fp32=True, overlap_grad_reduce=optim.overlap_grad_reduce,
+        use_distributed_optimizer=optim.use_distributed_optimizer), model)
     config.finalize_model_grads_func = finalize_model_grads
-    if args.overlap_grad_reduce:  # the schedule starts each bucket's reduction when its last grad is ready
+    if optim.overlap_grad_reduce:  # the schedule starts each bucket's reduction when its last grad is ready
         config.no_sync_func = ddp.no_sync
         config.grad_sync_func = ddp.start_grad_sync
     return ddp
 
 
-def build_optimizer(args: argparse.Namespace, model: list[DistributedDataParallel]) -> MegatronOptimizer:
+def build_optimizer(optim: run_config.OptimizerConfig, model: list[DistributedDataParallel]) -> MegatronOptimizer:
+    """Megatron's AdamW over the DDP-wrapped ``model``, in the model config's precision."""
     config = OptimizerConfig(
-        optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
-        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
-        clip_grad=args.clip_grad, bf16=args.bf16, params_dtype=model[0].config.params_dtype,
-        use_distributed_optimizer=args.use_distributed_optimizer)
+        optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad, bf16=model[0].config.bf16, params_dtype=model[0].config.params_dtype,
+        use_distributed_optimizer=optim.use_distributed_optimizer)
     overrides = get_standard_config_overrides(config)
     overrides[ParamKey(name=EMBEDDING_TABLES)] = ParamGroupOverride(wd_mult=0.0)
     return get_megatron_optimizer(config, model, config_overrides=overrides)
 
 
-def build_scheduler(args: argparse.Namespace, optimizer: MegatronOptimizer) -> OptimizerParamScheduler:
+def build_scheduler(optim: run_config.OptimizerConfig, optimizer: MegatronOptimizer,
+                    train_iters: int) -> OptimizerParamScheduler:
     """Linear warm-up from 0, then constant, linear or cosine decay to ``--min-lr``; one step per iteration."""
     return OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
-        lr_decay_steps=args.lr_decay_iters, lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,
-        end_wd=args.weight_decay, wd_incr_steps=args.train_iters, wd_incr_style="constant")
+        optimizer, init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr, lr_warmup_steps=optim.lr_warmup_iters,
+        lr_decay_steps=optim.lr_decay_iters, lr_decay_style=optim.lr_decay_style, start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay, wd_incr_steps=train_iters, wd_incr_style="constant")
 
 
 def allocate_state(optimizer: MegatronOptimizer) -> None:

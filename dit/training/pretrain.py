@@ -6,7 +6,6 @@ optimizer set-up, the step, the log and the FLOP count live in this package, one
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,17 +16,15 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from dit.runtime import distributed as runtime
-from dit.model.config import config_from_args
-from dit.diffusion import build_objective
-from dit.errors import TrainingStopped
+from dit.errors import ConfigError, TrainingStopped
 from dit.training.ema import EMA
-from dit.checkpoint.files import find_checkpoint
-from dit.training.checkpointing import Checkpointer, LoadChoices, load_checkpoint
+from dit.training.checkpointing import Checkpointer, find_checkpoint, load_checkpoint
 from dit.training.exits import ExitConditions
 from dit.training.flops import peak_tflops
 from dit.training.hooks import Hooks, TrainLoader
 from dit.training.metrics import TrainingLogger
 from dit.training.optimizer import build_optimizer, build_scheduler, wrap_model
+from dit.training.run_config import RunConfig
 from dit.training.sample_log import SampleLog
 from dit.training.state import TrainState
 from dit.training.validation import ValidationResult, Validator
@@ -54,25 +51,23 @@ class TrainResult:
     validations: list[tuple[int, ValidationResult]] = field(default_factory=list)  # (iteration, result)
 
 
-def setup_training(args: argparse.Namespace, hooks: Hooks) -> TrainingSetup:
+def setup_training(run: RunConfig, hooks: Hooks) -> TrainingSetup:
     """Process groups, seeds, this stage's model in Megatron DDP, the optimizer and the LR schedule."""
-    runtime.init_distributed(args.distributed_timeout_minutes)
+    config, seed = run.model, run.training.seed
+    runtime.init_distributed(run.training.distributed_timeout_minutes)
     runtime.initialize_model_parallel(runtime.ParallelLayout(
-        tensor=args.tensor_model_parallel_size, pipeline=args.pipeline_model_parallel_size,
-        context=args.context_parallel_size, virtual_pipeline=args.virtual_pipeline_model_parallel_size))
-    runtime.set_random_seed(args.seed, per_data_parallel_rank=False)  # the same initial weights on every replica
-    config = config_from_args(args)
+        tensor=config.tensor_model_parallel_size, pipeline=config.pipeline_model_parallel_size,
+        context=config.context_parallel_size))
+    runtime.set_random_seed(seed, per_data_parallel_rank=False)  # the same initial weights on every replica
     model = hooks.model_provider(config, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())
     device = runtime.current_device()
     model.to(device)
-    runtime.set_random_seed(args.seed, per_data_parallel_rank=True)
-    ddp = wrap_model(model, config, args)
-    optimizer = build_optimizer(args, [ddp])
-    objective = build_objective(
-        args.objective, edm_p_mean=args.edm_p_mean, edm_p_std=args.edm_p_std, sigma_data=args.sigma_data,
-        flow_logit_mean=args.flow_logit_mean, flow_logit_std=args.flow_logit_std, flow_shift=args.flow_shift)
-    return TrainingSetup(args=args, config=config, model=[ddp], optimizer=optimizer,
-                         scheduler=build_scheduler(args, optimizer), objective=objective, device=device)
+    runtime.set_random_seed(seed, per_data_parallel_rank=True)
+    ddp = wrap_model(model, config, run.optimizer)
+    optimizer = build_optimizer(run.optimizer, [ddp])
+    return TrainingSetup(run=run, config=config, model=[ddp], optimizer=optimizer,
+                         scheduler=build_scheduler(run.optimizer, optimizer, run.training.train_iters),
+                         objective=run.objective.build(), device=device)
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -118,51 +113,59 @@ class TrainingLoop:
 
     def __init__(self, setup: TrainingSetup, loader: TrainLoader, forward_step: ForwardStep, state: TrainState,
                  ema: EMA | None = None, validator: Validator | None = None):
-        args = self.args = setup.args
+        run = self.run_config = setup.run
         self.setup, self.loader, self.forward_step, self.ema, self.validator = setup, loader, forward_step, ema, validator
-        self.num_microbatches = args.global_batch_size // (args.micro_batch_size * ps.get_data_parallel_world_size())
+        training = run.training
+        dp = ps.get_data_parallel_world_size()
+        self.num_microbatches = training.global_batch_size // (training.micro_batch_size * dp)
         self.logging_rank = dist.get_rank() == dist.get_world_size() - 1  # the last stage has the loss
-        peak = args.peak_tflops or (peak_tflops(torch.cuda.get_device_name(), args.fp8_format is not None)
-                                    if torch.cuda.is_available() else None)
+        peak = run.logging.peak_tflops or (peak_tflops(torch.cuda.get_device_name(), run.model.fp8 is not None)
+                                           if torch.cuda.is_available() else None)
         self.logger = TrainingLogger(
-            args, world_size=dist.get_world_size(), peak_tflops=peak, logging_rank=self.logging_rank,
-            pack_capacity=args.max_seq_length * (args.micro_batch_size if args.no_packing else 1),
+            run, world_size=dist.get_world_size(), peak_tflops=peak, logging_rank=self.logging_rank,
+            pack_capacity=run.data.max_seq_length * (1 if run.data.packing else training.micro_batch_size),
             objective=setup.objective.name)
-        self.exits, self.samples, self.checkpointer = ExitConditions(args, setup.device), SampleLog(args.sample_log), Checkpointer(args)
+        self.exits, self.samples = ExitConditions(training, setup.device), SampleLog(run.logging.sample_log)
+        self.checkpointer = Checkpointer(run.checkpoint)
         self.result = TrainResult(state=state, setup=setup, ema=ema)
 
     def announce(self) -> None:
-        args, state = self.args, self.result.state
+        run, config, state = self.run_config, self.run_config.model, self.result.state
         parameters = count_parameters(self.setup.model[0].module)
         if self.logging_rank:
-            print(f"pretrain_dit.py: {parameters:,} parameters, {args.transformer_impl} backend, "
-                  f"tp={args.tensor_model_parallel_size} pp={args.pipeline_model_parallel_size} "
-                  f"cp={args.context_parallel_size} dp={ps.get_data_parallel_world_size()}; {args.objective} "
-                  f"objective; {args.global_batch_size} packs of up to {args.max_seq_length} tokens a step "
-                  f"({self.num_microbatches} per DP rank); from iteration {state.iteration} to {args.train_iters}",
-                  flush=True)
+            print(f"pretrain_dit.py: {parameters:,} parameters, {config.transformer_impl} backend, "
+                  f"tp={config.tensor_model_parallel_size} pp={config.pipeline_model_parallel_size} "
+                  f"cp={config.context_parallel_size} dp={ps.get_data_parallel_world_size()}; "
+                  f"{run.objective.objective} objective; {run.training.global_batch_size} packs of up to "
+                  f"{run.data.max_seq_length} tokens a step ({self.num_microbatches} per DP rank); from iteration "
+                  f"{state.iteration} to {run.training.train_iters}", flush=True)
 
     def iterate(self) -> str | None:
         """One step and what follows it; the reason to stop early, if there is one."""
-        args, state = self.args, self.result.state
+        run, state = self.run_config, self.result.state
         start = time.monotonic()
-        packs = [next(self.loader) for _ in range(self.num_microbatches)]
-        step = train_step(self.setup, self.forward_step, packs, state.iteration + 1)
+        packs, stop = [], None
+        try:
+            packs = [next(self.loader) for _ in range(self.num_microbatches)]
+        except (ConfigError, TrainingStopped) as e:  # bad data, a stall: this rank's alone, told to all in the step
+            stop = e
+        step = train_step(self.setup, self.forward_step, packs, state.iteration + 1, stop)
         self.checkpointer.poll()
         if self.ema is not None and not step.skipped:
             self.ema.update()
-        _advance(state, step, args.max_skipped_steps, self.checkpointer.last)
+        _advance(state, step, run.training.max_skipped_steps, self.checkpointer.last)
         self.logger.record(step, time.monotonic() - start)
         self.samples.write(state.iteration, step)
         lr = self.setup.optimizer.param_groups[0]["lr"]
         self.result.history.append(StepRecord(state.iteration, step.loss, step.grad_norm, step.skipped, lr, step.keys))
-        last = state.iteration == args.train_iters
-        if state.iteration % args.log_interval == 0 or last:
+        last = state.iteration == run.training.train_iters
+        if state.iteration % run.logging.log_interval == 0 or last:
             self.logger.log(state, lr, gather_data_stats(self.loader.stats))
-        if args.eval_interval and (state.iteration % args.eval_interval == 0 or last):
+        eval_interval, save_interval = run.evaluation.eval_interval, run.checkpoint.save_interval
+        if eval_interval and (state.iteration % eval_interval == 0 or last):
             self.validate()
         reason = self.exits.reason(state.iteration)
-        if args.save and (reason or last or (args.save_interval and state.iteration % args.save_interval == 0)):
+        if run.checkpoint.save and (reason or last or (save_interval and state.iteration % save_interval == 0)):
             self.checkpointer.save(self.setup, state, self.loader, self.ema)
         return reason
 
@@ -175,10 +178,11 @@ class TrainingLoop:
     def run(self) -> TrainResult:
         self.announce()
         try:
-            if self.args.skip_train:
+            if self.run_config.evaluation.skip_train:
                 self.validate()
                 return self.result
-            while self.result.state.iteration < self.args.train_iters and self.result.exit_reason is None:
+            iters = self.run_config.training.train_iters
+            while self.result.state.iteration < iters and self.result.exit_reason is None:
                 self.result.exit_reason = self.iterate()
             self.checkpointer.finish()
         finally:
@@ -191,22 +195,21 @@ class TrainingLoop:
         self.samples.close()
 
 
-def pretrain(args: argparse.Namespace, hooks: Hooks) -> TrainResult:
-    """Train with validated ``args``, from ``--load`` / ``--save`` when they hold a checkpoint. The process
-    groups stay up for the caller (tests read the model)."""
-    setup = setup_training(args, hooks)
-    ema = EMA(setup, args.ema_decay, args.ema_warmup) if args.ema_decay > 0 else None
-    loader = hooks.train_data_provider(args)
+def pretrain(run: RunConfig, hooks: Hooks) -> TrainResult:
+    """Train the run (``dit.arguments.run_config``), from ``--load`` / ``--save`` when they hold a checkpoint.
+    The process groups stay up for the caller (tests read the model)."""
+    setup = setup_training(run, hooks)
+    evaluation = run.evaluation
+    ema = EMA(setup, evaluation.ema_decay, evaluation.ema_warmup) if evaluation.ema_decay > 0 else None
+    loader = hooks.train_data_provider(run)
     state = TrainState()
     try:
-        path = find_checkpoint(args.load or args.save, args.ckpt_step, flag="--load" if args.load else "--save",
-                               required=bool(args.load), fix="point it at a --save folder of an earlier run, or "
-                                                             "drop --load to start from scratch")
+        path = find_checkpoint(run.checkpoint)
         if path is not None:
-            load_checkpoint(setup, state, loader, ema, path, LoadChoices.from_args(args))
+            load_checkpoint(setup, state, loader, ema, path)
         validator = None
-        if args.eval_interval or args.skip_train:
-            validator = Validator(setup, hooks.forward_step, lambda: hooks.valid_data_provider(args), ema)
+        if evaluation.eval_interval or evaluation.skip_train:
+            validator = Validator(setup, hooks.forward_step, lambda: hooks.valid_data_provider(run), ema)
         return TrainingLoop(setup, loader, hooks.forward_step, state, ema, validator).run()
     finally:
         loader.close()

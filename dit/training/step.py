@@ -11,7 +11,6 @@ which ``tests/test_host_syncs.py`` holds it to.
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -30,7 +29,9 @@ from dit.diffusion import Objective
 from dit.diffusion.draws import draw
 from dit.diffusion.microbatch import DiffusionMicroBatch, diffusion_microbatch
 from dit.model.packed import PackedBatch
+from dit.errors import ConfigError, TrainingStopped
 from dit.training.flops import pack_flops
+from dit.training.run_config import RunConfig
 
 ForwardStep = Callable  # Megatron's forward_step_func(data_iterator, model) -> (output, loss_func)
 
@@ -39,8 +40,8 @@ ForwardStep = Callable  # Megatron's forward_step_func(data_iterator, model) -> 
 class TrainingSetup:
     """What every step uses; built once by ``dit.training.pretrain``."""
 
-    args: argparse.Namespace
-    config: DiTConfig
+    run: RunConfig
+    config: DiTConfig  # run.model
     model: list[DistributedDataParallel]  # one model chunk (no virtual pipeline stages)
     optimizer: MegatronOptimizer
     scheduler: OptimizerParamScheduler
@@ -67,9 +68,12 @@ class StepResult:
     keys: list[str]  # this rank's samples, in order
 
 
-def count_step(packs: list[PackedBatch], config: DiTConfig, device: torch.device) -> StepCounts:
-    """Samples, real tokens and FLOPs of this DP rank's packs, summed over DP (one all-reduce)."""
-    local = [0.0, 0.0, 0.0]
+def count_step(packs: list[PackedBatch], config: DiTConfig, device: torch.device,
+               stop: ConfigError | TrainingStopped | None = None) -> StepCounts:
+    """Samples, real tokens and FLOPs of this DP rank's packs, summed over DP (one all-reduce), which also
+    tells every rank whether one of them could not read its packs (``stop``): then all raise that rank's
+    error together (:func:`raise_agreed_stop`), none is left waiting in a collective."""
+    local = [0.0, 0.0, 0.0, float(stop is not None)]
     for pack in packs:
         cu, cu_padded, cu_text = (x.tolist() for x in (pack.cu_seqlens, pack.cu_seqlens_padded, pack.cu_seqlens_text))
         local[0] += pack.num_samples
@@ -77,18 +81,31 @@ def count_step(packs: list[PackedBatch], config: DiTConfig, device: torch.device
         local[2] += pack_flops(config, cu, cu_padded, cu_text)
     total = torch.tensor(local, dtype=torch.float64, device=device)
     dist.all_reduce(total, group=ps.get_data_parallel_group())
-    samples, tokens, flops = total.tolist()  # host read 1 of a step: the loss is divided by the step's samples
+    samples, tokens, flops, stops = total.tolist()  # host read 1 of a step: the loss is divided by the step's samples
+    if stops:
+        raise_agreed_stop(stop)
     return StepCounts(packs=len(packs) * ps.get_data_parallel_world_size(), samples=round(samples),
                       real_tokens=round(tokens), flops=flops)
 
 
+def raise_agreed_stop(stop: ConfigError | TrainingStopped | None) -> None:
+    """Raise, on every rank of this DP group, the stop of its first rank that had one (the ranks of a replica
+    read the same packs, so they stop alike). The entry point then ends the launch with that one line."""
+    mine = None if stop is None else (stop.flag, str(stop).split(": ", 1)[1]) if isinstance(stop, ConfigError) \
+        else (None, str(stop))
+    stops = [None] * ps.get_data_parallel_world_size()
+    dist.all_gather_object(stops, mine, group=ps.get_data_parallel_group())
+    flag, message = next(s for s in stops if s is not None)
+    raise ConfigError(flag, message) if flag is not None else TrainingStopped(message)
+
+
 def prepare_microbatches(setup: TrainingSetup, packs: list[PackedBatch], iteration: int,
                          counts: StepCounts) -> list[DiffusionMicroBatch]:
-    args, cp = setup.args, ps.get_context_parallel_world_size()
+    run, cp = setup.run, ps.get_context_parallel_world_size()
     samples_per_microbatch = counts.samples / (len(packs) * ps.get_data_parallel_world_size())
     return [diffusion_microbatch(
         setup.objective, pack.to(setup.device),
-        draw(pack, seed=args.seed, iteration=iteration, drop_prob=args.text_drop_prob, cp_size=cp,
+        draw(pack, seed=run.training.seed, iteration=iteration, drop_prob=run.objective.text_drop_prob, cp_size=cp,
              cp_rank=ps.get_context_parallel_rank()),
         cp_size=cp, null_class=setup.config.num_classes, samples_per_microbatch=samples_per_microbatch)
         for pack in packs]
@@ -122,9 +139,11 @@ def apply_gradients(optimizer: MegatronOptimizer, loss: float, clip_grad: float)
     return optimizer.step_with_ready_grads(), grad_norm
 
 
-def train_step(setup: TrainingSetup, forward_step: ForwardStep, packs: list[PackedBatch], iteration: int) -> StepResult:
-    """Run one optimizer step on this DP rank's ``packs`` (its micro-batches of the global batch)."""
-    counts = count_step(packs, setup.config, setup.device)
+def train_step(setup: TrainingSetup, forward_step: ForwardStep, packs: list[PackedBatch], iteration: int,
+               stop: ConfigError | TrainingStopped | None = None) -> StepResult:
+    """Run one optimizer step on this DP rank's ``packs`` (its micro-batches of the global batch); ``stop``:
+    why this rank could not read them, which stops every rank before the step (:func:`count_step`)."""
+    counts = count_step(packs, setup.config, setup.device, stop)
     microbatches = prepare_microbatches(setup, packs, iteration, counts)
     for chunk in setup.model:
         chunk.zero_grad_buffer()
@@ -134,7 +153,7 @@ def train_step(setup: TrainingSetup, forward_step: ForwardStep, packs: list[Pack
         num_microbatches=len(microbatches), seq_length=max(int(p.cu_seqlens_padded[-1]) for p in packs),
         micro_batch_size=1, forward_only=False)
     loss = _step_loss(logged, setup.device)
-    updated, grad_norm = apply_gradients(setup.optimizer, loss, setup.args.clip_grad)
+    updated, grad_norm = apply_gradients(setup.optimizer, loss, setup.run.optimizer.clip_grad)
     if updated:
         setup.scheduler.step(increment=1)
     return StepResult(loss=loss, grad_norm=grad_norm, skipped=not updated, counts=counts,

@@ -46,12 +46,13 @@ class Validator:
     def __init__(self, setup: TrainingSetup, forward_step: ForwardStep, loader_provider: Callable[[], TrainLoader],
                  ema: EMA | None):
         self.setup, self.forward_step, self.loader_provider = setup, forward_step, loader_provider
-        self.ema = None if setup.args.no_ema else ema
+        self.ema = ema if setup.run.evaluation.use_ema else None
         self.z = torch.special.ndtri(level_quantiles()).float()  # [8] standard-normal quantiles
 
     def _packs(self) -> list:
-        args = self.setup.args
-        per_rank = args.eval_iters * args.global_batch_size // (args.micro_batch_size * ps.get_data_parallel_world_size())
+        run = self.setup.run
+        per_rank = (run.evaluation.eval_iters * run.training.global_batch_size
+                    // (run.training.micro_batch_size * ps.get_data_parallel_world_size()))
         loader = self.loader_provider()
         packs = []
         try:
@@ -64,10 +65,11 @@ class Validator:
         return packs
 
     def run(self) -> ValidationResult:
-        args, setup = self.setup.args, self.setup
+        setup = self.setup
         packs = self._packs()
         cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
-        draws = [draw(p, seed=args.seed, iteration=VALIDATION_ITERATION, drop_prob=0.0, cp_size=cp, cp_rank=cp_rank)
+        seed = setup.run.training.seed
+        draws = [draw(p, seed=seed, iteration=VALIDATION_ITERATION, drop_prob=0.0, cp_size=cp, cp_rank=cp_rank)
                  for p in packs]
         count = torch.tensor([sum(p.num_samples for p in packs)], dtype=torch.float64, device=setup.device)
         dist.all_reduce(count, group=ps.get_data_parallel_group())

@@ -6,24 +6,26 @@ Both come with the ``log`` extra; the flag check refuses them where the package 
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
+
+from dit.training.run_config import LoggingConfig
 
 
 class MetricWriters:
     """The metric sinks of the logging rank (Megatron writes them on the last rank)."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, logging: LoggingConfig, run_summary: dict[str, Any]):
+        """``run_summary``: the run's settings, which W&B records with the run."""
         self.tensorboard = self.wandb = None
-        if args.tensorboard_dir:
+        if logging.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(log_dir=args.tensorboard_dir)
-        if args.wandb_project:
+            self.tensorboard = SummaryWriter(log_dir=logging.tensorboard_dir)
+        if logging.wandb_project:
             import wandb
 
-            self.wandb = wandb.init(project=args.wandb_project, name=args.wandb_exp_name,
-                                    config={k: v for k, v in vars(args).items() if _plain(v)})
+            self.wandb = wandb.init(project=logging.wandb_project, name=logging.wandb_exp_name,
+                                    config={k: v for k, v in run_summary.items() if _plain(v)})
 
     def write(self, iteration: int, metrics: dict[str, float]) -> None:
         if self.tensorboard is not None:
