@@ -148,7 +148,7 @@ def test_ema_resumes_beside_an_optimizer_with_fused_adams_contract(dataset, tmp_
 def test_a_dp_sharded_ema_is_saved_whole_for_a_fully_reshardable_checkpoint(dataset, tmp_path):
     """Beside --dist-ckpt-optim-fully-reshardable the DP shards of the EMA are put together into the model's
     layout, which one process loads (dit.generate's loader) equal to the run's EMA."""
-    from tests.test_generate import _loaded
+    from tests.unit.dit.test_generate import _loaded
 
     flags = ["--train-iters", "3", "--use-distributed-optimizer", "--dist-ckpt-optim-fully-reshardable",
              "--save", str(tmp_path)]

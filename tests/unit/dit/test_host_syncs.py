@@ -79,4 +79,4 @@ def test_layers_read_nothing_and_a_step_only_the_named_reads(dataset, world, ext
 def test_a_read_in_a_layer_is_caught(dataset):
     reads = run_distributed(_count, 1, dataset, [], True)[0]
     planted = 2 * 3 * COUNTED_STEPS  # 2 layers x 3 gated residuals a step
-    assert reads["inside"] == Counter({"tolist at tests/test_host_syncs.py (reading_residual)": planted})
+    assert reads["inside"] == Counter({"tolist at tests/unit/dit/test_host_syncs.py (reading_residual)": planted})

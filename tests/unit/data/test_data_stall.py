@@ -21,7 +21,7 @@ from data.task_encoder import DiTTaskEncoder
 from dit.errors import ConfigError
 from tests.tiny_data import payloads, tiny_loader, write_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 BUFFER = 6  # tiny_loader's packing buffer: each LoadedPack brings the counts of 6 samples
 
 

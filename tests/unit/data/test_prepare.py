@@ -29,7 +29,7 @@ from PIL import Image  # noqa: E402
 from data.encoders import VaeEncoder  # noqa: E402
 from data.prepare import PrepareConfig, build_parser, main, prepare  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 WORDS = "a red green blue square circle video of and twice".split()
 SHIFT, SCALE = 0.1, 0.5  # image VAE normalisation: (z - shift) * scale
 MEAN, STD = 0.2, 2.0  # video VAE normalisation: (z - mean) / std

@@ -12,7 +12,7 @@ from dit.arguments import MIN_ROPE_HEAD_DIM, check_energon_dataset, parse_args, 
 from dit.errors import ConfigError
 from tests.tiny_data import good_entries, write_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 TINY = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4"]
 FITS_TINY_DATA = ["--latent-channels", "4", "--text-embed-dim", "8", "--max-seq-length", "32", "--num-workers", "0"]
 

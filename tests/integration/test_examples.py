@@ -195,7 +195,7 @@ def test_single_node_launcher_checks_then_shows_and_runs_torchrun(launchers, dat
 @pytest.mark.parametrize("launcher", LAUNCHERS[:3])
 def test_a_failed_launch_check_stops_the_launcher_before_torchrun(launchers, tmp_path, launcher):
     """The check's status is the launcher's, and nothing is launched (a stand-in check that fails, to be fast:
-    the real one's line is tests/test_launch.py's)."""
+    the real one's line is tests/integration/test_launch.py's)."""
     failing = tmp_path / "failing_check"
     line = "pretrain_dit.py: error: --lr: must be a positive number"
     failing.write_text(f"#!/usr/bin/env bash\necho '{line}' >&2\nexit 2\n")
