@@ -21,6 +21,7 @@ def _run(command: list[str], timeout: int, **env: str) -> subprocess.CompletedPr
     return result
 
 
+@pytest.mark.dist
 @pytest.mark.slow
 def test_gpu_checks_dry_run_writes_every_part(tmp_path):
     _run(["bash", "tests/gpu/run_gpu_checks.sh", "--dry-run"], timeout=600, OUT=str(tmp_path))

@@ -1,5 +1,6 @@
 """Megatron's dist checkpointing over gloo: save sharded at TP=2, load at TP=1 and TP=2."""
 
+import pytest
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
@@ -9,6 +10,8 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from dit import runtime
 from tests.distributed import run_distributed
+
+pytestmark = pytest.mark.dist
 
 IN, OUT = 6, 8
 

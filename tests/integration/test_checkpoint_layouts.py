@@ -12,7 +12,7 @@ from tests.distributed import run_distributed
 from tests.model_setup import full_weights
 from tests.tiny_data import TINY_RUN, good_entries, write_dataset
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
 FLAGS = TINY_RUN + ["--lr", "1e-3", "--lr-decay-style", "constant", "--global-batch-size", "2", "--seed", "3"]
 

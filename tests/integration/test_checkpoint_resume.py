@@ -18,7 +18,7 @@ from tests.distributed import pretrain_main, run_distributed
 from tests.launch import kill, run_to_end, torchrun, wait_until, workers
 from tests.tiny_data import TINY_RUN, good_entries, write_dataset
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
 K = 3
 FLAGS = TINY_RUN + ["--num-workers", "1", "--lr", "1e-3", "--lr-decay-style", "constant", "--global-batch-size", "4",

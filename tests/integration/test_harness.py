@@ -8,6 +8,8 @@ import torch.distributed as dist
 
 from tests.distributed import RankFailed, run_distributed
 
+pytestmark = pytest.mark.dist
+
 
 def _rank_times_ten():
     return dist.get_rank() * 10

@@ -5,6 +5,7 @@ data path) and at CP=1 must give the same loss and, summed over the CP ranks, th
 this checks that the data path and the model read the PackedBatch contract the same way.
 """
 
+import pytest
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
@@ -17,6 +18,8 @@ from dit.loss import per_sample_loss
 from dit.model import DiTModel
 from tests.distributed import run_distributed
 from tests.tiny_data import payloads, write_dataset
+
+pytestmark = pytest.mark.dist
 
 FLAGS = ["--num-layers", "2", "--hidden-size", "48", "--num-attention-heads", "4", "--latent-channels", "4",
          "--patch-size", "2", "--text-embed-dim", "8", "--max-seq-length", "64", "--packing-buffer-size", "16",

@@ -52,6 +52,7 @@ def test_validate_only_checks_a_launch_of_n_processes_in_one_plain_process(datas
     assert e.value.flag == "--tensor-model-parallel-size"
 
 
+@pytest.mark.dist
 @pytest.mark.slow
 def test_a_mistaken_torchrun_launch_always_shows_the_line(dataset):
     """Rank 0 prints first, then exits; rank 1 waits until torchrun stops it (dit.launch)."""

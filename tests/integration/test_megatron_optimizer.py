@@ -15,6 +15,8 @@ from megatron.core.transformer import TransformerConfig
 from dit import runtime
 from tests.distributed import run_distributed
 
+pytestmark = pytest.mark.dist
+
 LR, BATCH, WIDTH = 0.1, 8, 6
 
 

@@ -1,11 +1,15 @@
 """CP=2 (local packed attention, K/V all-gathered) and TP=2 x CP=2 on 4 processes: loss and every full
 gradient equal the single-process model; samples are split into load-balanced chunks across CP ranks."""
 
+import pytest
+
 from megatron.core import parallel_state
 
 from dit.runtime import ParallelLayout
 from tests.distributed import run_distributed
-from tests.model_setup import assert_matches_reference, make_microbatch, parallel_run, reference_run, single_process  # noqa: F401
+from tests.model_setup import assert_matches_reference, make_microbatch, parallel_run, reference_run
+
+pytestmark = pytest.mark.dist
 
 TEXT = dict(conditioning="text", position_embedding="rope3d")
 CLASS = dict(conditioning="class", position_embedding="rope3d", adaln_lora_rank=4)

@@ -9,7 +9,9 @@ from megatron.core import parallel_state
 
 from dit.runtime import ParallelLayout
 from tests.distributed import run_distributed
-from tests.model_setup import RTOL, assert_matches_reference, make_microbatch, parallel_run, reference_run, single_process  # noqa: F401
+from tests.model_setup import RTOL, assert_matches_reference, make_microbatch, parallel_run, reference_run
+
+pytestmark = pytest.mark.dist
 
 FIELDS = dict(conditioning="text", fps_conditioning=True, position_embedding="sincos3d")
 CONDITIONING = ("t_embedder.", "fps_embedder.", "text_projection.")

@@ -1,6 +1,7 @@
 """The conditioning embedders, replicated on every pipeline stage: built as pretrain_dit.py builds them they
 start equal on every stage, and a PP=2 model saves a dist checkpoint that loads at PP=2 and at PP=1."""
 
+import pytest
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
@@ -12,6 +13,8 @@ from dit.arguments import parse_args
 from dit.config import config_from_args
 from tests.distributed import run_distributed
 from tests.model_setup import global_name
+
+pytestmark = pytest.mark.dist
 
 FLAGS = ["--num-layers", "2", "--hidden-size", "48", "--num-attention-heads", "4", "--latent-channels", "4",
          "--text-embed-dim", "16", "--transformer-impl", "local", "--fps-conditioning"]

@@ -4,7 +4,9 @@ import pytest
 
 from dit.runtime import ParallelLayout
 from tests.distributed import run_distributed
-from tests.model_setup import assert_matches_reference, make_microbatch, parallel_run, reference_run, single_process  # noqa: F401
+from tests.model_setup import assert_matches_reference, make_microbatch, parallel_run, reference_run
+
+pytestmark = pytest.mark.dist
 
 FIELDS = dict(conditioning="text", fps_conditioning=True, adaln_lora_rank=8)
 

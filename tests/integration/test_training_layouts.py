@@ -23,7 +23,7 @@ from tests.distributed import run_distributed
 from tests.model_setup import full_weights, global_name, tp_slice
 from tests.tiny_data import TINY_RUN, payloads, write_dataset
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
 # token counts (patch 2) that are multiples of 4, so every layout pads them alike (2*cp = 4, tp under SP)
 SHAPES = [(4, 4, 4), (4, 2, 4, 4), (4, 8, 8), (4, 3, 4, 4), (4, 4, 8), (4, 8, 4), (4, 2, 8, 4)]

@@ -11,7 +11,7 @@ from data.errors import BadDataError, DataStats, SkipKind, SkipRecord
 from data.loader import task_encoder
 from data.shard_reads import UNREADABLE, TolerantTarReader
 from dit.arguments import parse_args
-from tests.tiny_data import DEFECTS, GOOD, TRUNCATED_GOOD, good_entries, mixed_dataset, truncated_dataset  # noqa: F401 (fixtures)
+from tests.tiny_data import DEFECTS, GOOD, TRUNCATED_GOOD, good_entries
 from tests.tiny_data import write_dataset
 from tests.tiny_data import tiny_loader as _loader
 

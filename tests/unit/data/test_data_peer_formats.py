@@ -110,6 +110,7 @@ def mixed_dataset(tmp_path_factory):
     return root
 
 
+@pytest.mark.dist
 @pytest.mark.slow
 def test_a_dataset_mixing_our_format_with_the_peers_trains_on_two_processes(mixed_dataset, capfd):
     iters = 6  # 2 ranks x 2 packs a step of up to 64 tokens: about 6 samples a pack, the 60 samples and more

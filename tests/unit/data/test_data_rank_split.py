@@ -113,6 +113,7 @@ def rank_packs(tmp_path_factory):
     return dataset, run_distributed(_read_packs, 4, str(dataset))
 
 
+@pytest.mark.dist
 def test_tp2_cp2_ranks_of_a_replica_read_identical_packs(rank_packs):
     dataset, results = rank_packs
     by_cp = {}
@@ -123,6 +124,7 @@ def test_tp2_cp2_ranks_of_a_replica_read_identical_packs(rank_packs):
     _assert_shares_rebuild(_reference_packs(dataset, 0, 1, 2), [by_cp[0], by_cp[1]], 2)
 
 
+@pytest.mark.dist
 def test_cp2_dp2_replicas_read_different_packs(rank_packs):
     dataset, results = rank_packs
     results = [r[1, 2] for r in results]

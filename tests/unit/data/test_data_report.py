@@ -20,7 +20,7 @@ from data.shards import shard_name
 from data.task_encoder import DiTTaskEncoder
 from dit.arguments import parse_args
 from data.synthetic import synthetic_samples, write_synthetic
-from tests.tiny_data import DEFECTS, GOOD, good_entries, mixed_dataset, truncated_dataset  # noqa: F401 (fixtures)
+from tests.tiny_data import DEFECTS, GOOD, good_entries
 
 
 def _tokens(files):

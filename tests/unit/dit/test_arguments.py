@@ -10,17 +10,17 @@ from data.shards import energon_prepare, write_shard
 from dit import te
 from dit.arguments import MIN_ROPE_HEAD_DIM, check_energon_dataset, parse_args, validate_args
 from dit.errors import ConfigError
-from tests.tiny_data import good_entries, write_dataset
+from tests.tiny_data import good_entries
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4"]
 FITS_TINY_DATA = ["--latent-channels", "4", "--text-embed-dim", "8", "--max-seq-length", "32", "--num-workers", "0"]
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """A real tiny dataset indexed by `energon prepare` (latents [4, ...], text width 8, up to 24 tokens)."""
-    return str(write_dataset(tmp_path_factory.mktemp("ds"), good_entries(16, seed=4)))
+@pytest.fixture
+def dataset(tiny_dataset: str) -> str:
+    """The session's tiny dataset (tests/conftest.py): 16 samples, latents [4, ...], text width 8, up to 24 tokens."""
+    return tiny_dataset
 
 
 def check(argv, world_size=1, **kw):

@@ -13,7 +13,7 @@ from dit.model import DiTModel
 from dit.packed import PackedBatch
 from dit.patchify import patchify
 from tests.distributed import run_distributed
-from tests.model_setup import full_weights, single_process  # noqa: F401
+from tests.model_setup import full_weights
 from tests.tiny_data import payloads, write_dataset
 
 SMALL = dict(num_attention_heads=4, attention_head_dim=12, in_channels=4, num_layers=2, sample_size=8, patch_size=2,
@@ -131,6 +131,7 @@ def _train_tp2(data_path, save):
         return raw, full_weights(result.setup.model[0].module, result.setup.config)
 
 
+@pytest.mark.dist
 @pytest.mark.slow
 def test_a_tp2_training_checkpoint_exports_to_diffusers_and_imports_back(single_process, tmp_path):
     """pretrain_dit.py's checkpoint (its --save folder, TP=2) -> diffusers -> our dist checkpoint, by the

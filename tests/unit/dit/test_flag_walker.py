@@ -10,7 +10,6 @@ import pytest
 from data.preflight import check_launch
 from dit.arguments import build_parser, parse_args
 from dit.errors import ConfigError
-from tests.tiny_data import good_entries, write_dataset
 
 # a launch that passes every check on the tiny dataset ({dataset} stands for its folder)
 BASE = ["--num-layers", "2", "--hidden-size", "48", "--num-attention-heads", "4", "--latent-channels", "4",
@@ -136,9 +135,10 @@ def _flags() -> list[str]:
     return [next(o for o in a.option_strings if o.startswith("--")) for a in build_parser()._actions if a.option_strings]
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return str(write_dataset(tmp_path_factory.mktemp("ds"), good_entries(16, seed=4)))
+@pytest.fixture
+def dataset(tiny_dataset: str) -> str:
+    """The session's tiny dataset (tests/conftest.py): 16 samples, latents [4, ...], text width 8, up to 24 tokens."""
+    return tiny_dataset
 
 
 def _launch(argv: list[str], dataset: str):

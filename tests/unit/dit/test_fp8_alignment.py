@@ -20,7 +20,7 @@ from dit.fp8 import check_fp8_device, check_fp8_widths, fp8_rows
 from dit.model import DiTModel
 from dit.runtime import ParallelLayout
 from tests.distributed import run_distributed
-from tests.model_setup import cp_share, make_microbatch, randomize, single_process, tiny_config  # noqa: F401
+from tests.model_setup import cp_share, make_microbatch, randomize, tiny_config
 
 RECIPES = ["delayed", "tensorwise", "blockwise", "mxfp8"]
 TE_ROWS = {"delayed": 16, "tensorwise": 16, "blockwise": 16, "mxfp8": 32}  # cublaslt_gemm.cu; MXFP8's 1x32 blocks
@@ -78,6 +78,7 @@ def test_every_fp8_linear_input_follows_tes_rule_in_one_process(single_process):
     _assert_te_accepts([_linear_shapes(ParallelLayout(), False)])
 
 
+@pytest.mark.dist
 @pytest.mark.slow
 @pytest.mark.parametrize("layout, sequence_parallel", [
     (ParallelLayout(tensor=2), True), (ParallelLayout(context=2), False), (ParallelLayout(pipeline=2), False),

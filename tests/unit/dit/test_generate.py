@@ -15,12 +15,12 @@ from dit.model import DiTModel
 from dit.training.pretrain import pretrain
 from tests.distributed import run_distributed
 from tests.launch import ROOT
-from tests.model_setup import full_weights, randomize, single_process, tiny_config  # noqa: F401
+from tests.model_setup import full_weights, randomize, tiny_config
 from tests.tiny_data import TINY_RUN, good_entries, write_dataset
 
 
 @pytest.mark.parametrize("conditioning", ["text", "class"])
-def test_guidance_is_uncond_plus_g_times_the_difference(single_process, conditioning):  # noqa: F811
+def test_guidance_is_uncond_plus_g_times_the_difference(single_process, conditioning):
     config = tiny_config(conditioning=conditioning)
     model = DiTModel(config).eval()
     randomize(model, seed=3)
@@ -62,6 +62,7 @@ def _loaded(save: str, no_ema: bool) -> dict:
     return {n: p.detach().clone().numpy() for n, p in model.named_parameters()}
 
 
+@pytest.mark.dist
 @pytest.mark.slow
 def test_a_tp2_checkpoint_samples_in_one_cpu_process(tmp_path):
     data = str(write_dataset(tmp_path / "ds", good_entries(24, seed=6)))

@@ -68,7 +68,7 @@ def dataset(tmp_path_factory):
 @pytest.mark.parametrize("world, extra", [
     (1, []),
     (1, ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]),
-    (2, ["--context-parallel-size", "2"]),
+    pytest.param(2, ["--context-parallel-size", "2"], marks=pytest.mark.dist),
 ], ids=["single", "recompute", "cp2"])
 def test_layers_read_nothing_and_a_step_only_the_named_reads(dataset, world, extra):
     for reads in run_distributed(_count, world, dataset, extra, False):

@@ -10,7 +10,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
 
 from dit.attention import PackedAttention, attention_params
-from tests.model_setup import single_process, tiny_config  # noqa: F401
+from tests.model_setup import tiny_config
 
 HEADS, HEAD_DIM = 3, 8
 

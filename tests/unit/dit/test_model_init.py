@@ -3,7 +3,7 @@
 import torch
 
 from dit.model import DiTModel
-from tests.model_setup import make_microbatch, single_process, tiny_config  # noqa: F401
+from tests.model_setup import make_microbatch, tiny_config
 
 
 def test_fresh_model_outputs_zero_and_blocks_are_identity(single_process):

@@ -5,7 +5,7 @@ import torch
 from megatron.core import parallel_state
 
 from dit.loss import microbatch_loss, per_sample_loss
-from tests.model_setup import hand_loss, make_microbatch, single_process  # noqa: F401
+from tests.model_setup import hand_loss, make_microbatch
 
 
 def test_per_sample_loss_ignores_pads_even_when_they_are_nan(single_process):

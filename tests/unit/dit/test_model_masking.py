@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dit.model import DiTModel
-from tests.model_setup import make_microbatch, randomize, single_process, tiny_config  # noqa: F401
+from tests.model_setup import make_microbatch, randomize, tiny_config
 
 
 def _sample_rows(batch, i, real_only=True):

@@ -4,6 +4,7 @@ initialisation at any TP size, and the parameter count of class-conditioned DiT-
 import math
 
 import numpy as np
+import pytest
 import torch
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
@@ -13,7 +14,7 @@ from dit.init import EMBEDDING_STD
 from dit.model import DiTModel
 from dit.runtime import ParallelLayout
 from tests.distributed import run_distributed
-from tests.model_setup import single_process, tiny_config  # noqa: F401
+from tests.model_setup import tiny_config
 
 
 def paper_2d_table(embed_dim: int, rows: int, cols: int) -> np.ndarray:
@@ -114,6 +115,7 @@ def _tp2_init():
     return full
 
 
+@pytest.mark.dist
 def test_tp2_initialisation_has_the_full_matrix_distribution(single_process):
     """Without CPU initialisation each rank draws its shard, from the distribution of the full matrix (checked
     on each rank); with it the TP=2 shards are the TP=1 weights drawn from the same seed."""

@@ -7,7 +7,6 @@ import torch
 from dit.config import dit_config
 from dit.sizes import MODEL_SIZES
 from dit.model import DiTModel
-from tests.model_setup import single_process  # noqa: F401
 
 
 def hand_count(layers, h, heads, *, conditioning, token_width, text_dim=1024, num_classes=1000, qk_norm=True):

@@ -6,7 +6,7 @@ import torch
 
 from dit.model import DiTModel
 from dit.patchify import patchify, unpatchify
-from tests.model_setup import make_microbatch, single_process, tiny_config  # noqa: F401
+from tests.model_setup import make_microbatch, tiny_config
 
 
 @pytest.mark.parametrize("shape, temporal_patch", [

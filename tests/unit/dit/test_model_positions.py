@@ -9,7 +9,7 @@ import torch
 
 from dit.embeddings import rope3d_angles
 from dit.model import DiTModel
-from tests.model_setup import make_microbatch, randomize, single_process, tiny_config  # noqa: F401 (fixture)
+from tests.model_setup import make_microbatch, randomize, tiny_config
 
 THETA = 10000.0
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.model_setup import RTOL, make_microbatch, reference_run, single_process  # noqa: F401
+from tests.model_setup import RTOL, make_microbatch, reference_run
 
 FIELDS = dict(conditioning="text", fps_conditioning=True, num_layers=3)
 

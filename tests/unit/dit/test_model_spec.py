@@ -11,7 +11,6 @@ from dit.attention import PackedAttention
 from dit.layer_spec import QKNorm, get_dit_layer_spec
 from dit.te import have_transformer_engine
 from dit.te_attention import PackedTEAttention
-from tests.model_setup import single_process  # noqa: F401
 
 
 def _slots(spec):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dit.model import DiTModel
-from tests.model_setup import make_microbatch, randomize, single_process, tiny_config  # noqa: F401
+from tests.model_setup import make_microbatch, randomize, tiny_config
 
 
 @pytest.mark.parametrize("conditioning", ["text", "class"])

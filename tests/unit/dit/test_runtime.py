@@ -1,5 +1,6 @@
 """Runtime: process groups, the RNG contract, the CPU layer, and dist checkpointing on gloo."""
 
+import pytest
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
@@ -35,6 +36,7 @@ def _expected_groups(world, tp, pp, cp):
     return {r: {"tp": group(r, 0), "cp": group(r, 1), "dp": group(r, 2), "pp": group(r, 3)} for r in range(world)}
 
 
+@pytest.mark.dist
 def test_tp2_pp2_dp2_groups_over_gloo():
     results = run_distributed(_groups, 8, 2, 2, 1)
     expected = _expected_groups(8, 2, 2, 1)
@@ -45,6 +47,7 @@ def test_tp2_pp2_dp2_groups_over_gloo():
             assert res[axis] == expected[res["rank"]][axis], (res["rank"], axis)
 
 
+@pytest.mark.dist
 def test_tp2_cp2_groups_over_gloo():
     results = run_distributed(_groups, 4, 2, 1, 2)
     expected = _expected_groups(4, 2, 1, 2)
@@ -69,6 +72,7 @@ def _rng_draws(seed):
                 init=init, data=data, tp_region=tp_region, after_fork=after_fork, sample=sample)
 
 
+@pytest.mark.dist
 def test_rng_contract_tp2_dp2():
     r = run_distributed(_rng_draws, 4, 1234)
     by = {(x["tp"], x["dp"]): x for x in r}

@@ -66,6 +66,7 @@ def _rank_draws(data_path: str, tp: int, cp: int) -> dict:
             "cu_seqlens": pack.cu_seqlens}
 
 
+@pytest.mark.dist
 @pytest.mark.slow
 def test_draws_across_the_ranks_of_tp2_cp2_dp2(tmp_path):
     shapes = [(4, 4, 4), (4, 2, 4, 4), (4, 8, 8), (4, 4, 8)]  # token counts multiples of 2*cp

@@ -58,6 +58,7 @@ def _train(data_path: str, extra: list[str], die_on_save: int | None = None) -> 
             "exit": result.exit_reason}
 
 
+@pytest.mark.dist
 def test_a_save_killed_midway_leaves_the_last_checkpoint(tmp_path, dataset):
     ckpt = tmp_path / "ckpt"
     with pytest.raises(RankFailed, match="rank 1 of 2 died"):

@@ -103,6 +103,7 @@ def test_ema_is_its_closed_form(dataset, warmup):
         assert decays[:3] == pytest.approx([0.1, 2 / 11, 0.25])  # (1 + n) / (10 + n), below 0.8
 
 
+@pytest.mark.dist
 @pytest.mark.slow
 def test_the_dp_sharded_ema_equals_the_unsharded_one(dataset):
     sharded = run_distributed(_run, 2, dataset, ["--train-iters", "4", "--use-distributed-optimizer"])
@@ -111,6 +112,7 @@ def test_the_dp_sharded_ema_equals_the_unsharded_one(dataset):
         assert torch.allclose(torch.from_numpy(sharded[0]["ema"][name]), torch.from_numpy(ema), atol=1e-6), name
 
 
+@pytest.mark.dist
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", [[], ["--use-distributed-optimizer"]])
 def test_ema_restores_exactly(dataset, tmp_path, optimizer):
@@ -123,6 +125,7 @@ def test_ema_restores_exactly(dataset, tmp_path, optimizer):
         assert (resumed["ema"][name] == ema).all(), name  # bit-identical
 
 
+@pytest.mark.dist
 @pytest.mark.slow
 def test_ema_resumes_beside_an_optimizer_with_fused_adams_contract(dataset, tmp_path):
     """The 2-process run with --save and the EMA saves (under ema.* keys, none in the optimizer's state) and
@@ -144,6 +147,7 @@ def test_ema_resumes_beside_an_optimizer_with_fused_adams_contract(dataset, tmp_
         assert (resumed["final"][name] == straight["final"][name]).all(), name
 
 
+@pytest.mark.dist
 @pytest.mark.slow
 def test_a_dp_sharded_ema_is_saved_whole_for_a_fully_reshardable_checkpoint(dataset, tmp_path):
     """Beside --dist-ckpt-optim-fully-reshardable the DP shards of the EMA are put together into the model's

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dit.config import dit_config
 from dit.model import DiTModel
 from dit.training.flops import forward_flops, pack_flops, peak_tflops
-from tests.model_setup import make_microbatch, randomize, single_process, tiny_config  # noqa: F401
+from tests.model_setup import make_microbatch, randomize, tiny_config
 
 
 def test_dit_xl2_at_256px_is_the_papers_count():

@@ -50,6 +50,7 @@ def test_two_validations_of_one_checkpoint_agree_exactly(dataset, checkpoint):
     assert raw[3][0] != loss  # the EMA after 3 warm-up steps is not the raw weights
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"], ["--context-parallel-size", "2"]])
 def test_another_layout_gives_the_same_validation(dataset, checkpoint, layout):
     ckpt, during = checkpoint
