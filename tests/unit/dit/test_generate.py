@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import pretrain_dit
+from dit import generate
 from dit.arguments import parse_args, validate_args
 from dit.diffusion import build_objective
+from dit.diffusion.flow import TIMESTEP_SCALE
 from dit.diffusion.guidance import Condition, GuidedPrediction
 from dit.model import DiTModel
 from dit.training.pretrain import pretrain
@@ -37,6 +39,26 @@ def test_guidance_is_uncond_plus_g_times_the_difference(single_process, conditio
     cond, uncond = run(conds, 1.0), run(null, 1.0)  # G = 1: the conditional model alone, one pass each
     assert not torch.allclose(cond, uncond)
     assert torch.allclose(run(conds, 2.5), uncond + 2.5 * (cond - uncond), atol=1e-5)  # one pass of 2 x 3 samples
+
+
+@pytest.mark.parametrize("flow_shift, shift", [(3.0, 3.0), ("auto", (6 / 256) ** 0.5)],  # 1 x 4 x 6 at patch 2: 6 tokens
+                         ids=["fixed", "auto"])
+def test_the_flow_samplers_time_grid_is_the_training_shift(single_process, flow_shift, shift):
+    """The network sees t' = a t / (1 + (a - 1) t) of t uniform from 1 to 0 (SD3's shift), a = --flow-shift or
+    sqrt(tokens / 256): every level the Euler sampler of ``dit.generate`` asks for, written out by hand."""
+    config = tiny_config(conditioning="class")
+    model = DiTModel(config).eval()
+    randomize(model, seed=3)
+    seen: list[torch.Tensor] = []
+    model.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[1] / TIMESTEP_SCALE))  # (x, timesteps, batch)
+    args = generate.build_parser().parse_args(["--load", "x", "--latent-shape", "4,1,4,6", "--output", "x",
+                                               "--sampler", "euler", "--steps", "4", "--guidance", "1", "--num-samples", "1"])
+    generate.sample(args, model, build_objective("flow", flow_shift=flow_shift), config, [Condition(label=1)],
+                    (4, 1, 4, 6), torch.device("cpu"))
+    uniform = [1.0, 0.75, 0.5, 0.25]  # Euler evaluates at every time but the last (t = 0)
+    expected = torch.tensor([shift * t / (1 + (shift - 1) * t) for t in uniform])
+    assert len(seen) == len(uniform)
+    assert torch.allclose(torch.stack(seen).flatten(), expected, rtol=1e-6), (torch.stack(seen).flatten(), expected)
 
 
 FLAGS = TINY_RUN + ["--lr", "1e-2", "--ema-decay", "0.5", "--global-batch-size", "2", "--train-iters", "3"]
