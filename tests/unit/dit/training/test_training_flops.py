@@ -5,9 +5,14 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from data.errors import DataStats
+from dit.arguments import parse_args
 from dit.config import dit_config
 from dit.model import DiTModel
 from dit.training.flops import forward_flops, pack_flops, peak_tflops
+from dit.training.metrics import TrainingLogger
+from dit.training.state import TrainState
+from dit.training.step import StepCounts, StepResult
 from tests.model_setup import make_microbatch, randomize, tiny_config
 
 
@@ -50,3 +55,17 @@ def test_peak_by_device_name():
     assert peak_tflops("NVIDIA H200", fp8=True) == 1979.0
     assert peak_tflops("NVIDIA A100-SXM4-80GB", fp8=True) == 312.0  # no FP8 on A100: its bf16 peak
     assert peak_tflops("Some GPU", fp8=False) is None
+
+
+def test_the_logged_tflops_and_mfu_are_per_gpu(capsys):
+    """A step of 8e12 model FLOPs over all ranks in 2 s on a world of 4 GPUs of peak 10 TFLOP/s: 1 TFLOP/s
+    per GPU and 10% MFU (not 4 TFLOP/s and 40%: the world's total)."""
+    args = parse_args(["--train-iters", "10", "--peak-tflops", "10"])
+    logger = TrainingLogger(args, world_size=4, peak_tflops=10.0, pack_capacity=32, logging_rank=True, objective="flow")
+    counts = StepCounts(packs=8, samples=32, real_tokens=1000, flops=8e12)
+    logger.record(StepResult(loss=0.5, grad_norm=1.0, skipped=False, counts=counts, keys=[]), seconds=2.0)
+    metrics = logger.log(TrainState(iteration=1), 1e-4, DataStats())
+    assert metrics["tflops_per_gpu"] == pytest.approx(8e12 / 2.0 / 4 / 1e12)
+    assert metrics["mfu"] == pytest.approx(0.1)
+    line = capsys.readouterr().out
+    assert "TFLOP/s per GPU: 1.000" in line and "MFU: 10.0%" in line and "tokens/s: 500 (125 per GPU)" in line
