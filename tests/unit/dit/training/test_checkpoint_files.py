@@ -100,3 +100,54 @@ def test_checkpoint_mistakes_are_one_line(tmp_path, dataset, capfd):
     assert _error_line(capfd, "--data-path", dataset, "--load", str(ckpt), "--ckpt-step", "7") == (
         f"pretrain_dit.py: error: --ckpt-step: {ckpt / 'iter_0000007'} is not a complete checkpoint; pick "
         "another --ckpt-step")
+
+
+class Crash(Exception):
+    """The process dying before a filesystem change (a rename or a delete) happens."""
+
+
+def _publish_dying_at(root, crash_at: int, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Rank 0's publication of iteration 4 over a --save folder whose tracker names 2, with --save-retain 1,
+    dying before its ``crash_at``-th rename or delete; True when it died."""
+    for it in (2, 4):
+        folder = root / (f"iter_{it:07d}" + (".partial" if it == 4 else ""))
+        folder.mkdir()
+        (folder / "metadata.json").write_text("{}")
+    write_tracker(root, 2)
+    changes = {"n": 0}
+
+    def dying(change):
+        def wrapper(*a, **kw):
+            changes["n"] += 1
+            if changes["n"] == crash_at:
+                raise Crash
+            return change(*a, **kw)
+        return wrapper
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", dying(os.replace))
+        m.setattr(checkpointing.shutil, "rmtree", dying(checkpointing.shutil.rmtree))
+        saver = checkpointing.Checkpointer(parse_args(["--save", str(root), "--save-retain", "1"]))
+        try:
+            saver._publish(root / "iter_0000004.partial", root / "iter_0000004", 4, 0.0)
+        except Crash:
+            return True
+    return False
+
+
+def test_a_crash_at_any_point_of_publication_leaves_the_tracker_on_a_complete_checkpoint(
+        single_process, tmp_path, monkeypatch):
+    """Killed before each rename or delete of the publication (folder rename, tracker replace, retention), the
+    tracker names a checkpoint that is on disk; the last run completes it."""
+    crash_at = 1
+    while True:
+        root = tmp_path / str(crash_at)
+        root.mkdir()
+        died = _publish_dying_at(root, crash_at, monkeypatch)
+        tracker = read_tracker(root)
+        assert (root / f"iter_{tracker:07d}" / "metadata.json").is_file(), (crash_at, sorted(os.listdir(root)))
+        if not died:
+            break
+        crash_at += 1
+    assert crash_at == 4 and tracker == 4  # three changes, all made
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000004", TRACKER]
