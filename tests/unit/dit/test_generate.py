@@ -4,6 +4,7 @@ loaded whole in one CPU process, and the CLI from checkpoint to latents and grid
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,3 +121,32 @@ def _prompts(tmp_path) -> list[str]:
         path.write_bytes(pickle.dumps(np.random.default_rng(i).standard_normal((3, 8)).astype(np.float32)))
         paths.append(str(path))
     return paths
+
+
+def test_the_png_grid_has_a_gap_between_cells_and_each_rows_label(tmp_path):
+    """2 rows of 3 cells of 4 x 4 pixels (16 x 16 px each, scaled to 64): every cell where the gaps put it, with its
+    own value; the gaps and the margin the background; each row's label written left of its first cell."""
+    from PIL import Image
+
+    values = torch.linspace(-1, 0.9, 6)  # [-1, 1]: pixel (v + 1) * 127.5, none of them the background's 255
+    latents = values[:, None, None, None, None].expand(6, 1, 1, 4, 4)
+    generate.write_grid(latents, ["class 0", "class 1"], str(tmp_path / "grid.png"))
+    image = torch.from_numpy(np.array(Image.open(tmp_path / "grid.png"))).int()  # [height, width]
+    gap, cell, bg = generate.GRID_GAP, 64, generate.GRID_BACKGROUND
+    assert gap >= 2  # a gap that shows
+    left = image.shape[1] - 3 * (cell + gap) - gap  # the label column
+    assert image.shape[0] == gap + 2 * (cell + gap) and left > gap
+    painted = torch.full_like(image, bg)
+    for r in range(2):
+        top = gap + r * (cell + gap)
+        for k in range(3):
+            x = left + gap + k * (cell + gap)
+            painted[top:top + cell, x:x + cell] = round((float(values[3 * r + k]) + 1) * 127.5)
+    cells = painted != bg
+    assert torch.equal(image[cells], painted[cells])  # each cell in its place, its own value
+    labels = image[:, :left]
+    assert torch.equal(image[:, left:][~cells[:, left:]], painted[:, left:][~cells[:, left:]])  # gaps: background
+    bands = [labels[gap + r * (cell + gap):gap + r * (cell + gap) + cell] for r in range(2)]
+    assert all((band != bg).any() for band in bands)  # a label in each row's band
+    assert not torch.equal(bands[0], bands[1])  # and not the same one
+    assert (labels[:gap] == bg).all() and (labels[gap + cell:2 * gap + cell] == bg).all()  # none in the margins
