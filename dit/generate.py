@@ -128,20 +128,48 @@ def sample(args: argparse.Namespace, model, objective, config, conds: list, shap
     return solve(predict, noise, samplers.flow_times(args.steps, shift))
 
 
-def write_grid(latents, rows: int, path: str) -> None:
-    """Pixels in [-1, 1] ``[N, C, 1, H, W]`` (C = 1 or 3) as a PNG grid of ``rows`` rows, cells >= 64 px."""
+GRID_GAP = 4  # px of background between the cells, around them, and between the labels and the first column
+GRID_BACKGROUND, GRID_INK = 255, 0  # white canvas, black labels: apart from the cells' own black backgrounds
+
+
+def row_labels(args: argparse.Namespace) -> list[str]:
+    """What each row of samples is conditioned on, for the grid: the class, the caption or the embedding's file."""
+    if args.class_label:
+        return [f"class {k}" for k in args.class_label]
+    if args.caption:
+        return list(args.caption)
+    if args.text_embedding:
+        return [Path(name).stem for name in args.text_embedding]
+    return ["unconditional"]
+
+
+def write_grid(latents, labels: list[str], path: str) -> None:
+    """Pixels in [-1, 1] ``[N, C, 1, H, W]`` (C = 1 or 3) as a PNG grid, one row per label written at its left,
+    cells of >= 64 px ``GRID_GAP`` px apart on a white canvas."""
     import numpy as np
-    from PIL import Image
+    from PIL import Image, ImageDraw, ImageFont
 
     n, c, _, h, w = latents.shape
     if c not in (1, 3):
         raise ConfigError("--png-grid", f"needs 1 or 3 channels of pixels, the latents have {c}; decode with --vae")
     scale = max(1, 64 // max(h, w))
     cells = ((latents[:, :, 0].clamp(-1, 1) + 1) * 127.5).round().byte()  # [N, C, H, W]
-    cells = cells.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    cells = cells.repeat_interleave(scale, 2).repeat_interleave(scale, 3).permute(0, 2, 3, 1).numpy()  # [N, h, w, C]
+    rows, (cell_h, cell_w) = len(labels), cells.shape[1:3]
     cols = n // rows
-    grid = cells.reshape(rows, cols, c, h * scale, w * scale).permute(0, 3, 1, 4, 2).reshape(rows * h * scale, cols * w * scale, c)
-    Image.fromarray(np.ascontiguousarray(grid.numpy().squeeze(-1) if c == 1 else grid.numpy())).save(path)
+    font = ImageFont.load_default()
+    left = GRID_GAP + max(round(ImageDraw.Draw(Image.new("L", (1, 1))).textlength(t, font=font)) for t in labels)
+    mode, fill = ("L", GRID_BACKGROUND) if c == 1 else ("RGB", (GRID_BACKGROUND,) * 3)
+    grid = Image.new(mode, (left + GRID_GAP + cols * (cell_w + GRID_GAP), GRID_GAP + rows * (cell_h + GRID_GAP)), fill)
+    draw = ImageDraw.Draw(grid)
+    for r, label in enumerate(labels):
+        top = GRID_GAP + r * (cell_h + GRID_GAP)
+        draw.text((GRID_GAP, top + cell_h // 2), label, fill=GRID_INK if c == 1 else (GRID_INK,) * 3, font=font,
+                  anchor="lm")
+        for k in range(cols):
+            cell = np.ascontiguousarray(cells[r * cols + k].squeeze(-1) if c == 1 else cells[r * cols + k])
+            grid.paste(Image.fromarray(cell), (left + GRID_GAP + k * (cell_w + GRID_GAP), top))
+    grid.save(path)
 
 
 def decode_to_files(args: argparse.Namespace, latents) -> list[str]:
@@ -239,7 +267,7 @@ def generate(args: argparse.Namespace, shape: tuple) -> int:
             torch.save(latents, args.output)
             notes = [f"latents {tuple(latents.shape)} -> {args.output}"]
             if args.png_grid:
-                write_grid(latents, len(conds), args.png_grid)
+                write_grid(latents, row_labels(args), args.png_grid)
                 notes.append(f"grid of {len(conds)} rows -> {args.png_grid}")
             if args.vae:
                 files = decode_to_files(args, latents)

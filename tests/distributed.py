@@ -71,11 +71,24 @@ _CONTEXT.set_forkserver_preload(["dit.runtime.distributed", "dit.training.pretra
                                  "data.loader.dataloader", "pretrain_dit", "tests.model_setup"])
 
 
+# Whether the running test carries @pytest.mark.dist (tests/conftest.py sets it before each test's setup);
+# True outside pytest, for the scripts that use these helpers.
+DIST_MARKED = True
+
+
+def require_dist_marker(ranks: int) -> None:
+    """Refuse to start ``ranks`` > 1 processes from a test without ``@pytest.mark.dist``."""
+    if ranks > 1 and not DIST_MARKED:
+        raise AssertionError(f"this test starts {ranks} ranks: mark it @pytest.mark.dist "
+                             "(-m 'not dist' is the one-process tier)")
+
+
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 240) -> list[Any]:
     """Run ``fn(*args)`` on ``world_size`` gloo ranks; return the results ordered by rank.
 
     Ranks are not daemonic: Megatron's checkpoint writer starts processes of its own.
     """
+    require_dist_marker(world_size)
     ctx = _CONTEXT
     results = ctx.Queue()
     port = free_port()

@@ -22,6 +22,7 @@ from dit.model.config import DiTConfig
 from dit.model.model import DiTModel
 from dit.model.packed import PackedBatch, thd_partition_indices
 from dit.model.patchify import patchify
+from dit.runtime import distributed as runtime
 
 TINY = dict(num_layers=2, hidden_size=48, num_attention_heads=4, latent_channels=4, patch_size=2,
             text_embed_dim=16, num_classes=10, use_cpu_initialization=True, transformer_impl="local")
@@ -217,21 +218,6 @@ def assert_matches_reference(results: list, ref_loss: float, ref_grads: dict) ->
             assert error < RTOL, f"{name}: relative gradient error {error:.2e}"
             seen.add(name)
     assert seen == set(ref_grads), f"parameters missing from the parallel model: {set(ref_grads) - seen}"
-
-
-@pytest.fixture
-def single_process(monkeypatch):
-    """World 1 in the test process itself (gloo and the CPU layer), torn down afterwards."""
-    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(runtime.free_port())).items():
-        monkeypatch.setenv(key, value)
-    runtime.init_distributed()
-    runtime.initialize_model_parallel(runtime.ParallelLayout())
-    runtime.set_random_seed(1234, per_data_parallel_rank=False)
-    yield
-    runtime.destroy()
-    cpu_backend.disable()
-
 
 
 def full_weights(model: torch.nn.Module, config: DiTConfig) -> dict:

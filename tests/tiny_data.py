@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import torch
 
 from data.loader.bad_data import SkipKind
@@ -137,15 +136,6 @@ DEFECTS: dict[str, tuple[dict[str, bytes], SkipKind]] = {
 GOOD = 30  # good samples in the mixed dataset
 
 
-@pytest.fixture(scope="module")
-def mixed_dataset(tmp_path_factory):
-    """30 good samples with every defect of :data:`DEFECTS` spread among them, 8 a shard."""
-    good = good_entries(GOOD, seed=1)
-    bad = [(f"bad_{i:02d}", files) for i, (files, _) in enumerate(DEFECTS.values())]
-    entries = [e for pair in zip(good, bad) for e in pair] + good[len(bad):]
-    return write_dataset(tmp_path_factory.mktemp("mixed"), entries, per_shard=8)
-
-
 def cut_shard(path: Path, keep: float = 0.5) -> list[str]:
     """Cut a shard file short after ``energon prepare`` indexed it (storage corruption), as a
     reviewer did by hand; return the names of its samples that lost a byte of a member or header."""
@@ -159,15 +149,6 @@ def cut_shard(path: Path, keep: float = 0.5) -> list[str]:
 
 
 TRUNCATED_GOOD = 24  # good samples in the dataset with a shard cut short
-
-
-@pytest.fixture(scope="module")
-def truncated_dataset(tmp_path_factory):
-    """24 good samples in 3 shards of 8; the middle shard cut in half after indexing.
-
-    Returns the dataset folder and the names of the samples the cut made unreadable."""
-    root = write_dataset(tmp_path_factory.mktemp("truncated"), good_entries(TRUNCATED_GOOD, seed=2), per_shard=8)
-    return root, cut_shard(root / shards.shard_name(1))
 
 
 class RunsCommand:

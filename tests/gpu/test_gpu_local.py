@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from tests.gpu.gpu_setup import assert_matches_reference, device_pack, forward_backward, model_like, reference_model
-from tests.model_setup import single_process  # noqa: F401
 
 pytestmark = pytest.mark.gpu
 

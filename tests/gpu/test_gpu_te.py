@@ -17,7 +17,6 @@ from tests.gpu.gpu_setup import (
     reference_model,
     relative_error,
 )
-from tests.model_setup import single_process  # noqa: F401
 
 _MISSING = [what for what, present in (
     ("Transformer Engine is not importable (it ships in the NGC PyTorch container)", have_transformer_engine()),
