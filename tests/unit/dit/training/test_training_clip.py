@@ -4,7 +4,7 @@ the gradient as it is below it; read back from Adam's first moment after one ste
 import pytest
 import torch
 
-from dit.training.arguments import parse_args
+from dit.training.arguments import load_run_config
 from dit.model.model import DiTModel
 from dit.training.optimizer import build_optimizer, wrap_model
 from dit.training.step import apply_gradients
@@ -15,9 +15,9 @@ from tests.model_setup import tiny_config
 def test_clip_grad_bounds_the_norm_and_leaves_small_gradients_alone(single_process, norm):
     clip, beta1 = 1.0, 0.9
     config = tiny_config()
-    ddp = wrap_model(DiTModel(config), config, parse_args([]))
-    args = parse_args(["--clip-grad", str(clip), "--adam-beta1", str(beta1), "--lr", "1e-3"])
-    optimizer = build_optimizer(args, [ddp])
+    run = load_run_config(["--clip-grad", str(clip), "--adam-beta1", str(beta1), "--lr", "1e-3"], need_data=False)
+    ddp = wrap_model(DiTModel(config), config, run.optimizer)
+    optimizer = build_optimizer(run.optimizer, [ddp])
     params = [p for p in ddp.module.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(0)
     grads = [torch.randn(p.shape, generator=g) for p in params]
