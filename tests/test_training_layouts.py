@@ -1,6 +1,7 @@
 """The real training loop is layout-independent: the same global batch gives the same losses and the same
 weights after two optimizer steps under one process and under DP, TP (with and without SP), PP = 2 and 4
-(middle stages carry packed sequences), CP and the distributed optimizer, on a real energon dataset.
+(middle stages carry packed sequences), CP, the distributed optimizer and Megatron-FSDP (beside TP and CP), on
+a real energon dataset.
 
 Every layout starts from the same random weights (no zero-initialised adaLN, so that every weight gets a
 gradient at the first step), drawn per parameter from its global name and sliced to this rank's shard.
@@ -18,9 +19,10 @@ import torch
 
 import pretrain_dit
 from dit.arguments import parse_args, validate_args
+from dit.mcore019 import megatron_fsdp_missing
 from dit.training.pretrain import pretrain
 from tests.distributed import run_distributed
-from tests.model_setup import full_weights, global_name, tp_slice
+from tests.model_setup import full_weights, global_name, tp_gather, tp_slice
 from tests.tiny_data import TINY_RUN, payloads, write_dataset
 
 pytestmark = pytest.mark.slow
@@ -64,7 +66,33 @@ def _train(data_path: str, extra: list[str]) -> dict:
     result = pretrain(args, replace(pretrain_dit.HOOKS, model_provider=_random_model))
     return {"losses": [r.loss for r in result.history], "grad_norms": [r.grad_norm for r in result.history],
             "samples": result.state.consumed_samples, "keys": [r.keys for r in result.history],
-            "weights": full_weights(result.setup.model[0].module, result.setup.config)}
+            "weights": (_fsdp_weights(result.setup.model[0], result.setup.config) if args.use_megatron_fsdp
+                        else full_weights(result.setup.model[0].module, result.setup.config))}
+
+
+def _fsdp_weights(fsdp: torch.nn.Module, config) -> dict:
+    """Megatron-FSDP's fp32 main weights (DTensors: each rank's chunk of a parameter), put together into full
+    tensors: what its optimizer stepped (the model's own weights are freed after each layer's use)."""
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    offset, raw = get_transformer_layer_offset(config), fsdp.module.raw_param  # raw: the model's parameters
+    return {global_name(n, offset): _full_tensor(p, raw[n]).numpy()
+            for n, p in fsdp.module.param_and_grad_buffer.optimizer_named_parameters}
+
+
+def _full_tensor(dtensor, param: torch.nn.Parameter) -> torch.Tensor:
+    """Every rank's chunk at its offset (gloo's all_gather needs equal sizes: FSDP's chunks are uneven)."""
+    import torch.distributed as dist
+    from megatron.core.distributed.fsdp.src.megatron_fsdp.uneven_dtensor import update_uneven_dtensor_chunk_metadata
+
+    update_uneven_dtensor_chunk_metadata(dtensor)
+    (chunk,) = dtensor.__create_chunk_list__()
+    chunks = [None] * dist.get_world_size()
+    dist.all_gather_object(chunks, (tuple(chunk.offsets), dtensor.to_local().detach().clone()))
+    full = torch.zeros(dtensor.shape)
+    for offsets, local in chunks:  # replicas (TP or CP peers) write the same values
+        full[tuple(slice(o, o + n) for o, n in zip(offsets, local.shape))] = local
+    return tp_gather(full, param) if tuple(full.shape) == tuple(param.shape) else full
 
 
 def _merged_weights(results: list[dict]) -> dict:
@@ -84,6 +112,7 @@ def reference(dataset):
             for objective in ("flow", "edm")}
 
 
+FSDP = ["--use-megatron-fsdp", "--ema-decay", "0"]  # the EMA is not sharded for it yet (dit/arguments.py)
 LAYOUTS = {  # world size, flags
     "dp2": (2, ["--num-workers", "1"]),
     "dp2-distributed-optimizer-overlap": (2, ["--num-workers", "1", "--use-distributed-optimizer",
@@ -94,12 +123,18 @@ LAYOUTS = {  # world size, flags
     "pp4": (4, ["--pipeline-model-parallel-size", "4"]),
     "cp2": (2, ["--context-parallel-size", "2"]),
     "cp2-edm": (2, ["--context-parallel-size", "2", "--objective", "edm"]),
+    # Megatron-FSDP (megatron-core 0.17+): weights, gradients and Adam state sharded over DP (x CP)
+    "dp2-megatron-fsdp": (2, ["--num-workers", "1", *FSDP]),
+    "dp2-tp2-megatron-fsdp": (4, ["--num-workers", "1", "--tensor-model-parallel-size", "2", *FSDP]),
+    "dp2-cp2-megatron-fsdp": (4, ["--num-workers", "1", "--context-parallel-size", "2", *FSDP]),
 }
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_two_steps_match_the_single_process_run(dataset, reference, layout):
     world, extra = LAYOUTS[layout]
+    if "--use-megatron-fsdp" in extra and megatron_fsdp_missing():
+        pytest.skip(megatron_fsdp_missing())
     if "--num-workers" not in extra:
         extra = extra + ["--num-workers", "2"]
     ref = reference["edm" if "edm" in extra else "flow"]

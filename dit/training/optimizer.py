@@ -11,6 +11,7 @@ import argparse
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import (
+    ChainedOptimizer,
     MegatronOptimizer,
     OptimizerConfig,
     ParamKey,
@@ -26,7 +27,12 @@ EMBEDDING_TABLES = ("*class_embedder.table.weight",)
 
 
 def wrap_model(model: DiTModel, config: DiTConfig, args: argparse.Namespace) -> DistributedDataParallel:
-    """Megatron DDP over ``model``; the schedule finalises (reduces) gradients through ``config``."""
+    """Megatron DDP (or Megatron-FSDP) over ``model``; the schedule finalises (reduces) gradients through
+    ``config``."""
+    if args.use_megatron_fsdp:
+        from dit.training.fsdp import wrap_model_fsdp  # megatron-core 0.17+ only (dit.mcore019)
+
+        return wrap_model_fsdp(model, config, args)
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
         use_distributed_optimizer=args.use_distributed_optimizer), model)
@@ -45,7 +51,9 @@ def build_optimizer(args: argparse.Namespace, model: list[DistributedDataParalle
         use_distributed_optimizer=args.use_distributed_optimizer)
     overrides = get_standard_config_overrides(config)
     overrides[ParamKey(name=EMBEDDING_TABLES)] = ParamGroupOverride(wd_mult=0.0)
-    return get_megatron_optimizer(config, model, config_overrides=overrides)
+    optimizer = get_megatron_optimizer(config, model, config_overrides=overrides)
+    # one model chunk under Megatron-FSDP comes back unchained; the loop and the EMA walk chained_optimizers
+    return optimizer if isinstance(optimizer, ChainedOptimizer) else ChainedOptimizer([optimizer])
 
 
 def build_scheduler(args: argparse.Namespace, optimizer: MegatronOptimizer) -> OptimizerParamScheduler:
