@@ -371,8 +371,6 @@ def _check_megatron_fsdp(args: argparse.Namespace) -> None:
     _require("--use-megatron-fsdp", args.save is None and args.load is None,
              "checkpoints are not wired for it yet (Megatron-Core saves its FSDP optimizer only in the "
              "fsdp_dtensor format); drop --save/--load, or train with --use-distributed-optimizer instead")
-    _require("--use-megatron-fsdp", args.ema_decay == 0,
-             "the EMA is not sharded for it yet; add --ema-decay 0, or train with --use-distributed-optimizer")
     args.use_distributed_optimizer = True  # FSDP's main weights are stepped by Megatron's DistributedOptimizer
 
 

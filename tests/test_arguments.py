@@ -49,7 +49,7 @@ def test_parallel_and_training_mistakes(dataset, argv, world, flag, words):
     assert words in str(e.value)
 
 
-FSDP = ["--use-megatron-fsdp", "--ema-decay", "0"]
+FSDP = ["--use-megatron-fsdp"]
 
 
 @pytest.mark.skipif(megatron_fsdp_missing() is None, reason="this stack runs Megatron-FSDP")
@@ -62,7 +62,6 @@ def test_megatron_fsdp_refused_where_the_stack_lacks_it(dataset):
 
 @pytest.mark.skipif(megatron_fsdp_missing() is not None, reason="Megatron-FSDP needs megatron-core 0.17+")
 @pytest.mark.parametrize("argv, words", [
-    (["--use-megatron-fsdp"], "add --ema-decay 0"),
     (FSDP + ["--pipeline-model-parallel-size", "2"], "not proven with pipeline parallelism"),
     (FSDP + ["--save", "ckpt"], "checkpoints are not wired for it yet"),
     (FSDP + ["--load", "."], "checkpoints are not wired for it yet"),

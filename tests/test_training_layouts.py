@@ -22,7 +22,7 @@ from dit.arguments import parse_args, validate_args
 from dit.mcore019 import megatron_fsdp_missing
 from dit.training.pretrain import pretrain
 from tests.distributed import run_distributed
-from tests.model_setup import full_weights, global_name, tp_gather, tp_slice
+from tests.model_setup import fsdp_main_weights, full_weights, global_name, tp_slice
 from tests.tiny_data import TINY_RUN, payloads, write_dataset
 
 pytestmark = pytest.mark.slow
@@ -66,33 +66,8 @@ def _train(data_path: str, extra: list[str]) -> dict:
     result = pretrain(args, replace(pretrain_dit.HOOKS, model_provider=_random_model))
     return {"losses": [r.loss for r in result.history], "grad_norms": [r.grad_norm for r in result.history],
             "samples": result.state.consumed_samples, "keys": [r.keys for r in result.history],
-            "weights": (_fsdp_weights(result.setup.model[0], result.setup.config) if args.use_megatron_fsdp
+            "weights": (fsdp_main_weights(result.setup.model[0], result.setup.config) if args.use_megatron_fsdp
                         else full_weights(result.setup.model[0].module, result.setup.config))}
-
-
-def _fsdp_weights(fsdp: torch.nn.Module, config) -> dict:
-    """Megatron-FSDP's fp32 main weights (DTensors: each rank's chunk of a parameter), put together into full
-    tensors: what its optimizer stepped (the model's own weights are freed after each layer's use)."""
-    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-
-    offset, raw = get_transformer_layer_offset(config), fsdp.module.raw_param  # raw: the model's parameters
-    return {global_name(n, offset): _full_tensor(p, raw[n]).numpy()
-            for n, p in fsdp.module.param_and_grad_buffer.optimizer_named_parameters}
-
-
-def _full_tensor(dtensor, param: torch.nn.Parameter) -> torch.Tensor:
-    """Every rank's chunk at its offset (gloo's all_gather needs equal sizes: FSDP's chunks are uneven)."""
-    import torch.distributed as dist
-    from megatron.core.distributed.fsdp.src.megatron_fsdp.uneven_dtensor import update_uneven_dtensor_chunk_metadata
-
-    update_uneven_dtensor_chunk_metadata(dtensor)
-    (chunk,) = dtensor.__create_chunk_list__()
-    chunks = [None] * dist.get_world_size()
-    dist.all_gather_object(chunks, (tuple(chunk.offsets), dtensor.to_local().detach().clone()))
-    full = torch.zeros(dtensor.shape)
-    for offsets, local in chunks:  # replicas (TP or CP peers) write the same values
-        full[tuple(slice(o, o + n) for o, n in zip(offsets, local.shape))] = local
-    return tp_gather(full, param) if tuple(full.shape) == tuple(param.shape) else full
 
 
 def _merged_weights(results: list[dict]) -> dict:
@@ -112,7 +87,7 @@ def reference(dataset):
             for objective in ("flow", "edm")}
 
 
-FSDP = ["--use-megatron-fsdp", "--ema-decay", "0"]  # the EMA is not sharded for it yet (dit/arguments.py)
+FSDP = ["--use-megatron-fsdp"]
 LAYOUTS = {  # world size, flags
     "dp2": (2, ["--num-workers", "1"]),
     "dp2-distributed-optimizer-overlap": (2, ["--num-workers", "1", "--use-distributed-optimizer",

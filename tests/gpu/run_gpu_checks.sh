@@ -137,7 +137,7 @@ if [ -z "$fsdp_missing" ]; then
     ranks=$( ((dry)) && echo 2 || "$python" -c "import torch; print(torch.cuda.device_count())")
     fsdp_iters=$( ((dry)) && echo 2 || echo 10)
     part train_fsdp 90 "$fsdp_iters" "$python" -m torch.distributed.run --nproc-per-node "$ranks" pretrain_dit.py \
-        --data-path "$work/data" --bf16 --train-iters "$fsdp_iters" --lr 1e-4 --use-megatron-fsdp --ema-decay 0 \
+        --data-path "$work/data" --bf16 --train-iters "$fsdp_iters" --lr 1e-4 --use-megatron-fsdp \
         "${train_args[@]}"
 else
     skip_part train_fsdp "$fsdp_missing"
