@@ -102,6 +102,8 @@ LAYOUTS = {  # world size, flags
     "dp2-megatron-fsdp": (2, ["--num-workers", "1", *FSDP]),
     "dp2-tp2-megatron-fsdp": (4, ["--num-workers", "1", "--tensor-model-parallel-size", "2", *FSDP]),
     "dp2-cp2-megatron-fsdp": (4, ["--num-workers", "1", "--context-parallel-size", "2", *FSDP]),
+    # sharded over the 2 CP ranks of one replica, which runs both packs: FSDP's no_sync over micro-batches
+    "cp2-megatron-fsdp": (2, ["--context-parallel-size", "2", *FSDP]),
 }
 
 
