@@ -15,7 +15,8 @@ if str(ROOT) not in sys.path:
 import pytest  # noqa: E402
 
 from data import shards  # noqa: E402
-from dit import cpu_backend, runtime  # noqa: E402
+from dit.runtime import cpu_backend  # noqa: E402
+from dit.runtime import distributed as runtime  # noqa: E402
 from tests import distributed  # noqa: E402
 from tests.tiny_data import DEFECTS, GOOD, TRUNCATED_GOOD, cut_shard, good_entries, write_dataset  # noqa: E402
 

@@ -226,3 +226,28 @@ def full_weights(model: torch.nn.Module, config: DiTConfig) -> dict:
 
     offset = get_transformer_layer_offset(config)
     return {global_name(n, offset): tp_gather(p.detach(), p).clone().numpy() for n, p in model.named_parameters()}
+
+
+def fsdp_main_weights(fsdp: torch.nn.Module, config: DiTConfig) -> dict:
+    """Megatron-FSDP's fp32 main weights (DTensors: each rank's chunk of a parameter), put together into full
+    tensors: what its optimizer stepped (the model's own weights are freed after each layer's use)."""
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    offset, raw = get_transformer_layer_offset(config), fsdp.module.raw_param  # raw: the model's parameters
+    return {global_name(n, offset): _dtensor_to_full(p, raw[n]).numpy()
+            for n, p in fsdp.module.param_and_grad_buffer.optimizer_named_parameters}
+
+
+def _dtensor_to_full(dtensor, param: torch.nn.Parameter) -> torch.Tensor:
+    """Every rank's chunk at its offset (gloo's all_gather needs equal sizes: FSDP's chunks are uneven)."""
+    import torch.distributed as dist
+    from megatron.core.distributed.fsdp.src.megatron_fsdp.uneven_dtensor import update_uneven_dtensor_chunk_metadata
+
+    update_uneven_dtensor_chunk_metadata(dtensor)
+    (chunk,) = dtensor.__create_chunk_list__()
+    chunks = [None] * dist.get_world_size()
+    dist.all_gather_object(chunks, (tuple(chunk.offsets), dtensor.to_local().detach().clone()))
+    full = torch.zeros(dtensor.shape)
+    for offsets, local in chunks:  # replicas (TP or CP peers) write the same values
+        full[tuple(slice(o, o + n) for o, n in zip(offsets, local.shape))] = local
+    return tp_gather(full, param) if tuple(full.shape) == tuple(param.shape) else full

@@ -2,9 +2,10 @@
 
 Megatron-Core (0.16 to 0.19) assumes CUDA in a few places: it allocates with ``device="cuda"`` or
 ``device=torch.cuda.current_device()``, calls ``torch.cuda.synchronize()`` in p2p, waits on
-``torch.cuda.current_stream()`` before each gradient reduction (0.17 and later), asserts
+``torch.cuda.current_stream()`` before each gradient reduction (0.17 and later), runs Megatron-FSDP's
+collectives on side streams of its own (``torch.cuda.Stream``, ``torch.cuda.stream``, ``torch.cuda.Event``), asserts
 ``param.type() == "torch.cuda.FloatTensor"`` in its optimizers and grad clipping, and keeps its
-dropout RNG states with ``torch.cuda.get_rng_state``. This module maps all of that onto the CPU.
+dropout RNG states with ``torch.cuda.get_rng_state`` (Megatron-FSDP copies them across TP ranks). This module maps all of that onto the CPU.
 It is enabled only when no CUDA device exists and never touches a GPU run.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -55,8 +56,37 @@ def _cuda_style_type(self: torch.Tensor, dtype=None, non_blocking: bool = False,
     return original(self, dtype, non_blocking, **kwargs)
 
 
+class _HostEvent:
+    """An event on the host stream: recorded work has already run, so it is always complete."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record(self, stream: Any = None) -> None:
+        pass
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
 class _HostStream:
-    """The stream CPU work runs on: in order, so every wait and record is already satisfied."""
+    """The stream CPU work runs on: in order, so every wait and record is already satisfied. Every side stream
+    that Megatron creates is this one stream, and ``with torch.cuda.stream(s)`` enters nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __enter__(self) -> "_HostStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
 
     def wait_event(self, event: Any) -> None:
         pass
@@ -64,8 +94,8 @@ class _HostStream:
     def wait_stream(self, stream: Any) -> None:
         pass
 
-    def record_event(self, event: Any = None) -> None:
-        pass
+    def record_event(self, event: Any = None) -> _HostEvent:
+        return event or _HostEvent()
 
     def synchronize(self) -> None:
         pass
@@ -102,6 +132,23 @@ def _tracker_class():
 
 
 
+@contextlib.contextmanager
+def cuda_ordinal_device() -> Iterator[None]:
+    """``torch.cuda.current_device()`` answers the ordinal 0 inside the block (the device mode maps device 0
+    to the CPU): Megatron-FSDP builds ``torch.device(f"cuda:{torch.cuda.current_device()}")`` when it is
+    constructed, which the ``cpu`` device that :func:`enable` answers with would turn into ``"cuda:cpu"``.
+    Outside the block the answer stays a device (see :func:`enable`, backward runs outside the mode)."""
+    if not is_active():
+        yield
+        return
+    as_device = torch.cuda.current_device
+    torch.cuda.current_device = lambda: 0
+    try:
+        yield
+    finally:
+        torch.cuda.current_device = as_device
+
+
 def is_active() -> bool:
     return _state["mode"] is not None
 
@@ -130,9 +177,15 @@ def enable() -> bool:
     patch(torch.cuda, "synchronize", lambda device=None: None)
     patch(torch.cuda, "current_stream", lambda device=None: _HostStream())
     patch(torch.cuda, "empty_cache", lambda: None)
+    patch(torch.cuda, "Stream", _HostStream)
+    patch(torch.cuda, "Event", _HostEvent)
+    patch(torch.cuda, "stream", lambda stream=None: _HostStream())
     # Checkpointed recomputation saves and restores "the CUDA RNG": on CPU that is the CPU generator.
     patch(mcore_random, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state())
     patch(mcore_random, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
+    # Megatron-FSDP copies TP rank 0's RNG states, "the CUDA RNG" among them, to the other TP ranks
+    patch(torch.cuda, "get_rng_state", lambda device="cuda": torch.get_rng_state())
+    patch(torch.cuda, "set_rng_state", lambda state, device="cuda": torch.set_rng_state(state))
     patch(mcore_random, "CudaRNGStatesTracker", _tracker_class())
     mcore_random.initialize_rng_tracker(force_reset=True)
 

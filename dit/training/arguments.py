@@ -76,6 +76,10 @@ def _add_parallel(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sequence-parallel", action="store_true", help="Sequence parallel (needs TP > 1).")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="Shard optimizer state across data-parallel ranks.")
+    g.add_argument("--use-megatron-fsdp", action="store_true",
+                   help="Megatron-Core's FSDP: parameters, gradients and optimizer state sharded over DP (x CP), "
+                        "TP and CP beside it; implies --use-distributed-optimizer (megatron-core 0.17+). "
+                        "For models whose weights and Adam state do not fit beside TP (DiT-7B video and up).")
     g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
                    help="How long a collective may wait before NCCL/gloo gives up (raise it for slow shared "
                         "file systems: a save or a load waits on the slowest rank).")
@@ -374,6 +378,22 @@ def _check_parallel(args: argparse.Namespace, world_size: int) -> None:
                           f"{args.micro_batch_size}x{dp}")
 
 
+def _check_megatron_fsdp(args: argparse.Namespace) -> None:
+    """What Megatron-FSDP runs with here: proven against DDP with DP, TP and CP (tests/test_training_layouts.py)."""
+    if not args.use_megatron_fsdp:
+        return
+    from dit.runtime.mcore019 import megatron_fsdp_missing
+
+    missing = megatron_fsdp_missing()
+    _require("--use-megatron-fsdp", missing is None, missing or "")
+    _require("--use-megatron-fsdp", args.pipeline_model_parallel_size == 1,
+             "not proven with pipeline parallelism yet; use TP/CP beside it, or DDP with PP")
+    _require("--use-megatron-fsdp", args.save is None and args.load is None,
+             "checkpoints are not wired for it yet (Megatron-Core saves its FSDP optimizer only in the "
+             "fsdp_dtensor format); drop --save/--load, or train with --use-distributed-optimizer instead")
+    args.use_distributed_optimizer = True  # FSDP's main weights are stepped by Megatron's DistributedOptimizer
+
+
 def _check_backend(args: argparse.Namespace) -> None:
     try:
         te.check_backend(args.transformer_impl, args.fp8_format, half_precision=args.bf16, fp8_recipe=args.fp8_recipe)
@@ -561,6 +581,7 @@ def validate_args(args: argparse.Namespace, world_size: int, *, need_data: bool 
     """Check the flags against each other, the world size and this machine; fill the derived ones."""
     _check_model(args)
     _check_parallel(args, world_size)
+    _check_megatron_fsdp(args)
     _check_backend(args)
     _check_training(args)
     _check_intervals(args)
@@ -637,7 +658,8 @@ def run_config(args: argparse.Namespace, world_size: int, *, need_data: bool = T
             lr=a.lr, min_lr=a.min_lr, lr_warmup_iters=a.lr_warmup_iters, lr_decay_iters=a.lr_decay_iters,
             lr_decay_style=a.lr_decay_style, weight_decay=a.weight_decay, adam_beta1=a.adam_beta1,
             adam_beta2=a.adam_beta2, adam_eps=a.adam_eps, clip_grad=a.clip_grad,
-            use_distributed_optimizer=a.use_distributed_optimizer, overlap_grad_reduce=a.overlap_grad_reduce),
+            use_distributed_optimizer=a.use_distributed_optimizer, overlap_grad_reduce=a.overlap_grad_reduce,
+            use_megatron_fsdp=a.use_megatron_fsdp),
         objective=ObjectiveConfig(
             objective=a.objective, edm_p_mean=a.edm_p_mean, edm_p_std=a.edm_p_std, sigma_data=a.sigma_data,
             flow_logit_mean=a.flow_logit_mean, flow_logit_std=a.flow_logit_std, flow_shift=a.flow_shift,

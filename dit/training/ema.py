@@ -1,7 +1,8 @@
 """EMA of the weights: fp32 buffers of its own, beside the optimizer's main weights and sharded like them.
 
-One buffer per main weight, so with ``--use-distributed-optimizer`` a DP rank keeps the EMA of its own shard
-only (4 bytes per parameter / DP: DiT-7B at TP2 would otherwise spend 14 GB per GPU on a full copy). The
+One buffer per main weight, so with ``--use-distributed-optimizer`` or ``--use-megatron-fsdp`` a DP rank keeps
+the EMA of its own shard only (4 bytes per parameter / DP: DiT-7B at TP2 would otherwise spend 14 GB per GPU on
+a full copy). The
 buffers are not in the optimizer's per-parameter state: Transformer Engine's ``FusedAdam`` (which
 Megatron-Core picks whenever TE imports) saves and loads only the state keys it knows (``exp_avg``,
 ``exp_avg_sq``, ``master_param``) and raises on any other, so any optimizer Megatron-Core picks can hold
@@ -50,7 +51,12 @@ def main_weights(optimizer: MegatronOptimizer) -> list[MainWeight]:
     """Every main weight of Megatron's (chained) optimizer, paired with its model parameter."""
     weights = []
     for chained in optimizer.chained_optimizers:
-        if isinstance(chained, DistributedOptimizer):
+        if isinstance(chained, DistributedOptimizer) and chained.ddp_config.use_megatron_fsdp:
+            # Megatron-FSDP's fp32 main weights: DTensors whose local part is this rank's shard, which its
+            # optimizer steps; the EMA keeps the same shards (checkpoints are refused with FSDP, see arguments)
+            weights += [MainWeight(p.to_local(), p, 0, p.to_local().numel(), None)
+                        for group in chained.optimizer.param_groups for p in group["params"]]
+        elif isinstance(chained, DistributedOptimizer):
             groups = ((chained.model_float16_groups, chained.shard_fp32_from_float16_groups),
                       (chained.model_fp32_groups, chained.shard_fp32_groups))
             shards = {id(param): shard for models, mains in groups for model_group, shard_group in zip(models, mains)

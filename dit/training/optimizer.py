@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import (
+    ChainedOptimizer,
     MegatronOptimizer,
     OptimizerConfig,
     ParamKey,
@@ -25,7 +26,12 @@ EMBEDDING_TABLES = ("*class_embedder.table.weight",)
 
 
 def wrap_model(model: DiTModel, config: DiTConfig, optim: run_config.OptimizerConfig) -> DistributedDataParallel:
-    """Megatron DDP over ``model``; the schedule finalises (reduces) gradients through ``config``."""
+    """Megatron DDP (or Megatron-FSDP) over ``model``; the schedule finalises (reduces) gradients through
+    ``config``."""
+    if optim.use_megatron_fsdp:
+        from dit.training.fsdp import wrap_model_fsdp  # megatron-core 0.17+ only (dit.runtime.mcore019)
+
+        return wrap_model_fsdp(model, config, optim)
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=optim.overlap_grad_reduce,
         use_distributed_optimizer=optim.use_distributed_optimizer), model)
@@ -45,7 +51,9 @@ def build_optimizer(optim: run_config.OptimizerConfig, model: list[DistributedDa
         use_distributed_optimizer=optim.use_distributed_optimizer)
     overrides = get_standard_config_overrides(config)
     overrides[ParamKey(name=EMBEDDING_TABLES)] = ParamGroupOverride(wd_mult=0.0)
-    return get_megatron_optimizer(config, model, config_overrides=overrides)
+    optimizer = get_megatron_optimizer(config, model, config_overrides=overrides)
+    # one model chunk under Megatron-FSDP comes back unchained; the loop and the EMA walk chained_optimizers
+    return optimizer if isinstance(optimizer, ChainedOptimizer) else ChainedOptimizer([optimizer])
 
 
 def build_scheduler(optim: run_config.OptimizerConfig, optimizer: MegatronOptimizer,

@@ -69,6 +69,8 @@ class OptimizerConfig:
     """Shard the optimizer state (and the EMA) over DP."""
     overlap_grad_reduce: bool = False
     """Overlap the DP gradient reduction with the backward pass."""
+    use_megatron_fsdp: bool = False
+    """Megatron-FSDP: parameters, gradients and optimizer state sharded over DP (megatron-core 0.17+)."""
 
 
 @dataclass(frozen=True)

@@ -132,7 +132,7 @@ def read_part(work: Path, name: str, status: str, note: str, done: dict) -> tupl
         return {"log_tail": log.splitlines()[-40:]}, why
     if name == "tests":
         return tests_result(work / "tests.xml")
-    if name == "train" or name.startswith("train_fp8"):
+    if name in ("train", "train_fsdp") or name.startswith("train_fp8"):
         return train_result(log, int(note))
     if name == "resume":
         return resume_result(log, int(note), done.get("train", {}))

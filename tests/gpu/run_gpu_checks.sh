@@ -9,6 +9,8 @@
 #   4. a 10-iteration FP8 run per recipe this GPU has kernels for (dit.model.fp8.MIN_CAPABILITY), where TE imports;
 #   5. with 2 or more GPUs, TE's CP=2 and TP=2 with SP against one GPU (tests/gpu/te_parallel.py);
 #   6. bench_step.py (with host_syncs_per_step from dit.training.host_syncs' counter, and the warnings of
+#   6. a 10-iteration --use-megatron-fsdp run on every GPU (megatron-core 0.17+; skipped on 0.16);
+#   7. bench_step.py (with host_syncs_per_step from dit.host_syncs' counter, and the warnings of
 #      torch.cuda.set_sync_debug_mode("warn")) and
 #      bench_model.py for DiT-B and DiT-XL at 8192 tokens in bf16, and in FP8 where TE imports.
 # Every part has its own time limit, cut to what is left of the whole run's budget (BUDGET_S, 470 s).
@@ -129,7 +131,20 @@ else
     skip_part te_parallel "needs 2 GPUs and Transformer Engine"
 fi
 
-# 6. the benchmarks, bf16 (and FP8 where TE imports) at 8192 tokens
+# 6. Megatron-FSDP (megatron-core 0.17+) on every GPU (DP = their count), bf16: proven against DDP on the CPU over
+#    gloo (tests/test_training_layouts.py); here its GPU path (NCCL, side streams, PREMUL_SUM) trains 10 steps
+fsdp_missing=$("$python" -c "from dit.mcore019 import megatron_fsdp_missing as m; print(m() or '')" 2>&1)
+if [ -z "$fsdp_missing" ]; then
+    ranks=$( ((dry)) && echo 2 || "$python" -c "import torch; print(torch.cuda.device_count())")
+    fsdp_iters=$( ((dry)) && echo 2 || echo 10)
+    part train_fsdp 90 "$fsdp_iters" "$python" -m torch.distributed.run --nproc-per-node "$ranks" pretrain_dit.py \
+        --data-path "$work/data" --bf16 --train-iters "$fsdp_iters" --lr 1e-4 --use-megatron-fsdp \
+        "${train_args[@]}"
+else
+    skip_part train_fsdp "$fsdp_missing"
+fi
+
+# 7. the benchmarks, bf16 (and FP8 where TE imports) at 8192 tokens
 for size in "${sizes[@]}"; do
     part "bench_step_$size" 120 "" "$python" benchmarks/bench_step.py --device "$device" --model-size "$size" \
         --threads "$threads" "${precision[@]}" "${step_args[@]}"

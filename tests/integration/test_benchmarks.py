@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from dit.runtime.mcore019 import megatron_fsdp_missing
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -28,9 +30,11 @@ def test_gpu_checks_dry_run_writes_every_part(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     parts = {p["part"]: p for p in summary["parts"]}
     assert summary["ok"], [p for p in summary["parts"] if p["status"] not in ("ok", "skipped")]
-    assert {"install", "tests", "dataset", "train", "resume", "fp8", "te_parallel", "bench_step_DiT-B",
+    assert {"install", "tests", "dataset", "train", "resume", "fp8", "te_parallel", "train_fsdp", "bench_step_DiT-B",
             "bench_model_DiT-B"} <= parts.keys()
     assert parts["fp8"]["status"] == "skipped"  # no TE here
+    fsdp = parts["train_fsdp"]  # 2 gloo ranks on 0.17+, skipped on megatron-core 0.16
+    assert fsdp["status"] == "skipped" if megatron_fsdp_missing() else fsdp["result"]["last"]["iteration"] == 2
     resume = parts["resume"]["result"]  # from the checkpoint of iteration 1, with its EMA, to iteration 3
     assert resume["last"]["iteration"] == 3 and resume["max_loss_difference"] == 0.0  # bit-exact on the CPU
     assert max(parts["te_parallel"]["result"].values()) < 1e-5  # the 2-rank check's wiring, local layers

@@ -1,6 +1,7 @@
 """The real training loop is layout-independent: the same global batch gives the same losses and the same
 weights after two optimizer steps under one process and under DP, TP (with and without SP), PP = 2 and 4
-(middle stages carry packed sequences), CP and the distributed optimizer, on a real energon dataset.
+(middle stages carry packed sequences), CP, the distributed optimizer and Megatron-FSDP (beside TP and CP), on
+a real energon dataset.
 
 Every layout starts from the same random weights (no zero-initialised adaLN, so that every weight gets a
 gradient at the first step), drawn per parameter from its global name and sliced to this rank's shard.
@@ -18,9 +19,10 @@ import torch
 
 import pretrain_dit
 from dit.training.arguments import load_run_config
+from dit.runtime.mcore019 import megatron_fsdp_missing
 from dit.training.pretrain import pretrain
 from tests.distributed import run_distributed
-from tests.model_setup import full_weights, global_name, tp_slice
+from tests.model_setup import fsdp_main_weights, full_weights, global_name, tp_slice
 from tests.tiny_data import TINY_RUN, payloads, write_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
@@ -64,7 +66,8 @@ def _train(data_path: str, extra: list[str]) -> dict:
     result = pretrain(run, replace(pretrain_dit.HOOKS, model_provider=_random_model))
     return {"losses": [r.loss for r in result.history], "grad_norms": [r.grad_norm for r in result.history],
             "samples": result.state.consumed_samples, "keys": [r.keys for r in result.history],
-            "weights": full_weights(result.setup.model[0].module, result.setup.config)}
+            "weights": (fsdp_main_weights(result.setup.model[0], result.setup.config) if args.use_megatron_fsdp
+                        else full_weights(result.setup.model[0].module, result.setup.config))}
 
 
 def _merged_weights(results: list[dict]) -> dict:
@@ -84,6 +87,7 @@ def reference(dataset):
             for objective in ("flow", "edm")}
 
 
+FSDP = ["--use-megatron-fsdp"]
 LAYOUTS = {  # world size, flags
     "dp2": (2, ["--num-workers", "1"]),
     "dp2-distributed-optimizer-overlap": (2, ["--num-workers", "1", "--use-distributed-optimizer",
@@ -94,12 +98,20 @@ LAYOUTS = {  # world size, flags
     "pp4": (4, ["--pipeline-model-parallel-size", "4"]),
     "cp2": (2, ["--context-parallel-size", "2"]),
     "cp2-edm": (2, ["--context-parallel-size", "2", "--objective", "edm"]),
+    # Megatron-FSDP (megatron-core 0.17+): weights, gradients and Adam state sharded over DP (x CP)
+    "dp2-megatron-fsdp": (2, ["--num-workers", "1", *FSDP]),
+    "dp2-tp2-megatron-fsdp": (4, ["--num-workers", "1", "--tensor-model-parallel-size", "2", *FSDP]),
+    "dp2-cp2-megatron-fsdp": (4, ["--num-workers", "1", "--context-parallel-size", "2", *FSDP]),
+    # sharded over the 2 CP ranks of one replica, which runs both packs: FSDP's no_sync over micro-batches
+    "cp2-megatron-fsdp": (2, ["--context-parallel-size", "2", *FSDP]),
 }
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_two_steps_match_the_single_process_run(dataset, reference, layout):
     world, extra = LAYOUTS[layout]
+    if "--use-megatron-fsdp" in extra and megatron_fsdp_missing():
+        pytest.skip(megatron_fsdp_missing())
     if "--num-workers" not in extra:
         extra = extra + ["--num-workers", "2"]
     ref = reference["edm" if "edm" in extra else "flow"]

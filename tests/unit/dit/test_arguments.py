@@ -11,6 +11,7 @@ from dit.model import te
 from dit.training.arguments import MIN_ROPE_HEAD_DIM, check_energon_dataset, load_run_config, parse_args
 from dit.errors import ConfigError
 from tests.tiny_data import good_entries
+from dit.runtime.mcore019 import megatron_fsdp_missing
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4"]
@@ -45,6 +46,36 @@ def test_parallel_and_training_mistakes(dataset, argv, world, flag, words):
         check(TINY + ["--data-path", dataset] + argv, world)
     assert e.value.flag == flag
     assert words in str(e.value)
+
+
+FSDP = ["--use-megatron-fsdp"]
+
+
+@pytest.mark.skipif(megatron_fsdp_missing() is None, reason="this stack runs Megatron-FSDP")
+def test_megatron_fsdp_refused_where_the_stack_lacks_it(dataset):
+    """megatron-core 0.16 (Python 3.11): one line naming the flag and what it needs."""
+    with pytest.raises(ConfigError, match="needs ") as e:
+        check(TINY + ["--data-path", dataset] + FSDP, 2)
+    assert e.value.flag == "--use-megatron-fsdp"
+
+
+@pytest.mark.skipif(megatron_fsdp_missing() is not None, reason="Megatron-FSDP needs megatron-core 0.17+")
+@pytest.mark.parametrize("argv, words", [
+    (FSDP + ["--pipeline-model-parallel-size", "2"], "not proven with pipeline parallelism"),
+    (FSDP + ["--save", "ckpt"], "checkpoints are not wired for it yet"),
+    (FSDP + ["--load", "."], "checkpoints are not wired for it yet"),
+])
+def test_megatron_fsdp_mistakes(dataset, argv, words):
+    with pytest.raises(ConfigError) as e:
+        check(TINY + ["--data-path", dataset] + argv, 2)
+    assert e.value.flag == "--use-megatron-fsdp"
+    assert words in str(e.value)
+
+
+@pytest.mark.skipif(megatron_fsdp_missing() is not None, reason="Megatron-FSDP needs megatron-core 0.17+")
+def test_megatron_fsdp_implies_the_distributed_optimizer(dataset):
+    """Megatron's DistributedOptimizer steps FSDP's main-weight shards (as Megatron-LM sets it)."""
+    assert check(TINY + ["--data-path", dataset] + FSDP, 2).use_distributed_optimizer
 
 
 def test_transformer_engine_asked_without_te(dataset, monkeypatch):

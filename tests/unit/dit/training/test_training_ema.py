@@ -9,10 +9,11 @@ import torch
 
 import pretrain_dit
 from dit.training.arguments import load_run_config
+from dit.runtime.mcore019 import megatron_fsdp_missing
 from dit.training.ema import ema_decay
 from dit.training.pretrain import pretrain
 from tests.distributed import run_distributed
-from tests.model_setup import full_weights
+from tests.model_setup import fsdp_main_weights, full_weights
 from tests.tiny_data import TINY_RUN, good_entries, write_dataset
 
 FLAGS = TINY_RUN + ["--lr", "1e-2", "--lr-decay-style", "constant", "--ema-decay", "0.8"]
@@ -72,12 +73,13 @@ def _run(data_path: str, extra: list[str], record: bool = False, fused_adam_cont
         torch.optim.AdamW = FusedAdamContract  # this rank's process only
     result = pretrain(run, hooks)
     model = result.setup.model[0].module
-    final = {n: p.detach().clone() for n, p in model.named_parameters()}
+    final = {n: p.detach().clone() for n, p in model.named_parameters()} if record else {}
     state_keys = {name for chained in result.setup.optimizer.chained_optimizers
                   for per_param in chained.optimizer.state.values() for name in per_param}
     optimizers = {type(chained.optimizer).__name__ for chained in result.setup.optimizer.chained_optimizers}
     with result.ema.applied():
-        ema = full_weights(model, result.setup.config)
+        ema = (fsdp_main_weights(result.setup.model[0], result.setup.config) if args.use_megatron_fsdp
+               else full_weights(model, result.setup.config))
     return {"ema": ema, "final": final, "seen": _seen, "updates": result.ema.updates, "state_keys": state_keys,
             "optimizers": optimizers}
 
@@ -113,6 +115,17 @@ def test_the_dp_sharded_ema_equals_the_unsharded_one(dataset):
 
 
 @pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.skipif(megatron_fsdp_missing() is not None, reason="Megatron-FSDP needs megatron-core 0.17+")
+def test_the_megatron_fsdp_ema_equals_the_unsharded_one(dataset):
+    """Under Megatron-FSDP each DP rank keeps the EMA of its own main-weight shard, put in place by applied()."""
+    sharded = run_distributed(_run, 2, dataset, ["--train-iters", "4", "--use-megatron-fsdp"])
+    whole = run_distributed(_run, 2, dataset, ["--train-iters", "4"])
+    assert sharded[0]["updates"] == whole[0]["updates"] == 4
+    for name, ema in whole[0]["ema"].items():
+        assert torch.allclose(torch.from_numpy(sharded[0]["ema"][name]), torch.from_numpy(ema), atol=1e-6), name
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", [[], ["--use-distributed-optimizer"]])
 def test_ema_restores_exactly(dataset, tmp_path, optimizer):
