@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from dit.runtime import cpu_backend, distributed as runtime
 from dit.model.config import DiTConfig
 from dit.model.model import DiTModel
 from dit.model.packed import PackedBatch, thd_partition_indices

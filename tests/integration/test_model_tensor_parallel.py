@@ -1,5 +1,6 @@
 """TP=2, with and without sequence parallelism: loss and every full gradient equal the single-process model."""
 
+import pytest
 
 from dit.runtime.distributed import ParallelLayout
 from tests.distributed import run_distributed

@@ -66,7 +66,7 @@ def _train(data_path: str, extra: list[str]) -> dict:
     result = pretrain(run, replace(pretrain_dit.HOOKS, model_provider=_random_model))
     return {"losses": [r.loss for r in result.history], "grad_norms": [r.grad_norm for r in result.history],
             "samples": result.state.consumed_samples, "keys": [r.keys for r in result.history],
-            "weights": (fsdp_main_weights(result.setup.model[0], result.setup.config) if args.use_megatron_fsdp
+            "weights": (fsdp_main_weights(result.setup.model[0], result.setup.config) if run.optimizer.use_megatron_fsdp
                         else full_weights(result.setup.model[0].module, result.setup.config))}
 
 

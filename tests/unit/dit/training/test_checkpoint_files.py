@@ -11,6 +11,7 @@ from dit.training.arguments import load_run_config
 from dit.training import checkpointing
 from dit.checkpoint.files import TRACKER, read_tracker, retain, write_tracker
 from dit.training.pretrain import pretrain
+from dit.training.run_config import CheckpointConfig
 from tests.distributed import RankFailed, pretrain_main, run_distributed
 from tests.tiny_data import TINY_RUN, good_entries, write_dataset
 
@@ -127,7 +128,7 @@ def _publish_dying_at(root, crash_at: int, monkeypatch: pytest.MonkeyPatch) -> b
     with monkeypatch.context() as m:
         m.setattr(os, "replace", dying(os.replace))
         m.setattr(checkpointing.shutil, "rmtree", dying(checkpointing.shutil.rmtree))
-        saver = checkpointing.Checkpointer(parse_args(["--save", str(root), "--save-retain", "1"]))
+        saver = checkpointing.Checkpointer(CheckpointConfig(save=str(root), save_retain=1))
         try:
             saver._publish(root / "iter_0000004.partial", root / "iter_0000004", 4, 0.0)
         except Crash:

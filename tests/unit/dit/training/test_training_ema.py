@@ -78,7 +78,7 @@ def _run(data_path: str, extra: list[str], record: bool = False, fused_adam_cont
                   for per_param in chained.optimizer.state.values() for name in per_param}
     optimizers = {type(chained.optimizer).__name__ for chained in result.setup.optimizer.chained_optimizers}
     with result.ema.applied():
-        ema = (fsdp_main_weights(result.setup.model[0], result.setup.config) if args.use_megatron_fsdp
+        ema = (fsdp_main_weights(result.setup.model[0], result.setup.config) if run.optimizer.use_megatron_fsdp
                else full_weights(model, result.setup.config))
     return {"ema": ema, "final": final, "seen": _seen, "updates": result.ema.updates, "state_keys": state_keys,
             "optimizers": optimizers}
