@@ -379,7 +379,8 @@ def _check_parallel(args: argparse.Namespace, world_size: int) -> None:
 
 
 def _check_megatron_fsdp(args: argparse.Namespace) -> None:
-    """What Megatron-FSDP runs with here: proven against DDP with DP, TP and CP (tests/test_training_layouts.py)."""
+    """What Megatron-FSDP runs with here: proven against DDP with DP, TP and CP (tests/test_training_layouts.py),
+    its checkpoints to and from DDP runs (tests/test_checkpoint_fsdp.py)."""
     if not args.use_megatron_fsdp:
         return
     from dit.runtime.mcore019 import megatron_fsdp_missing
@@ -388,9 +389,6 @@ def _check_megatron_fsdp(args: argparse.Namespace) -> None:
     _require("--use-megatron-fsdp", missing is None, missing or "")
     _require("--use-megatron-fsdp", args.pipeline_model_parallel_size == 1,
              "not proven with pipeline parallelism yet; use TP/CP beside it, or DDP with PP")
-    _require("--use-megatron-fsdp", args.save is None and args.load is None,
-             "checkpoints are not wired for it yet (Megatron-Core saves its FSDP optimizer only in the "
-             "fsdp_dtensor format); drop --save/--load, or train with --use-distributed-optimizer instead")
     args.use_distributed_optimizer = True  # FSDP's main weights are stepped by Megatron's DistributedOptimizer
 
 

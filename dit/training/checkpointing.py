@@ -39,7 +39,7 @@ from dit.errors import ConfigError
 from dit.runtime.mcore019 import async_save_options
 from dit.training.ema import EMA
 from dit.training.hooks import TrainLoader
-from dit.training.optimizer import allocate_state
+from dit.training.optimizer import allocate_state, publish_main_params
 from dit.training.run_config import CheckpointConfig
 from dit.training.state import TrainState
 from dit.training.step import TrainingSetup
@@ -92,23 +92,35 @@ def _per_replica(name: str, value: Any) -> ShardedObject:
                          replica_id=_replica_rank())
 
 
+def _fsdp(setup: TrainingSetup) -> bool:
+    return setup.run.optimizer.use_megatron_fsdp
+
+
 def _model_state(setup: TrainingSetup) -> dict:
+    """The model's sharded state; under Megatron-FSDP over the model's own (freed) parameters, which
+    ``fsdp.with_data`` fills."""
+    if _fsdp(setup):
+        from dit.training import fsdp  # megatron-core 0.17+ only
+
+        return fsdp.model_sharded_state(setup.model[0])
     return setup.model[0].module.sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group(None))
 
 
-def optimizer_format(use_distributed_optimizer: bool, fully_reshardable: bool) -> str:
+def optimizer_format(use_distributed_optimizer: bool, fully_reshardable: bool, megatron_fsdp: bool = False) -> str:
     """How the optimizer state is laid out on disk. Megatron's regular optimizer maps its state onto the
     model's tensors, so it loads under any layout; the distributed optimizer's default ``dp_reshardable``
     keeps each DP shard's buffers as they are (fully parallel, only DP may change), ``fully_reshardable``
-    gathers them into per-parameter tensors on each DP group's first rank (TP and PP may change too)."""
+    gathers them into per-parameter tensors on each DP group's first rank (TP and PP may change too).
+    Megatron-FSDP saves ``fully_reshardable`` only, so that DDP runs load its checkpoints and it theirs."""
     if not use_distributed_optimizer:
         return "regular"
-    return "fully_reshardable" if fully_reshardable else "dp_reshardable"
+    return "fully_reshardable" if fully_reshardable or megatron_fsdp else "dp_reshardable"
 
 
 def _optimizer_format(setup: TrainingSetup) -> str:
     run = setup.run
-    return optimizer_format(run.optimizer.use_distributed_optimizer, run.checkpoint.fully_reshardable_optimizer)
+    return optimizer_format(run.optimizer.use_distributed_optimizer, run.checkpoint.fully_reshardable_optimizer,
+                            run.optimizer.use_megatron_fsdp)
 
 
 def _restore_adam_step(setup: TrainingSetup, loaded: dict) -> None:
@@ -124,9 +136,14 @@ def _restore_adam_step(setup: TrainingSetup, loaded: dict) -> None:
             state["step"] = step.clone()
 
 
-def _optimizer_state(setup: TrainingSetup, model: dict, is_loading: bool) -> dict:
+def _optimizer_state(setup: TrainingSetup, model: dict, is_loading: bool, fmt: str) -> dict:
+    """The optimizer's sharded state in format ``fmt`` (a load asks for the checkpoint's own)."""
     allocate_state(setup.optimizer)  # a save before the first successful step still finds every state
-    metadata = ensure_metadata_has_dp_cp_group({"distrib_optim_sharding_type": _optimizer_format(setup)})
+    if _fsdp(setup):
+        from dit.training import fsdp
+
+        return fsdp.optimizer_sharded_state(setup.optimizer, model, fsdp.shards(setup.model[0]), is_loading)
+    metadata = ensure_metadata_has_dp_cp_group({"distrib_optim_sharding_type": fmt})
     return setup.optimizer.sharded_state_dict(model, is_loading=is_loading, metadata=metadata)
 
 
@@ -142,8 +159,8 @@ def sharded_state(setup: TrainingSetup, state: TrainState, loader: TrainLoader, 
     fmt = _optimizer_format(setup)
     ema_form = ema_layout(fmt)
     return {
-        "model": model,
-        "optimizer": _optimizer_state(setup, model, is_loading=False),
+        "model": _with_data(setup, model, is_loading=False),
+        "optimizer": _optimizer_state(setup, model, is_loading=False, fmt=fmt),
         "optimizer_format": fmt,
         "scheduler": setup.scheduler.state_dict(),
         "train_state": state.state_dict(),
@@ -154,6 +171,15 @@ def sharded_state(setup: TrainingSetup, state: TrainState, loader: TrainLoader, 
         "rng": _per_rank("rng_state", _rng_state()),
         "data": _per_replica("data_state", loader.state_dict()),
     }
+
+
+def _with_data(setup: TrainingSetup, model: dict, is_loading: bool) -> dict:
+    """Under Megatron-FSDP the whole weights put together from the DP slices (empty ones to load into)."""
+    if not _fsdp(setup):
+        return model
+    from dit.training import fsdp
+
+    return fsdp.with_data(model, fsdp.shards(setup.model[0]), is_loading)
 
 
 class Checkpointer:
@@ -215,8 +241,13 @@ def find_checkpoint(ckpt: CheckpointConfig) -> Path | None:
                                                                 "or drop --load to start from scratch")
 
 
-def check_optimizer_format(common: dict, distributed: bool, saved: Layout, layout: Layout, path: Path) -> None:
+def check_optimizer_format(common: dict, distributed: bool, saved: Layout, layout: Layout, path: Path,
+                           megatron_fsdp: bool = False) -> None:
     fmt = common["optimizer_format"]
+    if megatron_fsdp and fmt == "dp_reshardable":
+        raise ConfigError("--use-megatron-fsdp",
+                          f"the distributed optimizer state in {path} is dp_reshardable, which Megatron-FSDP cannot "
+                          "split; pass --no-load-optim, or save it with --dist-ckpt-optim-fully-reshardable")
     if (fmt == "regular") != (not distributed):
         raise ConfigError("--use-distributed-optimizer",
                           f"the checkpoint {path} holds a {'distributed' if fmt != 'regular' else 'regular'} "
@@ -228,6 +259,45 @@ def check_optimizer_format(common: dict, distributed: bool, saved: Layout, layou
                           "--no-load-optim, or save it with --dist-ckpt-optim-fully-reshardable")
 
 
+def _load_ddp(setup: TrainingSetup, loaded: dict, with_optimizer: bool, distributed: bool, fmt: str) -> None:
+    with torch.no_grad():  # the distributed optimizer copies into views of the parameters
+        setup.model[0].module.load_state_dict(loaded["model"])
+        if with_optimizer:
+            if fmt == "fully_reshardable":
+                _load_fully_reshardable(setup, loaded["optimizer"])
+            else:
+                setup.optimizer.load_state_dict(loaded["optimizer"])
+            if distributed:
+                _restore_adam_step(setup, loaded["optimizer"])
+        else:
+            setup.optimizer.reload_model_params()  # fp32 main weights from the loaded model
+
+
+def _load_fully_reshardable(setup: TrainingSetup, optimizer: dict) -> None:
+    """The distributed optimizer's ``fully_reshardable`` state, loaded around a bug of Megatron-Core 0.19 with torch's
+    Adam: ``load_state_dict`` gives each parameter's state a ``step`` tensor, then copies every tensor of that state
+    from the checkpoint, which holds no ``step`` (``_set_main_param_and_optimizer_states`` raises KeyError). So the
+    param groups load first, the tensors without ``step``, and :func:`_restore_adam_step` sets it after."""
+    (chained,) = setup.optimizer.chained_optimizers
+    param_state = optimizer.pop("param_state")
+    chained.load_state_dict(optimizer)
+    for state in chained.optimizer.state.values():
+        state.pop("step", None)
+    chained.load_parameter_state_from_fully_reshardable(param_state)
+
+
+def _load_fsdp(setup: TrainingSetup, loaded: dict, with_optimizer: bool) -> None:
+    """Each rank's slices of the loaded whole tensors into FSDP's main weights and Adam state, then into the
+    model's weights."""
+    from dit.training import fsdp
+
+    slots = fsdp.shards(setup.model[0])
+    fsdp.load_weights(slots, loaded["model"])
+    if with_optimizer:
+        fsdp.load_optimizer(setup.optimizer, slots, loaded["optimizer"])
+    publish_main_params(setup.optimizer, setup.model)
+
+
 def load_checkpoint(setup: TrainingSetup, state: TrainState, loader: TrainLoader, ema: EMA | None, path: Path) -> None:
     """Restore what the run's checkpoint config asks for from ``path`` (before the loader's first ``next``)."""
     ckpt, distributed = setup.run.checkpoint, setup.run.optimizer.use_distributed_optimizer
@@ -236,16 +306,17 @@ def load_checkpoint(setup: TrainingSetup, state: TrainState, loader: TrainLoader
     setup.config.check_architecture(saved_architecture(common, path), str(path))
     weights_only = ckpt.finetune
     layout, saved_layout = Layout.current(), Layout(**common["layout"])
-    request = {"model": _model_state(setup)}
+    model = _model_state(setup)
+    request = {"model": _with_data(setup, model, is_loading=True)}
     if not weights_only and ckpt.load_optim:
-        check_optimizer_format(common, distributed, saved_layout, layout, path)
+        check_optimizer_format(common, distributed, saved_layout, layout, path, _fsdp(setup))
         if ema is not None:
             ema_saved = saved_ema_layout(common, path, "--no-load-optim")
             if ema_saved is None:
                 raise ConfigError("--ema-decay", f"the checkpoint {path} has no EMA to continue; pass --ema-decay 0, "
                                                  "or --no-load-optim to start an EMA from its weights")
-            request["ema_weights"] = ema.sharded_state_dict(request["model"], ema_saved, is_loading=True)
-        request["optimizer"] = _optimizer_state(setup, request["model"], is_loading=True)
+            request["ema_weights"] = ema.sharded_state_dict(model, ema_saved, is_loading=True)
+        request["optimizer"] = _optimizer_state(setup, model, is_loading=True, fmt=common["optimizer_format"])
     load_rng = not weights_only and ckpt.load_rng and saved_layout == layout
     if load_rng:
         request["rng"] = _per_rank("rng_state", None)
@@ -253,14 +324,10 @@ def load_checkpoint(setup: TrainingSetup, state: TrainState, loader: TrainLoader
     if load_data:
         request["data"] = _per_replica("data_state", None)
     loaded = dist_checkpointing.load(request, str(path))
-    with torch.no_grad():  # the distributed optimizer copies into views of the parameters
-        setup.model[0].module.load_state_dict(loaded["model"])
-        if "optimizer" in request:
-            setup.optimizer.load_state_dict(loaded["optimizer"])
-            if distributed:
-                _restore_adam_step(setup, loaded["optimizer"])
-        else:
-            setup.optimizer.reload_model_params()  # fp32 main weights from the loaded model
+    if _fsdp(setup):
+        _load_fsdp(setup, loaded, with_optimizer="optimizer" in request)
+    else:
+        _load_ddp(setup, loaded, "optimizer" in request, distributed, common["optimizer_format"])
     if "optimizer" in request:
         setup.scheduler.load_state_dict(loaded["scheduler"])
         if ema is not None:

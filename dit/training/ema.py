@@ -52,10 +52,11 @@ def main_weights(optimizer: MegatronOptimizer) -> list[MainWeight]:
     weights = []
     for chained in optimizer.chained_optimizers:
         if isinstance(chained, DistributedOptimizer) and chained.ddp_config.use_megatron_fsdp:
-            # Megatron-FSDP's fp32 main weights: DTensors whose local part is this rank's shard, which its
-            # optimizer steps; the EMA keeps the same shards (checkpoints are refused with FSDP, see arguments)
-            weights += [MainWeight(p.to_local(), p, 0, p.to_local().numel(), None)
-                        for group in chained.optimizer.param_groups for p in group["params"]]
+            # Megatron-FSDP's fp32 main weights: each rank's flat slice of every parameter, which its optimizer
+            # steps; the EMA keeps the same slices
+            from dit.training.fsdp import shards  # megatron-core 0.17+ only
+
+            weights += [MainWeight(s.main, s.param, s.start, s.end, s.group) for s in shards(chained.model_chunks[0])]
         elif isinstance(chained, DistributedOptimizer):
             groups = ((chained.model_float16_groups, chained.shard_fp32_from_float16_groups),
                       (chained.model_fp32_groups, chained.shard_fp32_groups))

@@ -24,7 +24,8 @@ INVALID: dict[str, list[str]] = {
     "--context-parallel-size": ["--context-parallel-size", "0"],
     "--sequence-parallel": ["--sequence-parallel"],  # needs tp > 1
     "--distributed-timeout-minutes": ["--distributed-timeout-minutes", "0"],
-    "--use-megatron-fsdp": ["--use-megatron-fsdp", "--save", "{dataset}/ckpt"],  # no checkpoints yet (0.16: none)
+    "--use-megatron-fsdp": ["--use-megatron-fsdp", "--validate-only", "--world-size", "2",
+                            "--pipeline-model-parallel-size", "2"],  # no PP with it (0.16: none)
     # model
     "--model-size": ["--model-size", "DiT-XXL"],
     "--num-layers": ["--num-layers", "0"],
