@@ -79,7 +79,9 @@ def _add_parallel(p: argparse.ArgumentParser) -> None:
     g.add_argument("--use-megatron-fsdp", action="store_true",
                    help="Megatron-Core's FSDP: parameters, gradients and optimizer state sharded over DP (x CP), "
                         "TP and CP beside it; implies --use-distributed-optimizer (megatron-core 0.17+). "
-                        "For models whose weights and Adam state do not fit beside TP (DiT-7B video and up).")
+                        "For models whose weights and Adam state do not fit beside TP (DiT-7B video and up). "
+                        "Checkpoints in the --dist-ckpt-optim-fully-reshardable layout: DDP runs load them and "
+                        "it loads theirs.")
     g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
                    help="How long a collective may wait before NCCL/gloo gives up (raise it for slow shared "
                         "file systems: a save or a load waits on the slowest rank).")
