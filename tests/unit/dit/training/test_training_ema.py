@@ -126,6 +126,7 @@ def test_the_megatron_fsdp_ema_equals_the_unsharded_one(dataset):
         assert torch.allclose(torch.from_numpy(sharded[0]["ema"][name]), torch.from_numpy(ema), atol=1e-6), name
 
 
+@pytest.mark.dist
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", [[], ["--use-distributed-optimizer"]])
 def test_ema_restores_exactly(dataset, tmp_path, optimizer):
