@@ -137,10 +137,8 @@ def optimizer_sharded_state(optimizer: MegatronOptimizer, model: dict, slots: li
 def _param_groups(adam: torch.optim.Optimizer) -> list[dict]:
     """The param groups without their parameters, each with the step count, as ``DistributedOptimizer.state_dict``
     writes them. Not through it: a parameter wholly in other ranks' slices gets no gradient here, so torch Adam's
-    per-parameter steps differ (0 for those), which it asserts against."""
-    steps = {int(state["step"]) for state in adam.state.values() if "step" in state} - {0}
-    assert len(steps) <= 1, steps
-    step = steps.pop() if steps else 0
+    per-parameter steps differ (behind for those), which it asserts against; the step count is the largest."""
+    step = max((int(state["step"]) for state in adam.state.values() if "step" in state), default=0)
     return [{"step": step, **{k: v for k, v in group.items() if k != "params"}} for group in adam.param_groups]
 
 

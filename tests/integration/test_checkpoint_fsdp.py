@@ -64,11 +64,12 @@ def _assert_close(got: dict, expected: dict, atol: float) -> None:
 
 
 @pytest.mark.parametrize("source, target", [("fsdp", "fsdp"), ("fsdp", "ddp"), ("ddp", "fsdp")])
-def test_a_checkpoint_resumes_under_fsdp_and_ddp(dataset, straight, source, target):
+def test_a_checkpoint_resumes_under_fsdp_and_ddp(dataset, straight, tmp_path, source, target):
     """Iteration 2 of the source, continued under the target, gives the source's steps 3 and 4: the weights, the
-    Adam state, the EMA, the schedule and the data position all arrived whole."""
+    Adam state, the EMA, the schedule and the data position all arrived whole (and the resumed run saves again)."""
     reference = straight[source]
-    results = run_distributed(_train, 2, dataset, LAYOUTS[target] + ["--load", reference["ckpt"], "--ckpt-step", "2"])
+    results = run_distributed(_train, 2, dataset, LAYOUTS[target] + ["--load", reference["ckpt"], "--ckpt-step", "2",
+                                                                      "--save", str(tmp_path), "--save-interval", "2"])
     for r in results:
         assert sorted(r["losses"]) == [3, 4]
         # fp32 on both sides; FSDP and DDP differ only in summation order

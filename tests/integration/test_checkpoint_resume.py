@@ -4,7 +4,8 @@ A second run is SIGKILLed past its checkpoint at K, while it trains, and restart
 and give, at every iteration after K, bit-identical losses and the same samples in the same order as an
 uninterrupted run (each DP replica's --sample-log records them). DP=2 with the distributed optimizer and
 loader workers, whose restarted run is then sent SIGTERM as slurm does before preemption: it saves where
-it stopped, exits 0, and a third run continues exactly to the end. PP=2 with --async-save.
+it stopped, exits 0, and a third run continues exactly to the end. PP=2 with --async-save. DP=2 under
+Megatron-FSDP (megatron-core 0.17+).
 """
 
 import os
@@ -13,6 +14,7 @@ import signal
 import pytest
 
 from dit.checkpoint.files import read_tracker
+from dit.runtime.mcore019 import megatron_fsdp_missing
 from dit.training.sample_log import read_sample_log
 from tests.distributed import pretrain_main, run_distributed
 from tests.launch import kill, run_to_end, torchrun, wait_until, workers
@@ -45,6 +47,8 @@ def _assert_same_steps(resumed, straight, first, last):
 # PP=2 also saves in the background (--async-save), published when every rank's writer has finished
 LAYOUTS = {"dp2-distributed-optimizer": ["--use-distributed-optimizer"],
            "pp2-async-save": ["--pipeline-model-parallel-size", "2", "--async-save"]}
+if megatron_fsdp_missing() is None:  # megatron-core 0.17+
+    LAYOUTS["dp2-megatron-fsdp"] = ["--use-megatron-fsdp"]
 STRAIGHT = 16  # iterations of the straight runs; the LR is constant, so runs of any length share a schedule
 
 
