@@ -391,6 +391,10 @@ def _check_megatron_fsdp(args: argparse.Namespace) -> None:
     _require("--use-megatron-fsdp", missing is None, missing or "")
     _require("--use-megatron-fsdp", args.pipeline_model_parallel_size == 1,
              "not proven with pipeline parallelism yet; use TP/CP beside it, or DDP with PP")
+    _require("--use-megatron-fsdp", (args.save is None and args.load is None)
+             or (args.tensor_model_parallel_size == 1 and args.context_parallel_size == 1),
+             "checkpoints (--save/--load) are proven with data parallelism only so far (with TP the model's "
+             "sharded state is built over FSDP's DTensors, whose shapes are not TP-local); drop TP/CP or --save/--load")
     args.use_distributed_optimizer = True  # FSDP's main weights are stepped by Megatron's DistributedOptimizer
 
 

@@ -20,3 +20,12 @@ def test_megatron_fsdp_refuses_a_dp_reshardable_optimizer_state():
     check_optimizer_format({"optimizer_format": "fully_reshardable"}, True, layout, layout, Path("c"), True)
     with pytest.raises(ConfigError, match="--use-megatron-fsdp.*dp_reshardable.*--dist-ckpt-optim-fully-reshardable"):
         check_optimizer_format({"optimizer_format": "dp_reshardable"}, True, layout, layout, Path("c"), True)
+
+
+def test_megatron_fsdp_checkpoints_beside_tp_are_refused_in_one_line(tiny_dataset):
+    from dit.training.arguments import load_run_config
+    from tests.tiny_data import TINY_RUN
+
+    with pytest.raises(ConfigError, match="--use-megatron-fsdp.*checkpoints"):
+        load_run_config(TINY_RUN + ["--data-path", tiny_dataset, "--use-megatron-fsdp", "--save", "/tmp/x",
+                                    "--tensor-model-parallel-size", "2"], 4)
