@@ -39,12 +39,16 @@ from dit.training.run_config import OptimizerConfig
 def wrap_model_fsdp(model: DiTModel, config: DiTConfig, optim: OptimizerConfig) -> FullyShardedDataParallel:
     """Megatron-FSDP over ``model``; the schedule finalises gradients through ``config`` as under DDP."""
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=True, use_megatron_fsdp=True,
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=True,
+        use_megatron_fsdp=True,
         data_parallel_sharding_strategy="optim_grads_params",
         # the layer-by-layer gathers and reductions run beside compute (FSDP's own prefetch)
-        overlap_grad_reduce=True, overlap_param_gather=True,
+        overlap_grad_reduce=True,
+        overlap_param_gather=True,
         # gloo has no PREMUL_SUM (scale inside the reduction): on CPU the gradients are scaled, then summed
-        gradient_reduce_div_fusion=not cpu_backend.is_active())
+        gradient_reduce_div_fusion=not cpu_backend.is_active(),
+    )
     device = None if torch.cuda.is_available() else torch.device("cpu")  # None: the current GPU, as Megatron-LM
     with cpu_backend.cuda_ordinal_device():
         fsdp = FullyShardedDataParallel(config, ddp_config, model, device=device)
@@ -88,7 +92,7 @@ def whole(shard: Shard, local: torch.Tensor) -> torch.Tensor:
     """The whole (TP-local) parameter-shaped tensor of which ``local`` is this rank's slice: the slices summed
     into place over the DP group (each element lives on exactly one rank)."""
     full = torch.zeros(shard.param.numel(), dtype=local.dtype, device=local.device)
-    full[shard.start:shard.end] = local.view(-1)
+    full[shard.start : shard.end] = local.view(-1)
     dist.all_reduce(full, group=shard.group)
     return full.view(shard.param.shape)
 
@@ -108,8 +112,11 @@ def with_data(model: dict, slots: list[Shard], is_loading: bool) -> dict:
     by_name = {s.name: s for s in slots}
     out = dict(model)
     for k, s in by_name.items():
-        data = torch.empty(s.param.shape, dtype=s.param.dtype, device=s.main.device) if is_loading \
+        data = (
+            torch.empty(s.param.shape, dtype=s.param.dtype, device=s.main.device)
+            if is_loading
             else whole(s, s.main).to(s.param.dtype)
+        )
         out[k] = replace(model[k], data=data)
     return out
 
@@ -126,12 +133,21 @@ def optimizer_sharded_state(optimizer: MegatronOptimizer, model: dict, slots: li
         tensors = {"param": s.main}
         tensors.update({k: v.to_local() for k, v in chained.optimizer.state[s.dist_param].items() if k in _MOMENTS})
         param_state[i] = {
-            k: replace(sh, key=f"optimizer.state.{k}.{sh.key}", dtype=torch.float32,
-                       data=torch.empty(s.param.shape, dtype=torch.float32, device=s.main.device) if is_loading
-                       else whole(s, v.float()))
-            for k, v in tensors.items()}
-    return {"optimizer": {"param_groups": _param_groups(chained.optimizer)}, "param_state": param_state,
-            "param_state_sharding_type": "fully_reshardable"}
+            k: replace(
+                sh,
+                key=f"optimizer.state.{k}.{sh.key}",
+                dtype=torch.float32,
+                data=torch.empty(s.param.shape, dtype=torch.float32, device=s.main.device)
+                if is_loading
+                else whole(s, v.float()),
+            )
+            for k, v in tensors.items()
+        }
+    return {
+        "optimizer": {"param_groups": _param_groups(chained.optimizer)},
+        "param_state": param_state,
+        "param_state_sharding_type": "fully_reshardable",
+    }
 
 
 def _param_groups(adam: torch.optim.Optimizer) -> list[dict]:
@@ -149,7 +165,7 @@ def load_weights(slots: list[Shard], model: dict) -> None:
     """Each rank's slice of the loaded whole weights into the main weights (publish them into the model after)."""
     with torch.no_grad():
         for s in slots:
-            s.main.copy_(model[s.name].view(-1)[s.start:s.end])
+            s.main.copy_(model[s.name].view(-1)[s.start : s.end])
 
 
 def load_optimizer(optimizer: MegatronOptimizer, slots: list[Shard], loaded: dict) -> None:
@@ -160,10 +176,10 @@ def load_optimizer(optimizer: MegatronOptimizer, slots: list[Shard], loaded: dic
     with torch.no_grad():
         for i, s in enumerate(slots):
             tensors = loaded["param_state"][i]
-            s.main.copy_(tensors["param"].view(-1)[s.start:s.end])
+            s.main.copy_(tensors["param"].view(-1)[s.start : s.end])
             state = chained.optimizer.state[s.dist_param]
             for k in _MOMENTS:
-                state[k].to_local().view(-1).copy_(tensors[k].view(-1)[s.start:s.end])
+                state[k].to_local().view(-1).copy_(tensors[k].view(-1)[s.start : s.end])
     saved = {_group_id(g): g for g in loaded["optimizer"]["param_groups"]}
     for group in chained.optimizer.param_groups:
         group.update({k: v for k, v in saved[_group_id(group)].items() if k != "params"})

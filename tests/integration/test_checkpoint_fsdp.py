@@ -14,13 +14,30 @@ from tests.distributed import run_distributed
 from tests.model_setup import fsdp_main_weights, full_weights
 from tests.tiny_data import TINY_RUN, good_entries, write_dataset
 
-pytestmark = [pytest.mark.slow, pytest.mark.dist,
-              pytest.mark.skipif(megatron_fsdp_missing() is not None, reason=str(megatron_fsdp_missing()))]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.dist,
+    pytest.mark.skipif(megatron_fsdp_missing() is not None, reason=str(megatron_fsdp_missing())),
+]
 
-FLAGS = TINY_RUN + ["--lr", "1e-3", "--lr-decay-style", "constant", "--global-batch-size", "4", "--seed", "3",
-                    "--ema-decay", "0.5", "--train-iters", "4"]
-LAYOUTS = {"fsdp": ["--use-megatron-fsdp"],
-           "ddp": ["--use-distributed-optimizer", "--dist-ckpt-optim-fully-reshardable"]}
+FLAGS = TINY_RUN + [
+    "--lr",
+    "1e-3",
+    "--lr-decay-style",
+    "constant",
+    "--global-batch-size",
+    "4",
+    "--seed",
+    "3",
+    "--ema-decay",
+    "0.5",
+    "--train-iters",
+    "4",
+]
+LAYOUTS = {
+    "fsdp": ["--use-megatron-fsdp"],
+    "ddp": ["--use-distributed-optimizer", "--dist-ckpt-optim-fully-reshardable"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +53,21 @@ def _train(data_path: str, extra: list[str]) -> dict:
     setup = result.setup
 
     def weights() -> dict:
-        return (fsdp_main_weights(setup.model[0], setup.config) if run.optimizer.use_megatron_fsdp
-                else full_weights(setup.model[0].module, setup.config))
+        return (
+            fsdp_main_weights(setup.model[0], setup.config)
+            if run.optimizer.use_megatron_fsdp
+            else full_weights(setup.model[0].module, setup.config)
+        )
 
     trained = weights()
     with result.ema.applied():
         ema = weights()
-    return {"losses": {r.iteration: r.loss for r in result.history}, "weights": trained, "ema": ema,
-            "ema_updates": result.ema.updates}
+    return {
+        "losses": {r.iteration: r.loss for r in result.history},
+        "weights": trained,
+        "ema": ema,
+        "ema_updates": result.ema.updates,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +76,10 @@ def straight(dataset, tmp_path_factory):
     runs = {}
     for name, extra in LAYOUTS.items():
         ckpt = tmp_path_factory.mktemp(name) / "ckpt"
-        runs[name] = {"ckpt": str(ckpt), **run_distributed(_train, 2, dataset, extra + ["--save", str(ckpt),
-                                                                                      "--save-interval", "2"])[0]}
+        runs[name] = {
+            "ckpt": str(ckpt),
+            **run_distributed(_train, 2, dataset, extra + ["--save", str(ckpt), "--save-interval", "2"])[0],
+        }
     return runs
 
 
@@ -68,8 +94,13 @@ def test_a_checkpoint_resumes_under_fsdp_and_ddp(dataset, straight, tmp_path, so
     """Iteration 2 of the source, continued under the target, gives the source's steps 3 and 4: the weights, the
     Adam state, the EMA, the schedule and the data position all arrived whole (and the resumed run saves again)."""
     reference = straight[source]
-    results = run_distributed(_train, 2, dataset, LAYOUTS[target] + ["--load", reference["ckpt"], "--ckpt-step", "2",
-                                                                      "--save", str(tmp_path), "--save-interval", "2"])
+    results = run_distributed(
+        _train,
+        2,
+        dataset,
+        LAYOUTS[target]
+        + ["--load", reference["ckpt"], "--ckpt-step", "2", "--save", str(tmp_path), "--save-interval", "2"],
+    )
     for r in results:
         assert sorted(r["losses"]) == [3, 4]
         # fp32 on both sides; FSDP and DDP differ only in summation order

@@ -27,5 +27,16 @@ def test_megatron_fsdp_checkpoints_beside_tp_are_refused_in_one_line(tiny_datase
     from tests.tiny_data import TINY_RUN
 
     with pytest.raises(ConfigError, match="--use-megatron-fsdp.*checkpoints"):
-        load_run_config(TINY_RUN + ["--data-path", tiny_dataset, "--use-megatron-fsdp", "--save", "/tmp/x",
-                                    "--tensor-model-parallel-size", "2"], 4)
+        load_run_config(
+            TINY_RUN
+            + [
+                "--data-path",
+                tiny_dataset,
+                "--use-megatron-fsdp",
+                "--save",
+                "/tmp/x",
+                "--tensor-model-parallel-size",
+                "2",
+            ],
+            4,
+        )

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import pretrain_dit
-from dit.training.arguments import load_run_config
 from dit.errors import TrainingStopped
+from dit.training.arguments import load_run_config
 from dit.training.pretrain import pretrain
 from tests.distributed import run_distributed
 from tests.tiny_data import TINY_RUN, good_entries, write_dataset
@@ -26,6 +26,7 @@ def _poisoning_forward_step(poisoned: set[int]):
         if _calls["n"] in poisoned:
             output.register_hook(lambda grad: grad * float("nan"))
         return output, loss_func
+
     return forward_step
 
 
@@ -39,9 +40,13 @@ def _run(data_path: str, extra: list[str], poisoned: set[int]):
         return {"stopped": str(e), "calls": _calls["n"]}
     adam = result.setup.optimizer.chained_optimizers[0].optimizer
     steps = {int(s["step"]) for s in adam.state.values()}
-    return {"history": [(r.iteration, r.skipped, r.loss, r.grad_norm, r.learning_rate) for r in result.history],
-            "skipped": result.state.skipped_steps, "adam_steps": steps, "weights": _calls["weights"],
-            "final": {n: p.detach().clone() for n, p in result.setup.model[0].module.named_parameters()}}
+    return {
+        "history": [(r.iteration, r.skipped, r.loss, r.grad_norm, r.learning_rate) for r in result.history],
+        "skipped": result.state.skipped_steps,
+        "adam_steps": steps,
+        "weights": _calls["weights"],
+        "final": {n: p.detach().clone() for n, p in result.setup.model[0].module.named_parameters()},
+    }
 
 
 @pytest.fixture(scope="module")
