@@ -199,9 +199,11 @@ def pretrain(args: argparse.Namespace, hooks: Hooks) -> TrainResult:
     loader = hooks.train_data_provider(args)
     state = TrainState()
     try:
-        path = find_checkpoint(args.load or args.save, args.ckpt_step, flag="--load" if args.load else "--save",
-                               required=bool(args.load), fix="point it at a --save folder of an earlier run, or "
-                                                             "drop --load to start from scratch")
+        path = None
+        if args.load or args.save:
+            path = find_checkpoint(args.load or args.save, args.ckpt_step, flag="--load" if args.load else "--save",
+                                   required=bool(args.load), fix="point it at a --save folder of an earlier run, or "
+                                                                 "drop --load to start from scratch")
         if path is not None:
             load_checkpoint(setup, state, loader, ema, path, LoadChoices.from_args(args))
         validator = None
