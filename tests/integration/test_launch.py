@@ -15,7 +15,7 @@ from dit.errors import ConfigError
 from tests.tiny_data import good_entries, write_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--num-layers", "2", "--hidden-size", "48", "--num-attention-heads", "4", "--latent-channels", "4",
+TINY = ["--model-size", "DiT-debug", "--latent-channels", "4",
         "--text-embed-dim", "8", "--max-seq-length", "32", "--num-workers", "0"]
 TORCHRUN_LAUNCHES = 2  # one per mistake below; the 20 in a row of docs/command_line.md were measured by hand (command there)
 
