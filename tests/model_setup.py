@@ -22,8 +22,9 @@ from dit.model.model import DiTModel
 from dit.model.packed import PackedBatch, thd_partition_indices
 from dit.model.patchify import patchify
 from dit.runtime import distributed as runtime
+from dit.model.sizes import MODEL_SIZES
 
-TINY = dict(num_layers=2, hidden_size=48, num_attention_heads=4, latent_channels=4, patch_size=2,
+TINY = dict(**MODEL_SIZES["DiT-debug"]._asdict(), latent_channels=4, patch_size=2,
             text_embed_dim=16, num_classes=10, use_cpu_initialization=True, transformer_impl="local")
 
 # fp32 on both sides; the parallel run differs only in summation order (split matmuls, all-reduces,

@@ -35,11 +35,11 @@ FLAGS = ["--max-seq-length", "32", "--patch-size", "2", "--latent-channels", "4"
 
 Entry = tuple[str, dict[str, bytes]]
 
-# pretrain_dit.py flags of a tiny DiT for these datasets (head dim 12: 3D RoPE gives t, h and w a pair each);
+# pretrain_dit.py flags of the DiT-debug size (dit/sizes.py) for these datasets;
 # tests add their own after these (argparse keeps the last value)
-TINY_RUN = ["--num-layers", "2", "--hidden-size", "48", "--num-attention-heads", "4", "--latent-channels", "4",
-            "--patch-size", "2", "--text-embed-dim", "8", "--max-seq-length", "32", "--packing-buffer-size", "8",
-            "--num-workers", "0", "--transformer-impl", "local", "--log-interval", "1"]
+TINY_RUN = ["--model-size", "DiT-debug", "--latent-channels", "4", "--patch-size", "2", "--text-embed-dim", "8",
+            "--max-seq-length", "32", "--packing-buffer-size", "8", "--num-workers", "0", "--transformer-impl", "local",
+            "--log-interval", "1"]
 
 
 def payloads(shape: tuple[int, ...], *, seed: int = 0, dtype: torch.dtype = torch.float32, text_len: int = 3,

@@ -21,7 +21,7 @@ from tests.tiny_data import payloads, write_dataset
 
 pytestmark = pytest.mark.dist
 
-FLAGS = ["--num-layers", "2", "--hidden-size", "48", "--num-attention-heads", "4", "--latent-channels", "4",
+FLAGS = ["--model-size", "DiT-debug", "--latent-channels", "4",
          "--patch-size", "2", "--text-embed-dim", "8", "--max-seq-length", "64", "--packing-buffer-size", "16",
          "--num-workers", "0", "--transformer-impl", "local", "--seed", "7"]
 

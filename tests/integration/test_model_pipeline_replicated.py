@@ -15,7 +15,7 @@ from tests.model_setup import global_name
 
 pytestmark = pytest.mark.dist
 
-FLAGS = ["--num-layers", "2", "--hidden-size", "48", "--num-attention-heads", "4", "--latent-channels", "4",
+FLAGS = ["--model-size", "DiT-debug", "--latent-channels", "4",
          "--text-embed-dim", "16", "--transformer-impl", "local", "--fps-conditioning"]
 CONDITIONING = ("t_embedder.", "fps_embedder.", "text_projection.")
 

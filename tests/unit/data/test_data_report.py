@@ -118,6 +118,7 @@ def test_user_mistakes_are_one_line_naming_the_flag_and_exit_2(tmp_path, mixed_d
     assert result.stderr.startswith(f"data.report: error: {flag}: ") and result.stderr.count("\n") == 1, result.stderr
 
 
+@pytest.mark.slow  # 40-85 s in the one-process tier on the loaded 2-core machine
 def test_report_shows_no_library_warnings_and_names_itself_in_flag_mistakes(mixed_dataset):
     ok = _report(str(mixed_dataset), "--max-seq-length", "32", "--patch-size", "2", "--latent-channels", "4",
                  "--text-embed-dim", "8", "--packing-buffer-size", "6")

@@ -68,9 +68,9 @@ def test_a_run_that_trained_is_not_stopped_by_a_long_stretch_of_skips(tmp_path):
 
 
 def test_a_launch_whose_every_sample_is_oversize_stops_with_one_line(oversize_dataset):
-    out = subprocess.run([sys.executable, str(ROOT / "pretrain_dit.py"), "--num-layers", "2", "--hidden-size", "48",
-                          "--num-attention-heads", "4", "--latent-channels", "4", "--text-embed-dim", "8",
-                          "--max-seq-length", "12", "--num-workers", "0", "--data-path", str(oversize_dataset)],
+    out = subprocess.run([sys.executable, str(ROOT / "pretrain_dit.py"), "--model-size", "DiT-debug",
+                          "--latent-channels", "4", "--text-embed-dim", "8", "--max-seq-length", "12",
+                          "--num-workers", "0", "--data-path", str(oversize_dataset)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr == (f"pretrain_dit.py: error: --max-seq-length: none of the 12 samples probed in {oversize_dataset} "

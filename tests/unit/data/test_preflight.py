@@ -14,7 +14,7 @@ from dit.training.arguments import load_run_config
 from dit.errors import ConfigError
 from tests.tiny_data import FMT, good_entries, payloads, torch_bytes, with_members, write_dataset
 
-FLAGS = ["--num-layers", "2", "--hidden-size", "48", "--num-attention-heads", "4", "--latent-channels", "4",
+FLAGS = ["--model-size", "DiT-debug", "--latent-channels", "4",
          "--text-embed-dim", "8", "--max-seq-length", "32", "--num-workers", "0"]
 
 

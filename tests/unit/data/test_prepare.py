@@ -215,6 +215,7 @@ def test_video_vae_compresses_time(models, tmp_path):
     torch.testing.assert_close(image["pth"].float(), (z - MEAN) / STD, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.slow  # 40-85 s in the one-process tier on the loaded 2-core machine
 def test_resume_writes_only_missing_shards(models, tmp_path, monkeypatch, capsys):
     inp, out = tmp_path / "in", tmp_path / "out"
     inp.mkdir()

@@ -12,7 +12,7 @@ from dit.training.arguments import build_parser, load_run_config
 from dit.errors import ConfigError
 
 # a launch that passes every check on the tiny dataset ({dataset} stands for its folder)
-BASE = ["--num-layers", "2", "--hidden-size", "48", "--num-attention-heads", "4", "--latent-channels", "4",
+BASE = ["--model-size", "DiT-debug", "--latent-channels", "4",
         "--text-embed-dim", "8", "--max-seq-length", "32", "--num-workers", "0", "--data-path", "{dataset}"]
 SHARD = "{dataset}/shard_000000.tar"  # an existing file that is not a dataset or a directory
 
