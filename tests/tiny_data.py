@@ -35,7 +35,7 @@ FLAGS = ["--max-seq-length", "32", "--patch-size", "2", "--latent-channels", "4"
 
 Entry = tuple[str, dict[str, bytes]]
 
-# pretrain_dit.py flags of the DiT-debug size (dit/sizes.py) for these datasets;
+# pretrain_dit.py flags of the DiT-debug size (dit/model/sizes.py) for these datasets;
 # tests add their own after these (argparse keeps the last value)
 TINY_RUN = ["--model-size", "DiT-debug", "--latent-channels", "4", "--patch-size", "2", "--text-embed-dim", "8",
             "--max-seq-length", "32", "--packing-buffer-size", "8", "--num-workers", "0", "--transformer-impl", "local",

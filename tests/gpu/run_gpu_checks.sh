@@ -132,7 +132,7 @@ else
 fi
 
 # 6. Megatron-FSDP (megatron-core 0.17+) on every GPU (DP = their count), bf16: proven against DDP on the CPU over
-#    gloo (tests/test_training_layouts.py); here its GPU path (NCCL, side streams, PREMUL_SUM) trains 10 steps
+#    gloo (tests/integration/test_training_layouts.py); here its GPU path (NCCL, side streams, PREMUL_SUM) trains 10 steps
 fsdp_missing=$("$python" -c "from dit.mcore019 import megatron_fsdp_missing as m; print(m() or '')" 2>&1)
 if [ -z "$fsdp_missing" ]; then
     ranks=$( ((dry)) && echo 2 || "$python" -c "import torch; print(torch.cuda.device_count())")
