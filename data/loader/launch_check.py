@@ -66,7 +66,7 @@ class Launch:
 
 
 def check_launch(run: RunConfig) -> Launch:
-    """Every check a checked run (``dit.arguments.run_config``) can still make before it starts: its layout
+    """Every check a checked run (``dit.training.arguments.run_config``) can still make before it starts: its layout
     against the sequence length, and the datasets themselves; raises :class:`ConfigError` on the first mistake."""
     config, world = run.model, run.world_size
     multiple = pad_multiple(config.context_parallel_size, config.tensor_model_parallel_size,

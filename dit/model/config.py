@@ -2,7 +2,7 @@
 it (:data:`ARCHITECTURE_FIELDS`), and a named size -> config (:func:`dit_config`, sizes in ``dit/model/sizes.py``).
 
 Its checks raise :class:`ConfigError` named after its own fields (``timestep_freq_shift``); the command
-line (``dit.arguments``) maps them to flags."""
+line (``dit.training.arguments``) maps them to flags."""
 
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ class DiTConfig(TransformerConfig):
 
     @property
     def active_fp8_recipe(self) -> str | None:
-        """The FP8 recipe whose shape rule the packs follow, None without FP8 (``dit.fp8.active_recipe``)."""
+        """The FP8 recipe whose shape rule the packs follow, None without FP8 (``dit.model.fp8.active_recipe``)."""
         return active_recipe(self.fp8, self.fp8_recipe)
 
     @property

@@ -196,7 +196,7 @@ class TrainingLoop:
 
 
 def pretrain(run: RunConfig, hooks: Hooks) -> TrainResult:
-    """Train the run (``dit.arguments.run_config``), from ``--load`` / ``--save`` when they hold a checkpoint.
+    """Train the run (``dit.training.arguments.run_config``), from ``--load`` / ``--save`` when they hold a checkpoint.
     The process groups stay up for the caller (tests read the model)."""
     setup = setup_training(run, hooks)
     evaluation = run.evaluation
