@@ -12,6 +12,7 @@ from dit.diffusion.config import ObjectiveConfig
 from dit.errors import ConfigError
 from dit.model.config import DiTConfig
 
+
 def model_description(config: DiTConfig, objective: ObjectiveConfig | None = None) -> dict[str, Any]:
     """What every checkpoint stores about its model, training's and ``dit.convert import``'s alike: the
     architecture, and the objective where one trained it."""
@@ -39,5 +40,5 @@ def saved_architecture(common: dict[str, Any], path: Path) -> dict[str, Any]:
 
 def saved_objective(common: dict[str, Any]) -> ObjectiveConfig | None:
     """The objective a checkpoint was trained with (None: an imported model, trained elsewhere)."""
-    saved = common.get("objective") if "model_config" in common else common["args"]
+    saved = common.get("objective") if "model_config" in common else common.get("args")  # None: an old import
     return None if saved is None else ObjectiveConfig.from_dict(saved)
