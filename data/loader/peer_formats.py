@@ -27,7 +27,7 @@ NORMALISATIONS = {
     "text_converted_to_float32": "a float64, float128 or big-endian text embedding converted to float32",
     "text_zero_padding_trimmed": "trailing all-zero rows (padding) dropped from the text embedding",
     "text_padding_not_zero": "a text embedding of a writer's fixed length whose last row is not zero: padding that "
-                             "is not zeros (Flux's T5 outputs) cannot be told from text, so every row is kept",
+    "is not zeros (Flux's T5 outputs) cannot be told from text, so every row is kept",
     "no_caption": "no caption in the .json (training never reads it)",
     "sizes_contradict_latent": "size fields of the .json contradict the latent; the latent's shape is used",
 }

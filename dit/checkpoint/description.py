@@ -12,6 +12,7 @@ from dit.diffusion.config import ObjectiveConfig
 from dit.errors import ConfigError
 from dit.model.config import DiTConfig
 
+
 def model_description(config: DiTConfig, objective: ObjectiveConfig | None = None) -> dict[str, Any]:
     """What every checkpoint stores about its model, training's and ``dit.convert import``'s alike: the
     architecture, and the objective where one trained it."""
@@ -33,8 +34,10 @@ def saved_architecture(common: dict[str, Any], path: Path) -> dict[str, Any]:
     legacy = path / LEGACY_IMPORT_CONFIG
     if legacy.is_file():
         return json.loads(legacy.read_text())
-    raise ConfigError("--load", f"{path} stores no model architecture: it was not written by pretrain_dit.py "
-                                "or python -m dit.convert import")
+    raise ConfigError(
+        "--load",
+        f"{path} stores no model architecture: it was not written by pretrain_dit.py or python -m dit.convert import",
+    )
 
 
 def saved_objective(common: dict[str, Any]) -> ObjectiveConfig | None:

@@ -24,8 +24,11 @@ def saved_ema_layout(common: dict, path: Path, flag: str) -> str | None:
     if common.get("ema") is None:
         return None
     if "layout" not in common["ema"]:
-        raise ConfigError(flag, f"the checkpoint {path} keeps its EMA in the optimizer state, as this recipe did "
-                                "before 2026-12; pass --no-load-optim (training) or --no-ema (sampling, export)")
+        raise ConfigError(
+            flag,
+            f"the checkpoint {path} keeps its EMA in the optimizer state, as this recipe did "
+            "before 2026-12; pass --no-load-optim (training) or --no-ema (sampling, export)",
+        )
     return common["ema"]["layout"]
 
 
@@ -38,10 +41,14 @@ def load_model_weights(model: torch.nn.Module, path: Path, use_ema: bool) -> str
     sharded = model.sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group(None))
     if use_ema:
         if layout == DP_SHARDS:
-            raise ConfigError("--no-ema", f"the EMA of {path} is sharded like the distributed optimizer's "
-                                          "dp_reshardable state, which only a training run of its layout reads; pass "
-                                          "--no-ema, or train with --dist-ckpt-optim-fully-reshardable")
-        sharded = {k: replace(v, key="ema." + v.key) if isinstance(v, ShardedTensor) else v
-                   for k, v in sharded.items()}  # not the _extra_state objects, which stay the model's
+            raise ConfigError(
+                "--no-ema",
+                f"the EMA of {path} is sharded like the distributed optimizer's "
+                "dp_reshardable state, which only a training run of its layout reads; pass "
+                "--no-ema, or train with --dist-ckpt-optim-fully-reshardable",
+            )
+        sharded = {
+            k: replace(v, key="ema." + v.key) if isinstance(v, ShardedTensor) else v for k, v in sharded.items()
+        }  # not the _extra_state objects, which stay the model's
     model.load_state_dict(dist_checkpointing.load({"model": sharded}, str(path))["model"])
     return "EMA" if use_ema else "raw"

@@ -36,8 +36,15 @@ def per_sample_loss(prediction: Tensor, target: Tensor, batch: PackedBatch, cp_g
     return sums / counts
 
 
-def microbatch_loss(prediction: Tensor, *, target: Tensor, batch: PackedBatch, cp_group: dist.ProcessGroup,
-                    samples_per_microbatch: float, weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+def microbatch_loss(
+    prediction: Tensor,
+    *,
+    target: Tensor,
+    batch: PackedBatch,
+    cp_group: dist.ProcessGroup,
+    samples_per_microbatch: float,
+    weights: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Megatron's ``loss_func`` (bind all but ``prediction`` with ``functools.partial``).
 
     ``samples_per_microbatch`` = samples in the global batch / (micro-batches x DP size). Megatron's

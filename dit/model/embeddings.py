@@ -21,8 +21,9 @@ from dit.runtime.distributed import current_device
 FREQUENCY_EMBEDDING_SIZE = 256  # sinusoid width of a scalar before its MLP, as in DiT
 
 
-def sinusoid(values: Tensor, dim: int, *, cos_first: bool = True, freq_shift: float = 0.0,
-             dtype: torch.dtype = torch.float32) -> Tensor:
+def sinusoid(
+    values: Tensor, dim: int, *, cos_first: bool = True, freq_shift: float = 0.0, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """``[n]`` scalars -> ``[n, dim]`` features [cos | sin] ([sin | cos] unless ``cos_first``) in ``dtype``, at
     frequencies ``10000^(-i / (dim/2 - freq_shift))`` for i < dim/2 (the DiT paper's and diffusers' formula)."""
     half = dim // 2
@@ -72,8 +73,10 @@ class ScalarEmbedder(MegatronModule):
         super().__init__(config=config)
         self.freq_shift = freq_shift  # DiTConfig.timestep_freq_shift for the timestep
         self.mlp = nn.Sequential(
-            nn.Linear(FREQUENCY_EMBEDDING_SIZE, config.hidden_size, dtype=config.params_dtype), nn.SiLU(),
-            nn.Linear(config.hidden_size, config.hidden_size, dtype=config.params_dtype))
+            nn.Linear(FREQUENCY_EMBEDDING_SIZE, config.hidden_size, dtype=config.params_dtype),
+            nn.SiLU(),
+            nn.Linear(config.hidden_size, config.hidden_size, dtype=config.params_dtype),
+        )
         mark_pipeline_replicated(self)
 
     def forward(self, values: Tensor) -> Tensor:
@@ -152,8 +155,10 @@ class SinCos3D(nn.Module):
         limits = [table.shape[0] for table in (self.table_t, self.table_h, self.table_w)]
         largest = grid_sizes.amax(0).tolist() if grid_sizes.numel() else [0, 0, 0]
         if any(n > limit for n, limit in zip(largest, limits)):
-            raise ValueError(f"latent grids up to {largest} exceed the sin-cos table of max_latent_grid={limits}; "
-                             "raise --max-latent-grid")
+            raise ValueError(
+                f"latent grids up to {largest} exceed the sin-cos table of max_latent_grid={limits}; "
+                "raise --max-latent-grid"
+            )
 
     def forward(self, positions: Tensor) -> Tensor:
         """``[S, 3]`` int (t, h, w) -> ``[S, h]`` fp32; see :meth:`check_grids`."""

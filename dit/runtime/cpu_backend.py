@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -82,7 +83,7 @@ class _HostStream:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         pass
 
-    def __enter__(self) -> "_HostStream":
+    def __enter__(self) -> _HostStream:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -129,7 +130,6 @@ def _tracker_class():
                 torch.set_rng_state(outer)
 
     return CPURNGStatesTracker
-
 
 
 @contextlib.contextmanager

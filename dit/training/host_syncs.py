@@ -22,10 +22,11 @@ from __future__ import annotations
 import sys
 import warnings
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import CodeType
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -42,11 +43,23 @@ _TORCH = str(Path(torch.__file__).parent)
 
 # Reads of the tensor whatever the arguments; repeat_interleave, moves and indexing are judged by their arguments.
 _READS = {
-    Tensor.item: "item", Tensor.tolist: "tolist", Tensor.__bool__: "bool", Tensor.__int__: "int",
-    Tensor.__float__: "float", Tensor.__index__: "index", Tensor.nonzero: "nonzero", torch.nonzero: "nonzero",
-    Tensor.numpy: "numpy", Tensor.cpu: "cpu", Tensor.masked_select: "masked_select",
-    torch.masked_select: "masked_select", Tensor.unique: "unique", torch.unique: "unique", torch.equal: "equal",
-    torch.allclose: "allclose", Tensor.__array__: "numpy",
+    Tensor.item: "item",
+    Tensor.tolist: "tolist",
+    Tensor.__bool__: "bool",
+    Tensor.__int__: "int",
+    Tensor.__float__: "float",
+    Tensor.__index__: "index",
+    Tensor.nonzero: "nonzero",
+    torch.nonzero: "nonzero",
+    Tensor.numpy: "numpy",
+    Tensor.cpu: "cpu",
+    Tensor.masked_select: "masked_select",
+    torch.masked_select: "masked_select",
+    Tensor.unique: "unique",
+    torch.unique: "unique",
+    torch.equal: "equal",
+    torch.allclose: "allclose",
+    Tensor.__array__: "numpy",
 }
 
 
@@ -130,8 +143,7 @@ class HostSyncCounter(TorchFunctionMode):
 
     def by_site(self, **where: bool) -> Counter[str]:
         """``op at site`` -> count, over the reads whose flags (``inside``, ``backward``) match ``where``."""
-        return Counter(f"{r.op} at {r.site}" for r in self.reads
-                       if all(getattr(r, k) == v for k, v in where.items()))
+        return Counter(f"{r.op} at {r.site}" for r in self.reads if all(getattr(r, k) == v for k, v in where.items()))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -166,8 +178,11 @@ class HostSyncCounter(TorchFunctionMode):
         if func in (torch.repeat_interleave, Tensor.repeat_interleave):
             repeats = args[1] if len(args) > 1 else kwargs.get("repeats", args[0] if args else None)
             sized = kwargs.get("output_size") is not None
-            return "repeat_interleave without output_size" if (
-                isinstance(repeats, Tensor) and self.is_device(repeats) and not sized) else None
+            return (
+                "repeat_interleave without output_size"
+                if (isinstance(repeats, Tensor) and self.is_device(repeats) and not sized)
+                else None
+            )
         if target is not None:
             return "copy to host" if from_device and _is_host(target) else None
         if func in (Tensor.__getitem__, Tensor.__setitem__) and from_device:
@@ -183,8 +198,14 @@ class HostSyncCounter(TorchFunctionMode):
             inside, probe = probe.f_code in self.inside, probe.f_back
         self.reads.append(HostRead(op, _site(frame), inside, self._backward))
 
-    def _run_backward(self, tensors: Tensor | tuple[Tensor, ...], grad_tensors: Any = None,
-                      retain_graph: bool | None = None, create_graph: bool = False, inputs: Any = None) -> None:
+    def _run_backward(
+        self,
+        tensors: Tensor | tuple[Tensor, ...],
+        grad_tensors: Any = None,
+        retain_graph: bool | None = None,
+        create_graph: bool = False,
+        inputs: Any = None,
+    ) -> None:
         """``torch.autograd.backward`` with this mode on, through the engine call Megatron's ``custom_backward``
         makes (calling ``torch.autograd.backward`` again would reach the modes and run with them popped)."""
         tensors = (tensors,) if isinstance(tensors, Tensor) else tuple(tensors)
@@ -195,8 +216,14 @@ class HostSyncCounter(TorchFunctionMode):
         try:
             with self:
                 Variable._execution_engine.run_backward(
-                    tensors, grads, create_graph if retain_graph is None else retain_graph, create_graph, inputs,
-                    allow_unreachable=True, accumulate_grad=True)
+                    tensors,
+                    grads,
+                    create_graph if retain_graph is None else retain_graph,
+                    create_graph,
+                    inputs,
+                    allow_unreachable=True,
+                    accumulate_grad=True,
+                )
         finally:
             self._backward = False
 

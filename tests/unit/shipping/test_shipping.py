@@ -6,9 +6,8 @@ import tomllib
 from importlib.metadata import version
 
 import pytest
-from packaging.version import Version
-
 from packaging.requirements import Requirement
+from packaging.version import Version
 
 from tests.launch import ROOT
 
