@@ -20,9 +20,13 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dit.errors import ConfigError, flag_error
 from dit.runtime.console import quiet_library_warnings, user_error
+
+if TYPE_CHECKING:
+    import torch
 
 PROG = "python -m dit.generate"
 

@@ -5,9 +5,10 @@ reads ``loader.stats`` at its log interval, and stores ``loader.state_dict()`` i
 a loader restored with :meth:`DiTDataLoader.load_state_dict` yields exactly the next pack.
 
 No silent hang: a loader worker process that dies (killed for memory, a crash in a library) ends
-the run with one line (:func:`worker_died`) instead of a traceback, or a wait. When every sample is skipped (all longer than ``--max-seq-length``, say) energon
-would keep filling packing buffers forever. Once this process has read :func:`stall_limit`
-samples without one it could train, the loader stops the run with one line naming the likely flag.
+the run with one line (:func:`worker_died`) instead of a traceback, or a wait. When every sample is
+skipped (all longer than ``--max-seq-length``, say) energon would keep filling packing buffers forever.
+Once this process has read :func:`stall_limit` samples without one it could train, the loader stops
+the run with one line naming the likely flag.
 """
 
 from __future__ import annotations

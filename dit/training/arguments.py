@@ -570,7 +570,8 @@ def _check_parallel(args: argparse.Namespace, world_size: int) -> None:
 
 
 def _check_megatron_fsdp(args: argparse.Namespace) -> None:
-    """What Megatron-FSDP runs with here: proven against DDP with DP, TP and CP (tests/integration/test_training_layouts.py)."""
+    """What Megatron-FSDP runs with here: proven against DDP with DP, TP and CP
+    (tests/integration/test_training_layouts.py)."""
     if not args.use_megatron_fsdp:
         return
     from dit.runtime.mcore019 import megatron_fsdp_missing

@@ -9,8 +9,8 @@ a GPU would live, on the device:
 - on a GPU: any CUDA tensor;
 - on the CPU (``simulate=True``): tensors registered with :meth:`HostSyncCounter.on_device` (the model's
   parameters, buffers and gradient buffers, the optimizer's state), tensors moved or created with a CUDA device
-  (the step then runs with ``device = cuda``, which ``dit.runtime.cpu_backend`` maps to the CPU; a move copies, as it would
-  to GPU memory), and every tensor computed from one of those, whose ``.device`` then answers ``cuda``.
+  (the step then runs with ``device = cuda``, which ``dit.runtime.cpu_backend`` maps to the CPU; a move copies, as it
+  would to GPU memory), and every tensor computed from one of those, whose ``.device`` then answers ``cuda``.
   Everything else is host data (the loader's packs, their layout, the draws).
 
 Backward runs with the counter on (torch 2.13 runs ``torch.autograd.backward`` with the modes popped): reads
@@ -255,7 +255,8 @@ def count_iterations(loop: TrainingLoop, steps: int) -> HostSyncCounter:
     """Run ``steps`` iterations of the training loop under a counter whose ``inside`` is ``DiTLayer.forward``.
 
     Without a GPU the iterations run as on one (``simulate``): the step's device is ``cuda``, which
-    ``dit.runtime.cpu_backend`` maps to the CPU, and the model, the optimizer and the EMA are registered as device tensors.
+    ``dit.runtime.cpu_backend`` maps to the CPU, and the model, the optimizer and the EMA are registered as device
+    tensors.
     On a GPU, CUDA's own count comes too (``cuda_sync_warnings``: ``torch.cuda.set_sync_debug_mode("warn")``
     also sees syncs no Python call shows, such as blocking copies from pageable host memory).
     """

@@ -105,7 +105,8 @@ def test_lost_shards_pass_while_one_reads_and_fail_when_none_does(tmp_path):
         ),
         (
             ["--no-packing", "--max-seq-length", "30", "--context-parallel-size", "2"],
-            "--no-packing pads every sample to 30 tokens, which must split into multiples of 4 for this layout (cp=2); use 28",
+            "--no-packing pads every sample to 30 tokens, which must split into multiples of 4 for this layout (cp=2);"
+            " use 28",
         ),
     ],
 )

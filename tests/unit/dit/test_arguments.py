@@ -179,7 +179,8 @@ def test_data_path_mistakes(tmp_path, dataset):
         (lambda ds, tmp: (tmp / "m.yaml").write_text("- a\n") and tmp / "m.yaml", "is not an energon metadataset"),
         (
             lambda ds, tmp: (tmp / "e" / ".nv-meta").mkdir(parents=True) or tmp / "e",
-            ".nv-meta lacks dataset.yaml, split.yaml, .info.json, index.sqlite: an interrupted prepare? run `energon prepare",
+            ".nv-meta lacks dataset.yaml, split.yaml, .info.json, index.sqlite: an interrupted prepare?"
+            " run `energon prepare",
         ),
     ],
 )
