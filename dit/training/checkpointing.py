@@ -56,10 +56,10 @@ class Layout:
     @classmethod
     def current(cls) -> Layout:
         return cls(
-            ps.get_tensor_model_parallel_worldfolder_size(),
-            ps.get_pipeline_model_parallel_worldfolder_size(),
-            ps.get_context_parallel_worldfolder_size(),
-            ps.get_data_parallel_worldfolder_size(),
+            ps.get_tensor_model_parallel_world_size(),
+            ps.get_pipeline_model_parallel_world_size(),
+            ps.get_context_parallel_world_size(),
+            ps.get_data_parallel_world_size(),
         )
 
 
@@ -86,21 +86,21 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def _replica_rank() -> int:
     """This rank's place among the ranks of its DP replica (TP x CP x PP), which read the same packs."""
-    tp, cp = ps.get_tensor_model_parallel_worldfolder_size(), ps.get_context_parallel_worldfolder_size()
+    tp, cp = ps.get_tensor_model_parallel_world_size(), ps.get_context_parallel_world_size()
     return ps.get_tensor_model_parallel_rank() + tp * (
         ps.get_context_parallel_rank() + cp * ps.get_pipeline_model_parallel_rank()
     )
 
 
 def _per_rank(name: str, value: Any) -> ShardedObject:
-    return ShardedObject(name, value, (dist.get_worldfolder_size(),), (dist.get_rank(),), replica_id=0)
+    return ShardedObject(name, value, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
 
 
 def _per_replica(name: str, value: Any) -> ShardedObject:
     return ShardedObject(
         name,
         value,
-        (ps.get_data_parallel_worldfolder_size(),),
+        (ps.get_data_parallel_world_size(),),
         (ps.get_data_parallel_rank(),),
         replica_id=_replica_rank(),
     )
