@@ -110,7 +110,7 @@ class DiTConfig(TransformerConfig):
     )
 
     def __post_init__(self) -> None:
-        if self.pipeline_dtype is None:
+        if self.pipeline_dtype is None:  # type: ignore[has-type]  # a TransformerConfig field (Megatron, untyped here)
             self.pipeline_dtype = self.params_dtype  # stages exchange activations in the parameter dtype
         if self.pre_mlp_layernorm_epsilon is None:
             self.pre_mlp_layernorm_epsilon = self.layernorm_epsilon
