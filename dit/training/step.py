@@ -103,7 +103,7 @@ def raise_agreed_stop(stop: ConfigError | TrainingStopped | None) -> None:
         if isinstance(stop, ConfigError)
         else (None, str(stop))
     )
-    stops = [None] * ps.get_data_parallel_world_size()
+    stops: list[tuple[str | None, str] | None] = [None] * ps.get_data_parallel_world_size()
     dist.all_gather_object(stops, mine, group=ps.get_data_parallel_group())
     flag, message = next(s for s in stops if s is not None)
     raise ConfigError(flag, message) if flag is not None else TrainingStopped(message)
