@@ -10,8 +10,9 @@ objectives in dit/diffusion/, the data path in data/.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from functools import partial
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from dit.runtime.console import quiet_library_warnings
 from dit.training.hooks import Hooks
@@ -22,8 +23,8 @@ if TYPE_CHECKING:
 
     from data.loader.dataloader import DiTDataLoader
     from data.loader.launch_check import Launch
-    from dit.model.config import DiTConfig
     from dit.diffusion.microbatch import DiffusionMicroBatch
+    from dit.model.config import DiTConfig
     from dit.model.model import DiTModel
     from dit.training.run_config import RunConfig
 
@@ -31,7 +32,8 @@ quiet_library_warnings()
 
 
 def launch_check(run: RunConfig) -> Launch:
-    """The checked run against its layout and the dataset itself, before any process group (data/loader/launch_check.py)."""
+    """The checked run against its layout and the dataset itself, before any process group
+    (data/loader/launch_check.py)."""
     from data.loader.launch_check import check_launch
 
     return check_launch(run)
@@ -50,9 +52,14 @@ def loss_func(microbatch: DiffusionMicroBatch, output: Tensor) -> tuple[Tensor, 
 
     from dit.diffusion.loss import microbatch_loss
 
-    return microbatch_loss(output, target=microbatch.target, batch=microbatch.batch, weights=microbatch.weights,
-                           cp_group=parallel_state.get_context_parallel_group(),
-                           samples_per_microbatch=microbatch.samples_per_microbatch)
+    return microbatch_loss(
+        output,
+        target=microbatch.target,
+        batch=microbatch.batch,
+        weights=microbatch.weights,
+        cp_group=parallel_state.get_context_parallel_group(),
+        samples_per_microbatch=microbatch.samples_per_microbatch,
+    )
 
 
 def forward_step(data_iterator: Iterator[DiffusionMicroBatch], model: DiTModel):
@@ -76,8 +83,13 @@ def valid_data_provider(run: RunConfig) -> DiTDataLoader:
     return build_valid_loader(run)
 
 
-HOOKS = Hooks(launch_check=launch_check, model_provider=model_provider, forward_step=forward_step,
-              train_data_provider=train_data_provider, valid_data_provider=valid_data_provider)
+HOOKS = Hooks(
+    launch_check=launch_check,
+    model_provider=model_provider,
+    forward_step=forward_step,
+    train_data_provider=train_data_provider,
+    valid_data_provider=valid_data_provider,
+)
 
 if __name__ == "__main__":  # spawn-safe: dist checkpointing's writer re-imports __main__
     sys.exit(main(HOOKS))

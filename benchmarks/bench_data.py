@@ -38,8 +38,20 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 # the recipe's flags this benchmark sets (the packing report's layout); the command line overrides them
-DATA_FLAGS = ["--max-seq-length", "8192", "--patch-size", "2", "--temporal-patch-size", "1",
-              "--context-parallel-size", "2", "--packing-buffer-size", "200", "--num-workers", "2"]
+DATA_FLAGS = [
+    "--max-seq-length",
+    "8192",
+    "--patch-size",
+    "2",
+    "--temporal-patch-size",
+    "1",
+    "--context-parallel-size",
+    "2",
+    "--packing-buffer-size",
+    "200",
+    "--num-workers",
+    "2",
+]
 
 BASELINES = {  # data.report's comparison keys: what each packs like
     "nemo_dfm_pad64_packed": "NeMo/DFM: each sample padded to 64, FFD, our buffer",
@@ -52,14 +64,21 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, RunConfig]
     """(this benchmark's flags, the recipe's run config)."""
     from dit.training.arguments import loader_run_config, parse_args
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False,  # the recipe's flags pass through whole
-                                epilog="Other flags: pretrain_dit.py's data flags, defaults " + " ".join(DATA_FLAGS))
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # the recipe's flags pass through whole
+        epilog="Other flags: pretrain_dit.py's data flags, defaults " + " ".join(DATA_FLAGS),
+    )
     p.add_argument("--samples", type=int, default=1000, help="Samples of the synthetic dataset written.")
     p.add_argument("--video-fraction", type=float, default=0.3, help="Fraction of videos among them.")
     p.add_argument("--data-seed", type=int, default=0, help="Seed of the synthetic dataset's shapes and values.")
-    p.add_argument("--data", type=Path, default=None,
-                   help="Dataset folder: used as it is when energon indexed it already, else written there and kept.")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="Dataset folder: used as it is when energon indexed it already, else written there and kept.",
+    )
     p.add_argument("--rounds", type=int, default=1, help="Epochs through the loader (throughput: their median).")
     a, rest = p.parse_known_args(argv)
     return a, loader_run_config(parse_args(DATA_FLAGS + rest, prog="bench_data.py"))
@@ -78,36 +97,53 @@ def dataset(a: argparse.Namespace, tmp: str) -> tuple[Path, float | None]:
 
 
 def summarize(a: argparse.Namespace, reports: list[dict], write_s: float | None) -> dict:
-    from benchmarks.throughput import machine
     import torch
+
+    from benchmarks.throughput import machine
 
     first = reports[0]  # the packs and efficiencies are the same every round
     walls = [r["loader_wall_s"] for r in reports]
     ours = first["packing_efficiency"]
     baselines = {name: first["comparison"][name] for name in BASELINES}
     return {
-        "benchmark": "bench_data", "dataset": first["dataset"], "written_s": write_s,
-        "synthetic": None if write_s is None else {"samples": a.samples, "video_fraction": a.video_fraction,
-                                                   "seed": a.data_seed},
-        "layout": first["layout"], "max_seq_length": first["max_seq_length"],
-        "packing_buffer_size": first["packing_buffer_size"], "num_workers": first["num_workers"],
-        "rounds": len(reports), "samples_read": first["samples_read"], "samples_trained": first["samples_trained"],
-        "samples_skipped": first["samples_skipped"], "packs": first["packs"], "real_tokens": first["real_tokens"],
+        "benchmark": "bench_data",
+        "dataset": first["dataset"],
+        "written_s": write_s,
+        "synthetic": None
+        if write_s is None
+        else {"samples": a.samples, "video_fraction": a.video_fraction, "seed": a.data_seed},
+        "layout": first["layout"],
+        "max_seq_length": first["max_seq_length"],
+        "packing_buffer_size": first["packing_buffer_size"],
+        "num_workers": first["num_workers"],
+        "rounds": len(reports),
+        "samples_read": first["samples_read"],
+        "samples_trained": first["samples_trained"],
+        "samples_skipped": first["samples_skipped"],
+        "packs": first["packs"],
+        "real_tokens": first["real_tokens"],
         "loader_samples_per_s": first["samples_trained"] / statistics.median(walls),
         "loader_tokens_per_s": first["real_tokens"] / statistics.median(walls),
         "loader_tokens_per_s_rounds": [r["loader_tokens_per_s"] for r in reports],
         "loader_wall_s_rounds": walls,
-        "packing_efficiency": ours, "baselines": baselines,
+        "packing_efficiency": ours,
+        "baselines": baselines,
         "efficiency_ratio": {name: ours / value if value else None for name, value in baselines.items()},
-        "length_histogram": first["length_histogram"], "packing_buffer_mb": first["packing_buffer_mb"],
-        "load_average_1m": os.getloadavg()[0], "machine": machine(torch.device("cpu")),
+        "length_histogram": first["length_histogram"],
+        "packing_buffer_mb": first["packing_buffer_mb"],
+        "load_average_1m": os.getloadavg()[0],
+        "machine": machine(torch.device("cpu")),
     }
 
 
 def table(r: dict) -> str:
     lay, cap = r["layout"], r["max_seq_length"]
-    what = (f"{r['synthetic']['samples']} synthetic samples ({r['synthetic']['video_fraction']:.0%} video), "
-            f"written in {r['written_s']:.0f} s" if r["synthetic"] else r["dataset"])
+    what = (
+        f"{r['synthetic']['samples']} synthetic samples ({r['synthetic']['video_fraction']:.0%} video), "
+        f"written in {r['written_s']:.0f} s"
+        if r["synthetic"]
+        else r["dataset"]
+    )
     lines = [
         f"bench_data: {what}; cp={lay['cp']} tp={lay['tp']} -> samples padded to multiples of {lay['pad_multiple']}; "
         f"max-seq-length {cap}, packing buffer {r['packing_buffer_size']}, {r['num_workers']} loader workers",
@@ -118,13 +154,17 @@ def table(r: dict) -> str:
         "|---|---|---|",
         f"| this recipe (FFD, buffer {r['packing_buffer_size']}, padded to {lay['pad_multiple']}), measured "
         f"| {r['packing_efficiency']:.4f} | 1.000 |",
-        *(f"| {label} | {r['baselines'][name]:.4f} | {r['efficiency_ratio'][name]:.3f} |"
-          for name, label in BASELINES.items()),
+        *(
+            f"| {label} | {r['baselines'][name]:.4f} | {r['efficiency_ratio'][name]:.3f} |"
+            for name, label in BASELINES.items()
+        ),
         "",
         "| loader epoch (energon, task encoder, packing) | samples/s | real tokens/s | wall (s) |",
         "|---|---|---|---|",
-        *(f"| round {i} | {r['samples_trained'] / wall:,.0f} | {tokens:,.0f} | {wall:.1f} |"
-          for i, (tokens, wall) in enumerate(zip(r["loader_tokens_per_s_rounds"], r["loader_wall_s_rounds"]))),
+        *(
+            f"| round {i} | {r['samples_trained'] / wall:,.0f} | {tokens:,.0f} | {wall:.1f} |"
+            for i, (tokens, wall) in enumerate(zip(r["loader_tokens_per_s_rounds"], r["loader_wall_s_rounds"]))
+        ),
         f"| median | {r['loader_samples_per_s']:,.0f} | {r['loader_tokens_per_s']:,.0f} | "
         f"{statistics.median(r['loader_wall_s_rounds']):.1f} |",
         "",

@@ -34,9 +34,9 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -76,9 +76,11 @@ def peak_allocated_bytes(fn, device: torch.device = CPU) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    sizes = sorted((e.start_time_ns, e.extra_fields.alloc_size)
-                   for e in _allocations(prof.profiler.kineto_results.experimental_event_tree())
-                   if e.tag == _EventType.Allocation)
+    sizes = sorted(
+        (e.start_time_ns, e.extra_fields.alloc_size)
+        for e in _allocations(prof.profiler.kineto_results.experimental_event_tree())
+        if e.tag == _EventType.Allocation
+    )
     current = peak = 0
     for _, size in sizes:
         current += size
@@ -86,8 +88,9 @@ def peak_allocated_bytes(fn, device: torch.device = CPU) -> int:
     return peak
 
 
-def attention_peak_bytes(length: int, heads: int, head_dim: int, device: torch.device = CPU,
-                         dtype: torch.dtype = torch.float32) -> int:
+def attention_peak_bytes(
+    length: int, heads: int, head_dim: int, device: torch.device = CPU, dtype: torch.dtype = torch.float32
+) -> int:
     """Peak allocation of one PackedAttention forward over one sample of ``length`` tokens (single process)."""
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -97,11 +100,17 @@ def attention_peak_bytes(length: int, heads: int, head_dim: int, device: torch.d
     from dit.model.config import DiTConfig
 
     config = DiTConfig(num_layers=1, hidden_size=heads * head_dim, num_attention_heads=heads, transformer_impl="local")
-    attention = PackedAttention(config, 1, AttnMaskType.no_mask, "self",
-                                pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+    attention = PackedAttention(
+        config, 1, AttnMaskType.no_mask, "self", pg_collection=ProcessGroupCollection.use_mpu_process_groups()
+    )
     cu = torch.tensor([0, length], dtype=torch.int32)  # built on the host, as the model does, then moved
-    params = attention_params(PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                                              cu_seqlens_q_padded=cu, cu_seqlens_kv_padded=cu), cp=1, cp_rank=0)
+    params = attention_params(
+        PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu, cu_seqlens_kv_padded=cu
+        ),
+        cp=1,
+        cp_rank=0,
+    )
     params = params.to(device)
     qkv = torch.randn(length, 3, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
     q, k, v = qkv.unbind(1)  # [L, np, hn] each, as Megatron's linear_qkv split hands them over
@@ -114,9 +123,16 @@ def _diffusers_model(size: str, num_layers: int):
 
     heads, hidden = MODEL_SIZES[size].num_attention_heads, MODEL_SIZES[size].hidden_size
     torch.manual_seed(0)
-    theirs = DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=4,
-                                   out_channels=8, num_layers=num_layers, sample_size=32, patch_size=2,
-                                   num_embeds_ada_norm=1000)
+    theirs = DiTTransformer2DModel(
+        num_attention_heads=heads,
+        attention_head_dim=hidden // heads,
+        in_channels=4,
+        out_channels=8,
+        num_layers=num_layers,
+        sample_size=32,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+    )
     with torch.no_grad():  # diffusers zero-initialises adaLN; random weights make every layer work
         for param in theirs.parameters():
             param.normal_(0.0, 0.02)
@@ -132,8 +148,11 @@ def _ours_from(theirs, device: torch.device, **fields):
     from dit.model.model import DiTModel
 
     # on a GPU the layers are built there (TE's too) and not initialised: every weight is loaded next
-    placement = (dict(use_cpu_initialization=True) if device.type == "cpu"
-                 else dict(use_cpu_initialization=False, perform_initialization=False))
+    placement = (
+        dict(use_cpu_initialization=True)
+        if device.type == "cpu"
+        else dict(use_cpu_initialization=False, perform_initialization=False)
+    )
     config = convert.config_from_diffusers(dict(theirs.config), **placement, **fields)
     ours = DiTModel(config).to(device)
     convert.load_parameters(ours, convert.state_dict_from_diffusers(theirs.state_dict(), config))
@@ -148,8 +167,7 @@ class Inputs:
     batch: object  # dit.model.packed.PackedBatch of the n latents' tokens
 
     def to(self, device: torch.device) -> Inputs:
-        return Inputs(self.latents.to(device), self.timesteps.to(device), self.labels.to(device),
-                      self.batch.to(device))
+        return Inputs(self.latents.to(device), self.timesteps.to(device), self.labels.to(device), self.batch.to(device))
 
 
 def _inputs(n: int) -> Inputs:
@@ -162,9 +180,17 @@ def _inputs(n: int) -> Inputs:
     timesteps, labels = torch.randint(0, 1000, (n,), generator=g).float(), torch.randint(0, 1000, (n,), generator=g)
     tokens, positions = zip(*(patchify(x, 2) for x in latents))
     cu = torch.arange(n + 1, dtype=torch.int32) * LATENT_TOKENS
-    batch = PackedBatch(tokens=torch.cat(tokens), positions=torch.cat(positions), loss_mask=None, cu_seqlens=cu,
-                        cu_seqlens_padded=cu, text=torch.zeros(0, 1), cu_seqlens_text=torch.zeros_like(cu),
-                        grid_sizes=torch.tensor([[1, 16, 16]] * n), labels=labels)
+    batch = PackedBatch(
+        tokens=torch.cat(tokens),
+        positions=torch.cat(positions),
+        loss_mask=None,
+        cu_seqlens=cu,
+        cu_seqlens_padded=cu,
+        text=torch.zeros(0, 1),
+        cu_seqlens_text=torch.zeros_like(cu),
+        grid_sizes=torch.tensor([[1, 16, 16]] * n),
+        labels=labels,
+    )
     return Inputs(latents, timesteps, labels, batch)
 
 
@@ -183,6 +209,7 @@ def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 def _step(model, predict: Callable, x: Inputs) -> Callable[[], None]:
     """One training step: forward, mean-square loss, backward."""
+
     def step():
         model.zero_grad(set_to_none=True)
         predict(model, x).square().mean().backward()
@@ -211,8 +238,20 @@ def _variants(a: argparse.Namespace, device: torch.device, x: Inputs) -> list[Va
     bf16 = dict(bf16=True, params_dtype=torch.bfloat16)
     models = [("ours", _ours_from(theirs, device, transformer_impl=a.transformer_impl, **bf16), False)]
     if a.fp8_format:
-        models.append(("ours_fp8", _ours_from(theirs, device, transformer_impl="transformer_engine", fp8=a.fp8_format,
-                                              fp8_recipe=a.fp8_recipe, **bf16), True))
+        models.append(
+            (
+                "ours_fp8",
+                _ours_from(
+                    theirs,
+                    device,
+                    transformer_impl="transformer_engine",
+                    fp8=a.fp8_format,
+                    fp8_recipe=a.fp8_recipe,
+                    **bf16,
+                ),
+                True,
+            )
+        )
     del ours
     variants = []
     with torch.no_grad():
@@ -220,13 +259,21 @@ def _variants(a: argparse.Namespace, device: torch.device, x: Inputs) -> list[Va
             error = _relative_error(_predict_ours(model, x), reference)
             variants.append(Variant(name, _step(model, _predict_ours, x), fp8, error))
         theirs = theirs.to(torch.bfloat16)
-        variants.append(Variant("diffusers", _step(theirs, _predict_theirs, x), False,
-                                _relative_error(_predict_theirs(theirs, x), reference)))
+        variants.append(
+            Variant(
+                "diffusers",
+                _step(theirs, _predict_theirs, x),
+                False,
+                _relative_error(_predict_theirs(theirs, x), reference),
+            )
+        )
     for v in variants:
         limit = MAX_RELATIVE_ERROR["fp8" if v.fp8 else "bf16"]
         if not v.relative_error < limit:  # NaN fails too
-            raise SystemExit(f"bench_model: {v.name} differs from the fp32 models by {v.relative_error:.3g} "
-                             f"(relative; at most {limit}): not the same model")
+            raise SystemExit(
+                f"bench_model: {v.name} differs from the fp32 models by {v.relative_error:.3g} "
+                f"(relative; at most {limit}): not the same model"
+            )
     return variants
 
 
@@ -238,7 +285,7 @@ def _time_rounds(variants: list[Variant], rounds: int, sync) -> dict[str, list[f
         v.step()
     times: dict[str, list[float]] = {v.name: [] for v in variants}
     for r in range(rounds):
-        for v in variants[r % len(variants):] + variants[:r % len(variants)]:
+        for v in variants[r % len(variants) :] + variants[: r % len(variants)]:
             times[v.name].append(timed(v.step, sync))
     return times
 
@@ -250,16 +297,33 @@ def parse() -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--model-size", choices=list(MODEL_SIZES), default="DiT-S")
     p.add_argument("--num-layers", type=int, default=None, help="Override the size's layers (smoke tests).")
-    p.add_argument("--max-seq-length", type=int, default=8 * LATENT_TOKENS,
-                   help=f"Tokens a step: max-seq-length / {LATENT_TOKENS} latents of 32 x 32.")
+    p.add_argument(
+        "--max-seq-length",
+        type=int,
+        default=8 * LATENT_TOKENS,
+        help=f"Tokens a step: max-seq-length / {LATENT_TOKENS} latents of 32 x 32.",
+    )
     p.add_argument("--bf16", action="store_true", help="Both models in bf16 (checked against fp32 first).")
-    p.add_argument("--transformer-impl", choices=["transformer_engine", "local"], default=None,
-                   help="Our layers (default: local on CPU; on CUDA with --bf16 transformer_engine where it imports).")
-    p.add_argument("--fp8-format", choices=["e4m3", "hybrid"], default=None,
-                   help="Also time our model in FP8 (needs --bf16, Transformer Engine and a GPU).")
+    p.add_argument(
+        "--transformer-impl",
+        choices=["transformer_engine", "local"],
+        default=None,
+        help="Our layers (default: local on CPU; on CUDA with --bf16 transformer_engine where it imports).",
+    )
+    p.add_argument(
+        "--fp8-format",
+        choices=["e4m3", "hybrid"],
+        default=None,
+        help="Also time our model in FP8 (needs --bf16, Transformer Engine and a GPU).",
+    )
     p.add_argument("--fp8-recipe", default="delayed", help="FP8 scaling recipe (Megatron-Core's fp8_recipe).")
-    p.add_argument("--attention-lengths", type=int, nargs="+", default=list(SEQUENCE_LENGTHS),
-                   help="Sample lengths of the attention memory measurement.")
+    p.add_argument(
+        "--attention-lengths",
+        type=int,
+        nargs="+",
+        default=list(SEQUENCE_LENGTHS),
+        help="Sample lengths of the attention memory measurement.",
+    )
     a = p.parse_args()
     a.num_layers = a.num_layers or MODEL_SIZES[a.model_size].num_layers
     if a.max_seq_length < LATENT_TOKENS or a.max_seq_length % LATENT_TOKENS:
@@ -275,8 +339,8 @@ def main() -> None:
 
     select_device(args.device)
     torch.set_num_threads(args.threads)
-    from dit.runtime import distributed as runtime
     from dit.model.te import have_transformer_engine
+    from dit.runtime import distributed as runtime
     from dit.training.flops import forward_flops
 
     if args.transformer_impl is None:
@@ -294,14 +358,21 @@ def main() -> None:
     times = _time_rounds(variants, args.rounds, synchronizer(device))
     heads, hidden = MODEL_SIZES[args.model_size].num_attention_heads, MODEL_SIZES[args.model_size].hidden_size
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    memory = {length: attention_peak_bytes(length, heads, hidden // heads, device, dtype)
-              for length in args.attention_lengths}
+    memory = {
+        length: attention_peak_bytes(length, heads, hidden // heads, device, dtype) for length in args.attention_lengths
+    }
     runtime.destroy()
 
     from dit.model.config import DiTConfig
 
-    config = DiTConfig(num_layers=args.num_layers, hidden_size=hidden, num_attention_heads=heads, latent_channels=4,
-                       conditioning="class", transformer_impl="local")
+    config = DiTConfig(
+        num_layers=args.num_layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        latent_channels=4,
+        conditioning="class",
+        transformer_impl="local",
+    )
     tokens = n * LATENT_TOKENS
     flops = 3 * forward_flops(config, [LATENT_TOKENS] * n, tokens, [])
     median = {name: statistics.median(t) for name, t in times.items()}
@@ -310,8 +381,10 @@ def main() -> None:
     step_rates = {name: rates(flops, tokens, median[name], device, by_name[name].fp8) for name in times}
 
     precision = "bf16" if args.bf16 else "fp32"
-    print(f"{args.model_size}/2 forward+backward, {n} x {LATENT_TOKENS} tokens, {args.threads} threads, "
-          f"{args.rounds} alternating rounds")
+    print(
+        f"{args.model_size}/2 forward+backward, {n} x {LATENT_TOKENS} tokens, {args.threads} threads, "
+        f"{args.rounds} alternating rounds"
+    )
     print(f"{device.type}, {precision}, our layers: {args.transformer_impl}; {machine(device)}")
     print("| model | median step (s) |\n|---|---|")
     print(f"| ours (Megatron-Core, {args.transformer_impl} backend) | {median['ours']:.3f} |")
@@ -325,19 +398,34 @@ def main() -> None:
     print("| tokens | MiB |\n|---|---|")
     for length, peak in memory.items():
         print(f"| {length} | {peak / 2**20:.1f} |")
-    result = {"ratio": round(statistics.median(ratios["ours"]), 4), "ours_s": round(median["ours"], 4),
-              "diffusers_s": round(median["diffusers"], 4), "rounds": args.rounds,
-              "threads": args.threads, "ratio_min": round(min(ratios["ours"]), 4),
-              "ratio_max": round(max(ratios["ours"]), 4),
-              "attention_peak_mib": {n: round(p / 2**20, 2) for n, p in memory.items()},
-              "benchmark": "bench_model", "model_size": args.model_size, "num_layers": args.num_layers,
-              "device": device.type, "dtype": precision, "transformer_impl": args.transformer_impl,
-              "tokens": tokens, "model_tflop_per_step": round(flops / 1e12, 6), "rates": step_rates,
-              "relative_error_vs_fp32": {v.name: v.relative_error for v in variants if v.relative_error is not None},
-              "machine": machine(device)}
+    result = {
+        "ratio": round(statistics.median(ratios["ours"]), 4),
+        "ours_s": round(median["ours"], 4),
+        "diffusers_s": round(median["diffusers"], 4),
+        "rounds": args.rounds,
+        "threads": args.threads,
+        "ratio_min": round(min(ratios["ours"]), 4),
+        "ratio_max": round(max(ratios["ours"]), 4),
+        "attention_peak_mib": {n: round(p / 2**20, 2) for n, p in memory.items()},
+        "benchmark": "bench_model",
+        "model_size": args.model_size,
+        "num_layers": args.num_layers,
+        "device": device.type,
+        "dtype": precision,
+        "transformer_impl": args.transformer_impl,
+        "tokens": tokens,
+        "model_tflop_per_step": round(flops / 1e12, 6),
+        "rates": step_rates,
+        "relative_error_vs_fp32": {v.name: v.relative_error for v in variants if v.relative_error is not None},
+        "machine": machine(device),
+    }
     if "ours_fp8" in median:
-        result.update(fp8=args.fp8_format, fp8_recipe=args.fp8_recipe, ours_fp8_s=round(median["ours_fp8"], 4),
-                      fp8_ratio=round(statistics.median(ratios["ours_fp8"]), 4))
+        result.update(
+            fp8=args.fp8_format,
+            fp8_recipe=args.fp8_recipe,
+            ours_fp8_s=round(median["ours_fp8"], 4),
+            fp8_ratio=round(statistics.median(ratios["ours_fp8"]), 4),
+        )
     print(json.dumps(result))
 
 

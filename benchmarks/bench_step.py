@@ -11,8 +11,9 @@ Each step's rates (``benchmarks/throughput.py``): real tokens/s, model TFLOP/s o
 cu_seqlens (``dit.training.flops``) and, on a GPU, MFU against its dense peak (fp8's under --fp8-format).
 Every pack holds as many same-sized images (256 tokens each), so both steps do the FLOPs of the first pack.
 ``host_syncs_per_step``: host reads of device tensors (device-to-host syncs on a GPU) in a recipe step, counted by
-``dit.training.host_syncs`` over a few untimed steps (on the CPU as if on a GPU), with the site of each and those inside the
-DiT layers apart; on a GPU also ``cuda_sync_warnings_per_step``, CUDA's count under ``set_sync_debug_mode("warn")``.
+``dit.training.host_syncs`` over a few untimed steps (on the CPU as if on a GPU), with the site of each and those
+inside the DiT layers apart; on a GPU also ``cuda_sync_warnings_per_step``, CUDA's count under
+``set_sync_debug_mode("warn")``.
 
     python benchmarks/bench_step.py                      # DiT-S, packs of up to 4096 tokens, CPU
     python benchmarks/bench_step.py --device cuda --model-size DiT-XL --max-seq-length 8192 --bf16
@@ -49,9 +50,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--max-seq-length", type=int, default=4096)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--bf16", action="store_true")
-    p.add_argument("--transformer-impl", default=None,
-                   help="transformer_engine or local (default: local on CPU; on CUDA transformer_engine where it "
-                        "imports, as pretrain_dit.py picks).")
+    p.add_argument(
+        "--transformer-impl",
+        default=None,
+        help="transformer_engine or local (default: local on CPU; on CUDA transformer_engine where it "
+        "imports, as pretrain_dit.py picks).",
+    )
     p.add_argument("--fp8-format", default=None, help="e4m3 or hybrid: FP8 through TE (needs --bf16, TE, a GPU).")
     p.add_argument("--fp8-recipe", default="delayed", help="FP8 scaling recipe (pretrain_dit.py's choices).")
     p.add_argument("--threads", type=int, default=2, help="torch threads on CPU.")
@@ -71,18 +75,43 @@ def write_images(root: Path, samples: int) -> None:
     from data.shards import ShardSample, encode_sample, write_dataset
 
     g, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
-    stream = ((f"image_{i:05d}", encode_sample(ShardSample(
-        torch.randn(16, 32, 32, generator=g).to(torch.bfloat16),
-        rng.standard_normal((64, 1024)).astype(np.float16), {"caption": f"image {i}"}))) for i in range(samples))
+    stream = (
+        (
+            f"image_{i:05d}",
+            encode_sample(
+                ShardSample(
+                    torch.randn(16, 32, 32, generator=g).to(torch.bfloat16),
+                    rng.standard_normal((64, 1024)).astype(np.float16),
+                    {"caption": f"image {i}"},
+                )
+            ),
+        )
+        for i in range(samples)
+    )
     write_dataset(root, stream, samples_per_shard=40)
 
 
 def recipe_run(a: argparse.Namespace, data: str) -> RunConfig:
     from dit.training.arguments import load_run_config
 
-    flags = ["--model-size", a.model_size, "--data-path", data, "--max-seq-length", str(a.max_seq_length),
-             "--packing-buffer-size", "32", "--num-workers", str(a.num_workers), "--train-iters", "100000",
-             "--log-interval", "10", "--lr", "1e-4"]
+    flags = [
+        "--model-size",
+        a.model_size,
+        "--data-path",
+        data,
+        "--max-seq-length",
+        str(a.max_seq_length),
+        "--packing-buffer-size",
+        "32",
+        "--num-workers",
+        str(a.num_workers),
+        "--train-iters",
+        "100000",
+        "--log-interval",
+        "10",
+        "--lr",
+        "1e-4",
+    ]
     impl = a.transformer_impl or ("local" if a.device == "cpu" else None)  # None: pretrain_dit.py's own choice
     flags += ["--transformer-impl", impl] if impl else []
     flags += ["--num-layers", str(a.num_layers)] if a.num_layers else []
@@ -147,8 +176,8 @@ def main() -> None:
 
     torch.set_num_threads(a.threads)
     from dit.runtime import distributed as runtime
-    from dit.training.host_syncs import count_iterations
     from dit.training.flops import pack_flops
+    from dit.training.host_syncs import count_iterations
 
     with tempfile.TemporaryDirectory() as tmp:
         write_images(Path(tmp), a.samples)
@@ -159,8 +188,12 @@ def main() -> None:
         first = next(recipe.loader)
         bare = Bare(run.model, first, device)
         tokens = int(first.cu_seqlens[-1])
-        flops = pack_flops(recipe.setup.config, first.cu_seqlens.tolist(), first.cu_seqlens_padded.tolist(),
-                           first.cu_seqlens_text.tolist())
+        flops = pack_flops(
+            recipe.setup.config,
+            first.cu_seqlens.tolist(),
+            first.cu_seqlens_padded.tolist(),
+            first.cu_seqlens_text.tolist(),
+        )
         for fn in (recipe.step, bare.step):  # warm-up: worker start, first buffer, allocator, first calls
             timed(fn, sync, 2)
         rounds = []
@@ -174,19 +207,34 @@ def main() -> None:
     recipe_s, bare_s = statistics.median(r for r, _ in rounds), statistics.median(b for _, b in rounds)
     fp8 = a.fp8_format is not None
     result = {
-        "benchmark": "bench_step", "model_size": a.model_size, "num_layers": run.model.num_layers, "device": a.device,
-        "dtype": "bf16" if a.bf16 else "fp32", "fp8": a.fp8_format, "fp8_recipe": a.fp8_recipe if fp8 else None,
-        "transformer_impl": run.model.transformer_impl, "max_seq_length": a.max_seq_length,
-        "tokens_per_pack": tokens, "threads": a.threads, "rounds": a.rounds, "steps_per_round": a.steps_per_round,
-        "recipe_step_s": recipe_s, "bare_step_s": bare_s,
-        "overhead_ratio": statistics.median(ratios), "ratios": ratios, "model_tflop_per_step": flops / 1e12,
-        "recipe": rates(flops, tokens, recipe_s, device, fp8), "bare": rates(flops, tokens, bare_s, device, fp8),
-        "max_memory_gib": memory, "machine": machine(device),
+        "benchmark": "bench_step",
+        "model_size": a.model_size,
+        "num_layers": run.model.num_layers,
+        "device": a.device,
+        "dtype": "bf16" if a.bf16 else "fp32",
+        "fp8": a.fp8_format,
+        "fp8_recipe": a.fp8_recipe if fp8 else None,
+        "transformer_impl": run.model.transformer_impl,
+        "max_seq_length": a.max_seq_length,
+        "tokens_per_pack": tokens,
+        "threads": a.threads,
+        "rounds": a.rounds,
+        "steps_per_round": a.steps_per_round,
+        "recipe_step_s": recipe_s,
+        "bare_step_s": bare_s,
+        "overhead_ratio": statistics.median(ratios),
+        "ratios": ratios,
+        "model_tflop_per_step": flops / 1e12,
+        "recipe": rates(flops, tokens, recipe_s, device, fp8),
+        "bare": rates(flops, tokens, bare_s, device, fp8),
+        "max_memory_gib": memory,
+        "machine": machine(device),
         "host_syncs_per_step": len(syncs.reads) / SYNC_STEPS,
         "host_syncs_in_layers_per_step": sum(syncs.by_site(inside=True).values()) / SYNC_STEPS,
         "host_sync_sites": {site: n / SYNC_STEPS for site, n in syncs.by_site().items()},
-        "cuda_sync_warnings_per_step": (None if syncs.cuda_sync_warnings is None
-                                        else syncs.cuda_sync_warnings / SYNC_STEPS),  # GPU: CUDA's own count
+        "cuda_sync_warnings_per_step": (
+            None if syncs.cuda_sync_warnings is None else syncs.cuda_sync_warnings / SYNC_STEPS
+        ),  # GPU: CUDA's own count
     }
     print(json.dumps(result))
     print(f"\n{'round':>5} | {'recipe step (s)':>15} | {'bare step (s)':>13} | ratio")
@@ -195,8 +243,10 @@ def main() -> None:
     print(f"median overhead_ratio {result['overhead_ratio']:.3f} (goal <= 1.10)")
     print(format_rates("recipe step", result["recipe"]))
     print(format_rates("bare step", result["bare"]))
-    print(f"host syncs per recipe step {result['host_syncs_per_step']:g} "
-          f"(in DiTLayer.forward/backward {result['host_syncs_in_layers_per_step']:g}):")
+    print(
+        f"host syncs per recipe step {result['host_syncs_per_step']:g} "
+        f"(in DiTLayer.forward/backward {result['host_syncs_in_layers_per_step']:g}):"
+    )
     for site, n in result["host_sync_sites"].items():
         print(f"  {n:g} x {site}")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -49,12 +49,17 @@ def peak(device: torch.device, fp8: bool) -> float | None:
     return peak_tflops(torch.cuda.get_device_name(device), fp8) if device.type == "cuda" else None
 
 
-def rates(flops: float, tokens: int, seconds: float, device: torch.device, fp8: bool = False) -> dict[str, float | None]:
+def rates(
+    flops: float, tokens: int, seconds: float, device: torch.device, fp8: bool = False
+) -> dict[str, float | None]:
     """tokens/s, model TFLOP/s and MFU of a step of ``flops`` model FLOPs over ``tokens`` real tokens."""
     tflops = flops / seconds / 1e12
     top = peak(device, fp8)
-    return {"tokens_per_s": round(tokens / seconds, 1), "tflops": round(tflops, 4),
-            "mfu": round(tflops / top, 4) if top else None}
+    return {
+        "tokens_per_s": round(tokens / seconds, 1),
+        "tflops": round(tflops, 4),
+        "mfu": round(tflops / top, 4) if top else None,
+    }
 
 
 def max_memory_gib(device: torch.device) -> float | None:

@@ -36,9 +36,13 @@ def score(latents: torch.Tensor, classes: int = 10) -> dict:
     wanted = np.repeat(np.arange(classes), n)
     predicted = classifier.predict(latents.reshape(latents.shape[0], -1).clamp(-1, 1).numpy())
     per_class = [(predicted[wanted == k] == k).mean() for k in range(classes)]
-    return {"accuracy": float((predicted == wanted).mean()), "chance": 1 / classes,
-            "per_class": [round(float(a), 3) for a in per_class], "classifier_on_real_digits": round(real, 4),
-            "samples": int(latents.shape[0])}
+    return {
+        "accuracy": float((predicted == wanted).mean()),
+        "chance": 1 / classes,
+        "per_class": [round(float(a), 3) for a in per_class],
+        "classifier_on_real_digits": round(real, 4),
+        "samples": int(latents.shape[0]),
+    }
 
 
 def main() -> None:
@@ -47,9 +51,11 @@ def main() -> None:
     a = p.parse_args()
     result = score(torch.load(a.samples, weights_only=True))
     print(json.dumps(result))
-    print(f"{result['accuracy']:.1%} of {result['samples']} generated digits are read as the class they were asked "
-          f"for (chance {result['chance']:.0%}; the classifier reads {result['classifier_on_real_digits']:.1%} of real "
-          "held-out digits right)")
+    print(
+        f"{result['accuracy']:.1%} of {result['samples']} generated digits are read as the class they were asked "
+        f"for (chance {result['chance']:.0%}; the classifier reads {result['classifier_on_real_digits']:.1%} of real "
+        "held-out digits right)"
+    )
 
 
 if __name__ == "__main__":

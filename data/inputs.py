@@ -41,8 +41,10 @@ def _item(root: Path, path: str, caption: str) -> MediaItem:
 def _from_folder(root: Path) -> tuple[list[MediaItem], list[str]]:
     media = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES)
     if not media:
-        raise ConfigError("INPUT", f"no images or videos under {root} (looked for "
-                                   f"{', '.join(sorted(IMAGE_SUFFIXES | VIDEO_SUFFIXES))})")
+        raise ConfigError(
+            "INPUT",
+            f"no images or videos under {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES | VIDEO_SUFFIXES))})",
+        )
     items, uncaptioned = [], []
     for path in media:
         text = path.with_suffix(".txt")
@@ -52,8 +54,11 @@ def _from_folder(root: Path) -> tuple[list[MediaItem], list[str]]:
         else:
             uncaptioned.append(rel)
     if not items:
-        raise ConfigError("INPUT", f"found {len(media)} images/videos under {root} but no caption .txt beside "
-                                   "any; write NAME.txt beside each NAME.jpg/.mp4, or pass --captions FILE.csv")
+        raise ConfigError(
+            "INPUT",
+            f"found {len(media)} images/videos under {root} but no caption .txt beside "
+            "any; write NAME.txt beside each NAME.jpg/.mp4, or pass --captions FILE.csv",
+        )
     return items, uncaptioned
 
 
@@ -80,8 +85,11 @@ def _from_list(root: Path, captions: Path) -> list[MediaItem]:
     items = []
     for number, row in enumerate(_rows(captions), 1):
         if not isinstance(row, dict) or not isinstance(row.get("path"), str) or not isinstance(row.get("caption"), str):
-            raise ConfigError("--captions", f"{captions} row {number} has no 'path' and 'caption' "
-                                            "(a CSV needs a header line 'path,caption'; JSONL needs those keys)")
+            raise ConfigError(
+                "--captions",
+                f"{captions} row {number} has no 'path' and 'caption' "
+                "(a CSV needs a header line 'path,caption'; JSONL needs those keys)",
+            )
         items.append(_item(root, row["path"], row["caption"]))
     if not items:
         raise ConfigError("--captions", f"{captions} lists no inputs")

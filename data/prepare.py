@@ -23,24 +23,36 @@ import json
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from dit.encoders import TextEncoder, VaeEncoder, check_source
 from data.inputs import MediaItem, find_items
 from data.media import Clip, MediaError, PixelSpec, read_image, read_video
 from data.shards import ShardSample, encode_sample, energon_prepare, shard_name, write_shard
+from dit.encoders import TextEncoder, VaeEncoder, check_source
 from dit.errors import ConfigError
 
 MANIFEST = "prepare.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """Stored dtype of latents and text embeddings, by ``--dtype`` name."""
-SHAPING_FLAGS = ("samples_per_shard", "vae", "vae_subfolder", "text_encoder", "text_encoder_subfolder",
-                 "tokenizer_subfolder", "max_text_length", "resolution", "patch_size", "fps", "num_frames", "dtype")
+SHAPING_FLAGS = (
+    "samples_per_shard",
+    "vae",
+    "vae_subfolder",
+    "text_encoder",
+    "text_encoder_subfolder",
+    "tokenizer_subfolder",
+    "max_text_length",
+    "resolution",
+    "patch_size",
+    "fps",
+    "num_frames",
+    "dtype",
+)
 """The settings that change what is written; a rerun must keep them to resume."""
 
 
@@ -83,8 +95,10 @@ class Summary:
             self.examples.append(f"{source} ({kind}: {message})")
 
     def lines(self) -> list[str]:
-        out = [f"wrote {self.samples_written} samples in {self.shards_written} shards; "
-               f"{self.shards_done_before} shards were already complete"]
+        out = [
+            f"wrote {self.samples_written} samples in {self.shards_written} shards; "
+            f"{self.shards_done_before} shards were already complete"
+        ]
         if self.skipped:
             kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(self.skipped.items()))
             out.append(f"skipped {sum(self.skipped.values())} inputs ({kinds}); first: " + "; ".join(self.examples))
@@ -100,15 +114,19 @@ class Encoders:
 
 
 def _check(config: PrepareConfig) -> None:
-    for flag, value, low in (("--samples-per-shard", config.samples_per_shard, 1),
-                             ("--batch-size", config.batch_size, 1), ("--max-text-length", config.max_text_length, 1),
-                             ("--patch-size", config.patch_size, 1), ("--num-frames", config.num_frames, 0),
-                             ("--num-workers", config.num_workers, 1)):
+    for flag, value, low in (
+        ("--samples-per-shard", config.samples_per_shard, 1),
+        ("--batch-size", config.batch_size, 1),
+        ("--max-text-length", config.max_text_length, 1),
+        ("--patch-size", config.patch_size, 1),
+        ("--num-frames", config.num_frames, 0),
+        ("--num-workers", config.num_workers, 1),
+    ):
         if value < low:
             raise ConfigError(flag, f"must be >= {low}, got {value}")
-    for flag, value in (("--resolution", config.resolution), ("--fps", config.fps)):
-        if value is not None and value <= 0:
-            raise ConfigError(flag, f"must be > 0, got {value}")
+    for flag, positive in (("--resolution", config.resolution), ("--fps", config.fps)):
+        if positive is not None and positive <= 0:
+            raise ConfigError(flag, f"must be > 0, got {positive}")
 
 
 def _manifest(config: PrepareConfig, items: list[MediaItem]) -> dict:
@@ -124,8 +142,11 @@ def _check_resumable(out: Path, manifest: dict) -> None:
         before = json.loads(path.read_text())
         differ = sorted(k for k in manifest.keys() | before.keys() if before.get(k) != manifest.get(k))
         if differ:
-            raise ConfigError("OUT", f"{out} holds shards prepared with other {', '.join(differ)}; "
-                                     "rerun with the same inputs and flags, or write to a new folder")
+            raise ConfigError(
+                "OUT",
+                f"{out} holds shards prepared with other {', '.join(differ)}; "
+                "rerun with the same inputs and flags, or write to a new folder",
+            )
     elif any(out.glob("shard_*.tar")):
         raise ConfigError("OUT", f"{out} holds shards not written by data.prepare; give a new or empty folder")
 
@@ -137,13 +158,14 @@ def _decode(item: MediaItem, pixels: PixelSpec) -> Clip | Exception:
         return e
 
 
-def _decoded_batches(items: list[MediaItem], pixels: PixelSpec, batch_size: int,
-                     pool: ThreadPoolExecutor) -> Iterator[list[tuple[int, MediaItem, Clip | Exception]]]:
+def _decoded_batches(
+    items: list[MediaItem], pixels: PixelSpec, batch_size: int, pool: ThreadPoolExecutor
+) -> Iterator[list[tuple[int, MediaItem, Clip | Exception]]]:
     """Batches of (position, input, clip or error); the next batch decodes while the caller encodes this one."""
     starts = range(0, len(items), batch_size)
 
     def submit(start: int) -> list[Future]:
-        return [pool.submit(_decode, item, pixels) for item in items[start:start + batch_size]]
+        return [pool.submit(_decode, item, pixels) for item in items[start : start + batch_size]]
 
     pending = submit(0)
     for start in starts:
@@ -153,8 +175,13 @@ def _decoded_batches(items: list[MediaItem], pixels: PixelSpec, batch_size: int,
 
 def _metadata(item: MediaItem, clip: Clip) -> dict:
     frames, _, height, width = clip.frames.shape
-    meta = {"caption": item.caption, "height": height, "width": width,
-            "aspect_ratio": round(width / height, 4), "source": item.source}
+    meta = {
+        "caption": item.caption,
+        "height": height,
+        "width": width,
+        "aspect_ratio": round(width / height, 4),
+        "source": item.source,
+    }
     if item.is_video:
         meta.update(fps=clip.fps, num_frames=frames)
     return meta
@@ -177,8 +204,15 @@ def _encode_batch(batch: list[tuple[int, MediaItem, Clip]], encoders: Encoders) 
     return samples
 
 
-def _shard_samples(items: list[MediaItem], first: int, encoders: Encoders, batch_size: int, pool: ThreadPoolExecutor,
-                   summary: Summary, progress) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _shard_samples(
+    items: list[MediaItem],
+    first: int,
+    encoders: Encoders,
+    batch_size: int,
+    pool: ThreadPoolExecutor,
+    summary: Summary,
+    progress,
+) -> Iterator[tuple[str, dict[str, bytes]]]:
     """``(key, payloads)`` of one shard's inputs (``first`` is the global position of the first one)."""
     for batch in _decoded_batches(items, encoders.pixels, batch_size, pool):
         good = []
@@ -196,11 +230,17 @@ def _shard_samples(items: list[MediaItem], first: int, encoders: Encoders, batch
 
 def _load_encoders(config: PrepareConfig) -> Encoders:
     check_source("--vae", config.vae)  # before the text encoder, which may take minutes to load
-    text = TextEncoder(config.text_encoder, config.text_encoder_subfolder, config.tokenizer_subfolder,
-                       config.max_text_length)
+    text = TextEncoder(
+        config.text_encoder, config.text_encoder_subfolder, config.tokenizer_subfolder, config.max_text_length
+    )
     vae = VaeEncoder(config.vae, config.vae_subfolder, config.batch_size)
-    pixels = PixelSpec(multiple=vae.spatial * config.patch_size, resolution=config.resolution, fps=config.fps,
-                       max_frames=config.num_frames or None, frame_step=vae.temporal)
+    pixels = PixelSpec(
+        multiple=vae.spatial * config.patch_size,
+        resolution=config.resolution,
+        fps=config.fps,
+        max_frames=config.num_frames or None,
+        frame_step=vae.temporal,
+    )
     return Encoders(vae, text, pixels, DTYPES[config.dtype])
 
 
@@ -217,17 +257,22 @@ def prepare(config: PrepareConfig) -> Summary:
     for source in uncaptioned:
         summary.skip("no caption", source, "no .txt beside it")
     n = config.samples_per_shard
-    shards = [(index, items[start:start + n]) for index, start in enumerate(range(0, len(items), n))]
+    shards = [(index, items[start : start + n]) for index, start in enumerate(range(0, len(items), n))]
     todo = [(index, chunk) for index, chunk in shards if not (out / shard_name(index)).exists()]
     summary.shards_done_before = len(shards) - len(todo)
-    print(f"data.prepare: {len(items)} inputs -> {len(shards)} shards of up to {n}; "
-          f"{summary.shards_done_before} already complete, {len(todo)} to write", flush=True)
+    print(
+        f"data.prepare: {len(items)} inputs -> {len(shards)} shards of up to {n}; "
+        f"{summary.shards_done_before} already complete, {len(todo)} to write",
+        flush=True,
+    )
     if todo:
         encoders = _load_encoders(config)
         out.mkdir(parents=True, exist_ok=True)
         (out / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
-        with ThreadPoolExecutor(config.num_workers) as pool, \
-                tqdm(total=sum(len(chunk) for _, chunk in todo), unit="input", desc="encoding") as progress:
+        with (
+            ThreadPoolExecutor(config.num_workers) as pool,
+            tqdm(total=sum(len(chunk) for _, chunk in todo), unit="input", desc="encoding") as progress,
+        ):
             for index, chunk in todo:
                 samples = _shard_samples(chunk, index * n, encoders, config.batch_size, pool, summary, progress)
                 head = next(samples, None)  # energon refuses an empty shard, so write none
@@ -237,34 +282,61 @@ def prepare(config: PrepareConfig) -> Summary:
                 summary.samples_written += write_shard(out / shard_name(index), itertools.chain([head], samples))
                 summary.shards_written += 1
     if not any(out.glob("shard_*.tar")):
-        raise ConfigError("INPUT", f"none of the {len(items)} inputs could be read, so there is nothing to index; "
-                                   + "; ".join(summary.examples))
+        raise ConfigError(
+            "INPUT",
+            f"none of the {len(items)} inputs could be read, so there is nothing to index; "
+            + "; ".join(summary.examples),
+        )
     energon_prepare(out)
     return summary
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", type=Path, metavar="INPUT",
-                   help="Folder of images/videos (captions in NAME.txt beside each, unless --captions is given).")
+    p = argparse.ArgumentParser(
+        prog="python -m data.prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "input",
+        type=Path,
+        metavar="INPUT",
+        help="Folder of images/videos (captions in NAME.txt beside each, unless --captions is given).",
+    )
     p.add_argument("output", type=Path, metavar="OUT", help="Dataset folder to write (rerun on it to resume).")
     p.add_argument("--vae", required=True, help="diffusers VAE: hub name or local folder.")
     p.add_argument("--vae-subfolder", default=None, help="Its subfolder in a pipeline repository (e.g. vae).")
     p.add_argument("--text-encoder", required=True, help="T5-style transformers encoder: hub name or local folder.")
     p.add_argument("--text-encoder-subfolder", default=None, help="Its subfolder (e.g. text_encoder).")
-    p.add_argument("--tokenizer-subfolder", default=None,
-                   help="Subfolder of the text encoder's repository holding the tokenizer (e.g. tokenizer).")
-    p.add_argument("--captions", type=Path, default=None,
-                   help="CSV (header path,caption) or JSONL of inputs; relative paths are under INPUT.")
+    p.add_argument(
+        "--tokenizer-subfolder",
+        default=None,
+        help="Subfolder of the text encoder's repository holding the tokenizer (e.g. tokenizer).",
+    )
+    p.add_argument(
+        "--captions",
+        type=Path,
+        default=None,
+        help="CSV (header path,caption) or JSONL of inputs; relative paths are under INPUT.",
+    )
     p.add_argument("--samples-per-shard", type=int, default=1000, help="Inputs per tar shard.")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="Inputs per text batch; clips (or frames, for an image VAE) per VAE batch.")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="Inputs per text batch; clips (or frames, for an image VAE) per VAE batch.",
+    )
     p.add_argument("--max-text-length", type=int, default=512, help="Caption tokens kept at most.")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="Resize to about RESOLUTION^2 pixels at the input's aspect ratio (default: native size).")
-    p.add_argument("--patch-size", type=int, default=2,
-                   help="The model's spatial patch; sides are cropped to a multiple of it x the VAE's downsampling.")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="Resize to about RESOLUTION^2 pixels at the input's aspect ratio (default: native size).",
+    )
+    p.add_argument(
+        "--patch-size",
+        type=int,
+        default=2,
+        help="The model's spatial patch; sides are cropped to a multiple of it x the VAE's downsampling.",
+    )
     p.add_argument("--fps", type=float, default=None, help="Drop video frames down to this rate (default: source).")
     p.add_argument("--num-frames", type=int, default=121, help="Video frames kept at most (0: all).")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="Stored dtype of latents and text.")

@@ -6,10 +6,10 @@
 Any training flag (``--packing-buffer-size``, ``--num-workers``, ``--text-embed-dim``,
 ``--no-packing``, ...) applies with its training default. It prints samples read and skipped by
 kind, the writers recognised (this recipe's format, NeMo DiT, DFM DiT, Wan, Flux) and what was
-normalised to read them, with counts, packs built, ``packing_efficiency`` = real tokens / (packs x max-seq-length), the padding
-added for CP/SP alignment, the histogram of sample lengths and the loader's tokens/s; then the same
-samples packed the way NeMo/DFM do it (each padded to a multiple of 64; and padded to
-max-seq-length without packing), simulated over the same packing-buffer windows of the stream as
+normalised to read them, with counts, packs built, ``packing_efficiency`` = real tokens /
+(packs x max-seq-length), the padding added for CP/SP alignment, the histogram of sample lengths and
+the loader's tokens/s; then the same samples packed the way NeMo/DFM do it (each padded to a multiple
+of 64; and padded to max-seq-length without packing), simulated over the same packing-buffer windows of the stream as
 read (each worker's read order, not the packs' order), and with DFM's default buffer of 40 samples.
 """
 
@@ -21,8 +21,9 @@ import os
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from data.loader.packing import first_fit_decreasing, padded_length
 from data.loader.peer_formats import NORMALISATIONS
@@ -66,17 +67,27 @@ def histogram(lengths: Sequence[int], max_seq_length: int, bins: int = 6) -> dic
 def measure(run: RunConfig, data_path: str) -> dict[str, Any]:
     """One pass over the dataset through the real loader; the report as a dict."""
     from data.loader.bad_data import DataStats  # the loader's imports take seconds: after the flags are checked
-    from data.loader.dataloader import energon_loader, iterate_packs, build_task_encoder
+    from data.loader.dataloader import build_task_encoder, energon_loader, iterate_packs
     from data.loader.rank_split import RankLayout
 
     config, data = run.model, run.data
-    layout = RankLayout(cp_size=config.context_parallel_size, tp_size=config.tensor_model_parallel_size,
-                        sequence_parallel=config.sequence_parallel, fp8_recipe=config.active_fp8_recipe)
+    layout = RankLayout(
+        cp_size=config.context_parallel_size,
+        tp_size=config.tensor_model_parallel_size,
+        sequence_parallel=config.sequence_parallel,
+        fp8_recipe=config.active_fp8_recipe,
+    )
     encoder = build_task_encoder(config, data, layout.pad_multiple)
-    loader = energon_loader(data_path, encoder, layout, num_workers=data.num_workers, seed=run.training.seed,
-                            packing_buffer_size=data.packing_buffer_size,
-                            micro_batch_size=run.training.micro_batch_size,
-                            repeat=False)
+    loader = energon_loader(
+        data_path,
+        encoder,
+        layout,
+        num_workers=data.num_workers,
+        seed=run.training.seed,
+        packing_buffer_size=data.packing_buffer_size,
+        micro_batch_size=run.training.micro_batch_size,
+        repeat=False,
+    )
     stats, lengths, reads, padded, rows = DataStats(), [], [], 0, 0
     start = time.perf_counter()  # everything counts: worker start-up, every buffer fill, the epoch's tail
     for item in iterate_packs(loader):
@@ -94,8 +105,13 @@ def measure(run: RunConfig, data_path: str) -> dict[str, Any]:
     sim = dict(buffer_size=data.packing_buffer_size, max_seq_length=data.max_seq_length)
     return {
         "dataset": str(data_path),
-        "layout": {"cp": layout.cp_size, "tp": layout.tp_size, "sequence_parallel": layout.sequence_parallel,
-                   "pad_multiple": layout.pad_multiple, "packing": data.packing},
+        "layout": {
+            "cp": layout.cp_size,
+            "tp": layout.tp_size,
+            "sequence_parallel": layout.sequence_parallel,
+            "pad_multiple": layout.pad_multiple,
+            "packing": data.packing,
+        },
         "max_seq_length": data.max_seq_length,
         "packing_buffer_size": data.packing_buffer_size,
         "samples_read": stats.read,
@@ -120,8 +136,9 @@ def measure(run: RunConfig, data_path: str) -> dict[str, Any]:
         "comparison": {
             "this_recipe_simulated": simulated_efficiency(reads, multiple=layout.pad_multiple, **sim),
             "nemo_dfm_pad64_packed": simulated_efficiency(reads, multiple=DFM_MULTIPLE, **sim),
-            "dfm_pad64_buffer40": simulated_efficiency(reads, multiple=DFM_MULTIPLE, buffer_size=DFM_BUFFER,
-                                                       max_seq_length=data.max_seq_length),
+            "dfm_pad64_buffer40": simulated_efficiency(
+                reads, multiple=DFM_MULTIPLE, buffer_size=DFM_BUFFER, max_seq_length=data.max_seq_length
+            ),
             "nemo_pad_to_max_unpacked": real / (len(lengths) * data.max_seq_length) if lengths else 0.0,
         },
     }
@@ -135,8 +152,10 @@ def format_text(r: dict[str, Any]) -> str:
         f"samples read {r['samples_read']}, trained {r['samples_trained']}, skipped {r['samples_skipped'] or 'none'}",
         *(f"  {e}" for e in r["skipped_examples"]),
         "formats recognised: " + (", ".join(f"{name} ({n} samples)" for name, n in r["formats"].items()) or "none"),
-        *(f"normalised {name} in {n} samples: {NORMALISATIONS[name]} (first: {r['normalised_first'][name]})"
-          for name, n in r["normalised"].items()),
+        *(
+            f"normalised {name} in {n} samples: {NORMALISATIONS[name]} (first: {r['normalised_first'][name]})"
+            for name, n in r["normalised"].items()
+        ),
         f"packs {r['packs'] if lay['packing'] else r['micro_batches_without_packing']} "
         f"({'packed' if lay['packing'] else 'micro-batches, unpacked'})",
         f"packing_efficiency {r['packing_efficiency']:.4f} (real tokens / pack capacity)",
@@ -156,9 +175,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dit.training.arguments import ArgumentParser, check_energon_dataset, loader_run_config, parse_args
 
     quiet_library_warnings()
-    p = ArgumentParser(prog="data.report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Other flags: see `python pretrain_dit.py --help` (data, model, parallelism).")
+    p = ArgumentParser(
+        prog="data.report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Other flags: see `python pretrain_dit.py --help` (data, model, parallelism).",
+    )
     p.add_argument("dataset", metavar="DATASET", help="An energon dataset folder (prepared as CrudeWebdataset).")
     p.add_argument("--json", action="store_true", help="Print one JSON object instead of text.")
     try:

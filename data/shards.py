@@ -16,9 +16,10 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,8 +71,9 @@ def write_shard(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> 
     return count
 
 
-def write_dataset(out: Path, samples: Iterable[tuple[str, dict[str, bytes]]], samples_per_shard: int,
-                  split_ratio: str = "1,0,0") -> int:
+def write_dataset(
+    out: Path, samples: Iterable[tuple[str, dict[str, bytes]]], samples_per_shard: int, split_ratio: str = "1,0,0"
+) -> int:
     """Write ``(key, {ext: payload})`` pairs into consecutive shards of ``out`` and index them for
     energon (``split_ratio``: train,val,test shares of the shards); return the sample count.
 
@@ -96,7 +98,18 @@ def energon_prepare(root: Path, split_ratio: str = "1,0,0") -> None:
     if exe is None:
         raise RuntimeError("the `energon` command of megatron-energon is not installed")
     subprocess.run(
-        [exe, "prepare", str(root), "--non-interactive", "--split-ratio", split_ratio,
-         "--sample-type", "CrudeWebdataset", "--force-overwrite", "--no-progress"],
-        check=True, stdout=subprocess.DEVNULL,
+        [
+            exe,
+            "prepare",
+            str(root),
+            "--non-interactive",
+            "--split-ratio",
+            split_ratio,
+            "--sample-type",
+            "CrudeWebdataset",
+            "--force-overwrite",
+            "--no-progress",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
     )

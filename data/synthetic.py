@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import argparse
 import random
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +35,8 @@ def synthetic_sample(rng: random.Random, video: bool, channels: int = 16, text_e
     """One random image or video sample in the on-disk format."""
     g = torch.Generator().manual_seed(rng.getrandbits(62))
     text = np.random.default_rng(rng.getrandbits(62)).standard_normal((rng.randint(16, 120), text_embed_dim))
+    shape: tuple[int, ...]
+    meta: dict[str, Any]
     if video:
         (h, w), frames = rng.choice(VIDEO_SIZES), rng.choice(VIDEO_FRAMES)
         shape = (channels, (frames - 1) // TEMPORAL + 1, h // SPATIAL, w // SPATIAL)
@@ -53,8 +56,9 @@ def synthetic_samples(n: int, video_fraction: float, seed: int, **kw: int) -> It
         yield f"sample_{i:06d}", synthetic_sample(rng, rng.random() < video_fraction, **kw)
 
 
-def write_synthetic(out: Path, samples: int = 2400, video_fraction: float = 0.3, seed: int = 0,
-                    samples_per_shard: int = 100, **kw: int) -> int:
+def write_synthetic(
+    out: Path, samples: int = 2400, video_fraction: float = 0.3, seed: int = 0, samples_per_shard: int = 100, **kw: int
+) -> int:
     """Write the shards and index them with ``energon prepare``; return the number of samples."""
     stream = synthetic_samples(samples, video_fraction, seed, **kw)
     return write_dataset(out, ((key, encode_sample(s)) for key, s in stream), samples_per_shard)
@@ -70,8 +74,15 @@ def main() -> None:
     p.add_argument("--latent-channels", type=int, default=16, help="Latent channels.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the shapes and values.")
     a = p.parse_args()
-    n = write_synthetic(a.out, a.samples, a.video_fraction, a.seed, a.samples_per_shard,
-                        channels=a.latent_channels, text_embed_dim=a.text_embed_dim)
+    n = write_synthetic(
+        a.out,
+        a.samples,
+        a.video_fraction,
+        a.seed,
+        a.samples_per_shard,
+        channels=a.latent_channels,
+        text_embed_dim=a.text_embed_dim,
+    )
     print(f"wrote {n} synthetic samples to {a.out} and indexed them with `energon prepare`")
 
 

@@ -37,18 +37,29 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dit.model.config import DiTConfig
 from dit.errors import ConfigError
+from dit.model.config import DiTConfig
 
 # What diffusers' DiTTransformer2DModel must have for our model to compute the same function.
-_DIFFUSERS_FIXED = dict(activation_fn="gelu-approximate", attention_bias=True, norm_type="ada_norm_zero",
-                        norm_elementwise_affine=False, dropout=0.0)
+_DIFFUSERS_FIXED = dict(
+    activation_fn="gelu-approximate",
+    attention_bias=True,
+    norm_type="ada_norm_zero",
+    norm_elementwise_affine=False,
+    dropout=0.0,
+)
 _EMBEDDERS = "norm1.emb."  # the per-block copies of the timestep and class embedders
-_OURS_FROM_EMBEDDERS = {"timestep_embedder.linear_1.": "t_embedder.mlp.0.",
-                        "timestep_embedder.linear_2.": "t_embedder.mlp.2.",
-                        "class_embedder.embedding_table.": "class_embedder.table."}
-_OURS_FROM_BLOCK = {"norm1.linear.": "adaln.up.", "attn1.to_out.0.": "self_attention.linear_proj.",
-                    "ff.net.0.proj.": "mlp.linear_fc1.", "ff.net.2.": "mlp.linear_fc2."}
+_OURS_FROM_EMBEDDERS = {
+    "timestep_embedder.linear_1.": "t_embedder.mlp.0.",
+    "timestep_embedder.linear_2.": "t_embedder.mlp.2.",
+    "class_embedder.embedding_table.": "class_embedder.table.",
+}
+_OURS_FROM_BLOCK = {
+    "norm1.linear.": "adaln.up.",
+    "attn1.to_out.0.": "self_attention.linear_proj.",
+    "ff.net.0.proj.": "mlp.linear_fc1.",
+    "ff.net.2.": "mlp.linear_fc2.",
+}
 
 
 def _kinds(name: str) -> tuple[str, ...]:
@@ -67,31 +78,62 @@ def config_from_diffusers(diffusers_config: dict, **fields) -> DiTConfig:
         raise ConfigError("source", f"out_channels={out}: only in_channels or 2 * in_channels (learned sigma) convert")
     grid = c["sample_size"] // c["patch_size"]
     return DiTConfig(
-        num_layers=c["num_layers"], hidden_size=c["num_attention_heads"] * c["attention_head_dim"],
-        num_attention_heads=c["num_attention_heads"], latent_channels=c["in_channels"], patch_size=c["patch_size"],
-        max_latent_grid=(1, grid, grid), conditioning="class", num_classes=c["num_embeds_ada_norm"],
-        position_embedding="sincos3d", qk_layernorm=False, learn_sigma=out == 2 * c["in_channels"],
-        timestep_freq_shift=1.0, layernorm_epsilon=1e-6, pre_mlp_layernorm_epsilon=c.get("norm_eps", 1e-5),
-        **fields)
+        num_layers=c["num_layers"],
+        hidden_size=c["num_attention_heads"] * c["attention_head_dim"],
+        num_attention_heads=c["num_attention_heads"],
+        latent_channels=c["in_channels"],
+        patch_size=c["patch_size"],
+        max_latent_grid=(1, grid, grid),
+        conditioning="class",
+        num_classes=c["num_embeds_ada_norm"],
+        position_embedding="sincos3d",
+        qk_layernorm=False,
+        learn_sigma=out == 2 * c["in_channels"],
+        timestep_freq_shift=1.0,
+        layernorm_epsilon=1e-6,
+        pre_mlp_layernorm_epsilon=c.get("norm_eps", 1e-5),
+        **fields,
+    )
 
 
 def diffusers_config(config: DiTConfig) -> dict:
     """The ``DiTTransformer2DModel`` config of our model; raises where diffusers cannot compute the same."""
     t, h, w = config.max_latent_grid
-    needs = dict(conditioning="class", position_embedding="sincos3d", qk_layernorm=False, temporal_patch_size=1,
-                 adaln_lora_rank=0, fps_conditioning=False, timestep_freq_shift=1.0, layernorm_epsilon=1e-6,
-                 ffn_hidden_size=4 * config.hidden_size, gated_linear_unit=False, add_bias_linear=True)
+    needs = dict(
+        conditioning="class",
+        position_embedding="sincos3d",
+        qk_layernorm=False,
+        temporal_patch_size=1,
+        adaln_lora_rank=0,
+        fps_conditioning=False,
+        timestep_freq_shift=1.0,
+        layernorm_epsilon=1e-6,
+        ffn_hidden_size=4 * config.hidden_size,
+        gated_linear_unit=False,
+        add_bias_linear=True,
+    )
     for key, value in needs.items():
         if getattr(config, key) != value:
-            raise ConfigError("checkpoint", f"diffusers' DiTTransformer2DModel needs {key}={value!r}, this model "
-                                            f"has {getattr(config, key)!r}")
+            raise ConfigError(
+                "checkpoint",
+                f"diffusers' DiTTransformer2DModel needs {key}={value!r}, this model has {getattr(config, key)!r}",
+            )
     if t != 1 or h != w:
-        raise ConfigError("checkpoint", f"diffusers' DiT takes square images: max_latent_grid must be (1, n, n), got {(t, h, w)}")
-    return dict(num_attention_heads=config.num_attention_heads, attention_head_dim=config.kv_channels,
-                in_channels=config.latent_channels, out_channels=config.prediction_width // config.token_width
-                * config.latent_channels, num_layers=config.num_layers, sample_size=h * config.patch_size,
-                patch_size=config.patch_size, num_embeds_ada_norm=config.num_classes,
-                norm_eps=config.pre_mlp_layernorm_epsilon, **_DIFFUSERS_FIXED)
+        raise ConfigError(
+            "checkpoint", f"diffusers' DiT takes square images: max_latent_grid must be (1, n, n), got {(t, h, w)}"
+        )
+    return dict(
+        num_attention_heads=config.num_attention_heads,
+        attention_head_dim=config.kv_channels,
+        in_channels=config.latent_channels,
+        out_channels=config.prediction_width // config.token_width * config.latent_channels,
+        num_layers=config.num_layers,
+        sample_size=h * config.patch_size,
+        patch_size=config.patch_size,
+        num_embeds_ada_norm=config.num_classes,
+        norm_eps=config.pre_mlp_layernorm_epsilon,
+        **_DIFFUSERS_FIXED,
+    )
 
 
 def state_dict_from_diffusers(state: dict[str, Tensor], config: DiTConfig) -> dict[str, Tensor]:
@@ -101,10 +143,16 @@ def state_dict_from_diffusers(state: dict[str, Tensor], config: DiTConfig) -> di
     for name in (n for n in state if n.startswith(blocks[0] + _EMBEDDERS)):
         copies = [state[name.replace(blocks[0], b, 1)] for b in blocks]
         if not all(torch.equal(x, copies[0]) for x in copies):
-            raise ConfigError("source", f"the blocks' copies of {name[len(blocks[0]):]} differ; our DiT has one conditioning "
-                             "embedder (the paper's), so only a model with equal copies converts")
-    ours = {our + kind: state[blocks[0] + _EMBEDDERS + theirs + kind]
-            for theirs, our in _OURS_FROM_EMBEDDERS.items() for kind in _kinds(our)}
+            raise ConfigError(
+                "source",
+                f"the blocks' copies of {name[len(blocks[0]) :]} differ; our DiT has one conditioning "
+                "embedder (the paper's), so only a model with equal copies converts",
+            )
+    ours = {
+        our + kind: state[blocks[0] + _EMBEDDERS + theirs + kind]
+        for theirs, our in _OURS_FROM_EMBEDDERS.items()
+        for kind in _kinds(our)
+    }
     conv = state["pos_embed.proj.weight"]  # [h, C, p, p] -> [h, (ph, pw, C)], our token layout
     ours["patch_embed.weight"] = conv.permute(0, 2, 3, 1).reshape(conv.shape[0], -1)
     ours["patch_embed.bias"] = state["pos_embed.proj.bias"]
@@ -116,9 +164,12 @@ def state_dict_from_diffusers(state: dict[str, Tensor], config: DiTConfig) -> di
         for kind in ("weight", "bias"):  # Megatron's fused qkv: per head [q_head; k_head; v_head]
             q, k, v = (state[f"{block}attn1.to_{x}.{kind}"] for x in "qkv")
             ours[f"{layer}self_attention.linear_qkv.{kind}"] = torch.stack(
-                [x.unflatten(0, (heads, -1)) for x in (q, k, v)], dim=1).flatten(0, 2)
+                [x.unflatten(0, (heads, -1)) for x in (q, k, v)], dim=1
+            ).flatten(0, 2)
     ours["final_layer.adaln.up.weight"], ours["final_layer.adaln.up.bias"] = (
-        state["proj_out_1.weight"], state["proj_out_1.bias"])
+        state["proj_out_1.weight"],
+        state["proj_out_1.bias"],
+    )
     sigma = config.prediction_width // config.token_width  # output rows (pq, k*C + c) -> (k, pq, c)
     for kind in ("weight", "bias"):
         x = state[f"proj_out_2.{kind}"]
@@ -146,11 +197,13 @@ def state_dict_to_diffusers(state: dict[str, Tensor], config: DiTConfig) -> dict
     theirs["pos_embed.proj.weight"] = weight.unflatten(1, (p, p, c)).permute(0, 3, 1, 2)
     theirs["pos_embed.proj.bias"] = state["patch_embed.bias"]
     theirs["proj_out_1.weight"], theirs["proj_out_1.bias"] = (
-        state["final_layer.adaln.up.weight"], state["final_layer.adaln.up.bias"])
+        state["final_layer.adaln.up.weight"],
+        state["final_layer.adaln.up.bias"],
+    )
     sigma = config.prediction_width // config.token_width
     for kind in ("weight", "bias"):
-        x = state[f"final_layer.linear.{kind}"]
-        theirs[f"proj_out_2.{kind}"] = x.unflatten(0, (sigma, p * p, c)).transpose(0, 1).flatten(0, 2)
+        w = state[f"final_layer.linear.{kind}"]
+        theirs[f"proj_out_2.{kind}"] = w.unflatten(0, (sigma, p * p, c)).transpose(0, 1).flatten(0, 2)
     return {name: x.contiguous() for name, x in theirs.items()}
 
 
@@ -159,16 +212,25 @@ def _single_process_model(config: DiTConfig):
     where there is no GPU), whatever layout and backend ``config`` was trained with."""
     from megatron.core import parallel_state
 
-    from dit.runtime import distributed as runtime
     from dit.model.model import DiTModel
+    from dit.runtime import distributed as runtime
 
     runtime.init_distributed()
     if not parallel_state.model_parallel_is_initialized():
         runtime.initialize_model_parallel(runtime.ParallelLayout())
-    return DiTModel(dataclasses.replace(
-        config, tensor_model_parallel_size=1, pipeline_model_parallel_size=1, context_parallel_size=1,
-        sequence_parallel=False, transformer_impl="local", fp8=None, use_cpu_initialization=True,
-        perform_initialization=False))
+    return DiTModel(
+        dataclasses.replace(  # type: ignore[call-arg]  # the layout fields are Megatron's TransformerConfig's
+            config,
+            tensor_model_parallel_size=1,
+            pipeline_model_parallel_size=1,
+            context_parallel_size=1,
+            sequence_parallel=False,
+            transformer_impl="local",
+            fp8=None,
+            use_cpu_initialization=True,
+            perform_initialization=False,
+        )
+    )
 
 
 def import_diffusers(source: str, out: Path, subfolder: str | None = None) -> DiTConfig:
@@ -204,8 +266,11 @@ def resolve_checkpoint(path: Path) -> Path:
 
     checkpoint = find_checkpoint(path, flag="checkpoint", required=False) or path
     if not (checkpoint / "metadata.json").is_file():
-        raise ConfigError("checkpoint", f"{checkpoint} is not a dist checkpoint (no metadata.json): give a "
-                                        "training run's --save folder, one of its iter_NNNNNNN folders, or an import")
+        raise ConfigError(
+            "checkpoint",
+            f"{checkpoint} is not a dist checkpoint (no metadata.json): give a "
+            "training run's --save folder, one of its iter_NNNNNNN folders, or an import",
+        )
     return checkpoint
 
 

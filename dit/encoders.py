@@ -15,8 +15,9 @@ time axis, so the latent has one frame per video frame.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -35,8 +36,9 @@ def check_source(flag: str, name: str) -> str:
     if local.exists():
         return str(local)
     if local.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
-        raise ConfigError(flag, f"{name} does not exist; give a folder written by save_pretrained "
-                                "or a hub name such as org/model")
+        raise ConfigError(
+            flag, f"{name} does not exist; give a folder written by save_pretrained or a hub name such as org/model"
+        )
     return name
 
 
@@ -47,8 +49,9 @@ def load_pretrained(flag: str, load: Callable[..., Any], name: str, subfolder: s
         return load(source, **({"subfolder": subfolder} if subfolder else {}), **kwargs)
     except (OSError, ValueError) as e:
         reason = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
-        raise ConfigError(flag, f"cannot load {name}" + (f" (subfolder {subfolder})" if subfolder else "")
-                          + f": {reason}") from None
+        raise ConfigError(
+            flag, f"cannot load {name}" + (f" (subfolder {subfolder})" if subfolder else "") + f": {reason}"
+        ) from None
 
 
 def _per_channel(value: float | list[float]) -> torch.Tensor:
@@ -72,18 +75,28 @@ class VaeEncoder:
         # a video VAE is fed whole clips [B, 3, T, H, W]; an image VAE single frames [B, 3, H, W]
         self.video = any(isinstance(m, torch.nn.Conv3d) for m in vae.modules())
         blocks = config.get("block_out_channels")
-        self.spatial = int(getattr(vae, "spatial_compression_ratio", None) or config.get("scale_factor_spatial")
-                           or (2 ** (len(blocks) - 1) if blocks else 0))
+        self.spatial = int(
+            getattr(vae, "spatial_compression_ratio", None)
+            or config.get("scale_factor_spatial")
+            or (2 ** (len(blocks) - 1) if blocks else 0)
+        )
         if not self.spatial:
-            raise ConfigError("--vae", f"cannot tell the spatial compression of {type(vae).__name__}; "
-                                       "its config has no scale_factor_spatial or block_out_channels")
+            raise ConfigError(
+                "--vae",
+                f"cannot tell the spatial compression of {type(vae).__name__}; "
+                "its config has no scale_factor_spatial or block_out_channels",
+            )
         self.temporal = 1
         if self.video:
-            self.temporal = int(getattr(vae, "temporal_compression_ratio", None)
-                                or config.get("scale_factor_temporal") or 0)
+            self.temporal = int(
+                getattr(vae, "temporal_compression_ratio", None) or config.get("scale_factor_temporal") or 0
+            )
             if not self.temporal:
-                raise ConfigError("--vae", f"cannot tell the temporal compression of {type(vae).__name__}; "
-                                           "its config has no scale_factor_temporal")
+                raise ConfigError(
+                    "--vae",
+                    f"cannot tell the temporal compression of {type(vae).__name__}; "
+                    "its config has no scale_factor_temporal",
+                )
         self.batch_size = batch_size
         self.shift = _per_channel(config.get("latents_mean") or config.get("shift_factor") or 0.0)
         self.scale = (config.get("scaling_factor") or 1.0) / _per_channel(config.get("latents_std") or 1.0)
@@ -107,11 +120,12 @@ class VaeEncoder:
             z = z.unflatten(0, (n, t)).transpose(1, 2)
         expected = (n, self.latent_frames(t), h // self.spatial, w // self.spatial)
         if (z.shape[0], *z.shape[2:]) != expected:
-            raise RuntimeError(f"the VAE turned {tuple(clips.shape)} pixels into latents {tuple(z.shape)}, not "
-                               f"[N, C, T', H', W'] = {expected} (its stated compression "
-                               f"{self.temporal}x{self.spatial}x{self.spatial} is wrong)")
+            raise RuntimeError(
+                f"the VAE turned {tuple(clips.shape)} pixels into latents {tuple(z.shape)}, not "
+                f"[N, C, T', H', W'] = {expected} (its stated compression "
+                f"{self.temporal}x{self.spatial}x{self.spatial} is wrong)"
+            )
         return (z - self.shift) * self.scale
-
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -131,8 +145,9 @@ class VaeEncoder:
 class TextEncoder:
     """Captions -> one embedding ``[L_i, D]`` each, at its true length (padding tokens removed)."""
 
-    def __init__(self, name: str, subfolder: str | None = None, tokenizer_subfolder: str | None = None,
-                 max_length: int = 512):
+    def __init__(
+        self, name: str, subfolder: str | None = None, tokenizer_subfolder: str | None = None, max_length: int = 512
+    ):
         from transformers import AutoModelForTextEncoding, AutoTokenizer
 
         self.device, self.dtype = _device()
@@ -142,15 +157,17 @@ class TextEncoder:
                 raise ConfigError("--text-encoder", f"the tokenizer of {name} has neither a pad nor an eos token")
             self.tokenizer.pad_token = self.tokenizer.eos_token  # padded positions are dropped anyway
         self.tokenizer.padding_side = "right"  # so that each caption's tokens come first
-        model = load_pretrained("--text-encoder", AutoModelForTextEncoding.from_pretrained, name, subfolder,
-                                dtype=self.dtype)
+        model = load_pretrained(
+            "--text-encoder", AutoModelForTextEncoding.from_pretrained, name, subfolder, dtype=self.dtype
+        )
         self.model = model.to(self.device).eval()
         self.max_length = max_length
 
     @torch.inference_mode()
     def encode(self, captions: list[str]) -> list[torch.Tensor]:
-        batch = self.tokenizer(captions, padding="longest", truncation=True, max_length=self.max_length,
-                               return_tensors="pt").to(self.device)
+        batch = self.tokenizer(
+            captions, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
         hidden = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         lengths = batch.attention_mask.sum(dim=1).tolist()
         return [h[:length].float().cpu() for h, length in zip(hidden, lengths)]

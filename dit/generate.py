@@ -20,9 +20,13 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dit.errors import ConfigError, flag_error
 from dit.runtime.console import quiet_library_warnings, user_error
+
+if TYPE_CHECKING:
+    import torch
 
 PROG = "python -m dit.generate"
 
@@ -42,12 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma-max", type=float, default=80.0, help="EDM: the first noise level.")
     p.add_argument("--rho", type=float, default=7.0, help="EDM: the spacing exponent of the noise levels.")
     cond = p.add_argument_group("conditioning (one row of samples per value; none: unconditional)")
-    cond.add_argument("--text-embedding", nargs="+", default=[], help="Text embeddings [L, D] in the dataset's .pickle format.")
+    cond.add_argument(
+        "--text-embedding", nargs="+", default=[], help="Text embeddings [L, D] in the dataset's .pickle format."
+    )
     cond.add_argument("--caption", nargs="+", default=[], help="Captions, encoded with --text-encoder.")
     cond.add_argument("--text-encoder", default=None, help="Hub name or folder of the text encoder (transformers).")
     cond.add_argument("--text-encoder-subfolder", default=None)
     cond.add_argument("--tokenizer-subfolder", default=None)
-    cond.add_argument("--class-label", type=int, nargs="+", default=[], help="Class labels of a class-conditioned model.")
+    cond.add_argument(
+        "--class-label", type=int, nargs="+", default=[], help="Class labels of a class-conditioned model."
+    )
     cond.add_argument("--fps", type=float, default=0.0, help="Frame rate, for fps-conditioned models (0: an image).")
     out = p.add_argument_group("weights, parallelism and output")
     out.add_argument("--no-ema", action="store_true", help="Use the raw weights instead of the EMA.")
@@ -67,7 +75,7 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
         shape = ()
     if len(shape) not in (3, 4) or min(shape) < 1:
         raise ConfigError("--latent-shape", f"expected C,T,H,W or C,H,W of positive integers, got {text!r}")
-    return shape if len(shape) == 4 else (shape[0], 1, *shape[1:])
+    return (shape[0], shape[1], shape[2], shape[3]) if len(shape) == 4 else (shape[0], 1, shape[1], shape[2])
 
 
 def conditions(args: argparse.Namespace, config) -> list:
@@ -84,7 +92,9 @@ def conditions(args: argparse.Namespace, config) -> list:
         bad = [k for k in args.class_label if not 0 <= k < config.num_classes]
         if bad:
             raise ConfigError("--class-label", f"{bad[0]} is outside [0, {config.num_classes})")
-        return [Condition(label=k, fps=args.fps) for k in args.class_label] or [Condition(label=config.num_classes, fps=args.fps)]
+        return [Condition(label=k, fps=args.fps) for k in args.class_label] or [
+            Condition(label=config.num_classes, fps=args.fps)
+        ]
     if args.class_label:
         raise ConfigError("--class-label", "this model is text-conditioned: pass --text-embedding or --caption")
     texts = []
@@ -97,19 +107,25 @@ def conditions(args: argparse.Namespace, config) -> list:
             raise ConfigError("--text-embedding", f"cannot read {name}: {e}") from None
         value = torch.as_tensor(value).float()
         if value.dim() != 2 or value.shape[1] != config.text_embed_dim:
-            raise ConfigError("--text-embedding", f"{name} holds {tuple(value.shape)}, not [L, {config.text_embed_dim}]")
+            raise ConfigError(
+                "--text-embedding", f"{name} holds {tuple(value.shape)}, not [L, {config.text_embed_dim}]"
+            )
         texts.append(value)
     if args.caption:
         if args.text_encoder is None:
-            raise ConfigError("--caption", "needs --text-encoder NAME_OR_FOLDER (the one the dataset was prepared with)")
+            raise ConfigError(
+                "--caption", "needs --text-encoder NAME_OR_FOLDER (the one the dataset was prepared with)"
+            )
         from dit.encoders import TextEncoder
 
-        texts = TextEncoder(args.text_encoder, args.text_encoder_subfolder, args.tokenizer_subfolder).encode(args.caption)
+        texts = TextEncoder(args.text_encoder, args.text_encoder_subfolder, args.tokenizer_subfolder).encode(
+            args.caption
+        )
     null = torch.zeros(1, config.text_embed_dim)
     return [Condition(text=t, fps=args.fps) for t in texts] or [Condition(text=null, fps=args.fps)]
 
 
-def sample(args: argparse.Namespace, model, objective, config, conds: list, shape: tuple, device) -> "torch.Tensor":
+def sample(args: argparse.Namespace, model, objective, config, conds: list, shape: tuple, device) -> torch.Tensor:
     """Latents ``[len(conds) * num_samples, C, T, H, W]``: the samples of each condition in a row."""
     import torch
 
@@ -119,10 +135,16 @@ def sample(args: argparse.Namespace, model, objective, config, conds: list, shap
 
     per_sample = [c for c in conds for _ in range(args.num_samples)]
     predict = GuidedPrediction(model, objective, config, per_sample, args.guidance, device)
-    noise = torch.randn(len(per_sample), *shape, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
+    noise = torch.randn(
+        len(per_sample), *shape, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64
+    )
     if isinstance(objective, EDM):
-        return samplers.edm_heun(predict, noise, samplers.edm_sigmas(args.steps, args.sigma_min, args.sigma_max, args.rho))
-    tokens = math.prod(s // p for s, p in zip(shape[1:], (config.temporal_patch_size, config.patch_size, config.patch_size)))
+        return samplers.edm_heun(
+            predict, noise, samplers.edm_sigmas(args.steps, args.sigma_min, args.sigma_max, args.rho)
+        )
+    tokens = math.prod(
+        s // p for s, p in zip(shape[1:], (config.temporal_patch_size, config.patch_size, config.patch_size))
+    )
     shift = float(objective.resolution_shift(torch.tensor([tokens])))
     solve = samplers.flow_heun if args.sampler == "heun" else samplers.flow_euler
     return solve(predict, noise, samplers.flow_times(args.steps, shift))
@@ -164,8 +186,9 @@ def write_grid(latents, labels: list[str], path: str) -> None:
     draw = ImageDraw.Draw(grid)
     for r, label in enumerate(labels):
         top = GRID_GAP + r * (cell_h + GRID_GAP)
-        draw.text((GRID_GAP, top + cell_h // 2), label, fill=GRID_INK if c == 1 else (GRID_INK,) * 3, font=font,
-                  anchor="lm")
+        draw.text(
+            (GRID_GAP, top + cell_h // 2), label, fill=GRID_INK if c == 1 else (GRID_INK,) * 3, font=font, anchor="lm"
+        )
         for k in range(cols):
             cell = np.ascontiguousarray(cells[r * cols + k].squeeze(-1) if c == 1 else cells[r * cols + k])
             grid.paste(Image.fromarray(cell), (left + GRID_GAP + k * (cell_w + GRID_GAP), top))
@@ -221,25 +244,33 @@ def load_model(args: argparse.Namespace, path: Path, device) -> tuple:
     import torch
     from megatron.core import dist_checkpointing
 
-    from dit.model import te
-    from dit.runtime import distributed as runtime
-    from dit.model.config import DiTConfig
-    from dit.model.model import DiTModel
     from dit.checkpoint.description import saved_architecture, saved_objective
     from dit.checkpoint.weights import load_model_weights
+    from dit.model import te
+    from dit.model.config import DiTConfig
+    from dit.model.model import DiTModel
+    from dit.runtime import distributed as runtime
 
     common = dist_checkpointing.load_common_state_dict(str(path))
     objective = saved_objective(common)
     if objective is None:
-        raise ConfigError("--load", f"{path} holds an imported model, which names no training objective to sample "
-                                    "with; sample it with diffusers, or train from it (--finetune)")
+        raise ConfigError(
+            "--load",
+            f"{path} holds an imported model, which names no training objective to sample "
+            "with; sample it with diffusers, or train from it (--finetune)",
+        )
     impl = "transformer_engine" if te.have_transformer_engine() and args.bf16 else "local"
     config = DiTConfig.from_architecture(
-        saved_architecture(common, path), tensor_model_parallel_size=args.tensor_model_parallel_size,
-        context_parallel_size=args.context_parallel_size, transformer_impl=impl, bf16=args.bf16,
-        params_dtype=torch.bfloat16 if args.bf16 else torch.float32)
-    runtime.initialize_model_parallel(runtime.ParallelLayout(tensor=args.tensor_model_parallel_size,
-                                                             context=args.context_parallel_size))
+        saved_architecture(common, path),
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
+        transformer_impl=impl,
+        bf16=args.bf16,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+    )
+    runtime.initialize_model_parallel(
+        runtime.ParallelLayout(tensor=args.tensor_model_parallel_size, context=args.context_parallel_size)
+    )
     runtime.set_random_seed(args.seed, per_data_parallel_rank=False)
     model = DiTModel(config).to(device).eval()
     return model, objective, load_model_weights(model, path, use_ema=not args.no_ema)
@@ -259,7 +290,9 @@ def generate(args: argparse.Namespace, shape: tuple) -> int:
         model, trained_with, weights = load_model(args, path, device)
         config = model.config
         if shape[0] != config.latent_channels:
-            raise ConfigError("--latent-shape", f"the model takes {config.latent_channels} latent channels, not {shape[0]}")
+            raise ConfigError(
+                "--latent-shape", f"the model takes {config.latent_channels} latent channels, not {shape[0]}"
+            )
         objective = trained_with.build()
         conds = conditions(args, config)
         latents = sample(args, model, objective, config, conds, shape, device).float()
@@ -272,8 +305,11 @@ def generate(args: argparse.Namespace, shape: tuple) -> int:
             if args.vae:
                 files = decode_to_files(args, latents)
                 notes.append(f"{len(files)} decoded files -> {Path(files[0]).parent}")
-            print(f"{PROG}: {path} ({weights} weights, {trained_with.objective}, {args.steps} steps, guidance "
-                  f"{args.guidance}): " + "; ".join(notes), flush=True)
+            print(
+                f"{PROG}: {path} ({weights} weights, {trained_with.objective}, {args.steps} steps, guidance "
+                f"{args.guidance}): " + "; ".join(notes),
+                flush=True,
+            )
     finally:
         runtime.destroy()
     return 0

@@ -23,7 +23,8 @@ from __future__ import annotations
 import io
 import pickle
 import zipfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -60,13 +61,16 @@ def _latin1(text: str, encoding: str) -> bytes:
 
 
 # the globals a pickled numpy array or torch tensor references (numpy 1 wrote `numpy.core`, numpy 2 `numpy._core`)
-ALLOWED = frozenset({
-    *((core + ".multiarray", "_reconstruct") for core in ("numpy.core", "numpy._core")),
-    *((core + ".numeric", "_frombuffer") for core in ("numpy.core", "numpy._core")),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("torch._utils", "_rebuild_tensor_v2"),
-    ("collections", "OrderedDict"),  # a tensor's (empty) backward hooks
-})
+ALLOWED = frozenset(
+    {
+        *((core + ".multiarray", "_reconstruct") for core in ("numpy.core", "numpy._core")),
+        *((core + ".numeric", "_frombuffer") for core in ("numpy.core", "numpy._core")),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("torch._utils", "_rebuild_tensor_v2"),
+        ("collections", "OrderedDict"),  # a tensor's (empty) backward hooks
+    }
+)
 REPLACED: dict[tuple[str, str], Callable[..., Any]] = {
     ("torch.storage", "_load_from_bytes"): torch_load,
     ("megatron.core.safe_globals", "safe_load_from_bytes"): torch_load,

@@ -30,8 +30,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 @pytest.fixture
 def single_process(monkeypatch: pytest.MonkeyPatch):
     """World 1 in the test process itself (gloo and the CPU layer), torn down afterwards."""
-    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(runtime.free_port())).items():
+    for key, value in dict(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(runtime.free_port())
+    ).items():
         monkeypatch.setenv(key, value)
     runtime.init_distributed()
     runtime.initialize_model_parallel(runtime.ParallelLayout())
@@ -53,7 +54,7 @@ def mixed_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """30 good samples with every defect of :data:`tests.tiny_data.DEFECTS` spread among them, 8 a shard."""
     good = good_entries(GOOD, seed=1)
     bad = [(f"bad_{i:02d}", files) for i, (files, _) in enumerate(DEFECTS.values())]
-    entries = [e for pair in zip(good, bad) for e in pair] + good[len(bad):]
+    entries = [e for pair in zip(good, bad) for e in pair] + good[len(bad) :]
     return write_dataset(tmp_path_factory.mktemp("mixed"), entries, per_shard=8)
 
 

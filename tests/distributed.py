@@ -14,8 +14,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from dit.runtime.distributed import free_port
 
@@ -26,8 +27,12 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-        LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
         OMP_NUM_THREADS="1",
     )
     import torch
@@ -59,16 +64,27 @@ class RankFailed(AssertionError):
 
 def _deaths(procs: list, reported: dict) -> list[str]:
     """A line for each rank that exited abnormally without reporting (segfault, OOM kill, os._exit)."""
-    return [f"\n--- rank {r} of {len(procs)} died (exit code {p.exitcode}) without a result ---"
-            for r, p in enumerate(procs) if r not in reported and p.exitcode not in (None, 0)]
+    return [
+        f"\n--- rank {r} of {len(procs)} died (exit code {p.exitcode}) without a result ---"
+        for r, p in enumerate(procs)
+        if r not in reported and p.exitcode not in (None, 0)
+    ]
 
 
 # Ranks fork from a server process that imported torch, Megatron-Core and energon once: a spawned rank
 # spends ~8 s of CPU importing them, most of the suite's time on 2 cores. The server only imports
 # (no process group, no loader), so each rank still starts clean.
 _CONTEXT = mp.get_context("forkserver")
-_CONTEXT.set_forkserver_preload(["dit.runtime.distributed", "dit.training.pretrain", "megatron.energon",
-                                 "data.loader.dataloader", "pretrain_dit", "tests.model_setup"])
+_CONTEXT.set_forkserver_preload(
+    [
+        "dit.runtime.distributed",
+        "dit.training.pretrain",
+        "megatron.energon",
+        "data.loader.dataloader",
+        "pretrain_dit",
+        "tests.model_setup",
+    ]
+)
 
 
 # Whether the running test carries @pytest.mark.dist (tests/conftest.py sets it before each test's setup);
@@ -79,8 +95,9 @@ DIST_MARKED = True
 def require_dist_marker(ranks: int) -> None:
     """Refuse to start ``ranks`` > 1 processes from a test without ``@pytest.mark.dist``."""
     if ranks > 1 and not DIST_MARKED:
-        raise AssertionError(f"this test starts {ranks} ranks: mark it @pytest.mark.dist "
-                             "(-m 'not dist' is the one-process tier)")
+        raise AssertionError(
+            f"this test starts {ranks} ranks: mark it @pytest.mark.dist (-m 'not dist' is the one-process tier)"
+        )
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 240) -> list[Any]:
@@ -112,7 +129,9 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
                     raise RankFailed(f"{fn.__name__} failed:" + "".join(crashed)) from None
                 if time.monotonic() > deadline:
                     missing = sorted(set(range(world_size)) - set(out))
-                    raise RankFailed(f"{fn.__name__}: ranks {missing} gave no result within {timeout:.0f}s (hung?)") from None
+                    raise RankFailed(
+                        f"{fn.__name__}: ranks {missing} gave no result within {timeout:.0f}s (hung?)"
+                    ) from None
                 continue
             if ok:
                 out[rank] = pickle.loads(value)

@@ -7,8 +7,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from dit.runtime.distributed import free_port
 from tests.distributed import require_dist_marker
@@ -20,8 +20,19 @@ def torchrun(nproc: int, flags: list[str], log: Path) -> subprocess.Popen:
     """Start ``torchrun --nproc-per-node nproc pretrain_dit.py FLAGS`` in a session of its own, output to ``log``."""
     require_dist_marker(nproc)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-           "127.0.0.1", "--master-port", str(free_port()), "pretrain_dit.py", *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "pretrain_dit.py",
+        *flags,
+    ]
     with open(log, "w") as out:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 

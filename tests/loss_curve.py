@@ -24,8 +24,20 @@ from tests.tiny_data import TINY_RUN, good_entries, write_dataset
 ASSET = ROOT / "tests" / "assets" / "tiny_loss_curve.json"
 ITERS = 8
 # lr 1e-2: large enough that after a few steps the conditioning paths (zero at init: adaLN-Zero) move the loss
-FLAGS = TINY_RUN + ["--lr", "1e-2", "--lr-warmup-iters", "0", "--lr-decay-style", "constant",
-                    "--global-batch-size", "2", "--seed", "3", "--ema-decay", "0.9"]
+FLAGS = TINY_RUN + [
+    "--lr",
+    "1e-2",
+    "--lr-warmup-iters",
+    "0",
+    "--lr-decay-style",
+    "constant",
+    "--global-batch-size",
+    "2",
+    "--seed",
+    "3",
+    "--ema-decay",
+    "0.9",
+]
 
 
 def dataset(root: Path) -> Path:
@@ -35,8 +47,15 @@ def dataset(root: Path) -> Path:
 
 def train(data: str | Path, out: Path, iters: int, *extra: str) -> dict[int, dict]:
     """Train one process to ``iters``; the sample log's record (loss, grad norm, keys) of each iteration it ran."""
-    flags = FLAGS + ["--data-path", str(data), "--train-iters", str(iters), "--sample-log", str(out / "samples"),
-                     *extra]
+    flags = FLAGS + [
+        "--data-path",
+        str(data),
+        "--train-iters",
+        str(iters),
+        "--sample-log",
+        str(out / "samples"),
+        *extra,
+    ]
     assert run_distributed(pretrain_main, 1, flags) == [0]
     (log,) = sorted((out / "samples").glob("dp_*.jsonl"))
     return read_sample_log(log)

@@ -21,11 +21,18 @@ from dit.model.config import DiTConfig
 from dit.model.model import DiTModel
 from dit.model.packed import PackedBatch, thd_partition_indices
 from dit.model.patchify import patchify
-from dit.runtime import distributed as runtime
 from dit.model.sizes import MODEL_SIZES
+from dit.runtime import distributed as runtime
 
-TINY = dict(**MODEL_SIZES["DiT-debug"]._asdict(), latent_channels=4, patch_size=2,
-            text_embed_dim=16, num_classes=10, use_cpu_initialization=True, transformer_impl="local")
+TINY = dict(
+    **MODEL_SIZES["DiT-debug"]._asdict(),
+    latent_channels=4,
+    patch_size=2,
+    text_embed_dim=16,
+    num_classes=10,
+    use_cpu_initialization=True,
+    transformer_impl="local",
+)
 
 # fp32 on both sides; the parallel run differs only in summation order (split matmuls, all-reduces,
 # per-rank partial sums), which moves results by a few ulps (~1e-7 relative) per operation.
@@ -49,9 +56,17 @@ class MicroBatch:
     target: torch.Tensor  # [S, width]
 
 
-def make_microbatch(seed: int, grids: list[tuple[int, int, int]], *, pad_multiple: int = 8, channels: int = 4,
-                    patch: int = 2, temporal_patch: int = 1, text_dim: int = 16,
-                    text_lengths: list[int] | None = None) -> MicroBatch:
+def make_microbatch(
+    seed: int,
+    grids: list[tuple[int, int, int]],
+    *,
+    pad_multiple: int = 8,
+    channels: int = 4,
+    patch: int = 2,
+    temporal_patch: int = 1,
+    text_dim: int = 16,
+    text_lengths: list[int] | None = None,
+) -> MicroBatch:
     """A pack of samples with latent shapes ``grids`` (T, H, W), each padded to ``pad_multiple`` tokens, and
     text embeddings of ``text_lengths`` rows (3 to 6 by default)."""
     g = torch.Generator().manual_seed(seed)
@@ -69,11 +84,18 @@ def make_microbatch(seed: int, grids: list[tuple[int, int, int]], *, pad_multipl
     text_lengths = text_lengths or [3 + (seed + i) % 4 for i in range(len(grids))]
     cum = lambda xs: torch.tensor([0] + xs, dtype=torch.int32).cumsum(0, dtype=torch.int32)  # noqa: E731
     batch = PackedBatch(
-        tokens=torch.cat(tokens), positions=torch.cat(positions), loss_mask=torch.cat(masks),
-        cu_seqlens=cum(lengths), cu_seqlens_padded=cum(padded),
-        text=torch.randn(sum(text_lengths), text_dim, generator=g), cu_seqlens_text=cum(text_lengths),
-        grid_sizes=torch.tensor(grid_sizes), keys=[f"s{seed}_{i}" for i in range(len(grids))],
-        fps=torch.rand(len(grids), generator=g) * 30, labels=torch.randint(0, 11, (len(grids),), generator=g))
+        tokens=torch.cat(tokens),
+        positions=torch.cat(positions),
+        loss_mask=torch.cat(masks),
+        cu_seqlens=cum(lengths),
+        cu_seqlens_padded=cum(padded),
+        text=torch.randn(sum(text_lengths), text_dim, generator=g),
+        cu_seqlens_text=cum(text_lengths),
+        grid_sizes=torch.tensor(grid_sizes),
+        keys=[f"s{seed}_{i}" for i in range(len(grids))],
+        fps=torch.rand(len(grids), generator=g) * 30,
+        labels=torch.randint(0, 11, (len(grids),), generator=g),
+    )
     return MicroBatch(batch, torch.rand(len(grids), generator=g), torch.randn(batch.tokens.shape, generator=g))
 
 
@@ -81,16 +103,22 @@ def cp_share(mb: MicroBatch, cp: int, rank: int) -> MicroBatch:
     """What CP rank ``rank`` receives: its load-balanced chunks of every sample, the whole text."""
     rows = thd_partition_indices(mb.batch.cu_seqlens_padded, cp, rank)
     b = mb.batch
-    return MicroBatch(replace(b, tokens=b.tokens[rows], positions=b.positions[rows], loss_mask=b.loss_mask[rows]),
-                      mb.timesteps, mb.target[rows])
+    return MicroBatch(
+        replace(b, tokens=b.tokens[rows], positions=b.positions[rows], loss_mask=b.loss_mask[rows]),
+        mb.timesteps,
+        mb.target[rows],
+    )
 
 
 def hand_loss(prediction: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
     """Per-sample MSE over real tokens of a whole pack, written out sample by sample ``[N]``."""
     cu, cu_padded = mb.batch.cu_seqlens.tolist(), mb.batch.cu_seqlens_padded.tolist()
-    return torch.stack([
-        (prediction[s:s + cu[i + 1] - cu[i]] - mb.target[s:s + cu[i + 1] - cu[i]]).square().mean()
-        for i, s in enumerate(cu_padded[:-1])])
+    return torch.stack(
+        [
+            (prediction[s : s + cu[i + 1] - cu[i]] - mb.target[s : s + cu[i + 1] - cu[i]]).square().mean()
+            for i, s in enumerate(cu_padded[:-1])
+        ]
+    )
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
@@ -121,7 +149,8 @@ def tp_slice(full: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
     if not getattr(param, "tensor_model_parallel", False):
         return full
     return full.chunk(ps.get_tensor_model_parallel_world_size(), dim=param.partition_dim)[
-        ps.get_tensor_model_parallel_rank()]
+        ps.get_tensor_model_parallel_rank()
+    ]
 
 
 def tp_gather(shard: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
@@ -132,8 +161,15 @@ def tp_gather(shard: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
     return torch.cat(parts, dim=param.partition_dim)
 
 
-def parallel_run(fields: dict, layout: runtime.ParallelLayout, microbatches: list[MicroBatch], state: dict,
-                 sequence_parallel: bool = False, set_config: dict | None = None, optimizer: dict | None = None):
+def parallel_run(
+    fields: dict,
+    layout: runtime.ParallelLayout,
+    microbatches: list[MicroBatch],
+    state: dict,
+    sequence_parallel: bool = False,
+    set_config: dict | None = None,
+    optimizer: dict | None = None,
+):
     """On each rank: Megatron's forward-backward schedule over ``microbatches`` with ``state`` as weights.
 
     Each data-parallel rank takes every DP-th micro-batch. Returns (loss or None off the last stage,
@@ -152,8 +188,13 @@ def parallel_run(fields: dict, layout: runtime.ParallelLayout, microbatches: lis
 
     runtime.initialize_model_parallel(layout)
     runtime.set_random_seed(1234, per_data_parallel_rank=False)
-    config = tiny_config(**fields, tensor_model_parallel_size=layout.tensor, context_parallel_size=layout.context,
-                         pipeline_model_parallel_size=layout.pipeline, sequence_parallel=sequence_parallel)
+    config = tiny_config(
+        **fields,
+        tensor_model_parallel_size=layout.tensor,
+        context_parallel_size=layout.context,
+        pipeline_model_parallel_size=layout.pipeline,
+        sequence_parallel=sequence_parallel,
+    )
     for key, value in (set_config or {}).items():
         setattr(config, key, value)
     model = DiTModel(config, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
@@ -163,13 +204,24 @@ def parallel_run(fields: dict, layout: runtime.ParallelLayout, microbatches: lis
             p.copy_(tp_slice(state[global_name(name, offset)], p))
     distributed_optimizer = bool((optimizer or {}).get("use_distributed_optimizer"))
     ddp = DistributedDataParallel(
-        config, DistributedDataParallelConfig(use_distributed_optimizer=distributed_optimizer), model)
+        config, DistributedDataParallelConfig(use_distributed_optimizer=distributed_optimizer), model
+    )
     config.finalize_model_grads_func = finalize_model_grads
     opt = None
     if optimizer is not None:
-        opt = get_megatron_optimizer(OptimizerConfig(**{
-            "optimizer": "adam", "lr": STEP * ADAM_EPS, "adam_eps": ADAM_EPS, "weight_decay": 0.0,
-            "clip_grad": 1e30, **optimizer}), [ddp])  # clip_grad > 0 makes it compute the norm; 1e30 never clips
+        opt = get_megatron_optimizer(
+            OptimizerConfig(
+                **{
+                    "optimizer": "adam",
+                    "lr": STEP * ADAM_EPS,
+                    "adam_eps": ADAM_EPS,
+                    "weight_decay": 0.0,
+                    "clip_grad": 1e30,
+                    **optimizer,
+                }
+            ),
+            [ddp],
+        )  # clip_grad > 0 makes it compute the norm; 1e30 never clips
 
     cp, cp_group = layout.context, ps.get_context_parallel_group()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -180,12 +232,22 @@ def parallel_run(fields: dict, layout: runtime.ParallelLayout, microbatches: lis
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
         out = model(mb.batch.tokens, mb.timesteps, mb.batch)
-        return out, partial(microbatch_loss, target=mb.target, batch=mb.batch, cp_group=cp_group,
-                            samples_per_microbatch=samples_per_microbatch)
+        return out, partial(
+            microbatch_loss,
+            target=mb.target,
+            batch=mb.batch,
+            cp_group=cp_group,
+            samples_per_microbatch=samples_per_microbatch,
+        )
 
     logged = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(mine), model=[ddp], num_microbatches=len(mine),
-        seq_length=max(mb.batch.tokens.shape[0] for mb in mine), micro_batch_size=1)
+        forward_step_func=forward_step,
+        data_iterator=iter(mine),
+        model=[ddp],
+        num_microbatches=len(mine),
+        seq_length=max(mb.batch.tokens.shape[0] for mb in mine),
+        micro_batch_size=1,
+    )
     loss = None
     if logged:
         total = torch.stack([x["loss"] for x in logged]).sum(0)
@@ -199,8 +261,10 @@ def parallel_run(fields: dict, layout: runtime.ParallelLayout, microbatches: lis
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ok, grad_norm, _ = opt.step()
     assert ok
-    grads = {global_name(n, offset): tp_gather((before[n] - p.detach()) / STEP, p).numpy()
-             for n, p in model.named_parameters()}
+    grads = {
+        global_name(n, offset): tp_gather((before[n] - p.detach()) / STEP, p).numpy()
+        for n, p in model.named_parameters()
+    }
     return loss, grads, grad_norm
 
 
@@ -234,8 +298,10 @@ def fsdp_main_weights(fsdp: torch.nn.Module, config: DiTConfig) -> dict:
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     offset, raw = get_transformer_layer_offset(config), fsdp.module.raw_param  # raw: the model's parameters
-    return {global_name(n, offset): _dtensor_to_full(p, raw[n]).numpy()
-            for n, p in fsdp.module.param_and_grad_buffer.optimizer_named_parameters}
+    return {
+        global_name(n, offset): _dtensor_to_full(p, raw[n]).numpy()
+        for n, p in fsdp.module.param_and_grad_buffer.optimizer_named_parameters
+    }
 
 
 def _dtensor_to_full(dtensor, param: torch.nn.Parameter) -> torch.Tensor:

@@ -27,8 +27,22 @@ from tests.tiny_data import TINY_RUN, good_entries, write_dataset
 ASSET = ROOT / "tests" / "assets" / "mcore016_checkpoint"
 SAVED, ITERS = 2, 4
 # a model of about 15k parameters, so that the checkpoint (weights, Adam moments, EMA) stays small
-FLAGS = TINY_RUN + ["--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "1", "--lr", "1e-3",
-                    "--lr-decay-style", "constant", "--global-batch-size", "2", "--save-interval", str(SAVED)]
+FLAGS = TINY_RUN + [
+    "--num-layers",
+    "1",
+    "--hidden-size",
+    "16",
+    "--num-attention-heads",
+    "1",
+    "--lr",
+    "1e-3",
+    "--lr-decay-style",
+    "constant",
+    "--global-batch-size",
+    "2",
+    "--save-interval",
+    str(SAVED),
+]
 
 
 def dataset(root: Path) -> Path:
@@ -38,8 +52,17 @@ def dataset(root: Path) -> Path:
 
 def train(data: Path, out: Path, iters: int, *load: str) -> dict[int, float]:
     """Train one process to ``iters`` (saving in ``out/ckpt``); the loss of each iteration it ran."""
-    flags = FLAGS + ["--data-path", str(data), "--train-iters", str(iters), "--save", str(out / "ckpt"),
-                     "--sample-log", str(out / "samples"), *load]
+    flags = FLAGS + [
+        "--data-path",
+        str(data),
+        "--train-iters",
+        str(iters),
+        "--save",
+        str(out / "ckpt"),
+        "--sample-log",
+        str(out / "samples"),
+        *load,
+    ]
     assert run_distributed(pretrain_main, 1, flags) == [0]
     (log,) = sorted((out / "samples").glob("dp_*.jsonl"))
     return {it: record["loss"] for it, record in read_sample_log(log).items()}
@@ -53,8 +76,10 @@ def main() -> None:
         shutil.copytree(checkpoint_dir(work / "run" / "ckpt", SAVED), checkpoint_dir(ASSET, SAVED))
     write_tracker(ASSET, SAVED)
     stack = {name: version(name) for name in ("megatron-core", "megatron-energon", "torch")}
-    (ASSET / "losses.json").write_text(json.dumps(
-        {"stack": stack, "losses": {str(it): losses[it] for it in range(SAVED + 1, ITERS + 1)}}, indent=1) + "\n")
+    (ASSET / "losses.json").write_text(
+        json.dumps({"stack": stack, "losses": {str(it): losses[it] for it in range(SAVED + 1, ITERS + 1)}}, indent=1)
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import webdataset as wds
@@ -54,8 +54,14 @@ def nemo_dit(out: Path, n: int, first: int = 0) -> None:
             h, w = _side(i)
             latent = torch.randn(1, CHANNELS, 1, h, w, generator=_rng(i))  # Cosmos tokenizer's output, a batch of 1
             text = _t5_padded(i, 512, torch.bfloat16)[None]  # [1, 512, D]
-            sink.write({"__key__": f"{i:06}", ".pth": latent.to(dtype=torch.bfloat16), ".pickle": pickle.dumps(text),
-                        ".json": {"image_height": 8 * h, "image_width": 8 * w}})
+            sink.write(
+                {
+                    "__key__": f"{i:06}",
+                    ".pth": latent.to(dtype=torch.bfloat16),
+                    ".pickle": pickle.dumps(text),
+                    ".json": {"image_height": 8 * h, "image_width": 8 * w},
+                }
+            )
 
 
 def dfm_dit(out: Path, n: int, first: int = 0) -> None:
@@ -66,16 +72,34 @@ def dfm_dit(out: Path, n: int, first: int = 0) -> None:
             h, w = _side(i)
             latent = torch.randn(1, CHANNELS, 1, h, w, generator=_rng(i))  # autoencoder.encode(...)[0]: [1, C, T, H, W]
             text = _t5_padded(i, 512, torch.bfloat16)[None]
-            sink.write({"__key__": f"{i:06}", "pth": latent.to(dtype=torch.bfloat16), "pickle": pickle.dumps(text),
-                        "json": {"image_height": 1, "image_width": 8 * h}})
+            sink.write(
+                {
+                    "__key__": f"{i:06}",
+                    "pth": latent.to(dtype=torch.bfloat16),
+                    "pickle": pickle.dumps(text),
+                    "json": {"image_height": 1, "image_width": 8 * h},
+                }
+            )
 
 
 def _wan_json(frames: int, h: int, w: int, mode: str) -> dict:
-    return {"video_path": "/videos/clip.mp4", "processed_frames": frames, "processed_height": 8 * h,
-            "processed_width": 8 * w, "caption": "a clip", "deterministic_latents": True, "memory_optimization": True,
-            "model_version": "wan2.1", "processing_mode": mode,
-            "resize_settings": {"target_size": None, "resize_mode": "bilinear", "maintain_aspect_ratio": True,
-                                "center_crop": False}}
+    return {
+        "video_path": "/videos/clip.mp4",
+        "processed_frames": frames,
+        "processed_height": 8 * h,
+        "processed_width": 8 * w,
+        "caption": "a clip",
+        "deterministic_latents": True,
+        "memory_optimization": True,
+        "model_version": "wan2.1",
+        "processing_mode": mode,
+        "resize_settings": {
+            "target_size": None,
+            "resize_mode": "bilinear",
+            "maintain_aspect_ratio": True,
+            "center_crop": False,
+        },
+    }
 
 
 def wan_video(out: Path, n: int, first: int = 0) -> None:
@@ -87,9 +111,14 @@ def wan_video(out: Path, n: int, first: int = 0) -> None:
             frames = 1 + 4 * (1 + i % 2)  # 5 or 9 frames -> 2 or 3 latent frames
             latent = torch.randn(1, CHANNELS, 1 + (frames - 1) // 4, h, w, generator=_rng(i)).half()
             text = _t5_padded(i, 226, torch.float16)[None]
-            sink.write({"__key__": f"{i:06}", "pth": latent.detach().to(device="cpu")[0],
-                        "pickle": pickle.dumps(text.detach().to(device="cpu")[0]),
-                        "json": _wan_json(frames, h, w, "video")})
+            sink.write(
+                {
+                    "__key__": f"{i:06}",
+                    "pth": latent.detach().to(device="cpu")[0],
+                    "pickle": pickle.dumps(text.detach().to(device="cpu")[0]),
+                    "json": _wan_json(frames, h, w, "video"),
+                }
+            )
 
 
 def wan_frames(out: Path, n: int, first: int = 0, frames_per_video: int = 4) -> None:
@@ -100,9 +129,19 @@ def wan_frames(out: Path, n: int, first: int = 0, frames_per_video: int = 4) -> 
             for frame_idx in range(1, frames_per_video + 1):
                 h, w = _side(i)
                 latent = torch.randn(1, CHANNELS, 1, h, w, generator=_rng(i * 10 + frame_idx)).half()
-                meta = {**_wan_json(1, h, w, "frames"), "frame_index": frame_idx, "total_frames_in_video": frames_per_video}
-                sink.write({"__key__": f"{i:06}_{frame_idx:02}", "pth": latent.detach().to(device="cpu")[0],
-                            "pickle": pickle.dumps(text), "json": meta})
+                meta = {
+                    **_wan_json(1, h, w, "frames"),
+                    "frame_index": frame_idx,
+                    "total_frames_in_video": frames_per_video,
+                }
+                sink.write(
+                    {
+                        "__key__": f"{i:06}_{frame_idx:02}",
+                        "pth": latent.detach().to(device="cpu")[0],
+                        "pickle": pickle.dumps(text),
+                        "json": meta,
+                    }
+                )
 
 
 def flux(out: Path, n: int, first: int = 0) -> None:
@@ -114,19 +153,43 @@ def flux(out: Path, n: int, first: int = 0) -> None:
             h, w = _side(i)
             g = _rng(i)
             latents = torch.randn(1, CHANNELS, h, w, generator=g)[0]
-            text_embeddings = {"prompt_embeds": torch.randn(512, TEXT_DIM, generator=g),
-                               "pooled_prompt_embeds": torch.randn(768, generator=g)}
-            json_data = {"image_path": f"/images/{i}.jpg", "processed_height": 8 * h, "processed_width": 8 * w,
-                         "caption": "an image", "deterministic_latents": True, "memory_optimization": True,
-                         "model_version": "flux", "vae_normalization": "[-1, 1]",
-                         "resize_settings": {"target_size": [1024, 1024], "resize_mode": "bilinear",
-                                             "maintain_aspect_ratio": True, "center_crop": False}}
-            sink.write({"__key__": f"{i:06}", "pth": latents.detach().to(device="cpu"),
-                        "pickle": pickle.dumps(text_embeddings), "json": json_data})
+            text_embeddings = {
+                "prompt_embeds": torch.randn(512, TEXT_DIM, generator=g),
+                "pooled_prompt_embeds": torch.randn(768, generator=g),
+            }
+            json_data = {
+                "image_path": f"/images/{i}.jpg",
+                "processed_height": 8 * h,
+                "processed_width": 8 * w,
+                "caption": "an image",
+                "deterministic_latents": True,
+                "memory_optimization": True,
+                "model_version": "flux",
+                "vae_normalization": "[-1, 1]",
+                "resize_settings": {
+                    "target_size": [1024, 1024],
+                    "resize_mode": "bilinear",
+                    "maintain_aspect_ratio": True,
+                    "center_crop": False,
+                },
+            }
+            sink.write(
+                {
+                    "__key__": f"{i:06}",
+                    "pth": latents.detach().to(device="cpu"),
+                    "pickle": pickle.dumps(text_embeddings),
+                    "json": json_data,
+                }
+            )
 
 
 WRITERS: dict[str, Callable[[Path, int, int], None]] = {
-    "NeMo DiT": nemo_dit, "DFM DiT": dfm_dit, "Wan": wan_video, "Wan frames": wan_frames, "Flux": flux}
+    "NeMo DiT": nemo_dit,
+    "DFM DiT": dfm_dit,
+    "Wan": wan_video,
+    "Wan frames": wan_frames,
+    "Flux": flux,
+}
 
 
 def write(name: str, out: Path, n: int, first: int = 0) -> Path:

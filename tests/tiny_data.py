@@ -21,29 +21,65 @@ from typing import Any
 import numpy as np
 import torch
 
+from data import shards
 from data.loader.bad_data import SkipKind
 from data.loader.dataloader import DiTDataLoader, build_task_encoder, energon_loader
 from data.loader.rank_split import RankLayout
 from data.loader.sample import LatentFormat
-from data import shards
 from data.shards import ShardSample, encode_sample
 
 FMT = LatentFormat(patch_size=2, temporal_patch_size=1, latent_channels=4, text_embed_dim=8)
 
-FLAGS = ["--max-seq-length", "32", "--patch-size", "2", "--latent-channels", "4", "--text-embed-dim", "8",
-         "--packing-buffer-size", "6", "--micro-batch-size", "3"]  # the command line of FMT for tiny_loader
+FLAGS = [
+    "--max-seq-length",
+    "32",
+    "--patch-size",
+    "2",
+    "--latent-channels",
+    "4",
+    "--text-embed-dim",
+    "8",
+    "--packing-buffer-size",
+    "6",
+    "--micro-batch-size",
+    "3",
+]  # the command line of FMT for tiny_loader
 
 Entry = tuple[str, dict[str, bytes]]
 
 # pretrain_dit.py flags of the DiT-debug size (dit/model/sizes.py) for these datasets;
 # tests add their own after these (argparse keeps the last value)
-TINY_RUN = ["--model-size", "DiT-debug", "--latent-channels", "4", "--patch-size", "2", "--text-embed-dim", "8",
-            "--max-seq-length", "32", "--packing-buffer-size", "8", "--num-workers", "0", "--transformer-impl", "local",
-            "--log-interval", "1"]
+TINY_RUN = [
+    "--model-size",
+    "DiT-debug",
+    "--latent-channels",
+    "4",
+    "--patch-size",
+    "2",
+    "--text-embed-dim",
+    "8",
+    "--max-seq-length",
+    "32",
+    "--packing-buffer-size",
+    "8",
+    "--num-workers",
+    "0",
+    "--transformer-impl",
+    "local",
+    "--log-interval",
+    "1",
+]
 
 
-def payloads(shape: tuple[int, ...], *, seed: int = 0, dtype: torch.dtype = torch.float32, text_len: int = 3,
-             text: Any = None, meta: dict[str, Any] | None = None) -> dict[str, bytes]:
+def payloads(
+    shape: tuple[int, ...],
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    text_len: int = 3,
+    text: Any = None,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, bytes]:
     """The three members of one sample; the text embedding defaults to numpy float32 ``[text_len, 8]``."""
     g = torch.Generator().manual_seed(seed)
     if text is None:
@@ -60,24 +96,50 @@ def good_entries(n: int, seed: int = 0, prefix: str = "good", fps: float | None 
         h, w = 2 * rng.randint(1, 3), 2 * rng.randint(1, 4)
         shape = (4, rng.randint(1, 2), h, w) if rng.random() < 0.4 else (4, h, w)
         dtype = rng.choice([torch.float32, torch.bfloat16, torch.float16])
-        meta = {"caption": f"sample {i}", "height": 8 * h, "width": 8 * w, "fps": fps} if fps and len(shape) == 4 else None
-        entries.append((f"{prefix}_{i:04d}", payloads(shape, seed=seed * 1000 + i, dtype=dtype, meta=meta,
-                                                      text_len=rng.randint(1, 5))))
+        meta = (
+            {"caption": f"sample {i}", "height": 8 * h, "width": 8 * w, "fps": fps} if fps and len(shape) == 4 else None
+        )
+        entries.append(
+            (
+                f"{prefix}_{i:04d}",
+                payloads(shape, seed=seed * 1000 + i, dtype=dtype, meta=meta, text_len=rng.randint(1, 5)),
+            )
+        )
     return entries
 
 
-def tiny_loader(path, *extra: str, workers: int = 0, repeat: bool = True, max_bad: float = 1.0,
-                reject_oversize: bool = False, stall_samples: int = 1000) -> DiTDataLoader:
+def tiny_loader(
+    path,
+    *extra: str,
+    workers: int = 0,
+    repeat: bool = True,
+    max_bad: float = 1.0,
+    reject_oversize: bool = False,
+    stall_samples: int = 1000,
+) -> DiTDataLoader:
     """The training loader over a tiny dataset (max 32 tokens, buffer 6, pad multiple 4), on one rank."""
     from dit.training.arguments import load_run_config
 
     run = load_run_config([*FLAGS, *extra], need_data=False)
-    loader = energon_loader(path, build_task_encoder(run.model, run.data, pad_multiple=4), RankLayout(),
-                            num_workers=workers, seed=3, packing_buffer_size=run.data.packing_buffer_size,
-                            micro_batch_size=run.training.micro_batch_size, repeat=repeat)
-    return DiTDataLoader(loader, RankLayout(), max_bad_sample_fraction=max_bad, num_workers=workers,
-                         buffer_size=run.data.buffer_samples, reject_oversize=reject_oversize,
-                         stall_samples=stall_samples)
+    loader = energon_loader(
+        path,
+        build_task_encoder(run.model, run.data, pad_multiple=4),
+        RankLayout(),
+        num_workers=workers,
+        seed=3,
+        packing_buffer_size=run.data.packing_buffer_size,
+        micro_batch_size=run.training.micro_batch_size,
+        repeat=repeat,
+    )
+    return DiTDataLoader(
+        loader,
+        RankLayout(),
+        max_bad_sample_fraction=max_bad,
+        num_workers=workers,
+        buffer_size=run.data.buffer_samples,
+        reject_oversize=reject_oversize,
+        stall_samples=stall_samples,
+    )
 
 
 def write_dataset(root: Path, entries: list[Entry], per_shard: int = 8) -> Path:
@@ -87,8 +149,14 @@ def write_dataset(root: Path, entries: list[Entry], per_shard: int = 8) -> Path:
 
 def crude(files: dict[str, bytes], key: str = "samples/x", shard: str = "shard_000000.tar") -> dict[str, Any]:
     """A crude sample as energon hands it to the cooker (decoder off: raw bytes)."""
-    return {"__key__": key, "__shard__": shard, "__restore_key__": ("Webdataset", 0), "__subflavors__": None,
-            "__sources__": (), **files}
+    return {
+        "__key__": key,
+        "__shard__": shard,
+        "__restore_key__": ("Webdataset", 0),
+        "__subflavors__": None,
+        "__sources__": (),
+        **files,
+    }
 
 
 def torch_bytes(value: Any) -> bytes:
@@ -118,7 +186,10 @@ DEFECTS: dict[str, tuple[dict[str, bytes], SkipKind]] = {
     "image with a zero-sized side": (with_members(pth=torch_bytes(torch.zeros(4, 0, 4))), SkipKind.NOT_A_LATENT),
     "video of zero frames": (with_members(pth=torch_bytes(torch.zeros(4, 0, 2, 4))), SkipKind.NOT_A_LATENT),
     "wrong channel count": (with_members(pth=torch_bytes(torch.zeros(3, 2, 4))), SkipKind.NOT_A_LATENT),
-    "NaN in latent": (with_members(pth=torch_bytes(torch.tensor([float("nan")]).expand(4, 2, 4).clone())), SkipKind.NON_FINITE),
+    "NaN in latent": (
+        with_members(pth=torch_bytes(torch.tensor([float("nan")]).expand(4, 2, 4).clone())),
+        SkipKind.NON_FINITE,
+    ),
     "Inf in text": (with_members(pickle=pickle.dumps(np.full((2, 8), np.inf, np.float32))), SkipKind.NON_FINITE),
     "missing .pickle": (with_members(pickle=None), SkipKind.MISSING_MEMBER),
     "missing .json": (with_members(json=None), SkipKind.MISSING_MEMBER),
@@ -168,8 +239,9 @@ class RunsCodeThenReturnsArray:
         self.marker = marker
 
     def __reduce__(self):
-        return eval, (f"__import__('pathlib').Path({str(self.marker)!r}).touch() or "
-                      "__import__('numpy').zeros((3, 8), 'float32')",)
+        return eval, (
+            f"__import__('pathlib').Path({str(self.marker)!r}).touch() or __import__('numpy').zeros((3, 8), 'float32')",
+        )
 
 
 class StorageRunsCommand:
@@ -217,6 +289,7 @@ def deflate_bomb(megabytes: int) -> bytes:
             dst.writestr(info.filename, src.read(info), zipfile.ZIP_DEFLATED)
     storage = Calls(torch.storage._load_from_bytes, out.getvalue())
     from collections import OrderedDict
+
     return pickle.dumps(Calls(torch._utils._rebuild_tensor_v2, storage, 0, (n // 8, 8), (8, 1), False, OrderedDict()))
 
 
@@ -226,7 +299,9 @@ def sparse_header(name: str, stored: bytes, declared: int) -> bytes:
     info = tarfile.TarInfo(name)
     info.size, info.type, info.mtime = len(stored), tarfile.GNUTYPE_SPARSE, 0
     header = bytearray(info.tobuf(tarfile.GNU_FORMAT))  # one 512-byte block for a short name
-    header[386:410] = tarfile.itn(declared - len(stored), 12, tarfile.GNU_FORMAT) + tarfile.itn(len(stored), 12, tarfile.GNU_FORMAT)
+    header[386:410] = tarfile.itn(declared - len(stored), 12, tarfile.GNU_FORMAT) + tarfile.itn(
+        len(stored), 12, tarfile.GNU_FORMAT
+    )
     header[482] = 0  # no extended sparse headers
     header[483:495] = tarfile.itn(declared, 12, tarfile.GNU_FORMAT)  # the size a reader allocates
     header[148:156] = b" " * 8
@@ -257,54 +332,91 @@ HOSTILE_FLAGS = ["--fps-conditioning", "--max-text-length", "6"]  # the command 
 def hostile(markers: Path) -> dict[str, tuple[dict[str, bytes], SkipKind | None]]:
     """Hostile and unusual samples, each with the kind it is skipped as (None: it trains). The code
     in the pickles would create files in ``markers``."""
+
     def shell(name: str) -> str:
         return f"touch {markers / name}"
 
     meta = json.loads(payloads((4, 2, 4))["json"])
     latent = torch.randn(4, 2, 4)
     return {
-        "pickle that runs a command": (with_members(pickle=pickle.dumps(RunsCommand(shell("system")))),
-                                       SkipKind.UNSAFE_PICKLE),
+        "pickle that runs a command": (
+            with_members(pickle=pickle.dumps(RunsCommand(shell("system")))),
+            SkipKind.UNSAFE_PICKLE,
+        ),
         "pickle that runs code, then returns a good array": (
-            with_members(pickle=pickle.dumps(RunsCodeThenReturnsArray(markers / "eval"))), SkipKind.UNSAFE_PICKLE),
+            with_members(pickle=pickle.dumps(RunsCodeThenReturnsArray(markers / "eval"))),
+            SkipKind.UNSAFE_PICKLE,
+        ),
         "tensor pickle whose storage bytes run a command": (
-            with_members(pickle=pickle.dumps(StorageRunsCommand(shell("storage")))), SkipKind.CORRUPT_MEMBER),
-        "JSON nested 100000 deep": (with_members(json=b'{"caption": "c", "x": ' + b"[" * 100000 + b"]" * 100000 + b"}"),
-                                    SkipKind.INVALID_JSON),
+            with_members(pickle=pickle.dumps(StorageRunsCommand(shell("storage")))),
+            SkipKind.CORRUPT_MEMBER,
+        ),
+        "JSON nested 100000 deep": (
+            with_members(json=b'{"caption": "c", "x": ' + b"[" * 100000 + b"]" * 100000 + b"}"),
+            SkipKind.INVALID_JSON,
+        ),
         "sparse latent": (with_members(pth=torch_bytes(latent.to_sparse())), SkipKind.NOT_A_LATENT),
-        "meta-device latent (no data)": (with_members(pth=torch_bytes(torch.empty(4, 2, 4, device="meta"))),
-                                         SkipKind.SAMPLE_ERROR),
-        "latent viewing a 100x larger storage": (with_members(pth=torch_bytes(torch.randn(3200)[:32].view(4, 2, 4))),
-                                                 SkipKind.OVERSIZED_STORAGE),
-        "text viewing a larger storage": (with_members(pickle=pickle.dumps(torch.randn(100, 8)[:3])),
-                                          SkipKind.OVERSIZED_STORAGE),
+        "meta-device latent (no data)": (
+            with_members(pth=torch_bytes(torch.empty(4, 2, 4, device="meta"))),
+            SkipKind.SAMPLE_ERROR,
+        ),
+        "latent viewing a 100x larger storage": (
+            with_members(pth=torch_bytes(torch.randn(3200)[:32].view(4, 2, 4))),
+            SkipKind.OVERSIZED_STORAGE,
+        ),
+        "text viewing a larger storage": (
+            with_members(pickle=pickle.dumps(torch.randn(100, 8)[:3])),
+            SkipKind.OVERSIZED_STORAGE,
+        ),
         "NaN fps": (with_members(json=json.dumps({**meta, "fps": float("nan")}).encode()), SkipKind.BAD_METADATA),
         "negative fps": (with_members(json=json.dumps({**meta, "fps": -24}).encode()), SkipKind.BAD_METADATA),
-        "text longer than --max-text-length": (with_members(pickle=pickle.dumps(np.ones((7, 8), np.float32))),
-                                               SkipKind.TEXT_OVERSIZE),
-        "video without fps (--fps-conditioning)": (with_members(pth=torch_bytes(torch.randn(4, 3, 2, 4))),
-                                                   SkipKind.MISSING_FPS),
-        "float64 text beyond float32's range": (with_members(pickle=pickle.dumps(np.full((2, 8), 1e300))),
-                                                SkipKind.NON_FINITE),
+        "text longer than --max-text-length": (
+            with_members(pickle=pickle.dumps(np.ones((7, 8), np.float32))),
+            SkipKind.TEXT_OVERSIZE,
+        ),
+        "video without fps (--fps-conditioning)": (
+            with_members(pth=torch_bytes(torch.randn(4, 3, 2, 4))),
+            SkipKind.MISSING_FPS,
+        ),
+        "float64 text beyond float32's range": (
+            with_members(pickle=pickle.dumps(np.full((2, 8), 1e300))),
+            SkipKind.NON_FINITE,
+        ),
         "punycode in the unpickler (minutes of CPU)": (
-            with_members(pickle=pickle.dumps(Calls(codecs.encode, "\u00e9" * 8000, "punycode"))), SkipKind.UNSAFE_PICKLE),
+            with_members(pickle=pickle.dumps(Calls(codecs.encode, "\u00e9" * 8000, "punycode"))),
+            SkipKind.UNSAFE_PICKLE,
+        ),
         "deflate bomb in the text embedding": (with_members(pickle=deflate_bomb(16)), SkipKind.OVERSIZED_STORAGE),
-        "a dict .pickle without the text's key": (with_members(pickle=pickle.dumps({"t5": np.ones((2, 8), np.float32)})),
-                                                  SkipKind.BAD_TEXT_EMBEDDING),
+        "a dict .pickle without the text's key": (
+            with_members(pickle=pickle.dumps({"t5": np.ones((2, 8), np.float32)})),
+            SkipKind.BAD_TEXT_EMBEDDING,
+        ),
         # unusual but sound: these train
-        "latent saved with requires_grad": (with_members(pth=torch_bytes(torch.randn(4, 2, 4, requires_grad=True))), None),
+        "latent saved with requires_grad": (
+            with_members(pth=torch_bytes(torch.randn(4, 2, 4, requires_grad=True))),
+            None,
+        ),
         "text saved with requires_grad": (
-            with_members(pickle=pickle.dumps(torch.randn(3, 8, dtype=torch.bfloat16, requires_grad=True))), None),
+            with_members(pickle=pickle.dumps(torch.randn(3, 8, dtype=torch.bfloat16, requires_grad=True))),
+            None,
+        ),
         "big-endian float32 text": (with_members(pickle=pickle.dumps(np.ones((2, 8), ">f4"))), None),
         "float128 text": (with_members(pickle=pickle.dumps(np.ones((2, 8), np.longdouble))), None),
         "fewer frames than the latent (the latent's shape is the truth)": (
-            with_members(pth=torch_bytes(torch.randn(4, 3, 2, 4)),
-                         json=json.dumps({**meta, "num_frames": 2, "fps": 8}).encode()), None),
+            with_members(
+                pth=torch_bytes(torch.randn(4, 3, 2, 4)), json=json.dumps({**meta, "num_frames": 2, "fps": 8}).encode()
+            ),
+            None,
+        ),
         "height below the latent's": (with_members(json=json.dumps({**meta, "height": 1}).encode()), None),
         "latent saved on a GPU": (with_members(pth=saved_on(latent, "cuda:0")), None),
         "transposed latent": (with_members(pth=torch_bytes(torch.randn(4, 4, 2).transpose(1, 2))), None),
         "expanded latent (stride 0)": (with_members(pth=torch_bytes(torch.randn(4, 1, 4).expand(4, 2, 4))), None),
         "protocol 2 numpy text, 24 fps video": (
-            with_members(pickle=pickle.dumps(np.ones((2, 8), np.float16), protocol=2),
-                         json=json.dumps({**meta, "fps": 24, "num_frames": 1}).encode()), None),
+            with_members(
+                pickle=pickle.dumps(np.ones((2, 8), np.float16), protocol=2),
+                json=json.dumps({**meta, "fps": 24, "num_frames": 1}).encode(),
+            ),
+            None,
+        ),
     }

@@ -21,18 +21,24 @@ from dit.errors import TrainingStopped
 MAX_EXAMPLES = 8  # skipped samples remembered by key and shard, for the log
 
 
-class SkipKind(str, enum.Enum):
+class SkipKind(str, enum.Enum):  # noqa: UP042 -- StrEnum would change str()/format() of members (f"{e.kind}")
     """Why a sample was left out of training."""
 
     CORRUPT_MEMBER = "corrupt_member"  # a .pth / .pickle payload that does not decode (truncated, garbage)
-    CORRUPT_SHARD = "corrupt_shard"  # the tar does not read where its index points (deleted, emptied, cut short after prepare)
+    CORRUPT_SHARD = (
+        "corrupt_shard"  # the tar does not read where its index points (deleted, emptied, cut short after prepare)
+    )
     UNSAFE_PICKLE = "unsafe_pickle"  # .pickle names code (a global no array needs); refused unrun (dit.safe_pickle)
     SAMPLE_ERROR = "sample_error"  # reading, cooking or decoding raised an exception no check foresaw
-    NOT_A_LATENT = "not_a_latent"  # .pth is not a dense float tensor [C, T, H, W] / [C, H, W] with --latent-channels, no side 0
+    NOT_A_LATENT = (
+        "not_a_latent"  # .pth is not a dense float tensor [C, T, H, W] / [C, H, W] with --latent-channels, no side 0
+    )
     OVERSIZED_STORAGE = "oversized_storage"  # a tensor stored with far more data than it shows (a view of a larger
     # one), or whose torch.save bytes declare more than they hold (compressed: a deflate bomb)
     NON_FINITE = "non_finite"  # NaN or Inf in the latent or the text embedding
-    MEMBER_TOO_LARGE = "member_too_large"  # a tar member declares more bytes than its shard holds for it (sparse, forged)
+    MEMBER_TOO_LARGE = (
+        "member_too_large"  # a tar member declares more bytes than its shard holds for it (sparse, forged)
+    )
     MISSING_MEMBER = "missing_member"  # no .pth, .pickle or .json in the sample
     INVALID_JSON = "invalid_json"  # .json is not a JSON object (too deeply nested included)
     BAD_METADATA = "bad_metadata"  # fps in the .json that is not a finite positive number under --fps-conditioning
@@ -120,7 +126,8 @@ class DataStats:
             raise BadDataError(
                 f"{self.bad} of {read} samples read ({self.bad / read:.1%}) were broken, more than "
                 f"--max-bad-sample-fraction {max_bad_fraction}: {self.describe()}. Fix or drop those shards "
-                "(python -m data.report DATASET lists them), or raise the limit if this is expected.")
+                "(python -m data.report DATASET lists them), or raise the limit if this is expected."
+            )
 
     def warnings(self) -> dict[str, str]:
         """The normalisations applied so far that deserve a warning, each with what it did (for the trainer's log)."""
@@ -130,11 +137,15 @@ class DataStats:
         """One line for the log: counts by kind and the first few skipped samples."""
         kinds = ", ".join(f"{k}={n}" for k, n in sorted(self.skipped.items())) or "none"
         first = "; ".join(f"{e.kind} {e.key} ({e.detail})" for e in self.examples)
-        return f"skipped {sum(self.skipped.values())} of {self.read} read [{kinds}]" + (f"; first: {first}" if first else "")
+        return f"skipped {sum(self.skipped.values())} of {self.read} read [{kinds}]" + (
+            f"; first: {first}" if first else ""
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> DataStats:
-        return cls(**{**state, "skipped": dict(state["skipped"]), "examples": [SkipRecord(**e) for e in state["examples"]]})
+        return cls(
+            **{**state, "skipped": dict(state["skipped"]), "examples": [SkipRecord(**e) for e in state["examples"]]}
+        )

@@ -5,15 +5,17 @@ reads ``loader.stats`` at its log interval, and stores ``loader.state_dict()`` i
 a loader restored with :meth:`DiTDataLoader.load_state_dict` yields exactly the next pack.
 
 No silent hang: a loader worker process that dies (killed for memory, a crash in a library) ends
-the run with one line (:func:`worker_died`) instead of a traceback, or a wait. When every sample is skipped (all longer than ``--max-seq-length``, say) energon
-would keep filling packing buffers forever. Once this process has read :func:`stall_limit`
-samples without one it could train, the loader stops the run with one line naming the likely flag.
+the run with one line (:func:`worker_died`) instead of a traceback, or a wait. When every sample is
+skipped (all longer than ``--max-seq-length``, say) energon would keep filling packing buffers forever.
+Once this process has read :func:`stall_limit` samples without one it could train, the loader stops
+the run with one line naming the likely flag.
 """
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from megatron.energon import SavableDataLoader, get_savable_loader, get_train_dataset, get_val_dataset
 
@@ -22,8 +24,8 @@ from data.loader.rank_split import RankLayout, shard_for_rank
 from data.loader.sample import LatentFormat
 from data.loader.task_encoder import DiTTaskEncoder, LoadedPack
 from dit.errors import ConfigError, one_line
-from dit.model.packed import PackedBatch
 from dit.model.config import DiTConfig
+from dit.model.packed import PackedBatch
 from dit.training.run_config import DataConfig, RunConfig
 
 STALL_SAMPLES = 1000
@@ -34,13 +36,15 @@ def worker_died(error: RuntimeError) -> BadDataError | None:
     """The one line for torch's error about a loader worker process that died, or None for any other error."""
     if "DataLoader worker (pid" not in str(error):
         return None
-    return BadDataError(f"a data loader worker process died ({one_line(error)}); the run cannot go on without "
-                        "its samples. The kernel's out-of-memory killer is the usual cause (see dmesg): lower "
-                        "--num-workers or --packing-buffer-size; python -m data.report DATASET reads the dataset "
-                        "alone, to find a sample that kills it.")
+    return BadDataError(
+        f"a data loader worker process died ({one_line(error)}); the run cannot go on without "
+        "its samples. The kernel's out-of-memory killer is the usual cause (see dmesg): lower "
+        "--num-workers or --packing-buffer-size; python -m data.report DATASET reads the dataset "
+        "alone, to find a sample that kills it."
+    )
 
 
-def iterate_packs(loader: SavableDataLoader) -> Iterator[LoadedPack]:
+def iterate_packs(loader: SavableDataLoader) -> Generator[LoadedPack, None, None]:
     """energon's packs, a dead worker raised as :func:`worker_died`'s line; closing it stops the workers now."""
     packs = iter(loader)
     try:
@@ -64,16 +68,32 @@ def stall_limit(packing_buffer_size: int, num_workers: int) -> int:
 
 def build_task_encoder(model: DiTConfig, data: DataConfig, pad_multiple: int) -> DiTTaskEncoder:
     """The task encoder for the model's latents and text, the data settings and the layout's padding multiple."""
-    fmt = LatentFormat(model.patch_size, model.temporal_patch_size, model.latent_channels, model.text_embed_dim,
-                       max_text_length=data.max_text_length, fps_conditioning=model.fps_conditioning,
-                       num_classes=model.num_classes if model.conditioning == "class" else None,
-                       text_padding=data.text_padding, text_embedding_key=data.text_embedding_key)
+    fmt = LatentFormat(
+        model.patch_size,
+        model.temporal_patch_size,
+        model.latent_channels,
+        model.text_embed_dim,
+        max_text_length=data.max_text_length,
+        fps_conditioning=model.fps_conditioning,
+        num_classes=model.num_classes if model.conditioning == "class" else None,
+        text_padding=data.text_padding,
+        text_embedding_key=data.text_embedding_key,
+    )
     return DiTTaskEncoder(fmt, max_seq_length=data.max_seq_length, pad_multiple=pad_multiple, packing=data.packing)
 
 
-def energon_loader(data_path: str | Path, encoder: DiTTaskEncoder, layout: RankLayout, *, num_workers: int,
-                   seed: int, packing_buffer_size: int, micro_batch_size: int, repeat: bool = True,
-                   split: str | None = None) -> SavableDataLoader:
+def energon_loader(
+    data_path: str | Path,
+    encoder: DiTTaskEncoder,
+    layout: RankLayout,
+    *,
+    num_workers: int,
+    seed: int,
+    packing_buffer_size: int,
+    micro_batch_size: int,
+    repeat: bool = True,
+    split: str | None = None,
+) -> SavableDataLoader:
     """energon's savable loader yielding :class:`LoadedPack` s for this replica: the train split, shuffled
     and repeated, or ``split`` read once in its stored order (validation)."""
     common = dict(
@@ -85,7 +105,8 @@ def energon_loader(data_path: str | Path, encoder: DiTTaskEncoder, layout: RankL
     if split is not None:
         return get_savable_loader(get_val_dataset(data_path, split_part=split, **common))
     dataset = get_train_dataset(
-        data_path, **common,
+        data_path,
+        **common,
         shuffle_buffer_size=None,  # the packing buffer already mixes samples of many shards
         max_samples_per_sequence=None,
         repeat=repeat,
@@ -96,9 +117,17 @@ def energon_loader(data_path: str | Path, encoder: DiTTaskEncoder, layout: RankL
 class DiTDataLoader:
     """Packs for this rank, with the bad-data accounting and limits of the run."""
 
-    def __init__(self, loader: SavableDataLoader, layout: RankLayout, *, max_bad_sample_fraction: float,
-                 num_workers: int, buffer_size: int, reject_oversize: bool = False,
-                 stall_samples: int = STALL_SAMPLES):
+    def __init__(
+        self,
+        loader: SavableDataLoader,
+        layout: RankLayout,
+        *,
+        max_bad_sample_fraction: float,
+        num_workers: int,
+        buffer_size: int,
+        reject_oversize: bool = False,
+        stall_samples: int = STALL_SAMPLES,
+    ):
         self.loader = loader
         self.num_workers = num_workers
         self.buffer_size = buffer_size  # samples a worker reads before its packs come (1 without packing)
@@ -108,8 +137,10 @@ class DiTDataLoader:
         self.stall_samples = stall_samples
         self.stats = DataStats()  # over every pack this rank has consumed, restored with the state
         self._here = DataStats()  # over the packs of this process only: the stall check's view
-        self._packs: Iterator[LoadedPack] | None = None
-        self._furthest: dict[int, int] = {}  # loader worker -> samples it has read: to the end of the furthest buffer seen
+        self._packs: Generator[LoadedPack, None, None] | None = None
+        self._furthest: dict[
+            int, int
+        ] = {}  # loader worker -> samples it has read: to the end of the furthest buffer seen
 
     def __iter__(self) -> DiTDataLoader:
         return self
@@ -129,8 +160,10 @@ class DiTDataLoader:
     def _check(self, pack: DataStats) -> None:
         sizing = [e for e in pack.examples if SkipKind(e.kind) in SIZING]
         if self.reject_oversize and sizing:
-            raise BadDataError(f"--oversize-policy error: {sizing[0].key} has {sizing[0].detail}; raise that flag "
-                               "or pass --oversize-policy skip")
+            raise BadDataError(
+                f"--oversize-policy error: {sizing[0].key} has {sizing[0].detail}; raise that flag "
+                "or pass --oversize-policy skip"
+            )
         self.stats.check(self.max_bad_sample_fraction, read=sum(self._furthest.values()))
         if self._here.trained == 0 and self._here.read >= self.stall_samples:
             raise self._stalled()
@@ -150,17 +183,26 @@ class DiTDataLoader:
     def _stalled(self) -> ConfigError:
         """The line for a stream in which nothing trains: the flag the skips point at."""
         here = self._here
-        kind = max(here.skipped, key=here.skipped.get)
+        kind = max(here.skipped, key=lambda k: here.skipped[k])
         first = next((e for e in here.examples if e.kind == kind), None)
         detail = f" ({first.detail})" if first else ""
         if kind == SkipKind.OVERSIZE.value:
-            return ConfigError("--max-seq-length", f"none of the {here.read} samples read fits{detail}; the longest "
-                                                   f"takes {here.longest} tokens: raise --max-seq-length")
+            return ConfigError(
+                "--max-seq-length",
+                f"none of the {here.read} samples read fits{detail}; the longest "
+                f"takes {here.longest} tokens: raise --max-seq-length",
+            )
         if kind == SkipKind.TEXT_OVERSIZE.value:
-            return ConfigError("--max-text-length", f"none of the {here.read} samples read has a text embedding "
-                                                    f"that short{detail}: raise --max-text-length")
-        return ConfigError("--data-path", f"none of the {here.read} samples read can train: {here.describe()}; "
-                                          "python -m data.report DATASET lists them")
+            return ConfigError(
+                "--max-text-length",
+                f"none of the {here.read} samples read has a text embedding "
+                f"that short{detail}: raise --max-text-length",
+            )
+        return ConfigError(
+            "--data-path",
+            f"none of the {here.read} samples read can train: {here.describe()}; "
+            "python -m data.report DATASET lists them",
+        )
 
     def close(self) -> None:
         """Stop the worker processes now."""
@@ -184,24 +226,46 @@ def build_train_loader(run: RunConfig) -> DiTDataLoader:
     """The training loader of a run; Megatron's parallel state must be initialised."""
     data = run.data
     layout = RankLayout.from_parallel_state(run.model)
-    loader = energon_loader(data.data_path, build_task_encoder(run.model, data, layout.pad_multiple), layout,
-                            num_workers=data.num_workers, seed=run.training.seed,
-                            packing_buffer_size=data.packing_buffer_size,
-                            micro_batch_size=run.training.micro_batch_size)
-    return DiTDataLoader(loader, layout, max_bad_sample_fraction=data.max_bad_sample_fraction,
-                         num_workers=data.num_workers, buffer_size=data.buffer_samples,
-                         reject_oversize=data.oversize_policy == "error",
-                         stall_samples=stall_limit(data.packing_buffer_size, data.num_workers))
+    loader = energon_loader(
+        data.data_path,
+        build_task_encoder(run.model, data, layout.pad_multiple),
+        layout,
+        num_workers=data.num_workers,
+        seed=run.training.seed,
+        packing_buffer_size=data.packing_buffer_size,
+        micro_batch_size=run.training.micro_batch_size,
+    )
+    return DiTDataLoader(
+        loader,
+        layout,
+        max_bad_sample_fraction=data.max_bad_sample_fraction,
+        num_workers=data.num_workers,
+        buffer_size=data.buffer_samples,
+        reject_oversize=data.oversize_policy == "error",
+        stall_samples=stall_limit(data.packing_buffer_size, data.num_workers),
+    )
 
 
 def build_valid_loader(run: RunConfig) -> DiTDataLoader:
     """The validation loader: the same packs in the same order every time it is built."""
     data = run.data
+    assert data.validation is not None, "the run has no validation dataset"
     path, split = data.validation
     layout = RankLayout.from_parallel_state(run.model)
-    loader = energon_loader(path, build_task_encoder(run.model, data, layout.pad_multiple), layout,
-                            num_workers=data.num_workers, seed=run.training.seed,
-                            packing_buffer_size=data.packing_buffer_size,
-                            micro_batch_size=run.training.micro_batch_size, split=split)
-    return DiTDataLoader(loader, layout, max_bad_sample_fraction=data.max_bad_sample_fraction,
-                         num_workers=data.num_workers, buffer_size=data.buffer_samples)
+    loader = energon_loader(
+        path,
+        build_task_encoder(run.model, data, layout.pad_multiple),
+        layout,
+        num_workers=data.num_workers,
+        seed=run.training.seed,
+        packing_buffer_size=data.packing_buffer_size,
+        micro_batch_size=run.training.micro_batch_size,
+        split=split,
+    )
+    return DiTDataLoader(
+        loader,
+        layout,
+        max_bad_sample_fraction=data.max_bad_sample_fraction,
+        num_workers=data.num_workers,
+        buffer_size=data.buffer_samples,
+    )

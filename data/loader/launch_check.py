@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import tarfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from megatron.energon.epathlib import EPath
 from megatron.energon.flavors.webdataset.config import split_name_re
@@ -41,19 +41,19 @@ FIXES = {
     "--latent-channels": "the latents of {path} have {values} channel{s}: pass --latent-channels {least}",
     "--text-embed-dim": "the text embeddings of {path} are {values} wide: pass --text-embed-dim {least}",
     "--max-seq-length": "none of the {n} samples probed in {path} fits: they take {least} to {most} tokens in this "
-                        "layout; pass --max-seq-length {most} (at least {least})",
+    "layout; pass --max-seq-length {most} (at least {least})",
     "--max-text-length": "the text embeddings of the {n} samples probed in {path} have {least} to {most} rows: "
-                         "pass --max-text-length {most}",
+    "pass --max-text-length {most}",
     "--patch-size": "the latents of {path} do not divide into patches ({detail}): pass a --patch-size that "
-                    "divides their height and width",
+    "divides their height and width",
     "--temporal-patch-size": "the latents of {path} do not divide into patches ({detail}): pass a "
-                             "--temporal-patch-size that divides their frame count",
+    "--temporal-patch-size that divides their frame count",
     "--conditioning": "the samples of {path} have no 'label' in their .json: pass --conditioning text, or add labels",
     "--num-classes": "the labels of {path} need --num-classes {most} (or more)",
     "--fps-conditioning": "the videos of {path} have no 'fps' in their .json, which --fps-conditioning conditions "
-                          "on: drop --fps-conditioning, or add fps to the metadata",
+    "on: drop --fps-conditioning, or add fps to the metadata",
     "--text-embedding-key": "the .pickle members of {path} hold dicts without the text embedding's key ({detail}): "
-                            "pass --text-embedding-key with the key that holds it",
+    "pass --text-embedding-key with the key that holds it",
 }
 
 
@@ -69,31 +69,46 @@ def check_launch(run: RunConfig) -> Launch:
     """Every check a checked run (``dit.training.arguments.run_config``) can still make before it starts: its layout
     against the sequence length, and the datasets themselves; raises :class:`ConfigError` on the first mistake."""
     config, world = run.model, run.world_size
-    multiple = pad_multiple(config.context_parallel_size, config.tensor_model_parallel_size,
-                            config.sequence_parallel, config.active_fp8_recipe)
+    multiple = pad_multiple(
+        config.context_parallel_size,
+        config.tensor_model_parallel_size,
+        config.sequence_parallel,
+        config.active_fp8_recipe,
+    )
     check_layout(run, multiple)
     encoder = build_task_encoder(config, run.data, multiple)
     probes = [check_dataset(run.data.data_path, "--data-path", encoder)]
     if run.data.valid_data_path is not None:
         probes.append(check_dataset(run.data.valid_data_path, "--valid-data-path", encoder))
     tp, pp, cp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size, config.context_parallel_size
-    summary = (f"{world} processes as tp={tp} pp={pp} cp={cp} dp={world // (tp * pp * cp)}; "
-               f"{config.num_layers} layers of width {config.hidden_size}; " + "; ".join(probes))
+    summary = (
+        f"{world} processes as tp={tp} pp={pp} cp={cp} dp={world // (tp * pp * cp)}; "
+        f"{config.num_layers} layers of width {config.hidden_size}; " + "; ".join(probes)
+    )
     return Launch(run, summary)
 
 
 def check_layout(run: RunConfig, multiple: int) -> None:
     """``--max-seq-length`` against the padding the parallel layout gives every sample."""
     config, length = run.model, run.data.max_seq_length
-    layout = (f"cp={config.context_parallel_size}" + (f", tp={config.tensor_model_parallel_size} with sequence "
-              "parallel" if config.sequence_parallel else "") + (", fp8" if config.fp8 else ""))
+    layout = (
+        f"cp={config.context_parallel_size}"
+        + (f", tp={config.tensor_model_parallel_size} with sequence parallel" if config.sequence_parallel else "")
+        + (", fp8" if config.fp8 else "")
+    )
     if length < multiple:
-        raise ConfigError("--max-seq-length", f"{length} is shorter than one patch padded for this "
-                                              f"layout ({layout}: {multiple} tokens); use at least {multiple}")
+        raise ConfigError(
+            "--max-seq-length",
+            f"{length} is shorter than one patch padded for this "
+            f"layout ({layout}: {multiple} tokens); use at least {multiple}",
+        )
     if not run.data.packing and length % multiple:
-        raise ConfigError("--max-seq-length", f"--no-packing pads every sample to {length} tokens, "
-                                              f"which must split into multiples of {multiple} for this layout "
-                                              f"({layout}); use {length // multiple * multiple}")
+        raise ConfigError(
+            "--max-seq-length",
+            f"--no-packing pads every sample to {length} tokens, "
+            f"which must split into multiples of {multiple} for this layout "
+            f"({layout}); use {length // multiple * multiple}",
+        )
 
 
 def _probe_shards(root: Path) -> list[str]:
@@ -123,7 +138,9 @@ def _first_samples(root: Path, shard: str, count: int) -> Iterator[dict]:
             if too_large:
                 sample[TOO_LARGE] = f"{shard} {too_large}"
             else:
-                sample[ext] = tar.extractfile(member).read()
+                data = tar.extractfile(member)
+                assert data is not None  # a regular file (isfile above)
+                sample[ext] = data.read()
     if sample:
         yield sample
 
@@ -154,15 +171,21 @@ def check_dataset(path: str, flag: str, encoder: DiTTaskEncoder) -> str:
             except Exception as e:  # noqa: BLE001 -- counted as the loader would count it
                 failures.append(BadSample(SkipKind.SAMPLE_ERROR, one_line(e)))
     if shards and len(unreadable) == len(shards):
-        raise ConfigError(flag, f"none of the {len(shards)} shards probed in {path} reads: {unreadable[0]}; "
-                                "re-copy the dataset or run energon prepare again")
+        raise ConfigError(
+            flag,
+            f"none of the {len(shards)} shards probed in {path} reads: {unreadable[0]}; "
+            "re-copy the dataset or run energon prepare again",
+        )
     if not trainable:
         raise _mismatch(flag, path, failures)
-    labels = [p.value for f in failures for p in (f, *f.also) if p.flag == "--num-classes"]
+    labels = [p.value for f in failures for p in (f, *f.also) if p.flag == "--num-classes" and p.value is not None]
     if labels:  # the rest trains, but these labels would be skipped for the whole run
-        raise ConfigError("--num-classes", FIXES["--num-classes"].format(path=path, most=max(labels)) +
-                          f" ({len(labels)} of the {trainable + len(failures)} samples probed have a label past the "
-                          "last class)")
+        raise ConfigError(
+            "--num-classes",
+            FIXES["--num-classes"].format(path=path, most=max(labels))
+            + f" ({len(labels)} of the {trainable + len(failures)} samples probed have a label past the "
+            "last class)",
+        )
     kinds = Counter(f.kind.value for f in failures)
     skipped = f", skipped {dict(kinds)}" if kinds else ""
     lost = f", {len(unreadable)} shards unreadable" if unreadable else ""
@@ -180,15 +203,27 @@ def _mismatch(flag: str, path: str, failures: list[BadSample]) -> ConfigError:
     if flagged:
         culprit = flagged.most_common(1)[0][0]
         if flag != "--data-path":  # the training data set the model's flags; this dataset must follow them
-            return ConfigError(flag, f"{path} does not match the training data: none of its {len(failures)} "
-                                     f"samples probed fits this run's {culprit} ({problems}); give validation "
-                                     "data prepared like --data-path")
+            return ConfigError(
+                flag,
+                f"{path} does not match the training data: none of its {len(failures)} "
+                f"samples probed fits this run's {culprit} ({problems}); give validation "
+                "data prepared like --data-path",
+            )
         cases = [p for p in every if p.flag == culprit]
         values = sorted({p.value for p in cases if p.value is not None}) or [0]
-        text = FIXES[culprit].format(path=path, n=len(failures), values=" or ".join(map(str, values[:4])),
-                                     s="" if values == [1] else "s", least=values[0], most=values[-1],
-                                     detail=cases[0].detail)
+        text = FIXES[culprit].format(
+            path=path,
+            n=len(failures),
+            values=" or ".join(map(str, values[:4])),
+            s="" if values == [1] else "s",
+            least=values[0],
+            most=values[-1],
+            detail=cases[0].detail,
+        )
         others = len(cases) < len(every)
         return ConfigError(culprit, text + (f" ({problems})" if others else ""))
-    return ConfigError(flag, f"none of the {len(failures)} samples probed in {path} could train: {problems}; "
-                             f"python -m data.report {path} lists them")
+    return ConfigError(
+        flag,
+        f"none of the {len(failures)} samples probed in {path} could train: {problems}; "
+        f"python -m data.report {path} lists them",
+    )

@@ -7,7 +7,7 @@ most ``max_seq_length`` tokens. Packing efficiency is real tokens / (packs x max
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -58,9 +58,9 @@ def build_pack(samples: Sequence[EncodedSample]) -> PackedBatch:
     positions = torch.zeros(total, 3, dtype=torch.int64)  # [S, 3]
     loss_mask = torch.zeros(total, dtype=torch.bool)  # [S]
     for s, start in zip(samples, cu_padded.tolist()):
-        tokens[start:start + s.seq_len] = s.tokens
-        positions[start:start + s.seq_len] = s.positions
-        loss_mask[start:start + s.seq_len] = True
+        tokens[start : start + s.seq_len] = s.tokens
+        positions[start : start + s.seq_len] = s.positions
+        loss_mask[start : start + s.seq_len] = True
     labels = [s.label for s in samples]
     if len({label is None for label in labels}) > 1:
         raise ValueError(f"a pack mixes samples with and without a class label: {[s.__key__ for s in samples]}")

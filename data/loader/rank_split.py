@@ -20,8 +20,8 @@ from megatron.core import parallel_state as ps
 from megatron.energon import WorkerConfig
 from megatron.energon.errors import reraise_exception
 
-from dit.model.packed import PackedBatch, thd_partition_indices
 from dit.model.fp8 import fp8_rows
+from dit.model.packed import PackedBatch, thd_partition_indices
 
 if TYPE_CHECKING:
     from dit.model.config import DiTConfig
@@ -58,9 +58,12 @@ class RankLayout:
         """Read Megatron's initialised parallel state (DP without CP: CP ranks share the data); the model's
         config gives sequence parallelism and the FP8 recipe."""
         return cls(
-            dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
-            cp_rank=ps.get_context_parallel_rank(), cp_size=ps.get_context_parallel_world_size(),
-            tp_size=ps.get_tensor_model_parallel_world_size(), sequence_parallel=config.sequence_parallel,
+            dp_rank=ps.get_data_parallel_rank(),
+            dp_size=ps.get_data_parallel_world_size(),
+            cp_rank=ps.get_context_parallel_rank(),
+            cp_size=ps.get_context_parallel_world_size(),
+            tp_size=ps.get_tensor_model_parallel_world_size(),
+            sequence_parallel=config.sequence_parallel,
             fp8_recipe=config.active_fp8_recipe,
             first_stage=ps.is_pipeline_first_stage(ignore_virtual=True),
             last_stage=ps.is_pipeline_last_stage(ignore_virtual=True),
@@ -74,8 +77,13 @@ class RankLayout:
         """energon's config for this replica. Data faults never reach energon's error handler (the
         task encoder turns them into counted skips, shard read errors included: see
         :mod:`data.loader.shard_reads`), so whatever does is a bug and is raised."""
-        return WorkerConfig(rank=self.dp_rank, world_size=self.dp_size, num_workers=num_workers,
-                            seed_offset=seed, global_error_handler=reraise_exception)
+        return WorkerConfig(
+            rank=self.dp_rank,
+            world_size=self.dp_size,
+            num_workers=num_workers,
+            seed_offset=seed,
+            global_error_handler=reraise_exception,
+        )
 
 
 def shard_for_rank(batch: PackedBatch, layout: RankLayout) -> PackedBatch:
@@ -85,6 +93,7 @@ def shard_for_rank(batch: PackedBatch, layout: RankLayout) -> PackedBatch:
     ``thd_get_partitioned_indices`` gives the same, tests/unit/data/test_data_rank_split.py, but would cost a copy to
     the GPU and a read back per pack)."""
     if layout.cp_size > 1:
+        assert batch.tokens is not None and batch.loss_mask is not None  # a whole pack from the loader
         idx = thd_partition_indices(batch.cu_seqlens_padded, layout.cp_size, layout.cp_rank)  # [S / cp]
         batch = replace(batch, tokens=batch.tokens[idx], positions=batch.positions[idx], loss_mask=batch.loss_mask[idx])
     if not (layout.first_stage or layout.last_stage):

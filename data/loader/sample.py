@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -33,10 +33,10 @@ from megatron.energon import Sample
 from megatron.energon.edataclass import edataclass
 
 from data.loader import peer_formats
-from dit import safe_pickle
 from data.loader.bad_data import BadSample, SkipKind, SkipRecord
 from data.loader.peer_formats import Notes
 from data.loader.shard_reads import TOO_LARGE, UNREADABLE
+from dit import safe_pickle
 from dit.model.patchify import as_video, grid_size, patchify
 
 MEMBERS = ("pth", "pickle", "json")
@@ -139,8 +139,11 @@ def _check_fps(metadata: dict[str, Any], shape: tuple[int, int, int, int]) -> No
     """Under ``--fps-conditioning`` a video (more than one latent frame) needs a finite positive fps."""
     fps = metadata.get("fps")
     if fps is None and shape[1] > 1:
-        raise BadSample(SkipKind.MISSING_FPS, f"a video of {shape[1]} latent frames without 'fps' in its .json "
-                                              "(--fps-conditioning is on)", "--fps-conditioning")
+        raise BadSample(
+            SkipKind.MISSING_FPS,
+            f"a video of {shape[1]} latent frames without 'fps' in its .json (--fps-conditioning is on)",
+            "--fps-conditioning",
+        )
     if fps is not None and not 0 < fps < math.inf:
         raise BadSample(SkipKind.BAD_METADATA, f"fps {fps} is not a finite positive number (--fps-conditioning is on)")
 
@@ -163,7 +166,9 @@ def _load_tensor(payload: bytes, map_location: str) -> Any:
     try:
         return safe_pickle.torch_load(payload, map_location)
     except safe_pickle.DeclaredTooLarge as e:
-        raise BadSample(SkipKind.OVERSIZED_STORAGE, f".pth: {e}, so it is compressed: not torch.save's writing") from None
+        raise BadSample(
+            SkipKind.OVERSIZED_STORAGE, f".pth: {e}, so it is compressed: not torch.save's writing"
+        ) from None
     except Exception as e:  # truncated zip, garbage bytes, a pickled non-tensor object
         raise BadSample(SkipKind.CORRUPT_MEMBER, f".pth does not load ({type(e).__name__})") from None
 
@@ -175,8 +180,11 @@ def _check_dense(member: str, t: torch.Tensor) -> None:
         raise BadSample(kind, f"{member} holds a {t.layout} {t.dtype} tensor, not a dense float one")
     stored, shown = t.untyped_storage().nbytes(), t.numel() * t.element_size()
     if stored > MAX_STORAGE_RATIO * max(shown, 1):
-        raise BadSample(SkipKind.OVERSIZED_STORAGE, f"{member} stores {stored} bytes for a tensor of {shown} "
-                                                    "(a view of a larger tensor: save it with .clone())")
+        raise BadSample(
+            SkipKind.OVERSIZED_STORAGE,
+            f"{member} stores {stored} bytes for a tensor of {shown} "
+            "(a view of a larger tensor: save it with .clone())",
+        )
 
 
 def _latent_shape(payload: bytes, fmt: LatentFormat, notes: Notes) -> tuple[int, int, int, int]:
@@ -185,14 +193,22 @@ def _latent_shape(payload: bytes, fmt: LatentFormat, notes: Notes) -> tuple[int,
         raise BadSample(SkipKind.NOT_A_LATENT, f".pth holds a {type(header).__name__}, not a tensor")
     _check_dense(".pth", header)
     try:
-        shape = tuple(as_video(peer_formats.squeeze_batch(header, 4, "latent", notes)).shape)
+        shape = cast(
+            "tuple[int, int, int, int]", tuple(as_video(peer_formats.squeeze_batch(header, 4, "latent", notes)).shape)
+        )
     except ValueError:
-        raise BadSample(SkipKind.NOT_A_LATENT, f".pth has shape {tuple(header.shape)}, not [C, T, H, W] or [C, H, W]") from None
+        raise BadSample(
+            SkipKind.NOT_A_LATENT, f".pth has shape {tuple(header.shape)}, not [C, T, H, W] or [C, H, W]"
+        ) from None
     if min(shape) == 0:  # 0 tokens: its per-sample loss would be 0/0 = NaN
         raise BadSample(SkipKind.NOT_A_LATENT, f".pth has shape {tuple(header.shape)}, with a side of size 0")
     if shape[0] != fmt.latent_channels:
-        raise BadSample(SkipKind.NOT_A_LATENT, f"{shape[0]} latent channels, expected --latent-channels {fmt.latent_channels}",
-                        "--latent-channels", shape[0])
+        raise BadSample(
+            SkipKind.NOT_A_LATENT,
+            f"{shape[0]} latent channels, expected --latent-channels {fmt.latent_channels}",
+            "--latent-channels",
+            shape[0],
+        )
     return shape
 
 
@@ -200,7 +216,9 @@ def _unpickle(payload: bytes) -> Any:
     try:
         return safe_pickle.loads(payload)
     except safe_pickle.UnsafePickle as e:
-        raise BadSample(SkipKind.UNSAFE_PICKLE, f".pickle calls {e.name}, which array data never needs; not run") from None
+        raise BadSample(
+            SkipKind.UNSAFE_PICKLE, f".pickle calls {e.name}, which array data never needs; not run"
+        ) from None
     except safe_pickle.DeclaredTooLarge as e:
         raise BadSample(SkipKind.OVERSIZED_STORAGE, f".pickle: a tensor storage of which {e}") from None
     except Exception as e:  # truncated or garbage pickle
@@ -214,8 +232,12 @@ def _as_tensor(value: Any, fmt: LatentFormat, notes: Notes) -> torch.Tensor:
         try:
             value = peer_formats.text_from_dict(value, fmt.text_embedding_key, notes)
         except KeyError:
-            raise BadSample(SkipKind.BAD_TEXT_EMBEDDING, f".pickle holds a dict of {sorted(map(str, value))[:8]}, none of "
-                            f"them --text-embedding-key {fmt.text_embedding_key!r}", "--text-embedding-key") from None
+            raise BadSample(
+                SkipKind.BAD_TEXT_EMBEDDING,
+                f".pickle holds a dict of {sorted(map(str, value))[:8]}, none of "
+                f"them --text-embedding-key {fmt.text_embedding_key!r}",
+                "--text-embedding-key",
+            ) from None
     if isinstance(value, np.ndarray) and value.dtype.kind == "f":
         if value.dtype not in NUMPY_KEPT:  # float64, float128, big-endian: values beyond float32's become Inf here
             notes.add("text_converted_to_float32", f"from numpy {value.dtype.str}")
@@ -223,8 +245,10 @@ def _as_tensor(value: Any, fmt: LatentFormat, notes: Notes) -> torch.Tensor:
                 value = value.astype(np.float32)
         value = torch.from_numpy(value)
     if not isinstance(value, torch.Tensor):
-        raise BadSample(SkipKind.BAD_TEXT_EMBEDDING,
-                        f".pickle holds a {type(value).__name__} {getattr(value, 'dtype', '')}, not a float array")
+        raise BadSample(
+            SkipKind.BAD_TEXT_EMBEDDING,
+            f".pickle holds a {type(value).__name__} {getattr(value, 'dtype', '')}, not a float array",
+        )
     _check_dense(".pickle", value)
     if value.dtype == torch.float64:
         notes.add("text_converted_to_float32", "from torch.float64")
@@ -237,15 +261,22 @@ def _text_embedding(payload: bytes, fmt: LatentFormat, notes: Notes) -> torch.Te
     trimmed under ``--text-padding trim-zeros``."""
     value = peer_formats.squeeze_batch(_as_tensor(_unpickle(payload), fmt, notes), 2, "text", notes)
     if value.dim() != 2 or value.shape[0] == 0 or value.shape[1] != fmt.text_embed_dim:
-        raise BadSample(SkipKind.BAD_TEXT_EMBEDDING, f"text embedding of shape {tuple(value.shape)}, expected "
-                        f"[L >= 1, --text-embed-dim {fmt.text_embed_dim}]",
-                        "--text-embed-dim" if value.dim() == 2 and value.shape[0] else None, value.shape[-1])
+        raise BadSample(
+            SkipKind.BAD_TEXT_EMBEDDING,
+            f"text embedding of shape {tuple(value.shape)}, expected [L >= 1, --text-embed-dim {fmt.text_embed_dim}]",
+            "--text-embed-dim" if value.dim() == 2 and value.shape[0] else None,
+            value.shape[-1],
+        )
     _finite("text embedding", value)  # after any conversion to float32: a float64 beyond its range is Inf now
     if fmt.text_padding == "trim-zeros":
         value = peer_formats.trim_zero_rows(value, notes)
     if value.shape[0] > fmt.max_text_length:
-        raise BadSample(SkipKind.TEXT_OVERSIZE, f"text embedding of {value.shape[0]} rows > --max-text-length "
-                        f"{fmt.max_text_length}", "--max-text-length", value.shape[0])
+        raise BadSample(
+            SkipKind.TEXT_OVERSIZE,
+            f"text embedding of {value.shape[0]} rows > --max-text-length {fmt.max_text_length}",
+            "--max-text-length",
+            value.shape[0],
+        )
     return value
 
 
@@ -297,8 +328,13 @@ def _members(crude: dict, notes: Notes) -> dict[str, bytes]:
     missing = [ext for ext in MEMBERS if ext not in found]
     if missing:
         present = sorted(k for k in crude if not k.startswith("__"))
-        raise BadSample(SkipKind.MISSING_MEMBER, "no ." + ", .".join(missing) + "; found "
-                        + (", ".join(f"{crude['__key__']}.{ext}" for ext in present) or "no other member"))
+        raise BadSample(
+            SkipKind.MISSING_MEMBER,
+            "no ."
+            + ", .".join(missing)
+            + "; found "
+            + (", ".join(f"{crude['__key__']}.{ext}" for ext in present) or "no other member"),
+        )
     return found
 
 
@@ -322,6 +358,8 @@ def read_header(crude: dict, fmt: LatentFormat) -> Header:
     if metadata is not None and fmt.num_classes is not None:
         problems.attempt(_check_label, metadata.get("label"), fmt.num_classes)
     problems.raise_any()
+    # raise_any raised if a member was missing or a check failed: every part is here
+    assert shape is not None and grid is not None and metadata is not None and text is not None
     return Header(shape, grid, metadata, text, files["pth"], peer_formats.recognise(notes, metadata), notes.applied)
 
 
@@ -329,8 +367,12 @@ def _check_label(label: int | None, num_classes: int) -> None:
     if label is None:
         raise BadSample(SkipKind.BAD_LABEL, "no 'label' in the .json of a class-conditioned run", "--conditioning")
     if not 0 <= label < num_classes:
-        raise BadSample(SkipKind.BAD_LABEL, f"label {label} outside [0, --num-classes {num_classes})",
-                        "--num-classes" if label >= num_classes else None, label + 1)
+        raise BadSample(
+            SkipKind.BAD_LABEL,
+            f"label {label} outside [0, --num-classes {num_classes})",
+            "--num-classes" if label >= num_classes else None,
+            label + 1,
+        )
 
 
 def _finite(name: str, t: torch.Tensor) -> None:
@@ -348,7 +390,16 @@ def decode(sample: DiffusionSample, fmt: LatentFormat) -> EncodedSample:
     tokens, positions = patchify(latent, fmt.patch_size, fmt.temporal_patch_size)
     fps = sample.metadata.get("fps")
     return EncodedSample.derive_from(
-        sample, tokens=tokens, positions=positions, text=sample.text.float(), seq_len=sample.seq_len,
-        padded_len=sample.padded_len, grid=sample.grid, read_index=sample.read_index, fps=None if fps is None else float(fps),
+        sample,
+        tokens=tokens,
+        positions=positions,
+        text=sample.text.float(),
+        seq_len=sample.seq_len,
+        padded_len=sample.padded_len,
+        grid=sample.grid,
+        read_index=sample.read_index,
+        fps=None if fps is None else float(fps),
         label=None if fmt.num_classes is None else int(sample.metadata["label"]),  # checked by read_header
-        format=sample.format, notes=sample.notes)
+        format=sample.format,
+        notes=sample.notes,
+    )

@@ -51,8 +51,13 @@ class TolerantTarReader:
 
     def _marker(self, index: int, key: str, reason: str) -> dict[str, Any]:
         shard, name = self._locate(index)
-        return {"__key__": name, "__shard__": shard, "__restore_key__": ("Webdataset", index), "__sources__": (),
-                key: f"{shard or 'its shard'} {reason}"}
+        return {
+            "__key__": name,
+            "__shard__": shard,
+            "__restore_key__": ("Webdataset", index),
+            "__sources__": (),
+            key: f"{shard or 'its shard'} {reason}",
+        }
 
     def _declared_too_large(self, index: int) -> str | None:
         """Why a member of the sample must not be read (it declares more than the sample's bytes), or None.
@@ -94,8 +99,10 @@ def declared_size_error(info: tarfile.TarInfo, end: int) -> str | None:
     """Why ``info`` must not be read when the bytes that may hold it end at ``end``, or None."""
     if info.isfile() and info.offset_data + info.size > end:
         kind = "a sparse member" if info.issparse() else "a member"
-        return (f"holds {kind} {info.name} that declares {info.size} bytes, more than the {end - info.offset_data} "
-                "bytes that follow its header; not read")
+        return (
+            f"holds {kind} {info.name} that declares {info.size} bytes, more than the {end - info.offset_data} "
+            "bytes that follow its header; not read"
+        )
     return None
 
 
@@ -104,8 +111,9 @@ def tolerate_unreadable_shards(dataset: Any) -> None:
     inner = dataset
     while not isinstance(inner, WebdatasetSampleLoaderDataset):
         if not hasattr(inner, "dataset"):
-            raise TypeError(f"no WebdatasetSampleLoaderDataset under {dataset!r}: energon's dataset layout changed, "
-                            "so unreadable shards would crash the run; update data/loader/shard_reads.py")
+            raise TypeError(
+                f"no WebdatasetSampleLoaderDataset under {dataset!r}: energon's dataset layout changed, "
+                "so unreadable shards would crash the run; update data/loader/shard_reads.py"
+            )
         inner = inner.dataset
-    inner.join_readers = [r if isinstance(r, TolerantTarReader) else TolerantTarReader(r)
-                          for r in inner.join_readers]
+    inner.join_readers = [r if isinstance(r, TolerantTarReader) else TolerantTarReader(r) for r in inner.join_readers]

@@ -20,7 +20,8 @@ checking values before packing would decode every latent twice or hold its tenso
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from megatron.energon import Cooker, DefaultTaskEncoder, Sample, WorkerConfig, stateless
 from megatron.energon.edataclass import edataclass
@@ -28,8 +29,15 @@ from megatron.energon.task_encoder.cooking import basic_sample_keys
 
 from data.loader.bad_data import BadSample, DataStats, SkipKind
 from data.loader.packing import build_pack, first_fit_decreasing, padded_length
-from data.loader.sample import (DiffusionSample, EncodedSample, LatentFormat, SkippedSample, decode, read_header,
-                                sample_key)
+from data.loader.sample import (
+    DiffusionSample,
+    EncodedSample,
+    LatentFormat,
+    SkippedSample,
+    decode,
+    read_header,
+    sample_key,
+)
 from data.loader.shard_reads import tolerate_unreadable_shards
 from dit.errors import one_line
 from dit.model.packed import PackedBatch
@@ -55,7 +63,9 @@ class DiTTaskEncoder(DefaultTaskEncoder):
     def __init__(self, fmt: LatentFormat, *, max_seq_length: int, pad_multiple: int, packing: bool = True):
         super().__init__()
         if not packing and max_seq_length % pad_multiple:
-            raise ValueError(f"max_seq_length {max_seq_length} is not a multiple of the layout's padding multiple {pad_multiple}")
+            raise ValueError(
+                f"max_seq_length {max_seq_length} is not a multiple of the layout's padding multiple {pad_multiple}"
+            )
         self.fmt = fmt
         self.max_seq_length = max_seq_length
         self.pad_multiple = pad_multiple
@@ -74,18 +84,35 @@ class DiTTaskEncoder(DefaultTaskEncoder):
         seq_len = header.grid[0] * header.grid[1] * header.grid[2]
         padded = padded_length(seq_len, self.pad_multiple) if self.packing else self.max_seq_length
         if max(seq_len, padded) > self.max_seq_length:
-            raise BadSample(SkipKind.OVERSIZE, f"{seq_len} tokens ({padded} padded) > --max-seq-length {self.max_seq_length}",
-                            "--max-seq-length", max(seq_len, padded))
-        return DiffusionSample(**_base(crude), shard=crude.get("__shard__", ""), read_index=_read_index(), latent_payload=header.latent_payload, text=header.text,
-                               latent_shape=header.shape, grid=header.grid, seq_len=seq_len, padded_len=padded,
-                               metadata=header.metadata, format=header.format, notes=header.notes)
+            raise BadSample(
+                SkipKind.OVERSIZE,
+                f"{seq_len} tokens ({padded} padded) > --max-seq-length {self.max_seq_length}",
+                "--max-seq-length",
+                max(seq_len, padded),
+            )
+        return DiffusionSample(
+            **_base(crude),
+            shard=crude.get("__shard__", ""),
+            read_index=_read_index(),
+            latent_payload=header.latent_payload,
+            text=header.text,
+            latent_shape=header.shape,
+            grid=header.grid,
+            seq_len=seq_len,
+            padded_len=padded,
+            metadata=header.metadata,
+            format=header.format,
+            notes=header.notes,
+        )
 
     @stateless
     def cook(self, crude: dict) -> DiffusionSample | SkippedSample:
         try:
             return self.cooked(crude)
         except Exception as e:  # noqa: BLE001 -- one sample's failure, of any kind, is its own counted skip
-            return SkippedSample(**_base(crude), shard=crude.get("__shard__", ""), read_index=_read_index(), **_skip_fields(e))
+            return SkippedSample(
+                **_base(crude), shard=crude.get("__shard__", ""), read_index=_read_index(), **_skip_fields(e)
+            )
 
     def select_samples_to_pack(self, samples: list[AnySample]) -> list[list[AnySample]]:
         """First-fit-decreasing over the buffer. energon drops what no group holds, so every sample
@@ -104,7 +131,9 @@ class DiTTaskEncoder(DefaultTaskEncoder):
         try:
             return decode(sample, self.fmt)
         except Exception as e:  # noqa: BLE001 -- as in cook
-            return SkippedSample.derive_from(sample, shard=sample.shard, read_index=sample.read_index, **_skip_fields(e))
+            return SkippedSample.derive_from(
+                sample, shard=sample.shard, read_index=sample.read_index, **_skip_fields(e)
+            )
 
     @stateless
     def pack_selected_samples(self, samples: list[EncodedSample | SkippedSample]) -> LoadedPack:
@@ -118,15 +147,24 @@ class DiTTaskEncoder(DefaultTaskEncoder):
     def _loaded_pack(self, samples: Sequence[EncodedSample | SkippedSample]) -> LoadedPack:
         encoded = [s for s in samples if isinstance(s, EncodedSample)]
         markers = [s for s in samples if isinstance(s, SkippedSample)]
-        stats = DataStats(read=len(samples), trained=len(encoded), skipped=dict(Counter(m.kind.value for m in markers)),
-                          examples=[m.record() for m in markers],
-                          longest=max([s.padded_len for s in encoded] + [m.tokens for m in markers]),
-                          formats=dict(Counter(s.format for s in encoded)),
-                          normalised=dict(Counter(name for s in encoded for name in s.notes)),
-                          notes={name: f"{s.__key__}: {detail}" for s in reversed(encoded) for name, detail in s.notes.items()})
-        return LoadedPack(__key__=",".join(s.__key__ for s in samples), __restore_key__=(),
-                          batch=build_pack(encoded) if encoded else None, stats=stats,
-                          read_indices=[s.read_index for s in encoded], skipped_read_indices=[m.read_index for m in markers])
+        stats = DataStats(
+            read=len(samples),
+            trained=len(encoded),
+            skipped=dict(Counter(m.kind.value for m in markers)),
+            examples=[m.record() for m in markers],
+            longest=max([s.padded_len for s in encoded] + [m.tokens for m in markers]),
+            formats=dict(Counter(s.format for s in encoded)),
+            normalised=dict(Counter(name for s in encoded for name in s.notes)),
+            notes={name: f"{s.__key__}: {detail}" for s in reversed(encoded) for name, detail in s.notes.items()},
+        )
+        return LoadedPack(
+            __key__=",".join(s.__key__ for s in samples),
+            __restore_key__=(),
+            batch=build_pack(encoded) if encoded else None,
+            stats=stats,
+            read_indices=[s.read_index for s in encoded],
+            skipped_read_indices=[m.read_index for m in markers],
+        )
 
 
 def _base(crude: dict) -> dict[str, Any]:
@@ -137,8 +175,11 @@ def _base(crude: dict) -> dict[str, Any]:
 def _skip_fields(error: Exception) -> dict[str, Any]:
     """A skip marker's kind, detail and tokens for the exception a sample raised."""
     if isinstance(error, BadSample):
-        return {"kind": error.kind, "detail": error.detail,
-                "tokens": error.value if error.kind == SkipKind.OVERSIZE else 0}
+        return {
+            "kind": error.kind,
+            "detail": error.detail,
+            "tokens": error.value if error.kind == SkipKind.OVERSIZE else 0,
+        }
     return {"kind": SkipKind.SAMPLE_ERROR, "detail": one_line(error), "tokens": 0}
 
 

@@ -34,8 +34,10 @@ def saved_architecture(common: dict[str, Any], path: Path) -> dict[str, Any]:
     legacy = path / LEGACY_IMPORT_CONFIG
     if legacy.is_file():
         return json.loads(legacy.read_text())
-    raise ConfigError("--load", f"{path} stores no model architecture: it was not written by pretrain_dit.py "
-                                "or python -m dit.convert import")
+    raise ConfigError(
+        "--load",
+        f"{path} stores no model architecture: it was not written by pretrain_dit.py or python -m dit.convert import",
+    )
 
 
 def saved_objective(common: dict[str, Any]) -> ObjectiveConfig | None:

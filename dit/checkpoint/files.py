@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Literal, overload
 
 from dit.errors import ConfigError
 
@@ -79,8 +80,31 @@ def retain(root: Path, keep: int | None) -> None:
             shutil.rmtree(old)
 
 
-def find_checkpoint(root: str | Path, step: int | None = None, *, flag: str = "--load", required: bool = True,
-                    fix: str = "point it at a --save folder of an earlier run") -> Path | None:
+@overload
+def find_checkpoint(
+    root: str | Path,
+    step: int | None = None,
+    *,
+    flag: str = ...,
+    required: Literal[True] = ...,
+    fix: str = ...,
+) -> Path: ...
+
+
+@overload
+def find_checkpoint(
+    root: str | Path, step: int | None = None, *, flag: str = ..., required: bool, fix: str = ...
+) -> Path | None: ...
+
+
+def find_checkpoint(
+    root: str | Path,
+    step: int | None = None,
+    *,
+    flag: str = "--load",
+    required: bool = True,
+    fix: str = "point it at a --save folder of an earlier run",
+) -> Path | None:
     """The complete checkpoint of iteration ``step`` (``--ckpt-step``) in ``root``, by default the one its tracker
     names. ``flag`` names ``root`` in errors; a root without a tracker is an error saying ``fix`` when
     ``required``, else None."""
@@ -91,8 +115,10 @@ def find_checkpoint(root: str | Path, step: int | None = None, *, flag: str = "-
         return None
     path = checkpoint_dir(root, iteration)
     if not (path / "metadata.json").is_file():
-        raise ConfigError("--ckpt-step" if step is not None else flag,
-                          f"{path} is not a complete checkpoint; pick another --ckpt-step")
+        raise ConfigError(
+            "--ckpt-step" if step is not None else flag,
+            f"{path} is not a complete checkpoint; pick another --ckpt-step",
+        )
     return path
 
 

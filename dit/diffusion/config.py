@@ -34,9 +34,15 @@ class ObjectiveConfig:
         """The objective these parameters describe (``dit.diffusion.build_objective``)."""
         from dit.diffusion import build_objective
 
-        return build_objective(self.objective, edm_p_mean=self.edm_p_mean, edm_p_std=self.edm_p_std,
-                               sigma_data=self.sigma_data, flow_logit_mean=self.flow_logit_mean,
-                               flow_logit_std=self.flow_logit_std, flow_shift=self.flow_shift)
+        return build_objective(
+            self.objective,
+            edm_p_mean=self.edm_p_mean,
+            edm_p_std=self.edm_p_std,
+            sigma_data=self.sigma_data,
+            flow_logit_mean=self.flow_logit_mean,
+            flow_logit_std=self.flow_logit_std,
+            flow_shift=self.flow_shift,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The form a checkpoint stores."""

@@ -35,8 +35,9 @@ class SampleDraws:
     noise: Tensor | None  # [s, D] this CP rank's rows of each sample's noise (0 on pads); None without tokens
 
 
-def draw(batch: PackedBatch, *, seed: int, iteration: int, drop_prob: float, cp_size: int = 1,
-         cp_rank: int = 0) -> SampleDraws:
+def draw(
+    batch: PackedBatch, *, seed: int, iteration: int, drop_prob: float, cp_size: int = 1, cp_rank: int = 0
+) -> SampleDraws:
     """The draws of ``batch`` (this rank's share of a pack) at ``iteration``, on the CPU."""
     n = batch.num_samples
     z, u = torch.empty(n), torch.empty(n)
@@ -48,7 +49,7 @@ def draw(batch: PackedBatch, *, seed: int, iteration: int, drop_prob: float, cp_
         u[i] = torch.rand((), generator=g)
         if whole is not None:
             start = cu_padded[i]
-            whole[start:start + cu[i + 1] - cu[i]] = torch.randn(cu[i + 1] - cu[i], whole.shape[1], generator=g)
+            whole[start : start + cu[i + 1] - cu[i]] = torch.randn(cu[i + 1] - cu[i], whole.shape[1], generator=g)
     noise = whole
     if whole is not None and cp_size > 1:
         noise = whole[thd_partition_indices(batch.cu_seqlens_padded, cp_size, cp_rank)]  # [S/cp, D]
@@ -66,8 +67,9 @@ def drop_conditioning(batch: PackedBatch, dropped: Tensor, null_class: int) -> P
     if not bool(dropped.any()):  # host: the draws
         return batch
     text_lengths = (batch.cu_seqlens_text[1:] - batch.cu_seqlens_text[:-1]).long()  # [N], host (the layout)
-    text_sample = torch.repeat_interleave(torch.arange(batch.num_samples), text_lengths,
-                                          output_size=batch.text.shape[0])  # [K]
+    text_sample = torch.repeat_interleave(
+        torch.arange(batch.num_samples), text_lengths, output_size=batch.text.shape[0]
+    )  # [K]
     text = batch.text.masked_fill(dropped[text_sample][:, None].to(batch.text.device), 0.0)  # [K, D_text]
     labels = None if batch.labels is None else batch.labels.masked_fill(dropped.to(batch.labels.device), null_class)
     return replace(batch, text=text, labels=labels)

@@ -33,13 +33,17 @@ class EDM(Objective):
         return torch.exp(self.p_mean + self.p_std * z)
 
     def preconditioning(self, sigma: Tensor) -> Preconditioning:
-        sd2 = self.sigma_data ** 2
-        total = sigma ** 2 + sd2
-        return Preconditioning(c_skip=sd2 / total, c_out=sigma * self.sigma_data / total.sqrt(),
-                               c_in=1 / total.sqrt(), c_noise=sigma.log() / 4)
+        sd2 = self.sigma_data**2
+        total = sigma**2 + sd2
+        return Preconditioning(
+            c_skip=sd2 / total,
+            c_out=sigma * self.sigma_data / total.sqrt(),
+            c_in=1 / total.sqrt(),
+            c_noise=sigma.log() / 4,
+        )
 
     def loss_weight(self, sigma: Tensor) -> Tensor:
-        return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+        return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
 
     def noisy(self, x0: Tensor, noise: Tensor, level_tok: Tensor) -> Tensor:
         return x0 + level_tok * noise
@@ -55,8 +59,9 @@ class EDM(Objective):
         c = self.preconditioning(level_tok)
         return c.c_skip * x + c.c_out * output
 
-    def training_target(self, x0: Tensor, noise: Tensor, x: Tensor, level_tok: Tensor,
-                        level: Tensor) -> tuple[Tensor, Tensor]:
+    def training_target(
+        self, x0: Tensor, noise: Tensor, x: Tensor, level_tok: Tensor, level: Tensor
+    ) -> tuple[Tensor, Tensor]:
         c = self.preconditioning(level_tok)
         weight = self.loss_weight(level) * self.preconditioning(level).c_out ** 2  # = 1 up to rounding
         return (x0 - c.c_skip * x) / c.c_out, weight

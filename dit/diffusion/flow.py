@@ -48,6 +48,7 @@ class RectifiedFlow(Objective):
     def timestep(self, level: Tensor) -> Tensor:
         return TIMESTEP_SCALE * level
 
-    def training_target(self, x0: Tensor, noise: Tensor, x: Tensor, level_tok: Tensor,
-                        level: Tensor) -> tuple[Tensor, Tensor]:
+    def training_target(
+        self, x0: Tensor, noise: Tensor, x: Tensor, level_tok: Tensor, level: Tensor
+    ) -> tuple[Tensor, Tensor]:
         return noise - x0, torch.ones_like(level)

@@ -13,9 +13,9 @@ import torch
 from megatron.core import parallel_state as ps
 from torch import Tensor
 
-from dit.model.config import DiTConfig
 from dit.diffusion.edm import EDM
 from dit.diffusion.objective import Objective
+from dit.model.config import DiTConfig
 from dit.model.model import DiTModel
 from dit.model.packed import PackedBatch, gather_cp_shares, thd_partition_indices
 from dit.model.patchify import patchify, unpatchify
@@ -37,14 +37,22 @@ def _cumulative(lengths: list[int]) -> Tensor:
 class GuidedPrediction:
     """``(x [N, C, T, H, W], level) -> prediction [N, C, T, H, W]`` for the samplers (float64 in and out)."""
 
-    def __init__(self, model: DiTModel, objective: Objective, config: DiTConfig, conditions: list[Condition],
-                 guidance: float, device: torch.device):
+    def __init__(
+        self,
+        model: DiTModel,
+        objective: Objective,
+        config: DiTConfig,
+        conditions: list[Condition],
+        guidance: float,
+        device: torch.device,
+    ):
         self.model, self.objective, self.config = model, objective, config
         self.conditions, self.guidance, self.device = conditions, guidance, device
         self.cp = ps.get_context_parallel_world_size()
         null = Condition(text=torch.zeros(1, config.text_embed_dim), label=config.num_classes)
-        self.pack_conditions = conditions + ([Condition(null.text, null.label, c.fps) for c in conditions]
-                                             if guidance != 1.0 else [])  # G = 1 is the conditional model
+        self.pack_conditions = conditions + (
+            [Condition(null.text, null.label, c.fps) for c in conditions] if guidance != 1.0 else []
+        )  # G = 1 is the conditional model
 
     def _pack(self, x: Tensor) -> tuple[PackedBatch, list[tuple[int, int, int]], Tensor]:
         """The pack of every sample (twice under guidance): batch, per-sample patch grids, tokens [S, w]."""
@@ -63,16 +71,25 @@ class GuidedPrediction:
         positions = [torch.cat([p, p.new_zeros(pad, 3)]) for p in positions]
         mask = torch.cat([torch.arange(padded) < length] * len(tokens))
         n = len(tokens)
-        texts = [cond.text if cond.text is not None else torch.zeros(1, c.text_embed_dim) for cond in self.pack_conditions]
+        texts = [
+            cond.text if cond.text is not None else torch.zeros(1, c.text_embed_dim) for cond in self.pack_conditions
+        ]
         labels = [cond.label if cond.label is not None else c.num_classes for cond in self.pack_conditions]
+        packed_tokens = torch.cat(tokens)
         batch = PackedBatch(
-            tokens=torch.cat(tokens), positions=torch.cat(positions), loss_mask=mask,
-            cu_seqlens=_cumulative([length] * n), cu_seqlens_padded=_cumulative([padded] * n),
-            text=torch.cat(texts).float(), cu_seqlens_text=_cumulative([t.shape[0] for t in texts]),
-            grid_sizes=torch.tensor(grids), keys=[str(i) for i in range(n)],
+            tokens=packed_tokens,
+            positions=torch.cat(positions),
+            loss_mask=mask,
+            cu_seqlens=_cumulative([length] * n),
+            cu_seqlens_padded=_cumulative([padded] * n),
+            text=torch.cat(texts).float(),
+            cu_seqlens_text=_cumulative([t.shape[0] for t in texts]),
+            grid_sizes=torch.tensor(grids),
+            keys=[str(i) for i in range(n)],
             fps=torch.tensor([cond.fps for cond in self.pack_conditions], dtype=torch.float32),
-            labels=torch.tensor(labels) if c.conditioning == "class" else None)
-        return batch, grids, batch.tokens
+            labels=torch.tensor(labels) if c.conditioning == "class" else None,
+        )
+        return batch, grids, packed_tokens
 
     @torch.no_grad()
     def __call__(self, x: Tensor, level: float) -> Tensor:
@@ -80,23 +97,27 @@ class GuidedPrediction:
         whole = batch.cu_seqlens_padded
         if self.cp > 1:  # this rank's share of every sample (TE's 2*cp chunk scheme)
             rows = thd_partition_indices(whole, self.cp, ps.get_context_parallel_rank())
-            batch = replace(batch, tokens=batch.tokens[rows], positions=batch.positions[rows],
-                            loss_mask=batch.loss_mask[rows])
+            assert batch.tokens is not None and batch.loss_mask is not None  # built whole by _pack
+            batch = replace(
+                batch, tokens=batch.tokens[rows], positions=batch.positions[rows], loss_mask=batch.loss_mask[rows]
+            )
             x_tok = x_tok[rows]
         batch = batch.to(self.device)
         x_tok = x_tok.to(self.device)
         levels = torch.full((batch.num_samples,), level, device=self.device)
         level_tok = torch.full((x_tok.shape[0], 1), level, device=self.device)
         out = self.model(self.objective.network_input(x_tok, level_tok), self.objective.timestep(levels), batch)
-        out = out[:, :self.config.token_width].float()
+        out = out[:, : self.config.token_width].float()
         if isinstance(self.objective, EDM):
             out = self.objective.denoised(out, x_tok, level_tok)
         if self.cp > 1:
             out = gather_cp_shares(out, whole, ps.get_context_parallel_group())
         c, n = self.config, len(x)
         cu_padded, length = whole.tolist(), int(batch.cu_seqlens[1])
-        samples = [unpatchify(out[s:s + length].cpu(), grids[i], c.patch_size, c.temporal_patch_size)
-                   for i, s in enumerate(cu_padded[:-1])]
+        samples = [
+            unpatchify(out[s : s + length].cpu(), grids[i], c.patch_size, c.temporal_patch_size)
+            for i, s in enumerate(cu_padded[:-1])
+        ]
         cond = torch.stack(samples[:n]).double()
         if len(samples) == n:
             return cond

@@ -38,6 +38,7 @@ class Objective(ABC):
         """What the timestep embedder sees ``[N]``."""
 
     @abstractmethod
-    def training_target(self, x0: Tensor, noise: Tensor, x: Tensor, level_tok: Tensor,
-                        level: Tensor) -> tuple[Tensor, Tensor]:
+    def training_target(
+        self, x0: Tensor, noise: Tensor, x: Tensor, level_tok: Tensor, level: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """(regression target of the raw network output ``[s, D]``, loss weight per sample ``[N]``)."""

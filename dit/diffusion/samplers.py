@@ -10,7 +10,7 @@ The EDM correction is evaluated at (x_next, sigma_next), as in the paper and NVl
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

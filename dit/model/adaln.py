@@ -13,7 +13,7 @@ gradients are already complete.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,17 +26,22 @@ from dit.model.config import DiTConfig
 from dit.model.packed import SampleRun, split_rows
 
 
-def per_sample(fn: Callable[..., Tensor], runs: list[SampleRun], tokens: tuple[Tensor, ...],
-               vectors: tuple[Tensor, ...]) -> Tensor:
+def per_sample(
+    fn: Callable[..., Tensor], runs: list[SampleRun], tokens: tuple[Tensor, ...], vectors: tuple[Tensor, ...]
+) -> Tensor:
     """``fn(*token_views, *sample_vectors)`` over each run of samples, back in token order.
 
     tokens: ``[s, 1, h]`` tensors whose rows follow ``runs``; vectors: ``[N, h]`` per-sample tensors.
     ``fn`` sees the tokens of a run as ``[B, L, h]`` and the vectors of its samples as ``[B, 1, h]``.
     """
     pieces = [split_rows(t, [run.count * run.rows for run in runs]) for t in tokens]
-    outs = [fn(*(p[j].view(run.count, run.rows, -1) for p in pieces),
-               *(v[run.first:run.first + run.count, None] for v in vectors))
-            for j, run in enumerate(runs)]  # each [B, L, h']
+    outs = [
+        fn(
+            *(p[j].view(run.count, run.rows, -1) for p in pieces),
+            *(v[run.first : run.first + run.count, None] for v in vectors),
+        )
+        for j, run in enumerate(runs)
+    ]  # each [B, L, h']
     out = outs[0] if len(outs) == 1 else torch.cat([o.flatten(0, 1) for o in outs])
     return out.reshape(tokens[0].shape[0], 1, -1)  # [s, 1, h']
 
@@ -57,11 +62,19 @@ class AdaLNModulation(MegatronModule):
         self.num_chunks = num_chunks
         width, rank = config.hidden_size, config.adaln_lora_rank
         # The input is one vector per sample, not a sequence: never all-gather it as SP would.
-        per_sample_config = dataclasses.replace(config, sequence_parallel=False)
-        self.down = nn.Linear(width, rank, bias=False, dtype=config.params_dtype) if rank else nn.Identity()  # replicated, rank << h
+        # (a field of Megatron's TransformerConfig, which mypy does not see)
+        per_sample_config = dataclasses.replace(config, sequence_parallel=False)  # type: ignore[call-arg]
+        self.down = (
+            nn.Linear(width, rank, bias=False, dtype=config.params_dtype) if rank else nn.Identity()
+        )  # replicated, rank << h
         self.up = ColumnParallelLinear(
-            rank or width, num_chunks * width, config=per_sample_config, init_method=config.init_method,
-            bias=True, gather_output=True)
+            rank or width,
+            num_chunks * width,
+            config=per_sample_config,
+            init_method=config.init_method,
+            bias=True,
+            gather_output=True,
+        )
 
     def forward(self, cond: Tensor) -> tuple[Tensor, ...]:
         mods, _ = self.up(self.down(F.silu(cond)))  # [N, k*h], full width on every TP rank

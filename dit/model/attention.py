@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -60,8 +61,11 @@ class PackedAttentionParams(PackedSeqParams):
 
     def to(self, device: torch.device) -> PackedAttentionParams:
         """The tensors the kernels read (cu_seqlens, row mask, key order) copied from the host to ``device``."""
-        moved = {f.name: value.to(device, non_blocking=True) for f in dataclasses.fields(self)
-                 if isinstance(value := getattr(self, f.name), Tensor)}
+        moved: dict[str, Any] = {
+            f.name: value.to(device, non_blocking=True)
+            for f in dataclasses.fields(self)
+            if isinstance(value := getattr(self, f.name), Tensor)
+        }
         return dataclasses.replace(self, **moved)
 
 
@@ -76,13 +80,16 @@ def attention_params(params: PackedSeqParams, cp: int, cp_rank: int) -> PackedAt
     real = _real_rows(params.cu_seqlens_q, params.cu_seqlens_q_padded, cp, cp_rank)
     kv_order = None
     if cp > 1:
-        kv_order = torch.argsort(torch.cat([thd_partition_indices(params.cu_seqlens_kv_padded, cp, r)
-                                            for r in range(cp)]))
+        kv_order = torch.argsort(
+            torch.cat([thd_partition_indices(params.cu_seqlens_kv_padded, cp, r) for r in range(cp)])
+        )
     # megatron-core 0.17+ has a pad_between_seqs field of its own (None): set here, from the pack
     fields = {name: getattr(params, name) for name in PackedSeqParams.__dataclass_fields__} | {
-        "pad_between_seqs": k_len != k_stride}
-    return PackedAttentionParams(**fields, groups=groups, real_rows=None if bool(real.all()) else real,
-                                 kv_order=kv_order)
+        "pad_between_seqs": k_len != k_stride
+    }
+    return PackedAttentionParams(
+        **fields, groups=groups, real_rows=None if bool(real.all()) else real, kv_order=kv_order
+    )
 
 
 class RowRoPESelfAttention(SelfAttention):
@@ -96,8 +103,14 @@ class RowRoPESelfAttention(SelfAttention):
     ``cu_seqlens``: the same arithmetic, no host read. Megatron's own RoPE step then gets none.
     """
 
-    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None, *args,
-                rotary_pos_emb: Tensor | None = None, **kwargs) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Tensor | None,
+        *args,
+        rotary_pos_emb: Tensor | None = None,
+        **kwargs,
+    ) -> tuple[Tensor, Tensor | None]:
         self._rope_rows = rotary_pos_emb  # [s, 1, 1, hn], read by get_query_key_value_tensors below
         try:
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
@@ -107,8 +120,10 @@ class RowRoPESelfAttention(SelfAttention):
     def get_query_key_value_tensors(self, *args, **kwargs) -> tuple[Tensor, ...]:
         query, key, *rest = super().get_query_key_value_tensors(*args, **kwargs)  # q, k [s, 1, np|ng, hn]
         if self._rope_rows is not None:
-            query, key = (apply_rotary_pos_emb(x, self._rope_rows, self.config, cp_group=self.pg_collection.cp)
-                          for x in (query, key))
+            query, key = (
+                apply_rotary_pos_emb(x, self._rope_rows, self.config, cp_group=self.pg_collection.cp)
+                for x in (query, key)
+            )
         return (query, key, *rest)
 
 
@@ -126,6 +141,7 @@ class PackedAttention(MegatronModule):
         pg_collection: ProcessGroupCollection | None = None,
     ):
         super().__init__(config=config)
+        assert pg_collection is not None, "Megatron passes the layer's process groups"
         # Cross-attention keys (the text) are never split across CP, so only self-attention gathers.
         self.cp_group = pg_collection.cp if attention_type == "self" else None
         self.softmax_scale = softmax_scale
@@ -145,16 +161,19 @@ class PackedAttention(MegatronModule):
         Masking comes from ``packed_seq_params`` alone; ``attention_mask`` and ``attention_bias`` are unused.
         """
         p = packed_seq_params
+        assert p is not None, "PackedAttention masks from packed_seq_params alone"
         if self.cp_group is not None and self.cp_group.size() > 1:
+            assert p.kv_order is not None  # set for self-attention under CP > 1
             key, value = (self._gather_pack(x, p.kv_order) for x in (key, value))  # [S, np, hn]
         queries = split_rows(query, [g.samples * g.q_rows for g in p.groups])
         keys, values = (split_rows(x, [g.samples * g.k_stride for g in p.groups]) for x in (key, value))
         outputs = []
         for g, q, k, v in zip(p.groups, queries, keys, values):
             q = q.view(g.samples, g.q_rows, *q.shape[1:])  # [B, Lq, np, hn]
-            k, v = (x.view(g.samples, g.k_stride, *x.shape[1:])[:, :g.k_len] for x in (k, v))  # [B, Lk, np, hn]
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 scale=self.softmax_scale)  # [B, np, Lq, hn]
+            k, v = (x.view(g.samples, g.k_stride, *x.shape[1:])[:, : g.k_len] for x in (k, v))  # [B, Lk, np, hn]
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=self.softmax_scale
+            )  # [B, np, Lq, hn]
             outputs.append(out.transpose(1, 2).reshape(g.samples * g.q_rows, -1))  # [B*Lq, np*hn]
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # [t, np*hn]
         return out if p.real_rows is None else out * p.real_rows[:, None]  # pad queries attend to nothing

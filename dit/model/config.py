@@ -7,22 +7,38 @@ line (``dit.training.arguments``) maps them to flags."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from dit.model.sizes import MODEL_SIZES
-from dit.model import te
 from dit.errors import ConfigError
+from dit.model import te
 from dit.model.fp8 import active_recipe, check_fp8_widths
+from dit.model.sizes import MODEL_SIZES
 
 ARCHITECTURE_FIELDS = (
-    "num_layers", "hidden_size", "num_attention_heads", "latent_channels", "patch_size", "temporal_patch_size",
-    "text_embed_dim", "max_latent_grid", "conditioning", "num_classes", "position_embedding", "adaln_lora_rank",
-    "fps_conditioning", "qk_layernorm", "learn_sigma", "timestep_freq_shift", "layernorm_epsilon",
-    "pre_mlp_layernorm_epsilon")
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "latent_channels",
+    "patch_size",
+    "temporal_patch_size",
+    "text_embed_dim",
+    "max_latent_grid",
+    "conditioning",
+    "num_classes",
+    "position_embedding",
+    "adaln_lora_rank",
+    "fps_conditioning",
+    "qk_layernorm",
+    "learn_sigma",
+    "timestep_freq_shift",
+    "layernorm_epsilon",
+    "pre_mlp_layernorm_epsilon",
+)
 """The DiTConfig fields that define the model's function; a checkpoint stores them, and sampling, export
 and a resumed run rebuild or check the model from them. The rest is run-time choice (layout, precision)."""
 RESIZABLE_FIELDS = ("max_latent_grid",)
@@ -90,10 +106,11 @@ class DiTConfig(TransformerConfig):
     moe_token_dispatcher_type: str = "alltoall"  # no MoE; Megatron rejects its default with variable lengths
     cuda_graph_scope: list = field(default_factory=list)  # the whole layer; Megatron's default "full" is deprecated
     transformer_impl: Literal["transformer_engine", "local"] = field(
-        default_factory=lambda: "transformer_engine" if te.have_transformer_engine() else "local")
+        default_factory=lambda: "transformer_engine" if te.have_transformer_engine() else "local"
+    )
 
     def __post_init__(self) -> None:
-        if self.pipeline_dtype is None:
+        if self.pipeline_dtype is None:  # type: ignore[has-type]  # a TransformerConfig field (Megatron, untyped here)
             self.pipeline_dtype = self.params_dtype  # stages exchange activations in the parameter dtype
         if self.pre_mlp_layernorm_epsilon is None:
             self.pre_mlp_layernorm_epsilon = self.layernorm_epsilon
@@ -103,8 +120,11 @@ class DiTConfig(TransformerConfig):
         if self.position_embedding not in ("rope3d", "sincos3d"):
             raise ValueError(f"position_embedding must be 'rope3d' or 'sincos3d', got {self.position_embedding!r}")
         if self.position_embedding == "sincos3d" and self.hidden_size % 4:
-            raise ConfigError("hidden_size", f"sincos3d splits the channels into (w, h) sin-cos quarters: "
-                                             f"{self.hidden_size} must be a multiple of 4")
+            raise ConfigError(
+                "hidden_size",
+                f"sincos3d splits the channels into (w, h) sin-cos quarters: "
+                f"{self.hidden_size} must be a multiple of 4",
+            )
         if not 0 <= self.timestep_freq_shift < 128:  # 128: half the timestep sinusoid's 256 channels
             raise ConfigError("timestep_freq_shift", f"must be in [0, 128), got {self.timestep_freq_shift}")
         if self.normalization != "RMSNorm":
@@ -112,31 +132,44 @@ class DiTConfig(TransformerConfig):
         if self.hidden_dropout or self.attention_dropout:
             raise ValueError("DiT layers have no dropout; set hidden_dropout and attention_dropout to 0")
         if self.virtual_pipeline_model_parallel_size is not None:  # each chunk would hold its own conditioning
-            raise ConfigError("virtual_pipeline_model_parallel_size",
-                              "virtual pipeline stages are not supported (the conditioning embedders are not "
-                              "tied across model chunks)")
+            raise ConfigError(
+                "virtual_pipeline_model_parallel_size",
+                "virtual pipeline stages are not supported (the conditioning embedders are not "
+                "tied across model chunks)",
+            )
         if self.apply_rope_fusion:
-            raise ValueError("apply_rope_fusion must be off: fused THD RoPE restarts positions per sequence, "
-                             "3D RoPE needs the per-token (t, h, w) frequencies")
+            raise ValueError(
+                "apply_rope_fusion must be off: fused THD RoPE restarts positions per sequence, "
+                "3D RoPE needs the per-token (t, h, w) frequencies"
+            )
         # each pipeline stage is one TransformerBlock that recomputes
         layers_per_chunk = self.num_layers // self.pipeline_model_parallel_size
         full_uniform = self.recompute_granularity == "full" and self.recompute_method == "uniform"
         if full_uniform and layers_per_chunk % self.recompute_num_layers:
-            raise ConfigError("recompute_num_layers",
-                              f"uniform recompute groups {self.recompute_num_layers} layers, which does not divide "
-                              f"the {layers_per_chunk} layers of a pipeline stage; pick a divisor")
+            raise ConfigError(
+                "recompute_num_layers",
+                f"uniform recompute groups {self.recompute_num_layers} layers, which does not divide "
+                f"the {layers_per_chunk} layers of a pipeline stage; pick a divisor",
+            )
         if self.recompute_granularity == "selective" and set(self.recompute_modules) != {"core_attn"}:
-            raise ValueError(f"selective recompute supports recompute_modules=['core_attn'] only, "
-                             f"got {self.recompute_modules}")
+            raise ValueError(
+                f"selective recompute supports recompute_modules=['core_attn'] only, got {self.recompute_modules}"
+            )
         if self.fp8:  # TE's shape rule, which holds on any machine (the next check needs TE and a GPU)
             tp = self.tensor_model_parallel_size
-            check_fp8_widths(self.fp8_recipe, {
-                "hidden width": self.hidden_size, f"MLP width / tp={tp}": self.ffn_hidden_size // tp,
-                f"query width / tp={tp}": self.num_attention_heads * self.kv_channels // tp,
-                f"key/value width / tp={tp}": self.num_query_groups * self.kv_channels // tp})
+            check_fp8_widths(
+                self.fp8_recipe,
+                {
+                    "hidden width": self.hidden_size,
+                    f"MLP width / tp={tp}": self.ffn_hidden_size // tp,
+                    f"query width / tp={tp}": self.num_attention_heads * self.kv_channels // tp,
+                    f"key/value width / tp={tp}": self.num_query_groups * self.kv_channels // tp,
+                },
+            )
         # the machine- and precision-dependent choices, as flag errors
-        te.check_backend(self.transformer_impl, self.fp8, half_precision=self.bf16 or self.fp16,
-                         fp8_recipe=self.fp8_recipe)
+        te.check_backend(
+            self.transformer_impl, self.fp8, half_precision=self.bf16 or self.fp16, fp8_recipe=self.fp8_recipe
+        )
 
     @property
     def active_fp8_recipe(self) -> str | None:
@@ -153,7 +186,6 @@ class DiTConfig(TransformerConfig):
         """Width of the model's output per token: ``token_width``, doubled by ``learn_sigma`` (the
         prediction is the first ``token_width`` channels, the variances the rest, in the same token layout)."""
         return self.token_width * (2 if self.learn_sigma else 1)
-
 
     def architecture(self) -> dict[str, Any]:
         """The :data:`ARCHITECTURE_FIELDS` as plain values: what a checkpoint stores."""
@@ -175,8 +207,11 @@ class DiTConfig(TransformerConfig):
             if name in RESIZABLE_FIELDS or name not in saved:
                 continue
             if saved[name] != ours[name]:
-                raise ConfigError(name, f"the checkpoint {source} was trained with {saved[name]}, this run has "
-                                        f"{ours[name]}; set it to {saved[name]} (or start from scratch)")
+                raise ConfigError(
+                    name,
+                    f"the checkpoint {source} was trained with {saved[name]}, this run has "
+                    f"{ours[name]}; set it to {saved[name]} (or start from scratch)",
+                )
 
 
 def dit_config(size: str, **fields) -> DiTConfig:

@@ -9,6 +9,7 @@ sums their gradients across stages (``DiTConfig.has_cond_embedder``). Under PP,
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from megatron.core import parallel_state
@@ -21,8 +22,9 @@ from dit.runtime.distributed import current_device
 FREQUENCY_EMBEDDING_SIZE = 256  # sinusoid width of a scalar before its MLP, as in DiT
 
 
-def sinusoid(values: Tensor, dim: int, *, cos_first: bool = True, freq_shift: float = 0.0,
-             dtype: torch.dtype = torch.float32) -> Tensor:
+def sinusoid(
+    values: Tensor, dim: int, *, cos_first: bool = True, freq_shift: float = 0.0, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """``[n]`` scalars -> ``[n, dim]`` features [cos | sin] ([sin | cos] unless ``cos_first``) in ``dtype``, at
     frequencies ``10000^(-i / (dim/2 - freq_shift))`` for i < dim/2 (the DiT paper's and diffusers' formula)."""
     half = dim // 2
@@ -35,7 +37,7 @@ def sinusoid(values: Tensor, dim: int, *, cos_first: bool = True, freq_shift: fl
 def mark_pipeline_replicated(module: nn.Module) -> nn.Module:
     """Tag every parameter for the cross-stage gradient all-reduce of ``finalize_model_grads``."""
     for param in module.parameters():
-        param.pipeline_parallel = True
+        param.pipeline_parallel = True  # type: ignore[attr-defined]  # Megatron's parameter attribute
     return module
 
 
@@ -61,8 +63,8 @@ def tie_pipeline_replicated(module: nn.Module) -> None:
             value = param.data.to(device)  # NCCL needs a GPU tensor; parameters may still be on the CPU
             torch.distributed.broadcast(value, src=first_rank, group=group)
             param.data.copy_(value)
-        param.shared_embedding = True
-        param.shared = not first_stage
+        param.shared_embedding = True  # type: ignore[attr-defined]  # Megatron's parameter attribute
+        param.shared = not first_stage  # type: ignore[attr-defined]  # Megatron's parameter attribute
 
 
 class ScalarEmbedder(MegatronModule):
@@ -72,13 +74,15 @@ class ScalarEmbedder(MegatronModule):
         super().__init__(config=config)
         self.freq_shift = freq_shift  # DiTConfig.timestep_freq_shift for the timestep
         self.mlp = nn.Sequential(
-            nn.Linear(FREQUENCY_EMBEDDING_SIZE, config.hidden_size, dtype=config.params_dtype), nn.SiLU(),
-            nn.Linear(config.hidden_size, config.hidden_size, dtype=config.params_dtype))
+            nn.Linear(FREQUENCY_EMBEDDING_SIZE, config.hidden_size, dtype=config.params_dtype),
+            nn.SiLU(),
+            nn.Linear(config.hidden_size, config.hidden_size, dtype=config.params_dtype),
+        )
         mark_pipeline_replicated(self)
 
     def forward(self, values: Tensor) -> Tensor:
         features = sinusoid(values, FREQUENCY_EMBEDDING_SIZE, freq_shift=self.freq_shift)  # [n, 256] fp32
-        features = features.to(self.mlp[0].weight.dtype)
+        features = features.to(cast(nn.Linear, self.mlp[0]).weight.dtype)
         return self.mlp(features)  # [n, h]
 
 
@@ -137,6 +141,10 @@ class SinCos3D(nn.Module):
     wrapping around (the reference implementations alias).
     """
 
+    table_t: Tensor  # buffers, registered in __init__
+    table_h: Tensor
+    table_w: Tensor
+
     def __init__(self, config: DiTConfig):
         super().__init__()
         frames, rows, cols = (torch.arange(n, dtype=torch.float64) for n in config.max_latent_grid)
@@ -152,8 +160,10 @@ class SinCos3D(nn.Module):
         limits = [table.shape[0] for table in (self.table_t, self.table_h, self.table_w)]
         largest = grid_sizes.amax(0).tolist() if grid_sizes.numel() else [0, 0, 0]
         if any(n > limit for n, limit in zip(largest, limits)):
-            raise ValueError(f"latent grids up to {largest} exceed the sin-cos table of max_latent_grid={limits}; "
-                             "raise --max-latent-grid")
+            raise ValueError(
+                f"latent grids up to {largest} exceed the sin-cos table of max_latent_grid={limits}; "
+                "raise --max-latent-grid"
+            )
 
     def forward(self, positions: Tensor) -> Tensor:
         """``[S, 3]`` int (t, h, w) -> ``[S, h]`` fp32; see :meth:`check_grids`."""

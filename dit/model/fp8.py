@@ -43,16 +43,22 @@ def check_fp8_widths(fp8_recipe: str, widths: dict[str, int]) -> None:
     multiple = fp8_rows(fp8_recipe)
     for name, width in widths.items():
         if width % multiple:
-            raise ConfigError("hidden_size", f"FP8 ({fp8_recipe}) needs every linear layer's width on a TP rank "
-                                               f"to be a multiple of {multiple}, and the {name} is {width}: pick a "
-                                               "--hidden-size (--model-size) and --tensor-model-parallel-size that "
-                                               f"give multiples of {multiple}")
+            raise ConfigError(
+                "hidden_size",
+                f"FP8 ({fp8_recipe}) needs every linear layer's width on a TP rank "
+                f"to be a multiple of {multiple}, and the {name} is {width}: pick a "
+                "--hidden-size (--model-size) and --tensor-model-parallel-size that "
+                f"give multiples of {multiple}",
+            )
 
 
 def check_fp8_device(fp8_recipe: str, capability: tuple[int, int], name: str) -> None:
     """Raise one line when this GPU lacks the recipe's FP8 kernels (TE would fail at the first forward)."""
     needed, gpus = MIN_CAPABILITY[fp8_recipe]
     if capability < needed:
-        raise ConfigError("fp8_recipe", f"{fp8_recipe} needs compute capability {needed[0]}.{needed[1]} "
-                                          f"({gpus}); this {name} has {capability[0]}.{capability[1]}: pick "
-                                          "another recipe (delayed or tensorwise run on Hopper)")
+        raise ConfigError(
+            "fp8_recipe",
+            f"{fp8_recipe} needs compute capability {needed[0]}.{needed[1]} "
+            f"({gpus}); this {name} has {capability[0]}.{capability[1]}: pick "
+            "another recipe (delayed or tensorwise run on Hopper)",
+        )

@@ -89,17 +89,26 @@ def get_dit_layer_spec(transformer_impl: str, *, cross_attention: bool, qk_layer
                 module=RowRoPESelfAttention,
                 params=bidirectional,
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=b.column_linear, core_attention=b.core_attention, linear_proj=b.row_linear,
-                    q_layernorm=qk_norm, k_layernorm=qk_norm),
+                    linear_qkv=b.column_linear,
+                    core_attention=b.core_attention,
+                    linear_proj=b.row_linear,
+                    q_layernorm=qk_norm,
+                    k_layernorm=qk_norm,
+                ),
             ),
             pre_cross_attn_layernorm=ModulatedNorm if cross_attention else IdentityOp,
             cross_attention=ModuleSpec(
                 module=CrossAttention,
                 params=bidirectional,
                 submodules=CrossAttentionSubmodules(
-                    linear_q=b.column_linear, linear_kv=b.column_linear, core_attention=b.core_attention,
-                    linear_proj=b.row_linear),
-            ) if cross_attention else IdentityOp,
+                    linear_q=b.column_linear,
+                    linear_kv=b.column_linear,
+                    core_attention=b.core_attention,
+                    linear_proj=b.row_linear,
+                ),
+            )
+            if cross_attention
+            else IdentityOp,
             pre_mlp_layernorm=ModulatedNorm,
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=b.column_linear, linear_fc2=b.row_linear)),
             adaln=ModuleSpec(module=AdaLNModulation, params={"num_chunks": 9 if cross_attention else 6}),
@@ -110,44 +119,79 @@ def get_dit_layer_spec(transformer_impl: str, *, cross_attention: bool, qk_layer
 class DiTLayer(TransformerLayer):
     """adaLN-Zero DiT block over packed samples (see the module docstring for the data flow)."""
 
-    def __init__(self, config: DiTConfig, submodules: DiTLayerSubmodules, layer_number: int = 1,
-                 hidden_dropout: float | None = None, pg_collection: ProcessGroupCollection | None = None,
-                 vp_stage: int | None = None):
+    def __init__(
+        self,
+        config: DiTConfig,
+        submodules: DiTLayerSubmodules,
+        layer_number: int = 1,
+        hidden_dropout: float | None = None,
+        pg_collection: ProcessGroupCollection | None = None,
+        vp_stage: int | None = None,
+    ):
         # The text is whole on every CP rank, so cross-attention must not run context-parallel:
         # build it below from a CP=1 copy of the config (TE's attention reads CP from the config).
-        super().__init__(config, dataclasses.replace(submodules, cross_attention=IdentityOp), layer_number,
-                         hidden_dropout, pg_collection, vp_stage)
+        super().__init__(
+            config,
+            # (a field of Megatron's TransformerLayerSubmodules, which mypy does not see)
+            dataclasses.replace(submodules, cross_attention=IdentityOp),  # type: ignore[call-arg]
+            layer_number,
+            hidden_dropout,
+            pg_collection,
+            vp_stage,
+        )
         self.cross_attention = build_module(
-            submodules.cross_attention, config=dataclasses.replace(config, context_parallel_size=1),
-            layer_number=self.layer_number, pg_collection=self.pg_collection)
+            submodules.cross_attention,
+            config=dataclasses.replace(config, context_parallel_size=1),  # type: ignore[call-arg]  # Megatron's field
+            layer_number=self.layer_number,
+            pg_collection=self.pg_collection,
+        )
         self.has_cross_attention = not isinstance(self.cross_attention, IdentityOp)
         # [Module 7] its own epsilon (diffusers' DiT port normalises before the MLP with 1e-5, elsewhere 1e-6)
-        self.pre_mlp_layernorm = build_module(submodules.pre_mlp_layernorm, config=config,
-                                              hidden_size=config.hidden_size, eps=config.pre_mlp_layernorm_epsilon)
+        self.pre_mlp_layernorm = build_module(
+            submodules.pre_mlp_layernorm,
+            config=config,
+            hidden_size=config.hidden_size,
+            eps=config.pre_mlp_layernorm_epsilon,
+        )
         # [Module 10: adaLN] shift/scale/gate for self-attention, (cross-attention,) MLP
         self.adaln = build_module(submodules.adaln, config=config)
 
-    def forward(self, hidden_states: Tensor, attention_mask: Tensor, context: Tensor | None = None,
-                context_mask: Tensor | None = None, rotary_pos_emb: Tensor | None = None,
-                packed_seq_params: PackedSequence | None = None, **unused) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Tensor,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        rotary_pos_emb: Tensor | None = None,
+        packed_seq_params: PackedSequence | None = None,
+        **unused,
+    ) -> tuple[Tensor, Tensor | None]:
         """hidden_states ``[s, 1, h]``; attention_mask: the conditioning ``[N, h]``. ``unused``: the
         inference, RoPE cos/sin and MoE arguments the block always passes."""
+        assert packed_seq_params is not None, "DiTModel always passes the pack's PackedSequence"
         seq, runs = packed_seq_params, packed_seq_params.token_runs
         mods = self.adaln(attention_mask)  # 6 or 9 x [N, h], one row per sample
         x = hidden_states
 
         # [Modules 1-2: modulated norm, self-attention]
         shift, scale, gate = mods[:3]
-        out, bias = self.self_attention(self.input_layernorm(x, shift, scale, runs), attention_mask=None,
-                                        rotary_pos_emb=rotary_pos_emb, packed_seq_params=seq.self_attention)
+        out, bias = self.self_attention(
+            self.input_layernorm(x, shift, scale, runs),
+            attention_mask=None,
+            rotary_pos_emb=rotary_pos_emb,
+            packed_seq_params=seq.self_attention,
+        )
         x = gated_residual(x, _with_bias(out, bias), gate, runs)
 
         # [Modules 4-5: modulated norm, cross-attention to the text]
         if self.has_cross_attention:
             shift, scale, gate = mods[3:6]
-            out, bias = self.cross_attention(self.pre_cross_attn_layernorm(x, shift, scale, runs),
-                                             attention_mask=None, key_value_states=context,
-                                             packed_seq_params=seq.cross_attention)
+            out, bias = self.cross_attention(
+                self.pre_cross_attn_layernorm(x, shift, scale, runs),
+                attention_mask=None,
+                key_value_states=context,
+                packed_seq_params=seq.cross_attention,
+            )
             x = gated_residual(x, _with_bias(out, bias), gate, runs)
 
         # [Modules 7-8: modulated norm, MLP]

@@ -58,7 +58,7 @@ class FinalLayer(MegatronModule):
         self.norm = ModulatedNorm(config, config.hidden_size, config.layernorm_epsilon)
         self.linear = nn.Linear(config.hidden_size, config.prediction_width, dtype=config.params_dtype)
         for param in self.linear.parameters():
-            param.sequence_parallel = config.sequence_parallel
+            param.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]  # Megatron's parameter attribute
 
     def forward(self, x: Tensor, cond: Tensor, runs: list[SampleRun]) -> Tensor:
         shift, scale = self.adaln(cond)  # 2 x [N, h]
@@ -80,12 +80,16 @@ class DiTModel(VisionModule):
         self.class_embedder = ClassEmbedder(config) if config.conditioning == "class" else None
         self.text_projection = TextProjection(config) if config.conditioning == "text" else None
         if pre_process:
-            self.patch_embed = nn.Linear(config.token_width, config.hidden_size, dtype=config.params_dtype)  # pt*p*p*C -> h
+            self.patch_embed = nn.Linear(
+                config.token_width, config.hidden_size, dtype=config.params_dtype
+            )  # pt*p*p*C -> h
             self.pos_embed = SinCos3D(config) if config.position_embedding == "sincos3d" else None
-        spec = get_dit_layer_spec(config.transformer_impl, cross_attention=config.conditioning == "text",
-                                  qk_layernorm=config.qk_layernorm)
-        self.decoder = TransformerBlock(config, spec, post_layer_norm=False,
-                                        pre_process=pre_process, post_process=post_process)
+        spec = get_dit_layer_spec(
+            config.transformer_impl, cross_attention=config.conditioning == "text", qk_layernorm=config.qk_layernorm
+        )
+        self.decoder = TransformerBlock(
+            config, spec, post_layer_norm=False, pre_process=pre_process, post_process=post_process
+        )
         if post_process:
             self.final_layer = FinalLayer(config)
         if config.perform_initialization:
@@ -93,8 +97,9 @@ class DiTModel(VisionModule):
         if config.pipeline_model_parallel_size > 1:
             tie_pipeline_replicated(self)  # the conditioning: the same weights on every stage, counted once
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
-                           metadata: dict | None = None) -> ShardedStateDict:
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
+    ) -> ShardedStateDict:
         """Megatron's dist-checkpoint view; the conditioning, held by every stage under one key, is saved by
         the first stage: the pipeline rank leads its ``replica_id``, so only stage 0 holds the main replica."""
         sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
@@ -120,8 +125,13 @@ class DiTModel(VisionModule):
         seq = packed_sequence(batch, sp, fp8_recipe=self.fp8_recipe).to(timesteps.device)
         cond = self._conditioning(timesteps, batch)  # [N, h]
         hidden = self._embed(tokens, batch) if self.pre_process else None  # [s(/tp), 1, h]
-        hidden = self.decoder(hidden_states=hidden, attention_mask=cond, context=self._text(batch),
-                              rotary_pos_emb=self._rope(batch), packed_seq_params=seq)
+        hidden = self.decoder(
+            hidden_states=hidden,
+            attention_mask=cond,
+            context=self._text(batch),
+            rotary_pos_emb=self._rope(batch),
+            packed_seq_params=seq,
+        )
         if not self.post_process:
             return hidden
         out = self.final_layer(hidden, cond, seq.token_runs)  # [s(/tp), 1, prediction_width]
@@ -152,7 +162,8 @@ class DiTModel(VisionModule):
         text = F.pad(text, (0, 0, 0, 0, 0, pad))  # [K + pad, 1, h]
         return scatter_to_sequence_parallel_region(text) if self.config.sequence_parallel else text
 
-    def _embed(self, tokens: Tensor, batch: PackedBatch) -> Tensor:
+    def _embed(self, tokens: Tensor | None, batch: PackedBatch) -> Tensor:
+        assert tokens is not None, "the first pipeline stage embeds the tokens"
         x = self.patch_embed(tokens.to(self.patch_embed.weight.dtype))  # [s, h] in the parameter dtype
         if self.pos_embed is not None:
             self.pos_embed.check_grids(batch.grid_sizes)
@@ -173,9 +184,17 @@ class DiTModel(VisionModule):
         tokens); with ``learn_sigma`` ``[2C, T, H, W]``, the prediction's channels first (diffusers' layout)."""
         cu, cu_padded = batch.cu_seqlens.tolist(), batch.cu_seqlens_padded.tolist()
         if prediction.shape[0] != cu_padded[-1]:
-            raise ValueError(f"unpatchify needs the whole pack ({cu_padded[-1]} tokens), got {prediction.shape[0]}; "
-                             "gather the context-parallel shares first")
+            raise ValueError(
+                f"unpatchify needs the whole pack ({cu_padded[-1]} tokens), got {prediction.shape[0]}; "
+                "gather the context-parallel shares first"
+            )
         c = self.config
-        return [torch.cat([unpatchify(part, tuple(grid), c.patch_size, c.temporal_patch_size)
-                           for part in prediction[start:start + cu[i + 1] - cu[i]].split(c.token_width, dim=-1)])
-                for i, (start, grid) in enumerate(zip(cu_padded[:-1], batch.grid_sizes.tolist()))]
+        return [
+            torch.cat(
+                [
+                    unpatchify(part, tuple(grid), c.patch_size, c.temporal_patch_size)
+                    for part in prediction[start : start + cu[i + 1] - cu[i]].split(c.token_width, dim=-1)
+                ]
+            )
+            for i, (start, grid) in enumerate(zip(cu_padded[:-1], batch.grid_sizes.tolist()))
+        ]

@@ -15,7 +15,7 @@ pack of same-size images is a single run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -45,12 +45,14 @@ class PackedBatch:
     def num_samples(self) -> int:
         return self.cu_seqlens.numel() - 1
 
-    def to(self, device: torch.device | str) -> "PackedBatch":
+    def to(self, device: torch.device | str) -> PackedBatch:
         """This host pack's per-token and per-sample data on ``device``; the layout (``LAYOUT``) stays on the
         host, where the attention parameters, the draws and the loss read it without a device-to-host sync."""
         moved = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in LAYOUT}
-        return replace(self, **{k: v.to(device, non_blocking=True) for k, v in moved.items()
-                                if isinstance(v, torch.Tensor)})
+        tensors: dict[str, Any] = {
+            k: v.to(device, non_blocking=True) for k, v in moved.items() if isinstance(v, torch.Tensor)
+        }
+        return replace(self, **tensors)
 
 
 def thd_partition_indices(cu_seqlens_padded: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
@@ -90,15 +92,16 @@ def gather_cp_shares(rows: torch.Tensor, cu_seqlens_padded: torch.Tensor, group:
 def cp_token_samples(cu_seqlens_padded: Tensor, cp_size: int) -> Tensor:
     """Sample index of each token of this rank's CP share, ``[S/cp]`` int64, on the host (the pack's layout)."""
     lengths = (cu_seqlens_padded[1:] - cu_seqlens_padded[:-1]).long() // cp_size
-    return torch.repeat_interleave(torch.arange(lengths.numel()), lengths,
-                                   output_size=int(cu_seqlens_padded[-1]) // cp_size)
+    return torch.repeat_interleave(
+        torch.arange(lengths.numel()), lengths, output_size=int(cu_seqlens_padded[-1]) // cp_size
+    )
 
 
 class SampleRun(NamedTuple):
     """``count`` consecutive samples from sample ``first`` on, each with ``rows`` rows of a tensor."""
 
     first: int
-    count: int
+    count: int  # type: ignore[assignment]  # a field named as tuple.count, which it shadows (as intended)
     rows: int
 
 

@@ -47,7 +47,9 @@ def unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], patch: int, tem
     gt, gh, gw = grid
     c = tokens.shape[-1] // (temporal_patch * patch * patch)
     if tokens.shape[0] != gt * gh * gw or c * temporal_patch * patch * patch != tokens.shape[-1]:
-        raise ValueError(f"{tuple(tokens.shape)} tokens do not fit grid {grid} with patch {temporal_patch}x{patch}x{patch}")
+        raise ValueError(
+            f"{tuple(tokens.shape)} tokens do not fit grid {grid} with patch {temporal_patch}x{patch}x{patch}"
+        )
     x = tokens.reshape(gt, gh, gw, temporal_patch, patch, patch, c)
     x = x.permute(6, 0, 3, 1, 4, 2, 5)  # [C, T', pt, H', ph, W', pw]
     return x.reshape(c, gt * temporal_patch, gh * patch, gw * patch)

@@ -50,31 +50,55 @@ def packed_sequence(batch: PackedBatch, sequence_parallel: bool, fp8_recipe: str
     cu, cu_padded = batch.cu_seqlens.int(), batch.cu_seqlens_padded.int()
     rows, slices = fp8_rows(fp8_recipe), tp if sequence_parallel else 1
     if fp8_recipe and int(cu_padded[-1]) // cp % (rows * slices):  # the linears read S/cp rows, S/cp/tp under SP
-        raise ValueError(f"FP8 needs the tokens of each rank's linear inputs in multiples of {rows}; this pack "
-                         f"gives {int(cu_padded[-1])} tokens over cp={cp} (and tp={slices} under sequence "
-                         f"parallelism): pad each sample to a multiple of {rows * cp * slices} tokens")
+        raise ValueError(
+            f"FP8 needs the tokens of each rank's linear inputs in multiples of {rows}; this pack "
+            f"gives {int(cu_padded[-1])} tokens over cp={cp} (and tp={slices} under sequence "
+            f"parallelism): pad each sample to a multiple of {rows * cp * slices} tokens"
+        )
     cu_text = batch.cu_seqlens_text.int()
     cu_text_padded = cu_text.clone()
     cu_text_padded[-1] += text_padding(batch.text.shape[0], sequence_parallel, fp8_recipe)
     max_len = int((cu_padded[1:] - cu_padded[:-1]).max())
     max_text = int((cu_text_padded[1:] - cu_text_padded[:-1]).max())
     cu_local = cu_padded // cp
-    bounds = cu_local.tolist()  # each sample's rows of this rank's CP share [S/cp]
+    bounds: list[int] = cu_local.tolist()  # each sample's rows of this rank's CP share [S/cp]
     if sequence_parallel:
         if bounds[-1] % tp:
-            raise ValueError(f"{bounds[-1]} tokens per CP rank do not split over tp={tp}: sequence "
-                             "parallelism needs every sample padded to a multiple of 2*cp*tp")
+            raise ValueError(
+                f"{bounds[-1]} tokens per CP rank do not split over tp={tp}: sequence "
+                "parallelism needs every sample padded to a multiple of 2*cp*tp"
+            )
         share = bounds[-1] // tp
         offset = parallel_state.get_tensor_model_parallel_rank() * share
         bounds = [min(max(b - offset, 0), share) for b in bounds]  # this TP rank's slice [S/cp/tp]
-    rows = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    sample_rows = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
     cp_rank = parallel_state.get_context_parallel_rank()
     return PackedSequence(
-        self_attention=attention_params(PackedSeqParams(
-            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_padded,
-            cu_seqlens_kv_padded=cu_padded, max_seqlen_q=max_len, max_seqlen_kv=max_len), cp, cp_rank),
-        cross_attention=attention_params(PackedSeqParams(
-            qkv_format="thd", cu_seqlens_q=cu_local, cu_seqlens_kv=cu_text, cu_seqlens_q_padded=cu_local,
-            cu_seqlens_kv_padded=cu_text_padded, max_seqlen_q=max_len // cp, max_seqlen_kv=max_text), 1, 0),
-        token_runs=[run for run in sample_runs(rows) if run.rows],
+        self_attention=attention_params(
+            PackedSeqParams(
+                qkv_format="thd",
+                cu_seqlens_q=cu,
+                cu_seqlens_kv=cu,
+                cu_seqlens_q_padded=cu_padded,
+                cu_seqlens_kv_padded=cu_padded,
+                max_seqlen_q=max_len,
+                max_seqlen_kv=max_len,
+            ),
+            cp,
+            cp_rank,
+        ),
+        cross_attention=attention_params(
+            PackedSeqParams(
+                qkv_format="thd",
+                cu_seqlens_q=cu_local,
+                cu_seqlens_kv=cu_text,
+                cu_seqlens_q_padded=cu_local,
+                cu_seqlens_kv_padded=cu_text_padded,
+                max_seqlen_q=max_len // cp,
+                max_seqlen_kv=max_text,
+            ),
+            1,
+            0,
+        ),
+        token_runs=[run for run in sample_runs(sample_rows) if run.rows],
     )

@@ -52,6 +52,8 @@ def user_error(prog: str, error: Exception, status: int = 2) -> int:
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:  # torchrun's agent reads it when this rank fails (the format of torch's @record)
         with open(error_file, "w") as f:
-            json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
-                                                                   "timestamp": str(int(time.time()))}}}, f)
+            json.dump(
+                {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}},
+                f,
+            )
     return status

@@ -24,9 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core import parallel_state as ps
-from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
@@ -46,6 +45,7 @@ from dit.training.step import TrainingSetup
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class Layout:
     tp: int
@@ -55,13 +55,21 @@ class Layout:
 
     @classmethod
     def current(cls) -> Layout:
-        return cls(ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
-                   ps.get_context_parallel_world_size(), ps.get_data_parallel_world_size())
+        return cls(
+            ps.get_tensor_model_parallel_world_size(),
+            ps.get_pipeline_model_parallel_world_size(),
+            ps.get_context_parallel_world_size(),
+            ps.get_data_parallel_world_size(),
+        )
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -79,8 +87,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def _replica_rank() -> int:
     """This rank's place among the ranks of its DP replica (TP x CP x PP), which read the same packs."""
     tp, cp = ps.get_tensor_model_parallel_world_size(), ps.get_context_parallel_world_size()
-    return (ps.get_tensor_model_parallel_rank()
-            + tp * (ps.get_context_parallel_rank() + cp * ps.get_pipeline_model_parallel_rank()))
+    return ps.get_tensor_model_parallel_rank() + tp * (
+        ps.get_context_parallel_rank() + cp * ps.get_pipeline_model_parallel_rank()
+    )
 
 
 def _per_rank(name: str, value: Any) -> ShardedObject:
@@ -88,8 +97,13 @@ def _per_rank(name: str, value: Any) -> ShardedObject:
 
 
 def _per_replica(name: str, value: Any) -> ShardedObject:
-    return ShardedObject(name, value, (ps.get_data_parallel_world_size(),), (ps.get_data_parallel_rank(),),
-                         replica_id=_replica_rank())
+    return ShardedObject(
+        name,
+        value,
+        (ps.get_data_parallel_world_size(),),
+        (ps.get_data_parallel_rank(),),
+        replica_id=_replica_rank(),
+    )
 
 
 def _model_state(setup: TrainingSetup) -> dict:
@@ -166,6 +180,7 @@ class Checkpointer:
 
     def save(self, setup: TrainingSetup, state: TrainState, loader: TrainLoader, ema: EMA | None) -> None:
         """Write ``SAVE/iter_NNNNNNN.partial``, then publish it: rename, tracker, ``--save-retain``."""
+        assert self.root is not None, "save() runs only with --save"
         final = checkpoint_dir(self.root, state.iteration)
         partial = partial_dir(final)
         start = time.monotonic()
@@ -197,10 +212,14 @@ class Checkpointer:
     def _publish(self, partial: Path, final: Path, iteration: int, start: float) -> None:
         dist.barrier()  # every rank's shards are on disk
         if dist.get_rank() == 0:
+            assert self.root is not None  # save() ran
             publish(self.root, partial, final, iteration)
             retain(self.root, self.retain)
-            print(f"saved checkpoint {final} ({folder_size(final) / 2**20:.1f} MiB, iteration {iteration}) in "
-                  f"{time.monotonic() - start:.1f} s", flush=True)
+            print(
+                f"saved checkpoint {final} ({folder_size(final) / 2**20:.1f} MiB, iteration {iteration}) in "
+                f"{time.monotonic() - start:.1f} s",
+                flush=True,
+            )
         dist.barrier()
         self.last = final
 
@@ -210,22 +229,30 @@ def find_checkpoint(ckpt: CheckpointConfig) -> Path | None:
     root = ckpt.load or ckpt.save
     if root is None:
         return None
-    return files.find_checkpoint(root, ckpt.ckpt_step, flag="--load" if ckpt.load else "--save",
-                                 required=bool(ckpt.load), fix="point it at a --save folder of an earlier run, "
-                                                                "or drop --load to start from scratch")
+    return files.find_checkpoint(
+        root,
+        ckpt.ckpt_step,
+        flag="--load" if ckpt.load else "--save",
+        required=bool(ckpt.load),
+        fix="point it at a --save folder of an earlier run, or drop --load to start from scratch",
+    )
 
 
 def check_optimizer_format(common: dict, distributed: bool, saved: Layout, layout: Layout, path: Path) -> None:
     fmt = common["optimizer_format"]
     if (fmt == "regular") != (not distributed):
-        raise ConfigError("--use-distributed-optimizer",
-                          f"the checkpoint {path} holds a {'distributed' if fmt != 'regular' else 'regular'} "
-                          "optimizer's state; match its --use-distributed-optimizer or pass --no-load-optim")
+        raise ConfigError(
+            "--use-distributed-optimizer",
+            f"the checkpoint {path} holds a {'distributed' if fmt != 'regular' else 'regular'} "
+            "optimizer's state; match its --use-distributed-optimizer or pass --no-load-optim",
+        )
     if fmt == "dp_reshardable" and (saved.tp, saved.pp) != (layout.tp, layout.pp):
-        raise ConfigError("--no-load-optim",
-                          f"the distributed optimizer state in {path} was saved for tp={saved.tp} pp={saved.pp} and "
-                          f"loads only under that layout (this run: tp={layout.tp} pp={layout.pp}); pass "
-                          "--no-load-optim, or save it with --dist-ckpt-optim-fully-reshardable")
+        raise ConfigError(
+            "--no-load-optim",
+            f"the distributed optimizer state in {path} was saved for tp={saved.tp} pp={saved.pp} and "
+            f"loads only under that layout (this run: tp={layout.tp} pp={layout.pp}); pass "
+            "--no-load-optim, or save it with --dist-ckpt-optim-fully-reshardable",
+        )
 
 
 def load_checkpoint(setup: TrainingSetup, state: TrainState, loader: TrainLoader, ema: EMA | None, path: Path) -> None:
@@ -242,8 +269,11 @@ def load_checkpoint(setup: TrainingSetup, state: TrainState, loader: TrainLoader
         if ema is not None:
             ema_saved = saved_ema_layout(common, path, "--no-load-optim")
             if ema_saved is None:
-                raise ConfigError("--ema-decay", f"the checkpoint {path} has no EMA to continue; pass --ema-decay 0, "
-                                                 "or --no-load-optim to start an EMA from its weights")
+                raise ConfigError(
+                    "--ema-decay",
+                    f"the checkpoint {path} has no EMA to continue; pass --ema-decay 0, "
+                    "or --no-load-optim to start an EMA from its weights",
+                )
             request["ema_weights"] = ema.sharded_state_dict(request["model"], ema_saved, is_loading=True)
         request["optimizer"] = _optimizer_state(setup, request["model"], is_loading=True)
     load_rng = not weights_only and ckpt.load_rng and saved_layout == layout
@@ -279,11 +309,16 @@ def load_checkpoint(setup: TrainingSetup, state: TrainState, loader: TrainLoader
     if dist.get_rank() == 0:
         notes = []
         if not weights_only and not load_data:
-            notes.append(f"WARNING: the checkpoint was saved with {saved_layout.dp} data-parallel replicas and this "
-                         f"run has {layout.dp}; their loader states cannot be split differently, so the data "
-                         "stream restarts from the beginning of the epoch")
+            notes.append(
+                f"WARNING: the checkpoint was saved with {saved_layout.dp} data-parallel replicas and this "
+                f"run has {layout.dp}; their loader states cannot be split differently, so the data "
+                "stream restarts from the beginning of the epoch"
+            )
         if not weights_only and ckpt.load_rng and not load_rng:
             notes.append("the parallel layout changed, so the per-rank RNG states were not restored")
         what = "weights only (--finetune)" if weights_only else f"iteration {state.iteration}"
-        print(f"loaded checkpoint {path} ({folder_size(path) / 2**20:.1f} MiB, {what}) in "
-              f"{time.monotonic() - start:.1f} s" + "".join(f"; {n}" for n in notes), flush=True)
+        print(
+            f"loaded checkpoint {path} ({folder_size(path) / 2**20:.1f} MiB, {what}) in "
+            f"{time.monotonic() - start:.1f} s" + "".join(f"; {n}" for n in notes),
+            flush=True,
+        )

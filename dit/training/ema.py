@@ -17,8 +17,8 @@ weights after 7000 steps).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from dit.checkpoint.weights import DP_SHARDS, MODEL_SPACE
 from dit.training.optimizer import publish_main_params
 from dit.training.step import TrainingSetup
+
 
 def ema_decay(decay: float, updates: int, warmup: bool) -> float:
     """The decay of update number ``updates + 1``."""
@@ -54,13 +55,22 @@ def main_weights(optimizer: MegatronOptimizer) -> list[MainWeight]:
         if isinstance(chained, DistributedOptimizer) and chained.ddp_config.use_megatron_fsdp:
             # Megatron-FSDP's fp32 main weights: DTensors whose local part is this rank's shard, which its
             # optimizer steps; the EMA keeps the same shards (checkpoints are refused with FSDP, see arguments)
-            weights += [MainWeight(p.to_local(), p, 0, p.to_local().numel(), None)
-                        for group in chained.optimizer.param_groups for p in group["params"]]
+            weights += [
+                MainWeight(p.to_local(), p, 0, p.to_local().numel(), None)
+                for group in chained.optimizer.param_groups
+                for p in group["params"]
+            ]
         elif isinstance(chained, DistributedOptimizer):
-            groups = ((chained.model_float16_groups, chained.shard_fp32_from_float16_groups),
-                      (chained.model_fp32_groups, chained.shard_fp32_groups))
-            shards = {id(param): shard for models, mains in groups for model_group, shard_group in zip(models, mains)
-                      for param, shard in zip(model_group, shard_group)}
+            groups = (
+                (chained.model_float16_groups, chained.shard_fp32_from_float16_groups),
+                (chained.model_fp32_groups, chained.shard_fp32_groups),
+            )
+            shards = {
+                id(param): shard
+                for models, mains in groups
+                for model_group, shard_group in zip(models, mains)
+                for param, shard in zip(model_group, shard_group)
+            }
             # Every parameter of the gradient buffers, in their order (the same on every DP rank, which the
             # gathers of ``_whole`` need), with an empty shard where it lies wholly in other ranks' shards.
             for param in (p for buffer in chained.buffers for p in buffer.params):
@@ -71,9 +81,15 @@ def main_weights(optimizer: MegatronOptimizer) -> list[MainWeight]:
                     main, start, end = param.detach().new_empty(0, dtype=torch.float32), 0, 0
                 weights.append(MainWeight(main, param, start, end, chained.data_parallel_group))
         elif hasattr(chained, "float16_groups"):  # Float16OptimizerWithFloat16Params: fp32 copies of bf16 weights
-            pairs = [pair for models, mains in ((chained.float16_groups, chained.fp32_from_float16_groups),
-                                                (chained.fp32_from_fp32_groups, chained.fp32_from_fp32_groups))
-                     for model_group, main_group in zip(models, mains) for pair in zip(model_group, main_group)]
+            pairs = [
+                pair
+                for models, mains in (
+                    (chained.float16_groups, chained.fp32_from_float16_groups),
+                    (chained.fp32_from_fp32_groups, chained.fp32_from_fp32_groups),
+                )
+                for model_group, main_group in zip(models, mains)
+                for pair in zip(model_group, main_group)
+            ]
             weights += [MainWeight(main, param, 0, param.numel(), None) for param, main in pairs]
         else:  # FP32Optimizer: the model's own weights
             params = [p for group in chained.optimizer.param_groups for p in group["params"]]
@@ -146,7 +162,7 @@ class EMA:
                 if str(i) not in loaded:
                     continue  # no shard on this rank
                 value = loaded[str(i)]
-                ema.copy_(value.view(-1)[s.start:s.end].view_as(ema) if layout == MODEL_SPACE else value.view_as(ema))
+                ema.copy_(value.view(-1)[s.start : s.end].view_as(ema) if layout == MODEL_SPACE else value.view_as(ema))
 
 
 def _model_tensors(model: dict) -> dict[int, ShardedTensor]:
@@ -159,7 +175,7 @@ def _whole(s: MainWeight, ema: torch.Tensor) -> torch.Tensor:
     if s.group is None:
         return ema.view(s.param.shape)
     whole = torch.zeros(s.param.numel(), dtype=torch.float32, device=ema.device)
-    whole[s.start:s.end] = ema
+    whole[s.start : s.end] = ema
     dist.all_reduce(whole, group=s.group)  # each element lives on exactly one DP rank
     return whole.view(s.param.shape)
 
@@ -172,7 +188,13 @@ def _dp_shard(sh: ShardedTensor, s: MainWeight, ema: torch.Tensor) -> ShardedTen
     row = int(np.ravel_multi_index([o // n for o, n in zip(sh.global_offset, shape)], fragments))
     numel = s.param.numel()
     pp, tp = sh.replica_id[:2] if isinstance(sh.replica_id, tuple) else (0, sh.replica_id)
-    return ShardedTensor(key=f"ema.dp_shards.{sh.key}", data=ema.view(1, -1), dtype=torch.float32,
-                         local_shape=(1, s.end - s.start), global_shape=(int(np.prod(fragments)), numel),
-                         global_offset=(row, s.start), axis_fragmentations=None,
-                         replica_id=(pp, tp, 0))  # TP and PP copies are replicas; DP shards are not
+    return ShardedTensor(
+        key=f"ema.dp_shards.{sh.key}",
+        data=ema.view(1, -1),
+        dtype=torch.float32,
+        local_shape=(1, s.end - s.start),
+        global_shape=(int(np.prod(fragments)), numel),
+        global_offset=(row, s.start),
+        axis_fragmentations=None,
+        replica_id=(pp, tp, 0),
+    )  # TP and PP copies are replicas; DP shards are not

@@ -33,8 +33,11 @@ class ExitConditions:
     def reason(self, iteration: int) -> str | None:
         """Why the run stops after ``iteration``, the same on every rank, or None."""
         if self.signal_handler or self.deadline is not None:
-            flags = torch.tensor([self.received, self.deadline is not None and time.monotonic() > self.deadline],
-                                 dtype=torch.int32, device=self.device)
+            flags = torch.tensor(
+                [self.received, self.deadline is not None and time.monotonic() > self.deadline],
+                dtype=torch.int32,
+                device=self.device,
+            )
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             if flags[0]:
                 return "SIGTERM received (--exit-signal-handler)"

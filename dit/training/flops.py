@@ -42,8 +42,12 @@ def forward_flops(config: DiTConfig, lengths: list[int], padded_tokens: int, tex
     mlp = 2.0 * s * h * fc1 + 2.0 * s * config.ffn_hidden_size * h
     cross_attention = 0.0
     if text:
-        cross_attention = (2.0 * s * h * hq + 2.0 * k * h * 2 * hkv
-                           + 4.0 * hq * sum(L * K for L, K in zip(lengths, text_lengths)) + 2.0 * s * hq * h)
+        cross_attention = (
+            2.0 * s * h * hq
+            + 2.0 * k * h * 2 * hkv
+            + 4.0 * hq * sum(L * K for L, K in zip(lengths, text_lengths))
+            + 2.0 * s * hq * h
+        )
     layer = self_attention + cross_attention + mlp + _adaln_flops(config, n, 9 if text else 6)
 
     scalar_embedder = 2.0 * n * (FREQUENCY_EMBEDDING_SIZE * h + h * h)
@@ -53,8 +57,9 @@ def forward_flops(config: DiTConfig, lengths: list[int], padded_tokens: int, tex
     return config.num_layers * layer + conditioning + ends
 
 
-def pack_flops(config: DiTConfig, cu_seqlens: list[int], cu_seqlens_padded: list[int],
-               cu_seqlens_text: list[int]) -> float:
+def pack_flops(
+    config: DiTConfig, cu_seqlens: list[int], cu_seqlens_padded: list[int], cu_seqlens_text: list[int]
+) -> float:
     """Training (forward + backward) model FLOPs of a pack given its cumulative lengths."""
     lengths = [b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])]
     text = [b - a for a, b in zip(cu_seqlens_text[:-1], cu_seqlens_text[1:])]

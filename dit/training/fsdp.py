@@ -24,12 +24,16 @@ from dit.training.run_config import OptimizerConfig
 def wrap_model_fsdp(model: DiTModel, config: DiTConfig, optim: OptimizerConfig) -> FullyShardedDataParallel:
     """Megatron-FSDP over ``model``; the schedule finalises gradients through ``config`` as under DDP."""
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=True, use_megatron_fsdp=True,
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=True,
+        use_megatron_fsdp=True,
         data_parallel_sharding_strategy="optim_grads_params",
         # the layer-by-layer gathers and reductions run beside compute (FSDP's own prefetch)
-        overlap_grad_reduce=True, overlap_param_gather=True,
+        overlap_grad_reduce=True,
+        overlap_param_gather=True,
         # gloo has no PREMUL_SUM (scale inside the reduction): on CPU the gradients are scaled, then summed
-        gradient_reduce_div_fusion=not cpu_backend.is_active())
+        gradient_reduce_div_fusion=not cpu_backend.is_active(),
+    )
     device = None if torch.cuda.is_available() else torch.device("cpu")  # None: the current GPU, as Megatron-LM
     with cpu_backend.cuda_ordinal_device():
         fsdp = FullyShardedDataParallel(config, ddp_config, model, device=device)

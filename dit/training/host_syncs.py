@@ -9,8 +9,8 @@ a GPU would live, on the device:
 - on a GPU: any CUDA tensor;
 - on the CPU (``simulate=True``): tensors registered with :meth:`HostSyncCounter.on_device` (the model's
   parameters, buffers and gradient buffers, the optimizer's state), tensors moved or created with a CUDA device
-  (the step then runs with ``device = cuda``, which ``dit.runtime.cpu_backend`` maps to the CPU; a move copies, as it would
-  to GPU memory), and every tensor computed from one of those, whose ``.device`` then answers ``cuda``.
+  (the step then runs with ``device = cuda``, which ``dit.runtime.cpu_backend`` maps to the CPU; a move copies, as it
+  would to GPU memory), and every tensor computed from one of those, whose ``.device`` then answers ``cuda``.
   Everything else is host data (the loader's packs, their layout, the draws).
 
 Backward runs with the counter on (torch 2.13 runs ``torch.autograd.backward`` with the modes popped): reads
@@ -22,10 +22,11 @@ from __future__ import annotations
 import sys
 import warnings
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import CodeType
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from types import CodeType, FrameType
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -42,11 +43,23 @@ _TORCH = str(Path(torch.__file__).parent)
 
 # Reads of the tensor whatever the arguments; repeat_interleave, moves and indexing are judged by their arguments.
 _READS = {
-    Tensor.item: "item", Tensor.tolist: "tolist", Tensor.__bool__: "bool", Tensor.__int__: "int",
-    Tensor.__float__: "float", Tensor.__index__: "index", Tensor.nonzero: "nonzero", torch.nonzero: "nonzero",
-    Tensor.numpy: "numpy", Tensor.cpu: "cpu", Tensor.masked_select: "masked_select",
-    torch.masked_select: "masked_select", Tensor.unique: "unique", torch.unique: "unique", torch.equal: "equal",
-    torch.allclose: "allclose", Tensor.__array__: "numpy",
+    Tensor.item: "item",
+    Tensor.tolist: "tolist",
+    Tensor.__bool__: "bool",
+    Tensor.__int__: "int",
+    Tensor.__float__: "float",
+    Tensor.__index__: "index",
+    Tensor.nonzero: "nonzero",
+    torch.nonzero: "nonzero",
+    Tensor.numpy: "numpy",
+    Tensor.cpu: "cpu",
+    Tensor.masked_select: "masked_select",
+    torch.masked_select: "masked_select",
+    Tensor.unique: "unique",
+    torch.unique: "unique",
+    torch.equal: "equal",
+    torch.allclose: "allclose",
+    Tensor.__array__: "numpy",
 }
 
 
@@ -97,7 +110,7 @@ def _site(frame: Any) -> str:
     return text if library is None else f"{text} <- {_where(library, Path(library.f_code.co_filename).name)}"
 
 
-def _where(frame: Any, path: Path) -> str:
+def _where(frame: Any, path: Path | str) -> str:
     return f"{path} ({frame.f_code.co_name})"  # no line: the names below stay valid as the code moves
 
 
@@ -130,8 +143,7 @@ class HostSyncCounter(TorchFunctionMode):
 
     def by_site(self, **where: bool) -> Counter[str]:
         """``op at site`` -> count, over the reads whose flags (``inside``, ``backward``) match ``where``."""
-        return Counter(f"{r.op} at {r.site}" for r in self.reads
-                       if all(getattr(r, k) == v for k, v in where.items()))
+        return Counter(f"{r.op} at {r.site}" for r in self.reads if all(getattr(r, k) == v for k, v in where.items()))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -166,8 +178,11 @@ class HostSyncCounter(TorchFunctionMode):
         if func in (torch.repeat_interleave, Tensor.repeat_interleave):
             repeats = args[1] if len(args) > 1 else kwargs.get("repeats", args[0] if args else None)
             sized = kwargs.get("output_size") is not None
-            return "repeat_interleave without output_size" if (
-                isinstance(repeats, Tensor) and self.is_device(repeats) and not sized) else None
+            return (
+                "repeat_interleave without output_size"
+                if (isinstance(repeats, Tensor) and self.is_device(repeats) and not sized)
+                else None
+            )
         if target is not None:
             return "copy to host" if from_device and _is_host(target) else None
         if func in (Tensor.__getitem__, Tensor.__setitem__) and from_device:
@@ -178,13 +193,20 @@ class HostSyncCounter(TorchFunctionMode):
 
     def _record(self, op: str) -> None:
         frame = sys._getframe(1)
-        inside, probe = False, frame
+        inside = False
+        probe: FrameType | None = frame
         while probe is not None and not inside:
             inside, probe = probe.f_code in self.inside, probe.f_back
         self.reads.append(HostRead(op, _site(frame), inside, self._backward))
 
-    def _run_backward(self, tensors: Tensor | tuple[Tensor, ...], grad_tensors: Any = None,
-                      retain_graph: bool | None = None, create_graph: bool = False, inputs: Any = None) -> None:
+    def _run_backward(
+        self,
+        tensors: Tensor | tuple[Tensor, ...],
+        grad_tensors: Any = None,
+        retain_graph: bool | None = None,
+        create_graph: bool = False,
+        inputs: Any = None,
+    ) -> None:
         """``torch.autograd.backward`` with this mode on, through the engine call Megatron's ``custom_backward``
         makes (calling ``torch.autograd.backward`` again would reach the modes and run with them popped)."""
         tensors = (tensors,) if isinstance(tensors, Tensor) else tuple(tensors)
@@ -195,8 +217,14 @@ class HostSyncCounter(TorchFunctionMode):
         try:
             with self:
                 Variable._execution_engine.run_backward(
-                    tensors, grads, create_graph if retain_graph is None else retain_graph, create_graph, inputs,
-                    allow_unreachable=True, accumulate_grad=True)
+                    tensors,
+                    grads,
+                    create_graph if retain_graph is None else retain_graph,
+                    create_graph,
+                    inputs,
+                    allow_unreachable=True,
+                    accumulate_grad=True,
+                )
         finally:
             self._backward = False
 
@@ -209,7 +237,7 @@ def _device_tensors(obj: Any) -> Iterator[Tensor]:
         for param in obj.parameters():
             yield param
             if getattr(param, "main_grad", None) is not None:
-                yield param.main_grad
+                yield param.main_grad  # type: ignore[attr-defined]  # Megatron's DDP attaches it at run time
         yield from nn.Module.buffers(obj)  # Megatron's DDP shadows the method with a list
         for module in obj.modules():  # Megatron's DDP keeps its flat parameter and gradient buffers in a list
             flat = getattr(module, "buffers", None)
@@ -228,7 +256,8 @@ def count_iterations(loop: TrainingLoop, steps: int) -> HostSyncCounter:
     """Run ``steps`` iterations of the training loop under a counter whose ``inside`` is ``DiTLayer.forward``.
 
     Without a GPU the iterations run as on one (``simulate``): the step's device is ``cuda``, which
-    ``dit.runtime.cpu_backend`` maps to the CPU, and the model, the optimizer and the EMA are registered as device tensors.
+    ``dit.runtime.cpu_backend`` maps to the CPU, and the model, the optimizer and the EMA are registered as device
+    tensors.
     On a GPU, CUDA's own count comes too (``cuda_sync_warnings``: ``torch.cuda.set_sync_debug_mode("warn")``
     also sees syncs no Python call shows, such as blocking copies from pageable host memory).
     """

@@ -34,6 +34,9 @@ def main(hooks: Hooks, argv: list[str] | None = None, prog: str = "pretrain_dit.
     if is_main_process():
         state = result.state
         stopped = f"; stopped early: {result.exit_reason}" if result.exit_reason else ""
-        print(f"{prog}: trained to iteration {state.iteration} ({state.consumed_samples} samples, "
-              f"{state.skipped_steps} steps skipped){stopped}", flush=True)
+        print(
+            f"{prog}: trained to iteration {state.iteration} ({state.consumed_samples} samples, "
+            f"{state.skipped_steps} steps skipped){stopped}",
+            flush=True,
+        )
     return 0

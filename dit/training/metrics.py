@@ -61,8 +61,16 @@ def peak_memory() -> tuple[float, str]:
 class TrainingLogger:
     """Accumulates steps; :meth:`log` prints and writes on the logging rank only."""
 
-    def __init__(self, run: RunConfig, *, world_size: int, peak_tflops: float | None,
-                 pack_capacity: int, logging_rank: bool, objective: str):
+    def __init__(
+        self,
+        run: RunConfig,
+        *,
+        world_size: int,
+        peak_tflops: float | None,
+        pack_capacity: int,
+        logging_rank: bool,
+        objective: str,
+    ):
         self.train_iters, self.world_size, self.peak = run.training.train_iters, world_size, peak_tflops
         self.pack_capacity, self.logging_rank, self.objective = pack_capacity, logging_rank, objective
         self.interval = Interval()
@@ -85,8 +93,11 @@ class TrainingLogger:
         seconds = max(i.seconds, 1e-9)
         metrics = {
             "loss": i.loss / i.finite_steps if i.finite_steps else float("nan"),
-            "grad_norm": self.last_grad_norm, "learning_rate": lr, "skipped_steps": state.skipped_steps,
-            "samples_per_s": i.samples / seconds, "tokens_per_s": i.tokens / seconds,
+            "grad_norm": self.last_grad_norm,
+            "learning_rate": lr,
+            "skipped_steps": state.skipped_steps,
+            "samples_per_s": i.samples / seconds,
+            "tokens_per_s": i.tokens / seconds,
             "tflops_per_gpu": i.flops / seconds / self.world_size / 1e12,
             "packing_efficiency": i.tokens / max(i.packs * self.pack_capacity, 1),
             "bad_samples": data_stats.bad,
@@ -97,6 +108,7 @@ class TrainingLogger:
             print(self._line(state, metrics, data_stats, i), flush=True)
             self._show_new_skips(data_stats)
             self._show_new_notes(data_stats)
+            assert self.writers is not None  # made on the logging rank
             self.writers.write(state.iteration, metrics)
         self.interval = Interval()
         return metrics
@@ -134,12 +146,15 @@ class TrainingLogger:
 
             print(validation_line(iteration, result, self.objective, ema), flush=True)
             metrics = {"validation/loss": result.loss}
-            metrics.update({f"validation/loss_q{q:.3f}": v for q, v in zip(level_quantiles().tolist(), result.per_level)})
+            metrics.update(
+                {f"validation/loss_q{q:.3f}": v for q, v in zip(level_quantiles().tolist(), result.per_level)}
+            )
+            assert self.writers is not None  # made on the logging rank
             self.writers.write(iteration, metrics)
 
     def _show_new_skips(self, data_stats: Any) -> None:
         """The first few skipped samples by key and shard, each shown once."""
-        for e in data_stats.examples[self.examples_shown:]:
+        for e in data_stats.examples[self.examples_shown :]:
             print(f" skipped sample: {e.kind} {e.key} in {e.shard}: {e.detail}", flush=True)
         self.examples_shown = len(data_stats.examples)
 
@@ -149,8 +164,11 @@ class TrainingLogger:
             print(f" data format: {name} ({data_stats.formats[name]} samples so far)", flush=True)
         warnings = data_stats.warnings()
         for name in sorted(set(warnings) - self.notes_shown):
-            print(f" data warning: {data_stats.normalised[name]} samples so far: {warnings[name]} "
-                  f"(first: {data_stats.notes[name]})", flush=True)
+            print(
+                f" data warning: {data_stats.normalised[name]} samples so far: {warnings[name]} "
+                f"(first: {data_stats.notes[name]})",
+                flush=True,
+            )
         self.formats_shown |= set(data_stats.formats)
         self.notes_shown |= set(warnings)
 

@@ -32,9 +32,15 @@ def wrap_model(model: DiTModel, config: DiTConfig, optim: run_config.OptimizerCo
         from dit.training.fsdp import wrap_model_fsdp  # megatron-core 0.17+ only (dit.runtime.mcore019)
 
         return wrap_model_fsdp(model, config, optim)
-    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=optim.overlap_grad_reduce,
-        use_distributed_optimizer=optim.use_distributed_optimizer), model)
+    ddp = DistributedDataParallel(
+        config,
+        DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=optim.overlap_grad_reduce,
+            use_distributed_optimizer=optim.use_distributed_optimizer,
+        ),
+        model,
+    )
     config.finalize_model_grads_func = finalize_model_grads
     if optim.overlap_grad_reduce:  # the schedule starts each bucket's reduction when its last grad is ready
         config.no_sync_func = ddp.no_sync
@@ -45,10 +51,18 @@ def wrap_model(model: DiTModel, config: DiTConfig, optim: run_config.OptimizerCo
 def build_optimizer(optim: run_config.OptimizerConfig, model: list[DistributedDataParallel]) -> MegatronOptimizer:
     """Megatron's AdamW over the DDP-wrapped ``model``, in the model config's precision."""
     config = OptimizerConfig(
-        optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
-        adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
-        clip_grad=optim.clip_grad, bf16=model[0].config.bf16, params_dtype=model[0].config.params_dtype,
-        use_distributed_optimizer=optim.use_distributed_optimizer)
+        optimizer="adam",
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2,
+        adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad,
+        bf16=model[0].config.bf16,
+        params_dtype=model[0].config.params_dtype,
+        use_distributed_optimizer=optim.use_distributed_optimizer,
+    )
     overrides = get_standard_config_overrides(config)
     overrides[ParamKey(name=EMBEDDING_TABLES)] = ParamGroupOverride(wd_mult=0.0)
     optimizer = get_megatron_optimizer(config, model, config_overrides=overrides)
@@ -56,13 +70,23 @@ def build_optimizer(optim: run_config.OptimizerConfig, model: list[DistributedDa
     return optimizer if isinstance(optimizer, ChainedOptimizer) else ChainedOptimizer([optimizer])
 
 
-def build_scheduler(optim: run_config.OptimizerConfig, optimizer: MegatronOptimizer,
-                    train_iters: int) -> OptimizerParamScheduler:
+def build_scheduler(
+    optim: run_config.OptimizerConfig, optimizer: MegatronOptimizer, train_iters: int
+) -> OptimizerParamScheduler:
     """Linear warm-up from 0, then constant, linear or cosine decay to ``--min-lr``; one step per iteration."""
     return OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr, lr_warmup_steps=optim.lr_warmup_iters,
-        lr_decay_steps=optim.lr_decay_iters, lr_decay_style=optim.lr_decay_style, start_wd=optim.weight_decay,
-        end_wd=optim.weight_decay, wd_incr_steps=train_iters, wd_incr_style="constant")
+        optimizer,
+        init_lr=0.0,
+        max_lr=optim.lr,
+        min_lr=optim.min_lr,
+        lr_warmup_steps=optim.lr_warmup_iters,
+        lr_decay_steps=optim.lr_decay_iters,
+        lr_decay_style=optim.lr_decay_style,
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=train_iters,
+        wd_incr_style="constant",
+    )
 
 
 def allocate_state(optimizer: MegatronOptimizer) -> None:

@@ -43,7 +43,9 @@ def _first_jsons(shard: Path, samples: int = 2) -> list[tuple[str, bytes]]:
             if len(keys) > samples:
                 break
             if match.group(2) == "json":
-                found.append((match.group(1), tar.extractfile(member).read(2**20)))
+                data = tar.extractfile(member)
+                assert data is not None  # a regular file (isfile above)
+                found.append((match.group(1), data.read(2**20)))
     return found
 
 
@@ -60,14 +62,18 @@ def prepare_refusal(root: Path) -> str | None:
             return f"{name} holds no sample, which energon prepare refuses: move it out"
         for key in keys:
             if key in seen:
-                return (f"sample key {key!r} is in both {seen[key]} and {name}, and energon prepare refuses a key "
-                        "seen twice: write one of them with other keys (a start index of its own), or keep the "
-                        "datasets apart and mix them with an energon metadataset .yaml")
+                return (
+                    f"sample key {key!r} is in both {seen[key]} and {name}, and energon prepare refuses a key "
+                    "seen twice: write one of them with other keys (a start index of its own), or keep the "
+                    "datasets apart and mix them with an energon metadataset .yaml"
+                )
             seen[key] = name
     for key, payload in _first_jsons(min(root.rglob("*.tar"))) if seen else ():
         try:
             json.loads(payload)
         except ValueError as e:
-            return (f"the .json of sample {key!r}, one of the first two of the first shard (energon prepare prints "
-                    f"them), is not JSON ({type(e).__name__}): fix that member or move the sample out")
+            return (
+                f"the .json of sample {key!r}, one of the first two of the first shard (energon prepare prints "
+                f"them), is not JSON ({type(e).__name__}): fix that member or move the sample out"
+            )
     return None

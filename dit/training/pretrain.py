@@ -15,10 +15,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from dit.runtime import distributed as runtime
 from dit.errors import ConfigError, TrainingStopped
-from dit.training.ema import EMA
+from dit.runtime import distributed as runtime
 from dit.training.checkpointing import Checkpointer, find_checkpoint, load_checkpoint
+from dit.training.ema import EMA
 from dit.training.exits import ExitConditions
 from dit.training.flops import peak_tflops
 from dit.training.hooks import Hooks, TrainLoader
@@ -27,8 +27,8 @@ from dit.training.optimizer import build_optimizer, build_scheduler, wrap_model
 from dit.training.run_config import RunConfig
 from dit.training.sample_log import SampleLog
 from dit.training.state import TrainState
-from dit.training.validation import ValidationResult, Validator
 from dit.training.step import ForwardStep, StepResult, TrainingSetup, train_step
+from dit.training.validation import ValidationResult, Validator
 
 
 @dataclass
@@ -55,9 +55,13 @@ def setup_training(run: RunConfig, hooks: Hooks) -> TrainingSetup:
     """Process groups, seeds, this stage's model in Megatron DDP, the optimizer and the LR schedule."""
     config, seed = run.model, run.training.seed
     runtime.init_distributed(run.training.distributed_timeout_minutes)
-    runtime.initialize_model_parallel(runtime.ParallelLayout(
-        tensor=config.tensor_model_parallel_size, pipeline=config.pipeline_model_parallel_size,
-        context=config.context_parallel_size))
+    runtime.initialize_model_parallel(
+        runtime.ParallelLayout(
+            tensor=config.tensor_model_parallel_size,
+            pipeline=config.pipeline_model_parallel_size,
+            context=config.context_parallel_size,
+        )
+    )
     runtime.set_random_seed(seed, per_data_parallel_rank=False)  # the same initial weights on every replica
     model = hooks.model_provider(config, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())
     device = runtime.current_device()
@@ -65,16 +69,25 @@ def setup_training(run: RunConfig, hooks: Hooks) -> TrainingSetup:
     runtime.set_random_seed(seed, per_data_parallel_rank=True)
     ddp = wrap_model(model, config, run.optimizer)
     optimizer = build_optimizer(run.optimizer, [ddp])
-    return TrainingSetup(run=run, config=config, model=[ddp], optimizer=optimizer,
-                         scheduler=build_scheduler(run.optimizer, optimizer, run.training.train_iters),
-                         objective=run.objective.build(), device=device)
+    return TrainingSetup(
+        run=run,
+        config=config,
+        model=[ddp],
+        optimizer=optimizer,
+        scheduler=build_scheduler(run.optimizer, optimizer, run.training.train_iters),
+        objective=run.objective.build(),
+        device=device,
+    )
 
 
 def count_parameters(model: torch.nn.Module) -> int:
     """Parameters of the whole model (every TP shard and PP stage, the PP-replicated conditioning once)."""
     tp_rank = ps.get_tensor_model_parallel_rank()
-    local = sum(p.numel() for p in model.parameters()
-                if not getattr(p, "shared", False) and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0))
+    local = sum(
+        p.numel()
+        for p in model.parameters()
+        if not getattr(p, "shared", False) and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)
+    )
     total = torch.tensor(local, dtype=torch.float64, device=next(model.parameters()).device)
     dist.all_reduce(total, group=ps.get_model_parallel_group())
     return int(total.item())
@@ -97,13 +110,17 @@ def _advance(state: TrainState, result: StepResult, max_skipped: int, last_check
     state.consecutive_skips = state.consecutive_skips + 1 if result.skipped else 0
     state.skipped_steps += result.skipped
     if state.consecutive_skips >= max_skipped:
-        resume = (f"resume from the last checkpoint, {last_checkpoint}" if last_checkpoint
-                  else "no checkpoint was saved in this run")
+        resume = (
+            f"resume from the last checkpoint, {last_checkpoint}"
+            if last_checkpoint
+            else "no checkpoint was saved in this run"
+        )
         raise TrainingStopped(
             f"{state.consecutive_skips} consecutive steps had a non-finite loss or gradient norm (iteration "
             f"{state.iteration}: loss {result.loss}, grad norm {result.grad_norm}); none of them changed the "
             f"weights. Stopping (--max-skipped-steps {max_skipped}): lower --lr or check the data "
-            f"(python -m data.report); {resume}")
+            f"(python -m data.report); {resume}"
+        )
 
 
 class TrainingLoop:
@@ -111,20 +128,38 @@ class TrainingLoop:
     each on ``global / (micro x DP)`` packs of this rank's loader, with the log, validation, checkpoints
     (every ``--save-interval``, on an exit and at the end) and the exit conditions around it."""
 
-    def __init__(self, setup: TrainingSetup, loader: TrainLoader, forward_step: ForwardStep, state: TrainState,
-                 ema: EMA | None = None, validator: Validator | None = None):
+    def __init__(
+        self,
+        setup: TrainingSetup,
+        loader: TrainLoader,
+        forward_step: ForwardStep,
+        state: TrainState,
+        ema: EMA | None = None,
+        validator: Validator | None = None,
+    ):
         run = self.run_config = setup.run
-        self.setup, self.loader, self.forward_step, self.ema, self.validator = setup, loader, forward_step, ema, validator
+        self.setup, self.loader, self.forward_step, self.ema, self.validator = (
+            setup,
+            loader,
+            forward_step,
+            ema,
+            validator,
+        )
         training = run.training
         dp = ps.get_data_parallel_world_size()
         self.num_microbatches = training.global_batch_size // (training.micro_batch_size * dp)
         self.logging_rank = dist.get_rank() == dist.get_world_size() - 1  # the last stage has the loss
-        peak = run.logging.peak_tflops or (peak_tflops(torch.cuda.get_device_name(), run.model.fp8 is not None)
-                                           if torch.cuda.is_available() else None)
+        peak = run.logging.peak_tflops or (
+            peak_tflops(torch.cuda.get_device_name(), run.model.fp8 is not None) if torch.cuda.is_available() else None
+        )
         self.logger = TrainingLogger(
-            run, world_size=dist.get_world_size(), peak_tflops=peak, logging_rank=self.logging_rank,
+            run,
+            world_size=dist.get_world_size(),
+            peak_tflops=peak,
+            logging_rank=self.logging_rank,
             pack_capacity=run.data.max_seq_length * (1 if run.data.packing else training.micro_batch_size),
-            objective=setup.objective.name)
+            objective=setup.objective.name,
+        )
         self.exits, self.samples = ExitConditions(training, setup.device), SampleLog(run.logging.sample_log)
         self.checkpointer = Checkpointer(run.checkpoint)
         self.result = TrainResult(state=state, setup=setup, ema=ema)
@@ -133,12 +168,15 @@ class TrainingLoop:
         run, config, state = self.run_config, self.run_config.model, self.result.state
         parameters = count_parameters(self.setup.model[0].module)
         if self.logging_rank:
-            print(f"pretrain_dit.py: {parameters:,} parameters, {config.transformer_impl} backend, "
-                  f"tp={config.tensor_model_parallel_size} pp={config.pipeline_model_parallel_size} "
-                  f"cp={config.context_parallel_size} dp={ps.get_data_parallel_world_size()}; "
-                  f"{run.objective.objective} objective; {run.training.global_batch_size} packs of up to "
-                  f"{run.data.max_seq_length} tokens a step ({self.num_microbatches} per DP rank); from iteration "
-                  f"{state.iteration} to {run.training.train_iters}", flush=True)
+            print(
+                f"pretrain_dit.py: {parameters:,} parameters, {config.transformer_impl} backend, "
+                f"tp={config.tensor_model_parallel_size} pp={config.pipeline_model_parallel_size} "
+                f"cp={config.context_parallel_size} dp={ps.get_data_parallel_world_size()}; "
+                f"{run.objective.objective} objective; {run.training.global_batch_size} packs of up to "
+                f"{run.data.max_seq_length} tokens a step ({self.num_microbatches} per DP rank); from iteration "
+                f"{state.iteration} to {run.training.train_iters}",
+                flush=True,
+            )
 
     def iterate(self) -> str | None:
         """One step and what follows it; the reason to stop early, if there is one."""
@@ -171,6 +209,7 @@ class TrainingLoop:
 
     def validate(self) -> None:
         iteration = self.result.state.iteration
+        assert self.validator is not None, "a validator is built whenever validation runs"
         outcome = self.validator.run()
         self.result.validations.append((iteration, outcome))
         self.logger.log_validation(iteration, outcome, self.validator.ema is not None)
@@ -209,7 +248,12 @@ def pretrain(run: RunConfig, hooks: Hooks) -> TrainResult:
             load_checkpoint(setup, state, loader, ema, path)
         validator = None
         if evaluation.eval_interval or evaluation.skip_train:
-            validator = Validator(setup, hooks.forward_step, lambda: hooks.valid_data_provider(run), ema)
+
+            def valid_loader() -> TrainLoader:
+                assert hooks.valid_data_provider is not None, "validation needs Hooks.valid_data_provider"
+                return hooks.valid_data_provider(run)
+
+            validator = Validator(setup, hooks.forward_step, valid_loader, ema)
         return TrainingLoop(setup, loader, hooks.forward_step, state, ema, validator).run()
     finally:
         loader.close()

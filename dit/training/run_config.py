@@ -195,6 +195,13 @@ class RunConfig:
 
     def summary(self) -> dict[str, Any]:
         """Plain values of every part but the model, for experiment trackers."""
-        parts = (self.training, self.optimizer, self.objective, self.data, self.checkpoint, self.logging,
-                 self.evaluation)
+        parts = (
+            self.training,
+            self.optimizer,
+            self.objective,
+            self.data,
+            self.checkpoint,
+            self.logging,
+            self.evaluation,
+        )
         return {k: v for part in parts for k, v in asdict(part).items()}

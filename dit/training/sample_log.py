@@ -18,8 +18,11 @@ from dit.training.step import StepResult
 
 class SampleLog:
     def __init__(self, directory: str | None):
-        first_of_replica = (ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
-                            and ps.get_pipeline_model_parallel_rank() == 0)
+        first_of_replica = (
+            ps.get_tensor_model_parallel_rank() == 0
+            and ps.get_context_parallel_rank() == 0
+            and ps.get_pipeline_model_parallel_rank() == 0
+        )
         self.file = None
         if directory is not None and first_of_replica:
             Path(directory).mkdir(parents=True, exist_ok=True)
@@ -27,8 +30,13 @@ class SampleLog:
 
     def write(self, iteration: int, step: StepResult) -> None:
         if self.file is not None:
-            record = {"iteration": iteration, "loss": step.loss, "grad_norm": step.grad_norm, "skipped": step.skipped,
-                      "keys": step.keys}
+            record = {
+                "iteration": iteration,
+                "loss": step.loss,
+                "grad_norm": step.grad_norm,
+                "skipped": step.skipped,
+                "keys": step.keys,
+            }
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
 

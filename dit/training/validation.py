@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -43,16 +43,24 @@ class ValidationResult:
 
 
 class Validator:
-    def __init__(self, setup: TrainingSetup, forward_step: ForwardStep, loader_provider: Callable[[], TrainLoader],
-                 ema: EMA | None):
+    def __init__(
+        self,
+        setup: TrainingSetup,
+        forward_step: ForwardStep,
+        loader_provider: Callable[[], TrainLoader],
+        ema: EMA | None,
+    ):
         self.setup, self.forward_step, self.loader_provider = setup, forward_step, loader_provider
         self.ema = ema if setup.run.evaluation.use_ema else None
         self.z = torch.special.ndtri(level_quantiles()).float()  # [8] standard-normal quantiles
 
     def _packs(self) -> list:
         run = self.setup.run
-        per_rank = (run.evaluation.eval_iters * run.training.global_batch_size
-                    // (run.training.micro_batch_size * ps.get_data_parallel_world_size()))
+        per_rank = (
+            run.evaluation.eval_iters
+            * run.training.global_batch_size
+            // (run.training.micro_batch_size * ps.get_data_parallel_world_size())
+        )
         loader = self.loader_provider()
         packs = []
         try:
@@ -69,8 +77,10 @@ class Validator:
         packs = self._packs()
         cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
         seed = setup.run.training.seed
-        draws = [draw(p, seed=seed, iteration=VALIDATION_ITERATION, drop_prob=0.0, cp_size=cp, cp_rank=cp_rank)
-                 for p in packs]
+        draws = [
+            draw(p, seed=seed, iteration=VALIDATION_ITERATION, drop_prob=0.0, cp_size=cp, cp_rank=cp_rank)
+            for p in packs
+        ]
         count = torch.tensor([sum(p.num_samples for p in packs)], dtype=torch.float64, device=setup.device)
         dist.all_reduce(count, group=ps.get_data_parallel_group())
         # each micro-batch's logged sum is divided by nothing: the totals are reduced below
@@ -81,16 +91,31 @@ class Validator:
         with self.ema.applied() if self.ema is not None else contextlib.nullcontext(), torch.no_grad():
             for k, z in enumerate(self.z):
                 if interactive:
-                    print(f"\r validation: noise level {k + 1}/{NUM_LEVELS}, {len(packs)} packs", end="", file=sys.stderr)
-                microbatches = [diffusion_microbatch(
-                    setup.objective, pack.to(setup.device), replace(d, z=torch.full_like(d.z, float(z))), cp_size=cp,
-                    null_class=setup.config.num_classes, samples_per_microbatch=1.0) for pack, d in zip(packs, draws)]
+                    print(
+                        f"\r validation: noise level {k + 1}/{NUM_LEVELS}, {len(packs)} packs", end="", file=sys.stderr
+                    )
+                microbatches = [
+                    diffusion_microbatch(
+                        setup.objective,
+                        pack.to(setup.device),
+                        replace(d, z=torch.full_like(d.z, float(z))),
+                        cp_size=cp,
+                        null_class=setup.config.num_classes,
+                        samples_per_microbatch=1.0,
+                    )
+                    for pack, d in zip(packs, draws)
+                ]
                 if not microbatches:  # a DP rank whose share of a small validation set is empty
                     continue
                 logged = get_forward_backward_func()(
-                    forward_step_func=self.forward_step, data_iterator=iter(microbatches), model=setup.model,
-                    num_microbatches=len(microbatches), forward_only=True, micro_batch_size=1,
-                    seq_length=max(int(p.cu_seqlens_padded[-1]) for p in packs))
+                    forward_step_func=self.forward_step,
+                    data_iterator=iter(microbatches),
+                    model=setup.model,
+                    num_microbatches=len(microbatches),
+                    forward_only=True,
+                    micro_batch_size=1,
+                    seq_length=max(int(p.cu_seqlens_padded[-1]) for p in packs),
+                )
                 for entry in logged or []:
                     totals[k] += entry["loss"].to(totals)
         for chunk in setup.model:
@@ -105,5 +130,7 @@ class Validator:
 def validation_line(iteration: int, result: ValidationResult, objective: str, ema: bool) -> str:
     levels = " ".join(f"{q:.3f}:{v:.4E}" for q, v in zip(level_quantiles().tolist(), result.per_level))
     weights = "EMA weights" if ema else "raw weights"
-    return (f" validation at iteration {iteration} ({weights}, {result.samples} samples) | loss ({objective}): "
-            f"{result.loss:.6E} | by noise quantile: {levels} |")
+    return (
+        f" validation at iteration {iteration} ({weights}, {result.samples} samples) | loss ({objective}): "
+        f"{result.loss:.6E} | by noise quantile: {levels} |"
+    )

@@ -24,8 +24,11 @@ class MetricWriters:
         if logging.wandb_project:
             import wandb
 
-            self.wandb = wandb.init(project=logging.wandb_project, name=logging.wandb_exp_name,
-                                    config={k: v for k, v in run_summary.items() if _plain(v)})
+            self.wandb = wandb.init(
+                project=logging.wandb_project,
+                name=logging.wandb_exp_name,
+                config={k: v for k, v in run_summary.items() if _plain(v)},
+            )
 
     def write(self, iteration: int, metrics: dict[str, float]) -> None:
         if self.tensorboard is not None:

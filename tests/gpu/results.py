@@ -20,10 +20,15 @@ from pathlib import Path
 
 TIMEOUT_STATUSES = {"124", "137"}  # timeout(1)'s own, and SIGKILL after its grace period
 TRAIN_FIELDS = {  # pretrain_dit.py's log line (dit/training/metrics.py): field -> pattern of its value
-    "iteration": r"iteration\s+(\d+)/", "ms_per_iteration": r"elapsed time per iteration \(ms\): ([\d.]+)",
-    "loss": r"loss \(\w+\): (\S+)", "grad_norm": r"grad norm: (\S+)", "tokens_per_s": r"tokens/s: ([\d.]+)",
-    "tflops_per_gpu": r"TFLOP/s per GPU: ([\d.]+)", "mfu_percent": r"MFU: ([\d.]+)%",
-    "packing_efficiency": r"packing: ([\d.]+)", "memory_gib": r"memory: ([\d.]+) GiB",
+    "iteration": r"iteration\s+(\d+)/",
+    "ms_per_iteration": r"elapsed time per iteration \(ms\): ([\d.]+)",
+    "loss": r"loss \(\w+\): (\S+)",
+    "grad_norm": r"grad norm: (\S+)",
+    "tokens_per_s": r"tokens/s: ([\d.]+)",
+    "tflops_per_gpu": r"TFLOP/s per GPU: ([\d.]+)",
+    "mfu_percent": r"MFU: ([\d.]+)%",
+    "packing_efficiency": r"packing: ([\d.]+)",
+    "memory_gib": r"memory: ([\d.]+) GiB",
 }
 
 
@@ -33,11 +38,19 @@ def tests_result(xml: Path) -> tuple[dict, str | None]:
     suite = ET.parse(xml).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    failed = [f"{case.get('classname')}.{case.get('name')}: {(bad.get('message') or '').splitlines()[0][:200]}"
-              for case in suite.iter("testcase") for bad in case if bad.tag in ("failure", "error")]
+    failed = [
+        f"{case.get('classname')}.{case.get('name')}: {(bad.get('message') or '').splitlines()[0][:200]}"
+        for case in suite.iter("testcase")
+        for bad in case
+        if bad.tag in ("failure", "error")
+    ]
     skipped = sorted({(s.get("message") or "")[:160] for s in suite.iter("skipped")})
-    result = {**counts, "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
-              "failed": failed, "skip_reasons": skipped}
+    result = {
+        **counts,
+        "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
+        "failed": failed,
+        "skip_reasons": skipped,
+    }
     return result, ("a test failed" if failed else None)
 
 
@@ -93,6 +106,7 @@ def bench_result(log: str) -> tuple[dict, str | None]:
 
 def describe(name: str, result: dict) -> str:
     """The one-line figures of a part for the table."""
+
     def rate(r: dict | None) -> str:
         if not r:
             return ""
@@ -107,11 +121,16 @@ def describe(name: str, result: dict) -> str:
         return ", ".join(f"{k} {v:.2e}" for k, v in result.items())
     if name == "train" or name.startswith("train_fp8") or name == "resume":
         last, losses = result["last"], result["losses"]
-        resumed = f", largest loss difference from train {result['max_loss_difference']:.2e}" \
-            if "max_loss_difference" in result else ""
+        resumed = (
+            f", largest loss difference from train {result['max_loss_difference']:.2e}"
+            if "max_loss_difference" in result
+            else ""
+        )
         mfu = f", MFU {last['mfu_percent']:.1f}%" if last["mfu_percent"] is not None else ""
-        return (f"iteration {last['iteration']:.0f}, loss {losses[0]:.4g} -> {losses[-1]:.4g}, "
-                f"{last['tokens_per_s']:,.0f} tokens/s, {last['tflops_per_gpu']:.1f} TFLOP/s{mfu}{resumed}")
+        return (
+            f"iteration {last['iteration']:.0f}, loss {losses[0]:.4g} -> {losses[-1]:.4g}, "
+            f"{last['tokens_per_s']:,.0f} tokens/s, {last['tflops_per_gpu']:.1f} TFLOP/s{mfu}{resumed}"
+        )
     if result.get("benchmark") == "bench_step":
         syncs = f"; {result['host_syncs_per_step']} host syncs a step" if "host_syncs_per_step" in result else ""
         if result.get("cuda_sync_warnings_per_step") is not None:
@@ -153,8 +172,16 @@ def main(work: Path, out: Path) -> int:
         result, why = read_part(work, name, status, note, done)
         done[name] = result
         state = "ok" if why is None else ("timeout" if status in TIMEOUT_STATUSES else "failed")
-        parts.append({"part": name, "status": state, "why": why, "seconds": int(seconds), "limit_s": int(limit),
-                      "result": result})
+        parts.append(
+            {
+                "part": name,
+                "status": state,
+                "why": why,
+                "seconds": int(seconds),
+                "limit_s": int(limit),
+                "result": result,
+            }
+        )
     ok = all(p["status"] in ("ok", "skipped") for p in parts)
     (out / "summary.json").write_text(json.dumps({"ok": ok, "parts": parts}, indent=1))
     width = max(len(p["part"]) for p in parts)

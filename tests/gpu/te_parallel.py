@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from megatron.core import parallel_state as ps  # noqa: E402
 
-from dit.runtime import distributed as runtime  # noqa: E402
 from dit.model.model import DiTModel  # noqa: E402
 from dit.model.packed import gather_cp_shares  # noqa: E402
+from dit.runtime import distributed as runtime  # noqa: E402
 from dit.runtime.distributed import ParallelLayout  # noqa: E402
 from tests.gpu.gpu_setup import SMALL, relative_error  # noqa: E402
 from tests.model_setup import MicroBatch, cp_share, make_microbatch, randomize, tiny_config, tp_slice  # noqa: E402
@@ -44,14 +44,20 @@ def _weights() -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _outputs(layout: ParallelLayout, sequence_parallel: bool, fields: dict, weights: dict,
-             device: torch.device) -> list[torch.Tensor]:
+def _outputs(
+    layout: ParallelLayout, sequence_parallel: bool, fields: dict, weights: dict, device: torch.device
+) -> list[torch.Tensor]:
     """The model's output for each pack, put together in pack order ``[S, width]`` on every rank."""
     runtime.initialize_model_parallel(layout)
     runtime.set_random_seed(1, per_data_parallel_rank=False)
-    config = tiny_config(**SMALL, **fields, use_cpu_initialization=device.type == "cpu",
-                         tensor_model_parallel_size=layout.tensor, context_parallel_size=layout.context,
-                         sequence_parallel=sequence_parallel)
+    config = tiny_config(
+        **SMALL,
+        **fields,
+        use_cpu_initialization=device.type == "cpu",
+        tensor_model_parallel_size=layout.tensor,
+        context_parallel_size=layout.context,
+        sequence_parallel=sequence_parallel,
+    )
     model = DiTModel(config).to(device)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -76,8 +82,11 @@ def main() -> None:
     args = p.parse_args()
     runtime.init_distributed()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    fields = (dict(bf16=True, params_dtype=torch.bfloat16, transformer_impl="transformer_engine")
-              if args.transformer_impl == "transformer_engine" else dict(transformer_impl="local"))
+    fields = (
+        dict(bf16=True, params_dtype=torch.bfloat16, transformer_impl="transformer_engine")
+        if args.transformer_impl == "transformer_engine"
+        else dict(transformer_impl="local")
+    )
     weights = _weights()
     reference = _outputs(ParallelLayout(), False, fields, weights, device)
     errors = {}

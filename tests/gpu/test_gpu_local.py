@@ -23,7 +23,8 @@ def test_local_attention_memory_grows_linearly(single_process, device):
     from benchmarks.bench_model import attention_peak_bytes
 
     short, long = (8192, 16384) if device.type == "cuda" else (2048, 4096)
-    peaks = {n: attention_peak_bytes(n, heads=6, head_dim=64, device=device, dtype=torch.bfloat16)
-             for n in (short, long)}
+    peaks = {
+        n: attention_peak_bytes(n, heads=6, head_dim=64, device=device, dtype=torch.bfloat16) for n in (short, long)
+    }
     assert peaks[long] < 0.05 * long**2 * 6 * 2, peaks  # bf16 scores: 2 bytes each (CPU 4k: 0.024 of them)
     assert peaks[long] < 2.5 * peaks[short], peaks  # quadratic would be 4x

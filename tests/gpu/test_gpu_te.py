@@ -18,9 +18,14 @@ from tests.gpu.gpu_setup import (
     relative_error,
 )
 
-_MISSING = [what for what, present in (
-    ("Transformer Engine is not importable (it ships in the NGC PyTorch container)", have_transformer_engine()),
-    ("no CUDA GPU", torch.cuda.is_available())) if not present]
+_MISSING = [
+    what
+    for what, present in (
+        ("Transformer Engine is not importable (it ships in the NGC PyTorch container)", have_transformer_engine()),
+        ("no CUDA GPU", torch.cuda.is_available()),
+    )
+    if not present
+]
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(bool(_MISSING), reason="TE on a GPU: " + "; ".join(_MISSING))]
 

@@ -15,17 +15,31 @@ from tests.launch import ROOT
 
 
 def _te_parallel(transformer_impl: str) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "tests/gpu/te_parallel.py", "--transformer-impl", transformer_impl],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "tests/gpu/te_parallel.py",
+            "--transformer-impl",
+            transformer_impl,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(line for line in out.stdout.splitlines() if line.startswith('{"te_parallel"'))
     return json.loads(line)["te_parallel"]
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2 or not have_transformer_engine(),
-                    reason="needs 2 GPUs and Transformer Engine")
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2 or not have_transformer_engine(), reason="needs 2 GPUs and Transformer Engine"
+)
 def test_te_cp2_and_tp2_sp_match_one_rank_on_packs_padded_at_their_end():
     errors = _te_parallel("transformer_engine")
     assert errors.keys() == {"cp2_vs_cp1", "tp2_sp_vs_tp1"}

@@ -1,6 +1,7 @@
 """The benchmarks and the GPU check script run here, on the CPU: ``run_gpu_checks.sh --dry-run`` takes every
 step of the GPU run (install check, GPU tests, synthetic dataset, training saved and resumed, the 2-rank
-parallel check, both benchmarks; FP8 skips) at tiny sizes and writes the summary the GPU run writes; ``bench_data.py`` prints its JSON line."""
+parallel check, both benchmarks; FP8 skips) at tiny sizes and writes the summary the GPU run writes;
+``bench_data.py`` prints its JSON line."""
 
 import json
 import math
@@ -17,8 +18,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(command: list[str], timeout: int, **env: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "PYTHON": sys.executable, **env})
+    result = subprocess.run(
+        command,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHON": sys.executable, **env},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -30,8 +37,18 @@ def test_gpu_checks_dry_run_writes_every_part(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     parts = {p["part"]: p for p in summary["parts"]}
     assert summary["ok"], [p for p in summary["parts"] if p["status"] not in ("ok", "skipped")]
-    assert {"install", "tests", "dataset", "train", "resume", "fp8", "te_parallel", "train_fsdp", "bench_step_DiT-B",
-            "bench_model_DiT-B"} <= parts.keys()
+    assert {
+        "install",
+        "tests",
+        "dataset",
+        "train",
+        "resume",
+        "fp8",
+        "te_parallel",
+        "train_fsdp",
+        "bench_step_DiT-B",
+        "bench_model_DiT-B",
+    } <= parts.keys()
     assert parts["fp8"]["status"] == "skipped"  # no TE here
     fsdp = parts["train_fsdp"]  # 2 gloo ranks on 0.17+, skipped on megatron-core 0.16
     assert fsdp["status"] == "skipped" if megatron_fsdp_missing() else fsdp["result"]["last"]["iteration"] == 2
@@ -55,12 +72,28 @@ def test_gpu_checks_dry_run_writes_every_part(tmp_path):
 
 @pytest.mark.slow
 def test_bench_data_prints_one_json_line(tmp_path):
-    out = _run([sys.executable, "benchmarks/bench_data.py", "--samples", "40", "--data", str(tmp_path / "data"),
-                "--packing-buffer-size", "20", "--num-workers", "1"], timeout=300).stdout
+    out = _run(
+        [
+            sys.executable,
+            "benchmarks/bench_data.py",
+            "--samples",
+            "40",
+            "--data",
+            str(tmp_path / "data"),
+            "--packing-buffer-size",
+            "20",
+            "--num-workers",
+            "1",
+        ],
+        timeout=300,
+    ).stdout
     result = json.loads(out.strip().splitlines()[-1])
     assert result["benchmark"] == "bench_data" and result["samples_trained"] == 40
     assert 0 < result["packing_efficiency"] <= 1 and result["loader_tokens_per_s"] > 0
-    assert set(result["baselines"]) == set(result["efficiency_ratio"]) == {
-        "nemo_dfm_pad64_packed", "dfm_pad64_buffer40", "nemo_pad_to_max_unpacked"}
+    assert (
+        set(result["baselines"])
+        == set(result["efficiency_ratio"])
+        == {"nemo_dfm_pad64_packed", "dfm_pad64_buffer40", "nemo_pad_to_max_unpacked"}
+    )
     assert result["efficiency_ratio"]["nemo_pad_to_max_unpacked"] > 1  # packing beats padding every sample to 8192
     assert "| NeMo without packing" in out  # the table

@@ -20,25 +20,28 @@ def _linear(tp: int, seed: int) -> ColumnParallelLinear:
     runtime.initialize_model_parallel(runtime.ParallelLayout(tensor=tp))
     runtime.set_random_seed(seed, per_data_parallel_rank=False)
     cfg = ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True)
-    return ColumnParallelLinear(IN, OUT, config=cfg, init_method=torch.nn.init.normal_, bias=True,
-                                gather_output=True)
+    return ColumnParallelLinear(IN, OUT, config=cfg, init_method=torch.nn.init.normal_, bias=True, gather_output=True)
 
 
 def _save(ckpt_dir: str) -> dict:
     layer = _linear(2, seed=1)
     dist_checkpointing.save(layer.sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group(None)), ckpt_dir)
     full = torch.empty(OUT, IN)
-    torch.distributed.all_gather_into_tensor(full, layer.weight.detach().contiguous(),
-                                             group=ps.get_tensor_model_parallel_group())
+    torch.distributed.all_gather_into_tensor(
+        full, layer.weight.detach().contiguous(), group=ps.get_tensor_model_parallel_group()
+    )
     return {"weight": full, "tp_rank": ps.get_tensor_model_parallel_rank()}
 
 
 def _load(ckpt_dir: str, tp: int) -> torch.Tensor:
     layer = _linear(tp, seed=2)  # different init: everything must come from the checkpoint
-    layer.load_state_dict(dist_checkpointing.load(layer.sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group(None)), ckpt_dir))
+    layer.load_state_dict(
+        dist_checkpointing.load(layer.sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group(None)), ckpt_dir)
+    )
     full = torch.empty(OUT, IN)
-    torch.distributed.all_gather_into_tensor(full, layer.weight.detach().contiguous(),
-                                             group=ps.get_tensor_model_parallel_group())
+    torch.distributed.all_gather_into_tensor(
+        full, layer.weight.detach().contiguous(), group=ps.get_tensor_model_parallel_group()
+    )
     return full
 
 

@@ -28,17 +28,24 @@ def _train(data_path: str, extra: list[str]) -> dict:
     run = load_run_config(FLAGS + ["--data-path", data_path] + extra, dist.get_world_size())
     result = pretrain(run, pretrain_dit.HOOKS)
     adam = result.setup.optimizer.chained_optimizers[0].optimizer
-    return {"losses": {r.iteration: r.loss for r in result.history}, "keys": {r.iteration: r.keys for r in result.history},
-            "iteration": result.state.iteration, "adam_steps": {int(s["step"]) for s in adam.state.values()},
-            "weights": full_weights(result.setup.model[0].module, result.setup.config)}
+    return {
+        "losses": {r.iteration: r.loss for r in result.history},
+        "keys": {r.iteration: r.keys for r in result.history},
+        "iteration": result.state.iteration,
+        "adam_steps": {int(s["step"]) for s in adam.state.values()},
+        "weights": full_weights(result.setup.model[0].module, result.setup.config),
+    }
 
 
 def _weights(results: list[dict]) -> dict:
     return {name: w for r in results for name, w in r["weights"].items()}
 
 
-STRAIGHT = {"tp1": (1, []), "tp2": (2, ["--tensor-model-parallel-size", "2"]),
-            "pp2": (2, ["--pipeline-model-parallel-size", "2"])}
+STRAIGHT = {
+    "tp1": (1, []),
+    "tp2": (2, ["--tensor-model-parallel-size", "2"]),
+    "pp2": (2, ["--pipeline-model-parallel-size", "2"]),
+}
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +54,15 @@ def straight(dataset, tmp_path_factory):
     runs = {}
     for name, (world, extra) in STRAIGHT.items():
         ckpt = tmp_path_factory.mktemp(name) / "ckpt"
-        results = run_distributed(_train, world, dataset, extra + ["--save", str(ckpt), "--save-interval", "2",
-                                                                   "--train-iters", "3"])
-        runs[name] = {"ckpt": str(ckpt), "loss": results[-1]["losses"], "keys": results[0]["keys"],
-                      "weights": _weights(results)}
+        results = run_distributed(
+            _train, world, dataset, extra + ["--save", str(ckpt), "--save-interval", "2", "--train-iters", "3"]
+        )
+        runs[name] = {
+            "ckpt": str(ckpt),
+            "loss": results[-1]["losses"],
+            "keys": results[0]["keys"],
+            "weights": _weights(results),
+        }
     return runs
 
 
@@ -59,8 +71,9 @@ def test_a_checkpoint_loads_under_another_layout(dataset, straight, source, targ
     """Iteration 2 of one layout, continued under another, gives the source's step 3: the weights, the
     optimizer state and the data position all arrived whole."""
     world, extra = STRAIGHT[target]
-    results = run_distributed(_train, world, dataset, extra + ["--load", straight[source]["ckpt"], "--ckpt-step", "2",
-                                                               "--train-iters", "3"])
+    results = run_distributed(
+        _train, world, dataset, extra + ["--load", straight[source]["ckpt"], "--ckpt-step", "2", "--train-iters", "3"]
+    )
     reference = straight[source]
     for r in results:
         assert r["iteration"] == 3 and r["keys"][3] == reference["keys"][3]
@@ -76,15 +89,18 @@ def test_a_dp_change_restarts_the_data_with_a_warning(tmp_path, dataset, straigh
     resumed = run_distributed(_train, 1, dataset, ["--load", str(tmp_path / "ckpt"), "--train-iters", "3"])[0]
     # the one replica starts its stream from the beginning: as a fresh DP=1 run's first step
     assert sorted(resumed["keys"]) == [3] and resumed["keys"][3] == straight["tp1"]["keys"][1]
-    assert ("WARNING: the checkpoint was saved with 2 data-parallel replicas and this run has 1; their loader states "
-            "cannot be split differently, so the data stream restarts from the beginning of the epoch") in capfd.readouterr().out
+    assert (
+        "WARNING: the checkpoint was saved with 2 data-parallel replicas and this run has 1; their loader states "
+        "cannot be split differently, so the data stream restarts from the beginning of the epoch"
+    ) in capfd.readouterr().out
 
 
 @pytest.mark.parametrize("flag", ["--finetune", "--no-load-optim"])
 def test_weights_only(dataset, straight, flag):
     trained = straight["tp1"]
-    loaded = run_distributed(_train, 1, dataset, ["--load", trained["ckpt"], "--train-iters", "4", flag,
-                                                  "--lr", "1e-12"])[0]  # steps that barely move the weights
+    loaded = run_distributed(
+        _train, 1, dataset, ["--load", trained["ckpt"], "--train-iters", "4", flag, "--lr", "1e-12"]
+    )[0]  # steps that barely move the weights
     if flag == "--finetune":  # a fresh run from the weights: iteration, optimizer and data from the start
         assert sorted(loaded["losses"]) == [1, 2, 3, 4] and loaded["adam_steps"] == {4}
         assert loaded["keys"][1] == trained["keys"][1]

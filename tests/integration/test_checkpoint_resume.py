@@ -21,8 +21,18 @@ from tests.tiny_data import TINY_RUN, good_entries, write_dataset
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
 K = 3
-FLAGS = TINY_RUN + ["--num-workers", "1", "--lr", "1e-3", "--lr-decay-style", "constant", "--global-batch-size", "4",
-                    "--save-interval", str(K)]
+FLAGS = TINY_RUN + [
+    "--num-workers",
+    "1",
+    "--lr",
+    "1e-3",
+    "--lr-decay-style",
+    "constant",
+    "--global-batch-size",
+    "4",
+    "--save-interval",
+    str(K),
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +53,10 @@ def _assert_same_steps(resumed, straight, first, last):
 
 
 # PP=2 also saves in the background (--async-save), published when every rank's writer has finished
-LAYOUTS = {"dp2-distributed-optimizer": ["--use-distributed-optimizer"],
-           "pp2-async-save": ["--pipeline-model-parallel-size", "2", "--async-save"]}
+LAYOUTS = {
+    "dp2-distributed-optimizer": ["--use-distributed-optimizer"],
+    "pp2-async-save": ["--pipeline-model-parallel-size", "2", "--async-save"],
+}
 STRAIGHT = 16  # iterations of the straight runs; the LR is constant, so runs of any length share a schedule
 
 
@@ -55,8 +67,22 @@ def straight(dataset, tmp_path_factory):
     records = {}
     for layout, extra in LAYOUTS.items():
         out = tmp_path_factory.mktemp(f"straight-{layout}")
-        flags = FLAGS + extra + ["--data-path", dataset, "--train-iters", str(STRAIGHT), "--save", str(out / "ckpt"),
-                                 "--save-interval", str(STRAIGHT), "--sample-log", str(out / "samples")]
+        flags = (
+            FLAGS
+            + extra
+            + [
+                "--data-path",
+                dataset,
+                "--train-iters",
+                str(STRAIGHT),
+                "--save",
+                str(out / "ckpt"),
+                "--save-interval",
+                str(STRAIGHT),
+                "--sample-log",
+                str(out / "samples"),
+            ]
+        )
         assert run_distributed(pretrain_main, 2, flags) == [0, 0]
         records[layout] = _records(out / "samples")
     return records
@@ -76,11 +102,16 @@ def _sigterm(proc, log) -> None:
 def test_resume_after_sigkill_is_exact(tmp_path, dataset, straight, layout):
     run = tmp_path / "killed"
     sigterm = layout == "dp2-distributed-optimizer"
-    flags = FLAGS + LAYOUTS[layout] + ["--data-path", dataset, "--save", str(run / "ckpt"),
-                                       "--sample-log", str(run / "samples")]
+    flags = (
+        FLAGS
+        + LAYOUTS[layout]
+        + ["--data-path", dataset, "--save", str(run / "ckpt"), "--sample-log", str(run / "samples")]
+    )
     proc = torchrun(2, flags + ["--train-iters", "1000"], tmp_path / "killed.log")
-    wait_until(proc, lambda: (read_tracker(run / "ckpt") or 0) >= K
-               and any(K + 1 in r for r in _records(run / "samples").values()))
+    wait_until(
+        proc,
+        lambda: (read_tracker(run / "ckpt") or 0) >= K and any(K + 1 in r for r in _records(run / "samples").values()),
+    )
     kill(proc)  # SIGKILL past a checkpoint, mid-training
     # the latest published checkpoint: K, or a later one when --async-save published K late and the next in time
     last = read_tracker(run / "ckpt")

@@ -11,24 +11,40 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from data.loader.dataloader import build_train_loader
-from dit.runtime import distributed as runtime
 from dit.diffusion.draws import sample_generator
 from dit.diffusion.loss import per_sample_loss
 from dit.model.model import DiTModel
+from dit.runtime import distributed as runtime
 from dit.training.arguments import load_run_config
 from tests.distributed import run_distributed
 from tests.tiny_data import payloads, write_dataset
 
 pytestmark = pytest.mark.dist
 
-FLAGS = ["--model-size", "DiT-debug", "--latent-channels", "4",
-         "--patch-size", "2", "--text-embed-dim", "8", "--max-seq-length", "64", "--packing-buffer-size", "16",
-         "--num-workers", "0", "--transformer-impl", "local", "--seed", "7"]
+FLAGS = [
+    "--model-size",
+    "DiT-debug",
+    "--latent-channels",
+    "4",
+    "--patch-size",
+    "2",
+    "--text-embed-dim",
+    "8",
+    "--max-seq-length",
+    "64",
+    "--packing-buffer-size",
+    "16",
+    "--num-workers",
+    "0",
+    "--transformer-impl",
+    "local",
+    "--seed",
+    "7",
+]
 
 
 def _first_pack_loss_and_grads(data_path: str, cp: int) -> dict:
-    run = load_run_config(FLAGS + ["--data-path", data_path, "--context-parallel-size", str(cp)],
-                         dist.get_world_size())
+    run = load_run_config(FLAGS + ["--data-path", data_path, "--context-parallel-size", str(cp)], dist.get_world_size())
     runtime.initialize_model_parallel(runtime.ParallelLayout(context=cp))
     runtime.set_random_seed(run.training.seed, per_data_parallel_rank=False)
     model = DiTModel(run.model)

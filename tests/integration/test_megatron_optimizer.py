@@ -34,17 +34,22 @@ def _megatron_step(distributed_optimizer: bool):
     runtime.initialize_model_parallel(runtime.ParallelLayout())
     config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, use_cpu_initialization=True)
     ddp = DistributedDataParallel(
-        config, DistributedDataParallelConfig(use_distributed_optimizer=distributed_optimizer,
-                                              grad_reduce_in_fp32=True), _net(3))
+        config,
+        DistributedDataParallelConfig(use_distributed_optimizer=distributed_optimizer, grad_reduce_in_fp32=True),
+        _net(3),
+    )
     opt = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=LR, weight_decay=0.01, use_distributed_optimizer=distributed_optimizer,
-                        clip_grad=0.0), [ddp])
+        OptimizerConfig(
+            optimizer="adam", lr=LR, weight_decay=0.01, use_distributed_optimizer=distributed_optimizer, clip_grad=0.0
+        ),
+        [ddp],
+    )
     x, y = _data()
     half = BATCH // 2
     rank = ps.get_data_parallel_rank()
     ddp.zero_grad_buffer()
     opt.zero_grad()
-    loss = torch.nn.functional.mse_loss(ddp(x[rank * half:(rank + 1) * half]), y[rank * half:(rank + 1) * half])
+    loss = torch.nn.functional.mse_loss(ddp(x[rank * half : (rank + 1) * half]), y[rank * half : (rank + 1) * half])
     loss.backward()
     ddp.finish_grad_sync()
     ok, _, _ = opt.step()

@@ -2,7 +2,6 @@
 gradient equal the single-process model; samples are split into load-balanced chunks across CP ranks."""
 
 import pytest
-
 from megatron.core import parallel_state
 
 from dit.runtime.distributed import ParallelLayout
@@ -17,8 +16,10 @@ CLASS = dict(conditioning="class", position_embedding="rope3d", adaln_lora_rank=
 
 def _microbatches(pad_multiple):
     # padded lengths are multiples of 2*cp (*tp under SP); pads land in the last chunk, i.e. on CP rank 0
-    return [make_microbatch(6, [(1, 4, 6), (1, 2, 2), (1, 6, 2)], pad_multiple=pad_multiple),
-            make_microbatch(7, [(1, 2, 6), (1, 4, 4)], pad_multiple=pad_multiple)]
+    return [
+        make_microbatch(6, [(1, 4, 6), (1, 2, 2), (1, 6, 2)], pad_multiple=pad_multiple),
+        make_microbatch(7, [(1, 2, 6), (1, 4, 4)], pad_multiple=pad_multiple),
+    ]
 
 
 def _cp(fields, layout, microbatches, state, sequence_parallel):
@@ -28,8 +29,10 @@ def _cp(fields, layout, microbatches, state, sequence_parallel):
 
 
 def _both(microbatches, state_text, state_class, layout, text_sequence_parallel):
-    return (_cp(TEXT, layout, microbatches, state_text, text_sequence_parallel),
-            _cp(CLASS, layout, microbatches, state_class, False))
+    return (
+        _cp(TEXT, layout, microbatches, state_text, text_sequence_parallel),
+        _cp(CLASS, layout, microbatches, state_class, False),
+    )
 
 
 def test_cp2_matches_single_process(single_process):

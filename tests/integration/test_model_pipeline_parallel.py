@@ -20,8 +20,9 @@ CONDITIONING = ("t_embedder.", "fps_embedder.", "text_projection.")
 def _pp2(microbatches, state):
     with_reduction = parallel_run(FIELDS, ParallelLayout(pipeline=2), microbatches, state, optimizer={})
     parallel_state.destroy_model_parallel()
-    without = parallel_run(FIELDS, ParallelLayout(pipeline=2), microbatches, state,
-                           set_config={"has_cond_embedder": False})
+    without = parallel_run(
+        FIELDS, ParallelLayout(pipeline=2), microbatches, state, set_config={"has_cond_embedder": False}
+    )
     return with_reduction, without
 
 
@@ -31,9 +32,11 @@ def _norm(grads: dict) -> float:
 
 def test_pp2_matches_single_process_and_needs_the_conditioning_reduction(single_process):
     # three micro-batches with 3, 2 and 1 samples: the loss is the mean over all 6 samples
-    microbatches = [make_microbatch(3, [(1, 4, 6), (1, 2, 4), (1, 6, 2)]),
-                    make_microbatch(4, [(1, 4, 4), (1, 2, 2)]),
-                    make_microbatch(5, [(1, 6, 6)])]
+    microbatches = [
+        make_microbatch(3, [(1, 4, 6), (1, 2, 4), (1, 6, 2)]),
+        make_microbatch(4, [(1, 4, 4), (1, 2, 2)]),
+        make_microbatch(5, [(1, 6, 6)]),
+    ]
     ref_loss, ref_grads, state = reference_run(FIELDS, microbatches)
     per_rank = run_distributed(_pp2, 2, microbatches, state)
     # the step Megatron's optimizer took, and the norm it clips by: the conditioning, present on both
@@ -56,14 +59,17 @@ WIDE_TEXT = dict(FIELDS, text_embed_dim=2048)
 
 
 def _pp2_dp2(microbatches, state):
-    return parallel_run(WIDE_TEXT, ParallelLayout(pipeline=2), microbatches, state,
-                        optimizer={"use_distributed_optimizer": True})
+    return parallel_run(
+        WIDE_TEXT, ParallelLayout(pipeline=2), microbatches, state, optimizer={"use_distributed_optimizer": True}
+    )
 
 
 def test_pp2_dp2_distributed_optimizer_step_matches_single_process(single_process):
     # two micro-batches per DP rank (DP rank r takes micro-batches r and r + 2)
-    microbatches = [make_microbatch(6 + i, grids, text_dim=2048) for i, grids in enumerate(
-        [[(1, 4, 6), (1, 2, 4)], [(1, 4, 4)], [(1, 2, 2), (1, 6, 2)], [(1, 6, 6)]])]
+    microbatches = [
+        make_microbatch(6 + i, grids, text_dim=2048)
+        for i, grids in enumerate([[(1, 4, 6), (1, 2, 4)], [(1, 4, 4)], [(1, 2, 2), (1, 6, 2)], [(1, 6, 6)]])
+    ]
     ref_loss, ref_grads, state = reference_run(WIDE_TEXT, microbatches)
     results = run_distributed(_pp2_dp2, 4, microbatches, state)
     assert_matches_reference(results, ref_loss, ref_grads)

@@ -15,8 +15,17 @@ from tests.model_setup import global_name
 
 pytestmark = pytest.mark.dist
 
-FLAGS = ["--model-size", "DiT-debug", "--latent-channels", "4",
-         "--text-embed-dim", "16", "--transformer-impl", "local", "--fps-conditioning"]
+FLAGS = [
+    "--model-size",
+    "DiT-debug",
+    "--latent-channels",
+    "4",
+    "--text-embed-dim",
+    "16",
+    "--transformer-impl",
+    "local",
+    "--fps-conditioning",
+]
 CONDITIONING = ("t_embedder.", "fps_embedder.", "text_projection.")
 
 

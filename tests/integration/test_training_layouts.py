@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import pretrain_dit
-from dit.training.arguments import load_run_config
 from dit.runtime.mcore019 import megatron_fsdp_missing
+from dit.training.arguments import load_run_config
 from dit.training.pretrain import pretrain
 from tests.distributed import run_distributed
 from tests.model_setup import fsdp_main_weights, full_weights, global_name, tp_slice
@@ -29,9 +29,26 @@ pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
 # token counts (patch 2) that are multiples of 4, so every layout pads them alike (2*cp = 4, tp under SP)
 SHAPES = [(4, 4, 4), (4, 2, 4, 4), (4, 8, 8), (4, 3, 4, 4), (4, 4, 8), (4, 8, 4), (4, 2, 8, 4)]
-FLAGS = TINY_RUN + ["--num-layers", "4", "--packing-buffer-size", "9", "--seed", "11", "--train-iters", "2",
-                    "--global-batch-size", "2", "--lr", "1e-2", "--lr-decay-style", "constant", "--adam-eps", "1e-4",
-                    "--text-drop-prob", "0.3"]  # --num-workers: per layout, see the module docstring
+FLAGS = TINY_RUN + [
+    "--num-layers",
+    "4",
+    "--packing-buffer-size",
+    "9",
+    "--seed",
+    "11",
+    "--train-iters",
+    "2",
+    "--global-batch-size",
+    "2",
+    "--lr",
+    "1e-2",
+    "--lr-decay-style",
+    "constant",
+    "--adam-eps",
+    "1e-4",
+    "--text-drop-prob",
+    "0.3",
+]  # --num-workers: per layout, see the module docstring
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +81,17 @@ def _train(data_path: str, extra: list[str]) -> dict:
 
     run = load_run_config(FLAGS + ["--data-path", data_path] + extra, dist.get_world_size())
     result = pretrain(run, replace(pretrain_dit.HOOKS, model_provider=_random_model))
-    return {"losses": [r.loss for r in result.history], "grad_norms": [r.grad_norm for r in result.history],
-            "samples": result.state.consumed_samples, "keys": [r.keys for r in result.history],
-            "weights": (fsdp_main_weights(result.setup.model[0], result.setup.config) if run.optimizer.use_megatron_fsdp
-                        else full_weights(result.setup.model[0].module, result.setup.config))}
+    return {
+        "losses": [r.loss for r in result.history],
+        "grad_norms": [r.grad_norm for r in result.history],
+        "samples": result.state.consumed_samples,
+        "keys": [r.keys for r in result.history],
+        "weights": (
+            fsdp_main_weights(result.setup.model[0], result.setup.config)
+            if run.optimizer.use_megatron_fsdp
+            else full_weights(result.setup.model[0].module, result.setup.config)
+        ),
+    }
 
 
 def _merged_weights(results: list[dict]) -> dict:
@@ -83,15 +107,19 @@ def _merged_weights(results: list[dict]) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(dataset):
-    return {objective: run_distributed(_train, 1, dataset, ["--num-workers", "2", "--objective", objective])[0]
-            for objective in ("flow", "edm")}
+    return {
+        objective: run_distributed(_train, 1, dataset, ["--num-workers", "2", "--objective", objective])[0]
+        for objective in ("flow", "edm")
+    }
 
 
 FSDP = ["--use-megatron-fsdp"]
 LAYOUTS = {  # world size, flags
     "dp2": (2, ["--num-workers", "1"]),
-    "dp2-distributed-optimizer-overlap": (2, ["--num-workers", "1", "--use-distributed-optimizer",
-                                              "--overlap-grad-reduce"]),
+    "dp2-distributed-optimizer-overlap": (
+        2,
+        ["--num-workers", "1", "--use-distributed-optimizer", "--overlap-grad-reduce"],
+    ),
     "tp2": (2, ["--tensor-model-parallel-size", "2"]),
     "tp2-sp": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
     "pp2": (2, ["--pipeline-model-parallel-size", "2"]),

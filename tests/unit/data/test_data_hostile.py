@@ -12,12 +12,22 @@ from pathlib import Path
 import pytest
 
 from data.loader.bad_data import SkipKind
-from data.loader.sample import DiffusionSample, EncodedSample, SkippedSample
 from data.loader.launch_check import check_dataset
-from data.shards import energon_prepare, shard_name
+from data.loader.sample import DiffusionSample, EncodedSample, SkippedSample
 from data.loader.task_encoder import DiTTaskEncoder
-from tests.tiny_data import (FMT, HOSTILE_FLAGS, HOSTILE_FMT, crude, cut_shard, good_entries, hostile, tiny_loader,
-                             write_dataset, write_shard_with_sparse_member)
+from data.shards import energon_prepare, shard_name
+from tests.tiny_data import (
+    FMT,
+    HOSTILE_FLAGS,
+    HOSTILE_FMT,
+    crude,
+    cut_shard,
+    good_entries,
+    hostile,
+    tiny_loader,
+    write_dataset,
+    write_shard_with_sparse_member,
+)
 
 PER_SHARD = 8
 LOST = 1  # the shard deleted after prepare
@@ -46,7 +56,7 @@ def hostile_dataset(tmp_path_factory):
     cases = hostile(markers)
     good = good_entries(len(cases) + 4, seed=5, fps=24)  # HOSTILE_FLAGS condition on fps
     odd = [(f"case_{i:02d}", files) for i, (files, _) in enumerate(cases.values())]
-    entries = [e for pair in zip(good, odd) for e in pair] + good[len(odd):]
+    entries = [e for pair in zip(good, odd) for e in pair] + good[len(odd) :]
     root = write_dataset(tmp_path_factory.mktemp("hostile"), entries, per_shard=PER_SHARD)
     (root / shard_name(LOST)).unlink()
     return root, markers, entries, list(cases.values())
@@ -54,7 +64,7 @@ def hostile_dataset(tmp_path_factory):
 
 def test_hostile_shards_are_counted_exactly_nothing_runs_and_the_rest_trains(hostile_dataset):
     root, markers, entries, cases = hostile_dataset
-    lost = {key for key, _ in entries[LOST * PER_SHARD:(LOST + 1) * PER_SHARD]}
+    lost = {key for key, _ in entries[LOST * PER_SHARD : (LOST + 1) * PER_SHARD]}
     kinds = {f"case_{i:02d}": kind for i, (_, kind) in enumerate(cases)}
     expected_trained = sorted(key for key, _ in entries if key not in lost and kinds.get(key) is None)
     expected_skips = Counter(kinds[key].value for key, _ in entries if key in kinds and key not in lost and kinds[key])

@@ -11,8 +11,7 @@ from data.loader.bad_data import BadDataError, DataStats, SkipKind, SkipRecord
 from data.loader.dataloader import build_task_encoder
 from data.loader.shard_reads import UNREADABLE, TolerantTarReader
 from dit.training.arguments import load_run_config
-from tests.tiny_data import DEFECTS, GOOD, TRUNCATED_GOOD, good_entries
-from tests.tiny_data import write_dataset
+from tests.tiny_data import DEFECTS, GOOD, TRUNCATED_GOOD, good_entries, write_dataset
 from tests.tiny_data import tiny_loader as _loader
 
 
@@ -22,7 +21,11 @@ def test_every_defect_is_skipped_and_counted_exactly_once_across_workers(mixed_d
     assert sorted(k.rsplit("/", 1)[-1] for k in keys) == [f"good_{i:04d}" for i in range(GOOD)]  # each once
     stats = loader.stats
     assert stats.skipped == dict(Counter(kind.value for _, kind in DEFECTS.values()))
-    assert (stats.read, stats.trained, stats.bad) == (GOOD + len(DEFECTS), GOOD, len(DEFECTS) - 1)  # oversize is not "bad"
+    assert (stats.read, stats.trained, stats.bad) == (
+        GOOD + len(DEFECTS),
+        GOOD,
+        len(DEFECTS) - 1,
+    )  # oversize is not "bad"
     assert len(stats.examples) == 8
     assert all(e.shard.startswith("shard_") and e.key.startswith(e.shard + "/samples/bad_") for e in stats.examples)
 
@@ -113,7 +116,9 @@ def test_oversize_policy_error_rejects_the_run(mixed_dataset):
 
 
 def _same(a, b):
-    return a.keys == b.keys and torch.equal(a.tokens, b.tokens) and torch.equal(a.cu_seqlens_padded, b.cu_seqlens_padded)
+    return (
+        a.keys == b.keys and torch.equal(a.tokens, b.tokens) and torch.equal(a.cu_seqlens_padded, b.cu_seqlens_padded)
+    )
 
 
 @pytest.mark.parametrize("workers", [0, 2])

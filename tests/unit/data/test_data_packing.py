@@ -12,21 +12,41 @@ from data.loader.sample import EncodedSample
 from dit.model.patchify import patchify, unpatchify
 
 
-@pytest.mark.parametrize("cp, tp, sp, expected", [
-    (1, 1, False, 1), (1, 4, False, 1), (1, 2, True, 2), (2, 1, False, 4), (2, 2, False, 4),
-    (2, 2, True, 8), (4, 1, False, 8), (4, 2, True, 16), (8, 8, True, 128),
-])
+@pytest.mark.parametrize(
+    "cp, tp, sp, expected",
+    [
+        (1, 1, False, 1),
+        (1, 4, False, 1),
+        (1, 2, True, 2),
+        (2, 1, False, 4),
+        (2, 2, False, 4),
+        (2, 2, True, 8),
+        (4, 1, False, 8),
+        (4, 2, True, 16),
+        (8, 8, True, 128),
+    ],
+)
 def test_pad_multiple_for_cp_tp_sp(cp, tp, sp, expected):
     assert pad_multiple(cp, tp, sp) == expected
 
 
-@pytest.mark.parametrize("cp, tp, sp, expected", [
-    (1, 1, False, 16), (1, 2, False, 16), (1, 2, True, 32), (2, 1, False, 32), (2, 2, True, 64), (4, 1, False, 64),
-    (2, 8, True, 256), (3, 1, False, 48),
-])
+@pytest.mark.parametrize(
+    "cp, tp, sp, expected",
+    [
+        (1, 1, False, 16),
+        (1, 2, False, 16),
+        (1, 2, True, 32),
+        (2, 1, False, 32),
+        (2, 2, True, 64),
+        (4, 1, False, 64),
+        (2, 8, True, 256),
+        (3, 1, False, 48),
+    ],
+)
 @pytest.mark.parametrize("recipe, rows", [("delayed", 16), ("tensorwise", 16), ("blockwise", 16), ("mxfp8", 32)])
-def test_pad_multiple_under_fp8_gives_each_ranks_linears_whole_multiples_of_tes_rows(cp, tp, sp, expected, recipe,
-                                                                                     rows):
+def test_pad_multiple_under_fp8_gives_each_ranks_linears_whole_multiples_of_tes_rows(
+    cp, tp, sp, expected, recipe, rows
+):
     multiple = pad_multiple(cp, tp, sp, recipe)
     assert multiple == expected * rows // 16
     # by hand: each sample gives every rank multiple / cp rows (/ tp under SP, TE checks the local slice)
@@ -71,9 +91,21 @@ def test_ffd_places_everything_within_capacity_and_near_optimal():
 def _encoded(key, shape, padded_len, text_len, fps=None, label=None):
     latent = torch.randn(shape)
     tokens, positions = patchify(latent, 2, 1)
-    return EncodedSample(__key__=key, __restore_key__=(), tokens=tokens, positions=positions,
-                         text=torch.randn(text_len, 8), seq_len=tokens.shape[0], padded_len=padded_len, read_index=0,
-                         grid=(shape[1], shape[2] // 2, shape[3] // 2), fps=fps, label=label, format="ours", notes={}), latent
+    return EncodedSample(
+        __key__=key,
+        __restore_key__=(),
+        tokens=tokens,
+        positions=positions,
+        text=torch.randn(text_len, 8),
+        seq_len=tokens.shape[0],
+        padded_len=padded_len,
+        read_index=0,
+        grid=(shape[1], shape[2] // 2, shape[3] // 2),
+        fps=fps,
+        label=label,
+        format="ours",
+        notes={},
+    ), latent
 
 
 def test_build_pack_against_hand_counts():
@@ -92,8 +124,8 @@ def test_build_pack_against_hand_counts():
     for i, latent in enumerate((la, lb, lc)):  # each sample comes back from its own range
         start = int(pack.cu_seqlens_padded[i])
         n = int(pack.cu_seqlens[i + 1] - pack.cu_seqlens[i])
-        assert torch.equal(unpatchify(pack.tokens[start:start + n], tuple(pack.grid_sizes[i].tolist()), 2, 1), latent)
-        assert torch.equal(pack.positions[start:start + n], patchify(latent, 2, 1)[1])
+        assert torch.equal(unpatchify(pack.tokens[start : start + n], tuple(pack.grid_sizes[i].tolist()), 2, 1), latent)
+        assert torch.equal(pack.positions[start : start + n], patchify(latent, 2, 1)[1])
 
 
 def test_build_pack_always_carries_fps_and_labels_only_from_class_conditioned_samples():

@@ -24,10 +24,20 @@ N = 12  # samples of each format
 
 # what each writer's samples need, by normalisation (every sample needs each one listed)
 EXPECTED = {
-    "NeMo DiT": {"doubled_dot_member_names", "latent_batch_dim_squeezed", "text_batch_dim_squeezed",
-                 "text_zero_padding_trimmed", "no_caption"},
-    "DFM DiT": {"latent_batch_dim_squeezed", "text_batch_dim_squeezed", "text_zero_padding_trimmed", "no_caption",
-                "sizes_contradict_latent"},
+    "NeMo DiT": {
+        "doubled_dot_member_names",
+        "latent_batch_dim_squeezed",
+        "text_batch_dim_squeezed",
+        "text_zero_padding_trimmed",
+        "no_caption",
+    },
+    "DFM DiT": {
+        "latent_batch_dim_squeezed",
+        "text_batch_dim_squeezed",
+        "text_zero_padding_trimmed",
+        "no_caption",
+        "sizes_contradict_latent",
+    },
     "Wan": {"text_zero_padding_trimmed"},
     "Wan frames": {"text_zero_padding_trimmed"},
     "Flux": {"text_from_dict", "text_padding_not_zero"},
@@ -37,13 +47,29 @@ RECOGNISED = {"Wan frames": "Wan"}  # the writer's name in the report, where it 
 
 @pytest.fixture(scope="module")
 def peer_datasets(tmp_path_factory):
-    return {name: peer_writers.write(name, tmp_path_factory.mktemp(name.replace(" ", "_")), N)
-            for name in peer_writers.WRITERS}
+    return {
+        name: peer_writers.write(name, tmp_path_factory.mktemp(name.replace(" ", "_")), N)
+        for name in peer_writers.WRITERS
+    }
 
 
 def _report(path, *extra, capsys):
-    report_main([str(path), "--json", "--max-seq-length", "64", "--patch-size", "2", "--num-workers", "0",
-                 "--packing-buffer-size", "8", *FLAGS, *extra])
+    report_main(
+        [
+            str(path),
+            "--json",
+            "--max-seq-length",
+            "64",
+            "--patch-size",
+            "2",
+            "--num-workers",
+            "0",
+            "--packing-buffer-size",
+            "8",
+            *FLAGS,
+            *extra,
+        ]
+    )
     return json.loads(capsys.readouterr().out)
 
 
@@ -57,8 +83,10 @@ def test_the_report_reads_every_sample_and_names_the_format_and_what_it_normalis
 
 @pytest.mark.parametrize("name", list(peer_writers.WRITERS))
 def test_the_launch_check_passes_with_only_the_models_own_flags(peer_datasets, name, capsys):
-    status = train_main(pretrain_dit.HOOKS, [*TINY_RUN, *FLAGS, "--max-seq-length", "64", "--validate-only",
-                                             "--data-path", str(peer_datasets[name])])
+    status = train_main(
+        pretrain_dit.HOOKS,
+        [*TINY_RUN, *FLAGS, "--max-seq-length", "64", "--validate-only", "--data-path", str(peer_datasets[name])],
+    )
     out = capsys.readouterr().out
     assert status == 0 and "4 of 4 samples probed could train" in out, out
 
@@ -66,30 +94,51 @@ def test_the_launch_check_passes_with_only_the_models_own_flags(peer_datasets, n
 def test_padding_rows_are_trimmed_to_the_caption_or_kept(peer_datasets):
     """Wan's [226, D] texts train on the caption's rows; --text-padding keep trains on all 226 (as Wan does)."""
     for extra, rows in (((), [caption_rows(i) for i in range(N)]), (("--text-padding", "keep"), [226] * N)):
-        with closing(tiny_loader(peer_datasets["Wan"], *FLAGS, "--max-seq-length", "64", "--max-text-length", "512",
-                                 *extra, repeat=False)) as loader:
-            lengths = {key.rsplit("/", 1)[-1]: n for pack in loader
-                       for key, n in zip(pack.keys, pack.cu_seqlens_text.diff().tolist())}
+        with closing(
+            tiny_loader(
+                peer_datasets["Wan"], *FLAGS, "--max-seq-length", "64", "--max-text-length", "512", *extra, repeat=False
+            )
+        ) as loader:
+            lengths = {
+                key.rsplit("/", 1)[-1]: n
+                for pack in loader
+                for key, n in zip(pack.keys, pack.cu_seqlens_text.diff().tolist())
+            }
         assert [lengths[f"{i:06}"] for i in range(N)] == rows
 
 
 def test_videos_without_fps_under_fps_conditioning_are_their_own_skip_and_the_launch_names_the_fix(
-        peer_datasets, capsys):
+    peer_datasets, capsys
+):
     r = _report(peer_datasets["Wan"], "--fps-conditioning", capsys=capsys)
     assert (r["samples_trained"], r["samples_skipped"]) == (0, {"missing_fps": N})
     frames = _report(peer_datasets["Wan frames"], "--fps-conditioning", capsys=capsys)  # 1-frame videos: images
     assert (frames["samples_trained"], frames["samples_skipped"]) == (N, {})
-    status = train_main(pretrain_dit.HOOKS, [*TINY_RUN, *FLAGS, "--max-seq-length", "64", "--validate-only",
-                                             "--fps-conditioning", "--data-path", str(peer_datasets["Wan"])])
+    status = train_main(
+        pretrain_dit.HOOKS,
+        [
+            *TINY_RUN,
+            *FLAGS,
+            "--max-seq-length",
+            "64",
+            "--validate-only",
+            "--fps-conditioning",
+            "--data-path",
+            str(peer_datasets["Wan"]),
+        ],
+    )
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1, err
-    assert err.startswith(f"pretrain_dit.py: error: --fps-conditioning: the videos of {peer_datasets['Wan']} have no "
-                          "'fps' in their .json, which --fps-conditioning conditions on: drop --fps-conditioning, or "
-                          "add fps to the metadata"), err
+    assert err.startswith(
+        f"pretrain_dit.py: error: --fps-conditioning: the videos of {peer_datasets['Wan']} have no "
+        "'fps' in their .json, which --fps-conditioning conditions on: drop --fps-conditioning, or "
+        "add fps to the metadata"
+    ), err
 
 
 def _ours(out, n):
     """This recipe's own format, 16 channels: images [16, 4, 6] and videos [16, 2, 4, 4] with fps."""
+
     def sample(i):
         latent = torch.randn(CHANNELS, 4, 6) if i % 2 else torch.randn(CHANNELS, 2, 4, 4)
         meta = {"caption": f"ours {i}"} | ({} if i % 2 else {"fps": 16, "num_frames": 5})
@@ -114,8 +163,22 @@ def mixed_dataset(tmp_path_factory):
 @pytest.mark.slow
 def test_a_dataset_mixing_our_format_with_the_peers_trains_on_two_processes(mixed_dataset, capfd):
     iters = 6  # 2 ranks x 2 packs a step of up to 64 tokens: about 6 samples a pack, the 60 samples and more
-    flags = [*TINY_RUN, *FLAGS, "--max-seq-length", "64", "--data-path", str(mixed_dataset), "--train-iters",
-             str(iters), "--global-batch-size", "4", "--lr", "1e-3", "--max-bad-sample-fraction", "0"]
+    flags = [
+        *TINY_RUN,
+        *FLAGS,
+        "--max-seq-length",
+        "64",
+        "--data-path",
+        str(mixed_dataset),
+        "--train-iters",
+        str(iters),
+        "--global-batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--max-bad-sample-fraction",
+        "0",
+    ]
     assert run_distributed(pretrain_main, 2, flags) == [0, 0]
     out = capfd.readouterr().out
     last = [line for line in out.splitlines() if f"iteration {iters:>8}/" in line][0]
@@ -128,10 +191,24 @@ def test_a_dataset_mixing_our_format_with_the_peers_trains_on_two_processes(mixe
 
 
 def test_a_dict_pickle_without_the_key_names_its_keys_and_the_flag(peer_datasets, capsys):
-    status = train_main(pretrain_dit.HOOKS, [*TINY_RUN, *FLAGS, "--max-seq-length", "64", "--validate-only",
-                                             "--text-embedding-key", "t5_embeds", "--data-path", str(peer_datasets["Flux"])])
+    status = train_main(
+        pretrain_dit.HOOKS,
+        [
+            *TINY_RUN,
+            *FLAGS,
+            "--max-seq-length",
+            "64",
+            "--validate-only",
+            "--text-embedding-key",
+            "t5_embeds",
+            "--data-path",
+            str(peer_datasets["Flux"]),
+        ],
+    )
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1, err
-    assert err.startswith(f"pretrain_dit.py: error: --text-embedding-key: the .pickle members of {peer_datasets['Flux']} "
-                          "hold dicts without the text embedding's key (.pickle holds a dict of ['pooled_prompt_embeds', "
-                          "'prompt_embeds'], none of them --text-embedding-key 't5_embeds'): pass --text-embedding-key"), err
+    assert err.startswith(
+        f"pretrain_dit.py: error: --text-embedding-key: the .pickle members of {peer_datasets['Flux']} "
+        "hold dicts without the text embedding's key (.pickle holds a dict of ['pooled_prompt_embeds', "
+        "'prompt_embeds'], none of them --text-embedding-key 't5_embeds'): pass --text-embedding-key"
+    ), err

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from data.loader.dataloader import build_train_loader, energon_loader, build_task_encoder
+from data.loader.dataloader import build_task_encoder, build_train_loader, energon_loader
 from data.loader.rank_split import RankLayout, shard_for_rank
-from dit.runtime import distributed as runtime
 from dit.model.packed import PackedBatch, thd_partition_indices
+from dit.runtime import distributed as runtime
 from dit.training.arguments import load_run_config
 from tests.distributed import run_distributed
 from tests.tiny_data import good_entries, write_dataset
@@ -47,11 +47,17 @@ def test_te_partition_agrees_with_ours():
 
 
 def _pack(total=16):
-    return PackedBatch(tokens=torch.arange(total * 2.0).reshape(total, 2), positions=torch.zeros(total, 3, dtype=torch.long),
-                       loss_mask=torch.ones(total, dtype=torch.bool), cu_seqlens=torch.tensor([0, 8, total], dtype=torch.int32),
-                       cu_seqlens_padded=torch.tensor([0, 8, total], dtype=torch.int32), text=torch.ones(3, 8),
-                       cu_seqlens_text=torch.tensor([0, 1, 3], dtype=torch.int32), grid_sizes=torch.ones(2, 3, dtype=torch.long),
-                       keys=["a", "b"])
+    return PackedBatch(
+        tokens=torch.arange(total * 2.0).reshape(total, 2),
+        positions=torch.zeros(total, 3, dtype=torch.long),
+        loss_mask=torch.ones(total, dtype=torch.bool),
+        cu_seqlens=torch.tensor([0, 8, total], dtype=torch.int32),
+        cu_seqlens_padded=torch.tensor([0, 8, total], dtype=torch.int32),
+        text=torch.ones(3, 8),
+        cu_seqlens_text=torch.tensor([0, 1, 3], dtype=torch.int32),
+        grid_sizes=torch.ones(2, 3, dtype=torch.long),
+        keys=["a", "b"],
+    )
 
 
 def test_pipeline_middle_stages_get_only_conditioning():
@@ -66,8 +72,22 @@ def test_pipeline_middle_stages_get_only_conditioning():
     assert torch.equal(cp_share.cu_seqlens_padded, pack.cu_seqlens_padded)  # the whole pack's, as TE expects
 
 
-FLAGS = ["--patch-size", "2", "--latent-channels", "4", "--text-embed-dim", "8", "--max-seq-length", "32",
-         "--packing-buffer-size", "6", "--num-workers", "0", "--seed", "7"]
+FLAGS = [
+    "--patch-size",
+    "2",
+    "--latent-channels",
+    "4",
+    "--text-embed-dim",
+    "8",
+    "--max-seq-length",
+    "32",
+    "--packing-buffer-size",
+    "6",
+    "--num-workers",
+    "0",
+    "--seed",
+    "7",
+]
 PACKS = 4
 
 
@@ -79,11 +99,19 @@ def _read_packs(data_path):
     out = {}
     for tp, cp in ((2, 2), (1, 2)):
         runtime.initialize_model_parallel(runtime.ParallelLayout(tensor=tp, context=cp))
-        run = load_run_config(FLAGS + ["--data-path", data_path, "--tensor-model-parallel-size", str(tp),
-                                       "--context-parallel-size", str(cp)], dist.get_world_size(), need_data=False)
+        run = load_run_config(
+            FLAGS
+            + ["--data-path", data_path, "--tensor-model-parallel-size", str(tp), "--context-parallel-size", str(cp)],
+            dist.get_world_size(),
+            need_data=False,
+        )
         loader = build_train_loader(run)
-        out[tp, cp] = {"tp": ps.get_tensor_model_parallel_rank(), "cp": ps.get_context_parallel_rank(),
-                       "dp": ps.get_data_parallel_rank(), "packs": [next(loader) for _ in range(PACKS)]}
+        out[tp, cp] = {
+            "tp": ps.get_tensor_model_parallel_rank(),
+            "cp": ps.get_context_parallel_rank(),
+            "dp": ps.get_data_parallel_rank(),
+            "packs": [next(loader) for _ in range(PACKS)],
+        }
         ps.destroy_model_parallel()
     return out
 
@@ -92,8 +120,15 @@ def _reference_packs(data_path, dp_rank, dp_size, cp):
     """The same stream read in this process, unsplit: what every rank of replica ``dp_rank`` must see."""
     run = load_run_config(FLAGS + ["--data-path", str(data_path)], need_data=False)
     layout = RankLayout(dp_rank=dp_rank, dp_size=dp_size)
-    loader = energon_loader(data_path, build_task_encoder(run.model, run.data, 2 * cp), layout, num_workers=0, seed=7,
-                            packing_buffer_size=6, micro_batch_size=1)
+    loader = energon_loader(
+        data_path,
+        build_task_encoder(run.model, run.data, 2 * cp),
+        layout,
+        num_workers=0,
+        seed=7,
+        packing_buffer_size=6,
+        micro_batch_size=1,
+    )
     return [item.batch for item, _ in zip(loader, range(PACKS))]
 
 

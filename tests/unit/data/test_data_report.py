@@ -8,18 +8,17 @@ from collections import Counter
 
 import pytest
 import torch
-
 from megatron.energon import stateless
 
-from data.loader.dataloader import energon_loader, build_task_encoder
+from data.loader.dataloader import build_task_encoder, energon_loader
 from data.loader.packing import padded_length
 from data.loader.rank_split import RankLayout
-from data.report import histogram, main, read_order, simulated_efficiency
 from data.loader.sample import sample_key
-from data.shards import shard_name
 from data.loader.task_encoder import DiTTaskEncoder
-from dit.training.arguments import load_run_config
+from data.report import histogram, main, read_order, simulated_efficiency
+from data.shards import shard_name
 from data.synthetic import synthetic_samples, write_synthetic
+from dit.training.arguments import load_run_config
 from tests.tiny_data import DEFECTS, GOOD, good_entries
 
 
@@ -30,9 +29,28 @@ def _tokens(files):
 
 
 def test_report_json_matches_hand_counts(mixed_dataset, capsys):
-    main([str(mixed_dataset), "--json", "--max-seq-length", "32", "--patch-size", "2", "--temporal-patch-size", "1",
-          "--context-parallel-size", "2", "--latent-channels", "4", "--text-embed-dim", "8",
-          "--packing-buffer-size", "6", "--num-workers", "0"])
+    main(
+        [
+            str(mixed_dataset),
+            "--json",
+            "--max-seq-length",
+            "32",
+            "--patch-size",
+            "2",
+            "--temporal-patch-size",
+            "1",
+            "--context-parallel-size",
+            "2",
+            "--latent-channels",
+            "4",
+            "--text-embed-dim",
+            "8",
+            "--packing-buffer-size",
+            "6",
+            "--num-workers",
+            "0",
+        ]
+    )
     r = json.loads(capsys.readouterr().out)
     lengths = [_tokens(files) for _, files in good_entries(GOOD, seed=1)]
     assert r["samples_read"] == GOOD + len(DEFECTS) and r["samples_trained"] == GOOD
@@ -50,9 +68,26 @@ def test_report_json_matches_hand_counts(mixed_dataset, capsys):
 def test_report_simulates_the_buffer_windows_of_the_stream_as_read(truncated_dataset, capsys):
     """Simulated over the same windows as energon's packing buffer (each worker's read order, a
     skipped sample holding its slot), our own padding must give exactly the packs the loader built."""
-    main([str(truncated_dataset[0]), "--json", "--max-seq-length", "32", "--patch-size", "2",
-          "--context-parallel-size", "2", "--latent-channels", "4", "--text-embed-dim", "8",
-          "--packing-buffer-size", "6", "--num-workers", "2"])
+    main(
+        [
+            str(truncated_dataset[0]),
+            "--json",
+            "--max-seq-length",
+            "32",
+            "--patch-size",
+            "2",
+            "--context-parallel-size",
+            "2",
+            "--latent-channels",
+            "4",
+            "--text-embed-dim",
+            "8",
+            "--packing-buffer-size",
+            "6",
+            "--num-workers",
+            "2",
+        ]
+    )
     r = json.loads(capsys.readouterr().out)
     assert r["samples_skipped"] == {"corrupt_shard": len(truncated_dataset[1])}
     assert r["comparison"]["this_recipe_simulated"] == r["packing_efficiency"]
@@ -69,10 +104,20 @@ def test_packs_carry_each_samples_place_in_the_read_order(mixed_dataset, monkeyp
         return cook(self, crude)
 
     monkeypatch.setattr(DiTTaskEncoder, "cook", recording_cook)
-    run = load_run_config(["--max-seq-length", "32", "--patch-size", "2", "--latent-channels", "4",
-                           "--text-embed-dim", "8"], need_data=False)
-    loader = energon_loader(mixed_dataset, build_task_encoder(run.model, run.data, 4), RankLayout(), num_workers=0, seed=3,
-                            packing_buffer_size=6, micro_batch_size=1, repeat=False)
+    run = load_run_config(
+        ["--max-seq-length", "32", "--patch-size", "2", "--latent-channels", "4", "--text-embed-dim", "8"],
+        need_data=False,
+    )
+    loader = energon_loader(
+        mixed_dataset,
+        build_task_encoder(run.model, run.data, 4),
+        RankLayout(),
+        num_workers=0,
+        seed=3,
+        packing_buffer_size=6,
+        micro_batch_size=1,
+        repeat=False,
+    )
     packs = [item for item in loader if item.batch is not None]
     assert all(item.read_indices == [read.index(k) for k in item.batch.keys] for item in packs)
     in_pack_order = [i for item in packs for i in item.read_indices]
@@ -100,8 +145,11 @@ def test_synthetic_shapes(tmp_path):
             assert s.latent.shape == (16, (meta["num_frames"] - 1) // 4 + 1, meta["height"] // 8, meta["width"] // 8)
             assert 17 <= meta["num_frames"] <= 121
         else:
-            assert meta["image_height"] in (256, 512) and s.latent.shape == (16, meta["image_height"] // 8,
-                                                                             meta["image_width"] // 8)
+            assert meta["image_height"] in (256, 512) and s.latent.shape == (
+                16,
+                meta["image_height"] // 8,
+                meta["image_width"] // 8,
+            )
 
 
 def _report(*argv):
@@ -120,8 +168,19 @@ def test_user_mistakes_are_one_line_naming_the_flag_and_exit_2(tmp_path, mixed_d
 
 @pytest.mark.slow  # 40-85 s in the one-process tier on the loaded 2-core machine
 def test_report_shows_no_library_warnings_and_names_itself_in_flag_mistakes(mixed_dataset):
-    ok = _report(str(mixed_dataset), "--max-seq-length", "32", "--patch-size", "2", "--latent-channels", "4",
-                 "--text-embed-dim", "8", "--packing-buffer-size", "6")
+    ok = _report(
+        str(mixed_dataset),
+        "--max-seq-length",
+        "32",
+        "--patch-size",
+        "2",
+        "--latent-channels",
+        "4",
+        "--text-embed-dim",
+        "8",
+        "--packing-buffer-size",
+        "6",
+    )
     assert ok.returncode == 0 and "samples read" in ok.stdout
     assert "Warning" not in ok.stderr and "Transformer Engine" not in ok.stderr, ok.stderr
     bad = _report(str(mixed_dataset), "--lr", "fast")

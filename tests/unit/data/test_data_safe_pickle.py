@@ -12,10 +12,18 @@ from tests.tiny_data import Calls, RunsCodeThenReturnsArray, RunsCommand, Storag
 
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])
-@pytest.mark.parametrize("value", [np.arange(6, dtype=np.float16).reshape(2, 3), np.ones((3, 8), np.float32),
-                                   np.zeros((1, 4), np.float64), torch.arange(6.0).reshape(3, 2),
-                                   torch.ones(2, 8, dtype=torch.bfloat16), [np.ones(2), {"a": (1, 2.0, "x")}]],
-                         ids=["np16", "np32", "np64", "torch32", "torch_bf16", "containers"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        np.arange(6, dtype=np.float16).reshape(2, 3),
+        np.ones((3, 8), np.float32),
+        np.zeros((1, 4), np.float64),
+        torch.arange(6.0).reshape(3, 2),
+        torch.ones(2, 8, dtype=torch.bfloat16),
+        [np.ones(2), {"a": (1, 2.0, "x")}],
+    ],
+    ids=["np16", "np32", "np64", "torch32", "torch_bf16", "containers"],
+)
 def test_arrays_tensors_and_plain_containers_load_as_plain_pickle_does(value, protocol):
     payload = pickle.dumps(value, protocol=protocol)
     loaded, expected = safe_pickle.loads(payload), pickle.loads(payload)
@@ -28,9 +36,11 @@ def test_arrays_tensors_and_plain_containers_load_as_plain_pickle_does(value, pr
 
 
 def test_a_pickle_that_would_run_code_is_refused_before_anything_runs(tmp_path):
-    for payload, name in ((pickle.dumps(RunsCommand(f"touch {tmp_path / 'a'}")), "posix.system"),
-                          (pickle.dumps(RunsCodeThenReturnsArray(tmp_path / "b")), "builtins.eval"),
-                          (pickle.dumps(Exception("not an array")), "builtins.Exception")):
+    for payload, name in (
+        (pickle.dumps(RunsCommand(f"touch {tmp_path / 'a'}")), "posix.system"),
+        (pickle.dumps(RunsCodeThenReturnsArray(tmp_path / "b")), "builtins.eval"),
+        (pickle.dumps(Exception("not an array")), "builtins.Exception"),
+    ):
         with pytest.raises(safe_pickle.UnsafePickle) as e:
             safe_pickle.loads(payload)
         assert e.value.name == name

@@ -27,17 +27,33 @@ def cook_and_decode(files, encoder=ENCODER):
 VARIANTS = {
     "video fp32 [C,T,H,W], numpy fp32 text": dict(shape=(4, 3, 4, 6), dtype=torch.float32),
     "image bf16 [C,H,W], image_height/width": dict(
-        shape=(4, 4, 6), dtype=torch.bfloat16,
-        meta={"caption": "c", "image_height": 32, "image_width": 48, "aspect_ratio": 1.5}),
+        shape=(4, 4, 6),
+        dtype=torch.bfloat16,
+        meta={"caption": "c", "image_height": 32, "image_width": 48, "aspect_ratio": 1.5},
+    ),
     "image fp16 [C,1,H,W], numpy fp16 text": dict(
-        shape=(4, 1, 2, 2), dtype=torch.float16, text=np.ones((2, 8), dtype=np.float16)),
+        shape=(4, 1, 2, 2), dtype=torch.float16, text=np.ones((2, 8), dtype=np.float16)
+    ),
     "image fp32, numpy float64 text, class label": dict(
-        shape=(4, 2, 2), dtype=torch.float32, text=np.ones((3, 8), dtype=np.float64),
-        meta={"caption": "c", "height": 16, "width": 16, "label": 7}),
+        shape=(4, 2, 2),
+        dtype=torch.float32,
+        text=np.ones((3, 8), dtype=np.float64),
+        meta={"caption": "c", "height": 16, "width": 16, "label": 7},
+    ),
     "video bf16, torch bf16 text, fps/num_frames, unknown keys": dict(
-        shape=(4, 2, 2, 4), dtype=torch.bfloat16, text=torch.ones(5, 8, dtype=torch.bfloat16),
-        meta={"caption": "c", "height": 16, "width": 32, "fps": 24, "num_frames": 5, "aspect_ratio": 2.0,
-              "camera": {"moving": True}}),
+        shape=(4, 2, 2, 4),
+        dtype=torch.bfloat16,
+        text=torch.ones(5, 8, dtype=torch.bfloat16),
+        meta={
+            "caption": "c",
+            "height": 16,
+            "width": 32,
+            "fps": 24,
+            "num_frames": 5,
+            "aspect_ratio": 2.0,
+            "camera": {"moving": True},
+        },
+    ),
 }
 
 
@@ -84,8 +100,17 @@ def test_padding_follows_the_layout_multiple():
         DiTTaskEncoder(FMT, max_seq_length=30, pad_multiple=4, packing=False)
 
 
-@pytest.mark.parametrize("label, kind", [(None, SkipKind.BAD_LABEL), (10, SkipKind.BAD_LABEL), (-1, SkipKind.BAD_LABEL),
-                                         (3.0, SkipKind.INVALID_JSON), (0, None), (9, None)])
+@pytest.mark.parametrize(
+    "label, kind",
+    [
+        (None, SkipKind.BAD_LABEL),
+        (10, SkipKind.BAD_LABEL),
+        (-1, SkipKind.BAD_LABEL),
+        (3.0, SkipKind.INVALID_JSON),
+        (0, None),
+        (9, None),
+    ],
+)
 def test_class_conditioning_needs_a_label_in_range(label, kind):
     meta = {"caption": "c"} if label is None else {"caption": "c", "label": label}
     cooked, encoded = cook_and_decode(payloads((4, 2, 4), meta=meta), CLASS_ENCODER)
@@ -102,12 +127,18 @@ def test_text_conditioning_ignores_labels():
 
 
 def test_every_problem_of_a_sample_is_found_and_a_missing_member_names_those_found():
-    files = with_members(json=b'["not", "an object"]', pth=torch_bytes(torch.zeros(4, 2, 4, dtype=torch.int64)),
-                         pickle=pickle.dumps(np.zeros((3, 7), np.float32)))
+    files = with_members(
+        json=b'["not", "an object"]',
+        pth=torch_bytes(torch.zeros(4, 2, 4, dtype=torch.int64)),
+        pickle=pickle.dumps(np.zeros((3, 7), np.float32)),
+    )
     with pytest.raises(BadSample) as e:
         ENCODER.cooked(crude(files))
-    assert [p.kind for p in (e.value, *e.value.also)] == [SkipKind.INVALID_JSON, SkipKind.NOT_A_LATENT,
-                                                         SkipKind.BAD_TEXT_EMBEDDING]
+    assert [p.kind for p in (e.value, *e.value.also)] == [
+        SkipKind.INVALID_JSON,
+        SkipKind.NOT_A_LATENT,
+        SkipKind.BAD_TEXT_EMBEDDING,
+    ]
     with pytest.raises(BadSample) as e:
         ENCODER.cooked(crude({**with_members(pickle=None, json=b"[]"), "txt": b"a caption"}))
     assert e.value.detail == "no .pickle; found samples/x.json, samples/x.pth, samples/x.txt"

@@ -16,8 +16,8 @@ import pytest
 
 from data.loader.bad_data import BadDataError
 from data.loader.dataloader import STALL_SAMPLES, stall_limit
-from data.report import main as report_main
 from data.loader.task_encoder import DiTTaskEncoder
+from data.report import main as report_main
 from dit.errors import ConfigError
 from tests.tiny_data import payloads, tiny_loader, write_dataset
 
@@ -51,16 +51,20 @@ def test_when_no_sample_fits_the_loader_stops_naming_max_seq_length(oversize_dat
 def test_when_every_sample_is_broken_and_the_limit_allows_it_the_loader_names_the_data(tmp_path):
     entries = [(f"s{i}", {**payloads((4, 2, 4), seed=i), "pth": b"not a zip"}) for i in range(6)]
     with closing(tiny_loader(write_dataset(tmp_path / "ds", entries), max_bad=1.0, stall_samples=60)) as loader:
-        with pytest.raises(ConfigError, match=r"^--data-path: none of the 60 samples read can train: skipped 60 of 60 "
-                                              r"read \[corrupt_member=60\]"):
+        with pytest.raises(
+            ConfigError,
+            match=r"^--data-path: none of the 60 samples read can train: skipped 60 of 60 "
+            r"read \[corrupt_member=60\]",
+        ):
             next(loader)
 
 
 def test_a_run_that_trained_is_not_stopped_by_a_long_stretch_of_skips(tmp_path):
     """Once something trained, the stream (which repeats) will come back to it: no stall."""
     entries = [("fits", payloads((4, 2, 4)))] + [(f"long{i:02d}", payloads((4, 8, 8), seed=i)) for i in range(23)]
-    with closing(tiny_loader(write_dataset(tmp_path / "ds", entries), "--max-seq-length", "12",
-                             stall_samples=24)) as loader:  # the first epoch holds "fits"
+    with closing(
+        tiny_loader(write_dataset(tmp_path / "ds", entries), "--max-seq-length", "12", stall_samples=24)
+    ) as loader:  # the first epoch holds "fits"
         for _ in range(4):  # one sample fits per epoch of 24: the 4th comes in the 4th epoch
             next(loader)
     assert loader.stats.trained == 4 and loader.stats.read > 3 * 24  # ~70 skips, far past the limit of 24
@@ -68,13 +72,33 @@ def test_a_run_that_trained_is_not_stopped_by_a_long_stretch_of_skips(tmp_path):
 
 
 def test_a_launch_whose_every_sample_is_oversize_stops_with_one_line(oversize_dataset):
-    out = subprocess.run([sys.executable, str(ROOT / "pretrain_dit.py"), "--model-size", "DiT-debug",
-                          "--latent-channels", "4", "--text-embed-dim", "8", "--max-seq-length", "12",
-                          "--num-workers", "0", "--data-path", str(oversize_dataset)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "pretrain_dit.py"),
+            "--model-size",
+            "DiT-debug",
+            "--latent-channels",
+            "4",
+            "--text-embed-dim",
+            "8",
+            "--max-seq-length",
+            "12",
+            "--num-workers",
+            "0",
+            "--data-path",
+            str(oversize_dataset),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2 and out.stdout == ""
-    assert out.stderr == (f"pretrain_dit.py: error: --max-seq-length: none of the 12 samples probed in {oversize_dataset} "
-                          "fits: they take 16 to 24 tokens in this layout; pass --max-seq-length 24 (at least 16)\n")
+    assert out.stderr == (
+        f"pretrain_dit.py: error: --max-seq-length: none of the 12 samples probed in {oversize_dataset} "
+        "fits: they take 16 to 24 tokens in this layout; pass --max-seq-length 24 (at least 16)\n"
+    )
 
 
 def _cooked_or_die(encoder, crude):
@@ -90,8 +114,11 @@ def test_a_loader_worker_that_dies_ends_the_run_with_one_line_within_a_minute(ov
     monkeypatch.setattr(DiTTaskEncoder, "cooked", _cooked_or_die)  # the workers fork: they inherit it
     start = time.monotonic()
     with closing(tiny_loader(oversize_dataset, "--max-seq-length", "32", workers=2)) as loader:
-        with pytest.raises(BadDataError, match=r"^a data loader worker process died \(RuntimeError: DataLoader worker "
-                                               r"\(pid.*\bdata.report DATASET reads the dataset alone"):
+        with pytest.raises(
+            BadDataError,
+            match=r"^a data loader worker process died \(RuntimeError: DataLoader worker "
+            r"\(pid.*\bdata.report DATASET reads the dataset alone",
+        ):
             for _ in range(100):
                 next(loader)
     assert time.monotonic() - start < 60

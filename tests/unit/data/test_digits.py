@@ -49,4 +49,3 @@ def test_rerun_rewrites_only_missing_shards(tmp_path):
     write_digits(tmp_path, text_embed_dim=8, samples_per_shard=900)
     assert first.stat().st_mtime_ns == before
     assert _members(second.read_bytes()) == _members(original)  # same samples, same bytes
-

@@ -8,14 +8,24 @@ import pytest
 import torch
 
 from data.loader.launch_check import PROBE_PER_SHARD, check_dataset, check_launch
-from data.shards import shard_name
 from data.loader.task_encoder import DiTTaskEncoder
-from dit.training.arguments import load_run_config
+from data.shards import shard_name
 from dit.errors import ConfigError
+from dit.training.arguments import load_run_config
 from tests.tiny_data import FMT, good_entries, payloads, torch_bytes, with_members, write_dataset
 
-FLAGS = ["--model-size", "DiT-debug", "--latent-channels", "4",
-         "--text-embed-dim", "8", "--max-seq-length", "32", "--num-workers", "0"]
+FLAGS = [
+    "--model-size",
+    "DiT-debug",
+    "--latent-channels",
+    "4",
+    "--text-embed-dim",
+    "8",
+    "--max-seq-length",
+    "32",
+    "--num-workers",
+    "0",
+]
 
 
 def launch(data, *extra):
@@ -35,12 +45,15 @@ def dataset(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("ds"), good_entries(24, seed=7))
 
 
-@pytest.mark.parametrize("extra, flag, words", [
-    (["--latent-channels", "16"], "--latent-channels", "have 4 channels: pass --latent-channels 4"),
-    (["--text-embed-dim", "1024"], "--text-embed-dim", "are 8 wide: pass --text-embed-dim 8"),
-    (["--conditioning", "class"], "--conditioning", "have no 'label' in their .json: pass --conditioning text"),
-    (["--patch-size", "5"], "--patch-size", "do not divide into patches (latent height"),
-])
+@pytest.mark.parametrize(
+    "extra, flag, words",
+    [
+        (["--latent-channels", "16"], "--latent-channels", "have 4 channels: pass --latent-channels 4"),
+        (["--text-embed-dim", "1024"], "--text-embed-dim", "are 8 wide: pass --text-embed-dim 8"),
+        (["--conditioning", "class"], "--conditioning", "have no 'label' in their .json: pass --conditioning text"),
+        (["--patch-size", "5"], "--patch-size", "do not divide into patches (latent height"),
+    ],
+)
 def test_a_dataset_that_contradicts_a_flag_names_the_flag_and_the_value(dataset, extra, flag, words):
     e = mistake(dataset, *extra)
     assert e.flag == flag and words in str(e), str(e)
@@ -83,12 +96,20 @@ def test_lost_shards_pass_while_one_reads_and_fail_when_none_does(tmp_path):
     assert e.flag == "--data-path" and "none of the 3 shards probed" in str(e) and "re-copy the dataset" in str(e)
 
 
-@pytest.mark.parametrize("extra, words", [
-    (["--max-seq-length", "3", "--context-parallel-size", "2"], "3 is shorter than one patch padded for this layout "
-                                                                  "(cp=2: 4 tokens); use at least 4"),
-    (["--no-packing", "--max-seq-length", "30", "--context-parallel-size", "2"],
-     "--no-packing pads every sample to 30 tokens, which must split into multiples of 4 for this layout (cp=2); use 28"),
-])
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (
+            ["--max-seq-length", "3", "--context-parallel-size", "2"],
+            "3 is shorter than one patch padded for this layout (cp=2: 4 tokens); use at least 4",
+        ),
+        (
+            ["--no-packing", "--max-seq-length", "30", "--context-parallel-size", "2"],
+            "--no-packing pads every sample to 30 tokens, which must split into multiples of 4 for this layout (cp=2);"
+            " use 28",
+        ),
+    ],
+)
 def test_max_seq_length_against_the_layout(dataset, extra, words):
     e = mistake(dataset, "--validate-only", "--world-size", "2", *extra)
     assert e.flag == "--max-seq-length" and words in str(e), str(e)
@@ -106,13 +127,18 @@ def test_the_summary_counts_the_probed_samples(dataset):
 
 
 def test_the_launch_line_lists_every_problem_of_the_samples_probed(tmp_path):
-    files = with_members(json=b"[]", pth=torch_bytes(torch.zeros(4, 2, 4, dtype=torch.int64)),
-                         pickle=pickle.dumps(np.zeros((3, 7), np.float32)))
+    files = with_members(
+        json=b"[]",
+        pth=torch_bytes(torch.zeros(4, 2, 4, dtype=torch.int64)),
+        pickle=pickle.dumps(np.zeros((3, 7), np.float32)),
+    )
     root = write_dataset(tmp_path / "ds", [(f"s{i}", files) for i in range(4)])
     with pytest.raises(ConfigError) as e:
         check_dataset(str(root), "--data-path", DiTTaskEncoder(FMT, max_seq_length=32, pad_multiple=4))
     assert e.value.flag == "--text-embed-dim"
-    assert str(e.value).startswith(f"--text-embed-dim: the text embeddings of {root} are 7 wide: pass --text-embed-dim 7 "
-                                   "(12 problems in the 4 samples probed [invalid_json=4, not_a_latent=4, "
-                                   "bad_text_embedding=4]; first sample: invalid_json: not a JSON object but a list; "
-                                   "not_a_latent: .pth holds a torch.strided torch.int64 tensor"), str(e.value)
+    assert str(e.value).startswith(
+        f"--text-embed-dim: the text embeddings of {root} are 7 wide: pass --text-embed-dim 7 "
+        "(12 problems in the 4 samples probed [invalid_json=4, not_a_latent=4, "
+        "bad_text_embedding=4]; first sample: invalid_json: not a JSON object but a list; "
+        "not_a_latent: .pth holds a torch.strided torch.int64 tensor"
+    ), str(e.value)

@@ -26,8 +26,8 @@ av = pytest.importorskip("av")
 
 from PIL import Image  # noqa: E402
 
-from dit.encoders import VaeEncoder  # noqa: E402
 from data.prepare import PrepareConfig, build_parser, main, prepare  # noqa: E402
+from dit.encoders import VaeEncoder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[3]
 WORDS = "a red green blue square circle video of and twice".split()
@@ -39,24 +39,42 @@ MEAN, STD = 0.2, 2.0  # video VAE normalisation: (z - mean) / std
 def models(tmp_path_factory) -> dict[str, Path]:
     """Save a tiny image VAE, video VAE and T5 encoder + tokenizer; return their folders."""
     from diffusers import AutoencoderKL, AutoencoderKLWan
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
     from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
-    AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                  block_out_channels=(8, 8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4,
-                  shift_factor=SHIFT, scaling_factor=SCALE).save_pretrained(root / "vae")
-    AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True],
-                     scale_factor_temporal=2, scale_factor_spatial=4, latents_mean=[MEAN] * 4,
-                     latents_std=[STD] * 4).save_pretrained(root / "video_vae")
+    AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        shift_factor=SHIFT,
+        scaling_factor=SCALE,
+    ).save_pretrained(root / "vae")
+    AutoencoderKLWan(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        scale_factor_temporal=2,
+        scale_factor_spatial=4,
+        latents_mean=[MEAN] * 4,
+        latents_std=[STD] * 4,
+    ).save_pretrained(root / "video_vae")
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
     tokenizer = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(root / "t5")
-    T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=16, d_kv=4, d_ff=32, num_layers=1,
-                            num_heads=2)).save_pretrained(root / "t5")
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(root / "t5")
+    T5EncoderModel(
+        T5Config(vocab_size=len(vocab), d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    ).save_pretrained(root / "t5")
     return {"vae": root / "vae", "video_vae": root / "video_vae", "t5": root / "t5"}
 
 
@@ -79,8 +97,17 @@ def _video(path: Path, frames: int, height: int, width: int, fps: int, caption: 
 
 
 def _argv(inp: Path, out: Path, models: dict[str, Path], *extra: str, vae: str = "vae") -> list[str]:
-    return [str(inp), str(out), "--vae", str(models[vae]), "--text-encoder", str(models["t5"]),
-            "--num-workers", "2", *extra]
+    return [
+        str(inp),
+        str(out),
+        "--vae",
+        str(models[vae]),
+        "--text-encoder",
+        str(models["t5"]),
+        "--num-workers",
+        "2",
+        *extra,
+    ]
 
 
 def _run(argv: list[str]):
@@ -94,8 +121,9 @@ def _read_shard(path: Path) -> dict[str, dict]:
         for member in tar.getmembers():
             key, ext = member.name.split(".", 1)
             payload = tar.extractfile(member).read()
-            value = {"pth": lambda b: torch.load(io.BytesIO(b)), "pickle": pickle.loads,
-                     "json": json.loads}[ext](payload)
+            value = {"pth": lambda b: torch.load(io.BytesIO(b)), "pickle": pickle.loads, "json": json.loads}[ext](
+                payload
+            )
             samples.setdefault(key.removeprefix("samples/"), {})[ext] = value
     return samples
 
@@ -115,9 +143,15 @@ def _energon_keys(out: Path) -> list[str]:
     class Reader(DefaultTaskEncoder):
         cookers = [Cooker(cook)]
 
-    dataset = get_train_dataset(out, worker_config=WorkerConfig(rank=0, world_size=1, num_workers=0),
-                                batch_size=None, shuffle_buffer_size=None, max_samples_per_sequence=None,
-                                task_encoder=Reader(), repeat=False)
+    dataset = get_train_dataset(
+        out,
+        worker_config=WorkerConfig(rank=0, world_size=1, num_workers=0),
+        batch_size=None,
+        shuffle_buffer_size=None,
+        max_samples_per_sequence=None,
+        task_encoder=Reader(),
+        repeat=False,
+    )
     keys = []
     for sample in get_loader(dataset):
         assert isinstance(sample["pth"], torch.Tensor) and isinstance(sample["json"], dict)
@@ -134,12 +168,12 @@ def _pixels(path: Path) -> torch.Tensor:
 def mixed(models, tmp_path_factory) -> tuple[Path, Path, object]:
     """Images of two sizes, a video, a broken image and an uncaptioned one; the image VAE; 2 per shard."""
     inp, out = tmp_path_factory.mktemp("mixed_in"), tmp_path_factory.mktemp("mixed") / "out"
-    _image(inp / "a.png", 40, 56, "a red square")                                   # position 0
-    (inp / "b.png").write_bytes(b"not an image")                                    # position 1: broken
+    _image(inp / "a.png", 40, 56, "a red square")  # position 0
+    (inp / "b.png").write_bytes(b"not an image")  # position 1: broken
     (inp / "b.txt").write_text("broken")
-    _image(inp / "c.png", 45, 30, "blue circle of green and a red square twice")    # position 2
-    _video(inp / "clip.mp4", 9, 32, 48, 24, "video of a square")                    # position 3
-    _image(inp / "e.png", 16, 16, None)                                             # no caption: not an input
+    _image(inp / "c.png", 45, 30, "blue circle of green and a red square twice")  # position 2
+    _video(inp / "clip.mp4", 9, 32, 48, 24, "video of a square")  # position 3
+    _image(inp / "e.png", 16, 16, None)  # no caption: not an input
     summary = _run(_argv(inp, out, models, "--samples-per-shard", "2", "--max-text-length", "6"))
     return inp, out, summary
 
@@ -151,13 +185,37 @@ def test_shards_hold_the_format(mixed):
     samples = _read_all(out)
     assert sorted(samples) == ["sample_0000000", "sample_0000002", "sample_0000003"]
     # latent: [C, H/4, W/4] for images (45x30 is cropped to 40x24), [C, T, H/4, W/4] per frame for the video
-    expected = {"sample_0000000": ((4, 10, 14), 3, {"caption": "a red square", "height": 40, "width": 56,
-                                                    "aspect_ratio": 1.4, "source": "a.png"}),
-                "sample_0000002": ((4, 10, 6), 6, {"caption": "blue circle of green and a red square twice",
-                                                   "height": 40, "width": 24, "aspect_ratio": 0.6, "source": "c.png"}),
-                "sample_0000003": ((4, 9, 8, 12), 4, {"caption": "video of a square", "height": 32, "width": 48,
-                                                      "aspect_ratio": 1.5, "source": "clip.mp4", "fps": 24.0,
-                                                      "num_frames": 9})}
+    expected = {
+        "sample_0000000": (
+            (4, 10, 14),
+            3,
+            {"caption": "a red square", "height": 40, "width": 56, "aspect_ratio": 1.4, "source": "a.png"},
+        ),
+        "sample_0000002": (
+            (4, 10, 6),
+            6,
+            {
+                "caption": "blue circle of green and a red square twice",
+                "height": 40,
+                "width": 24,
+                "aspect_ratio": 0.6,
+                "source": "c.png",
+            },
+        ),
+        "sample_0000003": (
+            (4, 9, 8, 12),
+            4,
+            {
+                "caption": "video of a square",
+                "height": 32,
+                "width": 48,
+                "aspect_ratio": 1.5,
+                "source": "clip.mp4",
+                "fps": 24.0,
+                "num_frames": 9,
+            },
+        ),
+    }
     for key, (latent_shape, text_length, meta) in expected.items():
         sample = samples[key]
         assert tuple(sample["pth"].shape) == latent_shape and sample["pth"].dtype == torch.bfloat16
@@ -307,7 +365,10 @@ USER_ERRORS = {  # case: (INPUT and the flags that differ from a good run, the s
     "csv without header": (_headerless_csv, "--captions: "),
     "bad shard size": (lambda t: [_captioned(t), "--samples-per-shard", "0"], "--samples-per-shard: "),
     "unknown vae path": (lambda t: [_captioned(t), "--vae", str(t / "no_vae")], "--vae: "),
-    "unknown text encoder path": (lambda t: [_captioned(t), "--text-encoder", "./no/t5"], "--text-encoder: ./no/t5 does"),
+    "unknown text encoder path": (
+        lambda t: [_captioned(t), "--text-encoder", "./no/t5"],
+        "--text-encoder: ./no/t5 does",
+    ),
     "not a text encoder folder": (lambda t: [_captioned(t), "--text-encoder", str(t)], "--text-encoder: cannot load"),
 }
 
@@ -331,12 +392,27 @@ def test_uncaptioned_folder_is_a_user_error(models, tmp_path, capsys):
 
 
 def test_command_line_exit_code(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "data.prepare", str(tmp_path / "nowhere"), str(tmp_path / "out"),
-                             "--vae", "x", "--text-encoder", "y"], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data.prepare",
+            str(tmp_path / "nowhere"),
+            str(tmp_path / "out"),
+            "--vae",
+            "x",
+            "--text-encoder",
+            "y",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"data.prepare: error: INPUT: {tmp_path / 'nowhere'} is not a folder; "
-        "give the folder that holds the images/videos"]
+        "give the folder that holds the images/videos"
+    ]
 
 
 @pytest.mark.parametrize("vae, frames", [("vae", 1), ("video_vae", 3)])
@@ -360,8 +436,9 @@ def test_vae_decode_for_sampling(models, tmp_path, vae, frames):
         expected = reference.decode(latents * STD + MEAN).sample.transpose(1, 2)  # [N, T, 3, H, W]
     expected = ((expected.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     assert pixels.shape == expected.shape and (pixels.int() - expected.int()).abs().max() <= 1
-    files = decode_to_files(Namespace(vae=str(models[vae]), vae_subfolder=None, output=str(tmp_path / "s.pt"), fps=8.0),
-                            latents)
+    files = decode_to_files(
+        Namespace(vae=str(models[vae]), vae_subfolder=None, output=str(tmp_path / "s.pt"), fps=8.0), latents
+    )
     assert len(files) == 2
     if frames == 1:
         assert files[0].endswith(".png") and Image.open(files[0]).size == (pixels.shape[-1], pixels.shape[-2])

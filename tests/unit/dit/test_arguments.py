@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from data.shards import energon_prepare, write_shard
-from dit.model import te
-from dit.training.arguments import MIN_ROPE_HEAD_DIM, check_energon_dataset, load_run_config, parse_args
 from dit.errors import ConfigError
-from tests.tiny_data import good_entries
+from dit.model import te
 from dit.runtime.mcore019 import megatron_fsdp_missing
+from dit.training.arguments import MIN_ROPE_HEAD_DIM, check_energon_dataset, load_run_config, parse_args
+from tests.tiny_data import good_entries
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4"]
@@ -28,19 +28,45 @@ def check(argv, world_size=1, **kw):
     return load_run_config(argv, world_size, **kw)
 
 
-@pytest.mark.parametrize("argv, world, flag, words", [
-    (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], 6,
-     "--tensor-model-parallel-size", "world size 6 is not divisible by tp*pp*cp = 2*2*1 = 4"),
-    (["--tensor-model-parallel-size", "3"], 3, "--tensor-model-parallel-size", "4 attention heads are not divisible by tp=3"),
-    (["--pipeline-model-parallel-size", "3"], 3, "--pipeline-model-parallel-size", "4 layers are not divisible into 3"),
-    (["--pipeline-model-parallel-size", "8"], 8, "--pipeline-model-parallel-size", "not divisible into 8 pipeline stages"),
-    (["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2"], 2,
-     "--virtual-pipeline-model-parallel-size", "virtual pipeline stages are not supported"),
-    (["--sequence-parallel"], 1, "--sequence-parallel", "needs --tensor-model-parallel-size > 1"),
-    (["--global-batch-size", "3"], 2, "--global-batch-size", "not a multiple of micro batch x DP = 1x2"),
-    (["--context-parallel-size", "0"], 1, "--context-parallel-size", "must be >= 1"),
-    (["--save-interval", "5"], 1, "--save-interval", "needs --save"),
-])
+@pytest.mark.parametrize(
+    "argv, world, flag, words",
+    [
+        (
+            ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"],
+            6,
+            "--tensor-model-parallel-size",
+            "world size 6 is not divisible by tp*pp*cp = 2*2*1 = 4",
+        ),
+        (
+            ["--tensor-model-parallel-size", "3"],
+            3,
+            "--tensor-model-parallel-size",
+            "4 attention heads are not divisible by tp=3",
+        ),
+        (
+            ["--pipeline-model-parallel-size", "3"],
+            3,
+            "--pipeline-model-parallel-size",
+            "4 layers are not divisible into 3",
+        ),
+        (
+            ["--pipeline-model-parallel-size", "8"],
+            8,
+            "--pipeline-model-parallel-size",
+            "not divisible into 8 pipeline stages",
+        ),
+        (
+            ["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2"],
+            2,
+            "--virtual-pipeline-model-parallel-size",
+            "virtual pipeline stages are not supported",
+        ),
+        (["--sequence-parallel"], 1, "--sequence-parallel", "needs --tensor-model-parallel-size > 1"),
+        (["--global-batch-size", "3"], 2, "--global-batch-size", "not a multiple of micro batch x DP = 1x2"),
+        (["--context-parallel-size", "0"], 1, "--context-parallel-size", "must be >= 1"),
+        (["--save-interval", "5"], 1, "--save-interval", "needs --save"),
+    ],
+)
 def test_parallel_and_training_mistakes(dataset, argv, world, flag, words):
     with pytest.raises(ConfigError) as e:
         check(TINY + ["--data-path", dataset] + argv, world)
@@ -60,11 +86,14 @@ def test_megatron_fsdp_refused_where_the_stack_lacks_it(dataset):
 
 
 @pytest.mark.skipif(megatron_fsdp_missing() is not None, reason="Megatron-FSDP needs megatron-core 0.17+")
-@pytest.mark.parametrize("argv, words", [
-    (FSDP + ["--pipeline-model-parallel-size", "2"], "not proven with pipeline parallelism"),
-    (FSDP + ["--save", "ckpt"], "checkpoints are not wired for it yet"),
-    (FSDP + ["--load", "."], "checkpoints are not wired for it yet"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (FSDP + ["--pipeline-model-parallel-size", "2"], "not proven with pipeline parallelism"),
+        (FSDP + ["--save", "ckpt"], "checkpoints are not wired for it yet"),
+        (FSDP + ["--load", "."], "checkpoints are not wired for it yet"),
+    ],
+)
 def test_megatron_fsdp_mistakes(dataset, argv, words):
     with pytest.raises(ConfigError) as e:
         check(TINY + ["--data-path", dataset] + argv, 2)
@@ -142,26 +171,41 @@ def test_data_path_mistakes(tmp_path, dataset):
         check(TINY + ["--data-path", str(tmp_path)])
 
 
-@pytest.mark.parametrize("make, words", [
-    (lambda ds, tmp: f"{ds}/shard_000000.tar", "is one shard; give the folder that holds the shards and .nv-meta"),
-    (lambda ds, tmp: (tmp / "x.txt").write_text("x") and tmp / "x.txt", "is a file, not an energon dataset folder"),
-    (lambda ds, tmp: (tmp / "m.yaml").write_text("- a\n") and tmp / "m.yaml", "is not an energon metadataset"),
-    (lambda ds, tmp: (tmp / "e" / ".nv-meta").mkdir(parents=True) or tmp / "e",
-     ".nv-meta lacks dataset.yaml, split.yaml, .info.json, index.sqlite: an interrupted prepare? run `energon prepare"),
-])
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda ds, tmp: f"{ds}/shard_000000.tar", "is one shard; give the folder that holds the shards and .nv-meta"),
+        (lambda ds, tmp: (tmp / "x.txt").write_text("x") and tmp / "x.txt", "is a file, not an energon dataset folder"),
+        (lambda ds, tmp: (tmp / "m.yaml").write_text("- a\n") and tmp / "m.yaml", "is not an energon metadataset"),
+        (
+            lambda ds, tmp: (tmp / "e" / ".nv-meta").mkdir(parents=True) or tmp / "e",
+            ".nv-meta lacks dataset.yaml, split.yaml, .info.json, index.sqlite: an interrupted prepare?"
+            " run `energon prepare",
+        ),
+    ],
+)
 def test_data_path_that_is_a_file_a_shard_or_an_empty_index(tmp_path, dataset, make, words):
     with pytest.raises(ConfigError) as e:
         check_energon_dataset(make(dataset, tmp_path))
     assert e.value.flag == "--data-path" and words in str(e.value)
 
 
-@pytest.mark.parametrize("shards, words", [
-    ({"a.tar": 4, "sub/b.tar": 4}, "sample key 'samples/good_0000' is in both a.tar and sub/b.tar, and energon prepare "
-                                   "refuses a key seen twice: write one of them with other keys"),
-    ({"a.tar": 4, "b.tar": 0}, "b.tar holds no sample, which energon prepare refuses: move it out"),
-    ({"a.tar": -4}, "the .json of sample 'samples/good_0001', one of the first two of the first shard (energon prepare "
-                    "prints them), is not JSON (JSONDecodeError): fix that member or move the sample out"),
-])
+@pytest.mark.parametrize(
+    "shards, words",
+    [
+        (
+            {"a.tar": 4, "sub/b.tar": 4},
+            "sample key 'samples/good_0000' is in both a.tar and sub/b.tar, and energon prepare "
+            "refuses a key seen twice: write one of them with other keys",
+        ),
+        ({"a.tar": 4, "b.tar": 0}, "b.tar holds no sample, which energon prepare refuses: move it out"),
+        (
+            {"a.tar": -4},
+            "the .json of sample 'samples/good_0001', one of the first two of the first shard (energon prepare "
+            "prints them), is not JSON (JSONDecodeError): fix that member or move the sample out",
+        ),
+    ],
+)
 def test_a_dataset_energon_prepare_refused_names_the_real_fix(tmp_path, shards, words):
     """Running prepare again would fail the same way: the line says what in the shards to fix."""
     for name, n in shards.items():  # n < 0: -n samples, the second with a .json cut short
@@ -178,15 +222,27 @@ def test_a_dataset_energon_prepare_refused_names_the_real_fix(tmp_path, shards, 
 
 
 def test_a_metadataset_yaml_is_a_dataset(tmp_path, dataset):
-    (tmp_path / "m.yaml").write_text(f"__module__: megatron.energon\n__class__: MetadatasetV2\nsplits: {{train: {{path: {dataset}}}}}\n")
+    (tmp_path / "m.yaml").write_text(
+        f"__module__: megatron.energon\n__class__: MetadatasetV2\nsplits: {{train: {{path: {dataset}}}}}\n"
+    )
     check_energon_dataset(tmp_path / "m.yaml")
 
 
-@pytest.mark.parametrize("hidden, heads, ok", [(48, 4, True), (64, 4, True), (32, 4, False), (52, 4, False),
-                                               (90, 6, False), (96, 8, True)])
+@pytest.mark.parametrize(
+    "hidden, heads, ok", [(48, 4, True), (64, 4, True), (32, 4, False), (52, 4, False), (90, 6, False), (96, 8, True)]
+)
 def test_rope_needs_a_head_dim_that_gives_every_axis_a_pair(dataset, hidden, heads, ok):
     """At head dim 8 (hidden 32 / 4 heads) 3D RoPE gives h and w no rotary pair: positions would be half-blind."""
-    argv = ["--num-layers", "2", "--hidden-size", str(hidden), "--num-attention-heads", str(heads), "--data-path", dataset]
+    argv = [
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        str(hidden),
+        "--num-attention-heads",
+        str(heads),
+        "--data-path",
+        dataset,
+    ]
     if ok:
         check(argv)
     else:
@@ -218,8 +274,9 @@ def test_model_size_fills_and_flags_override(dataset):
 
 def test_yaml_recipe_and_command_line_override(tmp_path, dataset):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model-size: DiT-S\nlr: 3.0e-4\ndata_path: {dataset}\nsequence-parallel: true\n"
-                      "tensor-model-parallel-size: 2\n")
+    recipe.write_text(
+        f"model-size: DiT-S\nlr: 3.0e-4\ndata_path: {dataset}\nsequence-parallel: true\ntensor-model-parallel-size: 2\n"
+    )
     a = check(["--config", str(recipe), "--lr", "1e-3"], world_size=2)
     assert a.optimizer.lr == 1e-3 and a.model.hidden_size == 384 and a.model.sequence_parallel
     assert a.data.data_path == dataset
@@ -233,16 +290,19 @@ def test_yaml_recipe_and_command_line_override(tmp_path, dataset):
         parse_args(["--config", str(tmp_path / "nope.yaml")])
 
 
-@pytest.mark.parametrize("line, words", [
-    ("model-size: DiT-XXL", ": --model-size: invalid choice: 'DiT-XXL'"),
-    ("max-latent-grid: 8", ": --max-latent-grid: expected 3 arguments"),
-    ("objective: foo", ": --objective: invalid choice: 'foo'"),
-    ("lr: fast", ": --lr: invalid float value: 'fast'"),
-    ("sequence-parallel: 'no'", "'sequence-parallel' takes true or false, got 'no'"),
-    ("lr: [1.0e-4, 2.0e-4]", "'lr' takes one value, got [0.0001, 0.0002]"),
-    ("num-layers: {a: 1}", "'num-layers' takes one value, got {'a': 1}"),
-    ("lr:", "'lr' is null; give it a value or delete the line (its default is 0.0001)"),
-])
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        ("model-size: DiT-XXL", ": --model-size: invalid choice: 'DiT-XXL'"),
+        ("max-latent-grid: 8", ": --max-latent-grid: expected 3 arguments"),
+        ("objective: foo", ": --objective: invalid choice: 'foo'"),
+        ("lr: fast", ": --lr: invalid float value: 'fast'"),
+        ("sequence-parallel: 'no'", "'sequence-parallel' takes true or false, got 'no'"),
+        ("lr: [1.0e-4, 2.0e-4]", "'lr' takes one value, got [0.0001, 0.0002]"),
+        ("num-layers: {a: 1}", "'num-layers' takes one value, got {'a': 1}"),
+        ("lr:", "'lr' is null; give it a value or delete the line (its default is 0.0001)"),
+    ],
+)
 def test_recipe_values_are_checked_like_flags(tmp_path, line, words):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(line + "\n")
@@ -266,11 +326,14 @@ def test_recipe_null_leaves_an_unset_flag_unset(tmp_path):
     assert a.global_batch_size is None and a.load is None  # not the string "None"
 
 
-@pytest.mark.parametrize("argv, flag, words", [
-    (["--lr-warmup", "5"], "--lr-warmup", "not a flag of this command"),  # no abbreviations: not --lr-warmup-iters
-    (["--lr"], "--lr", "expected one argument"),
-    (["--train-iters", "1.5"], "--train-iters", "invalid int value: '1.5'"),
-])
+@pytest.mark.parametrize(
+    "argv, flag, words",
+    [
+        (["--lr-warmup", "5"], "--lr-warmup", "not a flag of this command"),  # no abbreviations: not --lr-warmup-iters
+        (["--lr"], "--lr", "expected one argument"),
+        (["--train-iters", "1.5"], "--train-iters", "invalid int value: '1.5'"),
+    ],
+)
 def test_flag_syntax_mistakes_are_config_errors(argv, flag, words):
     with pytest.raises(ConfigError) as e:
         parse_args(argv)
@@ -278,15 +341,27 @@ def test_flag_syntax_mistakes_are_config_errors(argv, flag, words):
 
 
 def run_entry(*argv, env=None):
-    return subprocess.run([sys.executable, str(ROOT / "pretrain_dit.py"), *argv], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "pretrain_dit.py"), *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
 
 
 def test_help_without_gpu_dataset_or_torchrun():
     out = run_entry("--help")
     assert out.returncode == 0
-    for flag in ("--tensor-model-parallel-size", "--model-size", "--objective", "--fp8-recipe",
-                 "--packing-buffer-size", "--config"):
+    for flag in (
+        "--tensor-model-parallel-size",
+        "--model-size",
+        "--objective",
+        "--fp8-recipe",
+        "--packing-buffer-size",
+        "--config",
+    ):
         assert flag in out.stdout
     assert "(default: 1)" in out.stdout  # defaults are listed
 
@@ -303,22 +378,44 @@ def _main(capsys, *argv: str) -> tuple[int, str]:
 
 def test_user_mistake_is_one_line_without_traceback(tmp_path, capsys):
     assert _main(capsys, "--data-path", str(tmp_path / "missing")) == (
-        2, f"pretrain_dit.py: error: --data-path: {tmp_path / 'missing'} does not exist\n")
+        2,
+        f"pretrain_dit.py: error: --data-path: {tmp_path / 'missing'} does not exist\n",
+    )
     # argparse's own mistakes too: no usage dump
     assert _main(capsys, "--lr", "fast") == (2, "pretrain_dit.py: error: --lr: invalid float value: 'fast'\n")
 
 
 def test_command_line_does_not_import_megatron():
     """--help and config mistakes answer at once: the parser must not pull in Megatron-Core or torch."""
-    out = subprocess.run([sys.executable, "-c", "import sys, dit.training.arguments; "
-                          "print(sorted(m for m in ('megatron', 'torch') if m in sys.modules))"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, dit.training.arguments; print(sorted(m for m in ('megatron', 'torch') if m in sys.modules))",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.stdout.strip() == "[]", out.stderr
 
 
 def test_model_config_mistake_is_one_line_too(dataset, capsys):
-    status, err = _main(capsys, *TINY, *FITS_TINY_DATA, "--data-path", dataset, "--recompute-granularity", "full",
-                        "--recompute-num-layers", "3")
+    status, err = _main(
+        capsys,
+        *TINY,
+        *FITS_TINY_DATA,
+        "--data-path",
+        dataset,
+        "--recompute-granularity",
+        "full",
+        "--recompute-num-layers",
+        "3",
+    )
     assert status == 2 and "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith(
-        "pretrain_dit.py: error: --recompute-num-layers: uniform recompute groups 3 layers")
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith("pretrain_dit.py: error: --recompute-num-layers: uniform recompute groups 3 layers")
+    )

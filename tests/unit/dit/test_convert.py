@@ -10,16 +10,23 @@ from diffusers import DiTTransformer2DModel
 from megatron.core import dist_checkpointing
 
 from dit import convert
+from dit.model.config import ARCHITECTURE_FIELDS
 from dit.model.model import DiTModel
 from dit.model.packed import PackedBatch
 from dit.model.patchify import patchify
-from dit.model.config import ARCHITECTURE_FIELDS
 from tests.distributed import run_distributed
 from tests.model_setup import full_weights
 from tests.tiny_data import payloads, write_dataset
 
-SMALL = dict(num_attention_heads=4, attention_head_dim=12, in_channels=4, num_layers=2, sample_size=8, patch_size=2,
-             num_embeds_ada_norm=10)
+SMALL = dict(
+    num_attention_heads=4,
+    attention_head_dim=12,
+    in_channels=4,
+    num_layers=2,
+    sample_size=8,
+    patch_size=2,
+    num_embeds_ada_norm=10,
+)
 # fp32 on both sides; the two models differ in summation order (fused qkv, conv vs linear patch embedding,
 # attention kernels), a few ulps per operation through two blocks
 RTOL, ATOL = 1e-5, 1e-5
@@ -53,9 +60,17 @@ def ours_on_images(model: DiTModel, latents, timesteps, labels) -> torch.Tensor:
     n = tokens[0].shape[0]
     cu = torch.arange(len(tokens) + 1, dtype=torch.int32) * n
     grid = latents.shape[-1] // model.config.patch_size
-    batch = PackedBatch(tokens=torch.cat(tokens), positions=torch.cat(positions), loss_mask=None, cu_seqlens=cu,
-                        cu_seqlens_padded=cu, text=torch.zeros(0, 1), cu_seqlens_text=torch.zeros_like(cu),
-                        grid_sizes=torch.tensor([[1, grid, grid]] * len(tokens)), labels=labels)
+    batch = PackedBatch(
+        tokens=torch.cat(tokens),
+        positions=torch.cat(positions),
+        loss_mask=None,
+        cu_seqlens=cu,
+        cu_seqlens_padded=cu,
+        text=torch.zeros(0, 1),
+        cu_seqlens_text=torch.zeros_like(cu),
+        grid_sizes=torch.tensor([[1, grid, grid]] * len(tokens)),
+        labels=labels,
+    )
     prediction = model(batch.tokens, timesteps, batch)
     return torch.stack([x.squeeze(1) for x in model.unpatchify(prediction, batch)])
 
@@ -95,25 +110,69 @@ def test_import_refuses_blocks_with_different_embedders(single_process):
 
 
 def test_export_refuses_a_model_diffusers_would_compute_differently(single_process):
-    config = dataclasses.replace(convert.config_from_diffusers(dict(small_diffusers_dit(False).config)),
-                                 timestep_freq_shift=0.0)  # the paper's sinusoid; diffusers hard-codes 1
+    config = dataclasses.replace(
+        convert.config_from_diffusers(dict(small_diffusers_dit(False).config)), timestep_freq_shift=0.0
+    )  # the paper's sinusoid; diffusers hard-codes 1
     with pytest.raises(ValueError, match="timestep_freq_shift=1.0"):
         convert.diffusers_config(config)
 
 
-TRAIN_FLAGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--latent-channels", "4",
-               "--patch-size", "2", "--text-embed-dim", "8", "--max-seq-length", "32", "--packing-buffer-size", "8",
-               "--num-workers", "0", "--transformer-impl", "local", "--log-interval", "1", "--train-iters", "2",
-               "--tensor-model-parallel-size", "2", "--conditioning", "class", "--num-classes", "10",
-               "--position-embedding", "sincos3d", "--no-qk-layernorm", "--timestep-freq-shift", "1",
-               "--max-latent-grid", "1", "4", "4"]
+TRAIN_FLAGS = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "32",
+    "--num-attention-heads",
+    "4",
+    "--latent-channels",
+    "4",
+    "--patch-size",
+    "2",
+    "--text-embed-dim",
+    "8",
+    "--max-seq-length",
+    "32",
+    "--packing-buffer-size",
+    "8",
+    "--num-workers",
+    "0",
+    "--transformer-impl",
+    "local",
+    "--log-interval",
+    "1",
+    "--train-iters",
+    "2",
+    "--tensor-model-parallel-size",
+    "2",
+    "--conditioning",
+    "class",
+    "--num-classes",
+    "10",
+    "--position-embedding",
+    "sincos3d",
+    "--no-qk-layernorm",
+    "--timestep-freq-shift",
+    "1",
+    "--max-latent-grid",
+    "1",
+    "4",
+    "4",
+]
 
 
 def _class_images(root):
     """Labelled images of up to 4 x 4 patches (diffusers' DiT takes square grids up to its sample size)."""
-    entries = [(f"img_{i:03d}", payloads((4, 2 * (1 + i % 4), 2 * (1 + i % 3)), seed=i,
-                                         meta={"caption": "x", "height": 64, "width": 64, "label": i % 10}))
-               for i in range(16)]
+    entries = [
+        (
+            f"img_{i:03d}",
+            payloads(
+                (4, 2 * (1 + i % 4), 2 * (1 + i % 3)),
+                seed=i,
+                meta={"caption": "x", "height": 64, "width": 64, "label": i % 10},
+            ),
+        )
+        for i in range(16)
+    ]
     return str(write_dataset(root, entries))
 
 
@@ -125,8 +184,7 @@ def _train_tp2(data_path, save):
     from dit.training.arguments import load_run_config
     from dit.training.pretrain import pretrain
 
-    run = load_run_config(TRAIN_FLAGS + ["--data-path", data_path, "--save", str(save)],
-                         dist.get_world_size())
+    run = load_run_config(TRAIN_FLAGS + ["--data-path", data_path, "--save", str(save)], dist.get_world_size())
     result = pretrain(run, pretrain_dit.HOOKS)
     raw = full_weights(result.setup.model[0].module, result.setup.config)
     with result.ema.applied():
@@ -151,12 +209,15 @@ def test_a_tp2_training_checkpoint_exports_to_diffusers_and_imports_back(single_
 
     assert convert.main(["export", str(tmp_path / "run"), str(tmp_path / "diffusers")]) == 0  # the EMA again
     assert convert.main(["import", str(tmp_path / "diffusers"), str(tmp_path / "ours")]) == 0
-    stored = [dist_checkpointing.load_common_state_dict(str(path))["model_config"]
-              for path in (convert.resolve_checkpoint(tmp_path / "run"), tmp_path / "ours")]
+    stored = [
+        dist_checkpointing.load_common_state_dict(str(path))["model_config"]
+        for path in (convert.resolve_checkpoint(tmp_path / "run"), tmp_path / "ours")
+    ]
     assert stored[0].keys() == stored[1].keys() == set(ARCHITECTURE_FIELDS)  # one format, both writers
     unread = {"text_embed_dim"}  # a class-conditioned model has no text input: diffusers' config does not say it
-    assert {k: v for k, v in stored[0].items() if k not in unread} == {k: v for k, v in stored[1].items()
-                                                                       if k not in unread}
+    assert {k: v for k, v in stored[0].items() if k not in unread} == {
+        k: v for k, v in stored[1].items() if k not in unread
+    }
     back = convert.read_checkpoint(tmp_path / "ours", convert.checkpoint_config(tmp_path / "ours"))
     assert back.keys() == trained.keys()
     for name, weight in trained.items():

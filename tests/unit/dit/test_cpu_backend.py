@@ -37,7 +37,8 @@ def test_active_without_cuda_maps_megatron_cuda_idioms(layer, caplog):
         assert layer.enable() is True
         assert layer.enable() is True  # idempotent, logs once
     assert [r.getMessage() for r in caplog.records].count(
-        "No CUDA device: Megatron-Core runs on CPU through dit.runtime.cpu_backend (gloo, local kernels).") == 1
+        "No CUDA device: Megatron-Core runs on CPU through dit.runtime.cpu_backend (gloo, local kernels)."
+    ) == 1
     assert torch.zeros(2, device="cuda").device.type == "cpu"
     assert torch.empty(3, device=torch.cuda.current_device()).device.type == "cpu"
     assert torch.ones(2, device=torch.device("cuda", 0)).device.type == "cpu"

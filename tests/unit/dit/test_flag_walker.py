@@ -8,12 +8,24 @@ A flag new to the parser fails :func:`test_every_flag_is_walked` until it gets a
 import pytest
 
 from data.loader.launch_check import check_launch
-from dit.training.arguments import build_parser, load_run_config
 from dit.errors import ConfigError
+from dit.training.arguments import build_parser, load_run_config
 
 # a launch that passes every check on the tiny dataset ({dataset} stands for its folder)
-BASE = ["--model-size", "DiT-debug", "--latent-channels", "4",
-        "--text-embed-dim", "8", "--max-seq-length", "32", "--num-workers", "0", "--data-path", "{dataset}"]
+BASE = [
+    "--model-size",
+    "DiT-debug",
+    "--latent-channels",
+    "4",
+    "--text-embed-dim",
+    "8",
+    "--max-seq-length",
+    "32",
+    "--num-workers",
+    "0",
+    "--data-path",
+    "{dataset}",
+]
 SHARD = "{dataset}/shard_000000.tar"  # an existing file that is not a dataset or a directory
 
 INVALID: dict[str, list[str]] = {
@@ -102,8 +114,16 @@ INVALID: dict[str, list[str]] = {
     "--num-workers": ["--num-workers", "-1"],
     "--packing-buffer-size": ["--packing-buffer-size", "0"],
     "--max-bad-sample-fraction": ["--max-bad-sample-fraction", "2"],
-    "--no-packing": ["--no-packing", "--validate-only", "--world-size", "2", "--context-parallel-size", "2",
-                     "--max-seq-length", "30"],  # every sample padded to 30 tokens: not 2*cp chunks
+    "--no-packing": [
+        "--no-packing",
+        "--validate-only",
+        "--world-size",
+        "2",
+        "--context-parallel-size",
+        "2",
+        "--max-seq-length",
+        "30",
+    ],  # every sample padded to 30 tokens: not 2*cp chunks
     "--max-text-length": ["--max-text-length", "0"],
     "--oversize-policy": ["--oversize-policy", "warn"],
     "--text-padding": ["--text-padding", "zeros"],
@@ -127,12 +147,14 @@ NO_INVALID_VALUE = {
     "--wandb-project": "any name; it needs the wandb package, which depends on the machine",
     "--validate-only": "a switch",
     "--text-embedding-key": "any key: read only from .pickle members that hold a dict (a dict without it is a counted "
-                            "skip, and the launch check names the flag when no probed sample has it)",
+    "skip, and the launch check names the flag when no probed sample has it)",
 }
 
 
 def _flags() -> list[str]:
-    return [next(o for o in a.option_strings if o.startswith("--")) for a in build_parser()._actions if a.option_strings]
+    return [
+        next(o for o in a.option_strings if o.startswith("--")) for a in build_parser()._actions if a.option_strings
+    ]
 
 
 @pytest.fixture
@@ -147,7 +169,9 @@ def _launch(argv: list[str], dataset: str):
 
 def test_every_flag_is_walked():
     flags = _flags()
-    assert not sorted(set(flags) - INVALID.keys() - NO_INVALID_VALUE.keys()), "add these flags to INVALID or NO_INVALID_VALUE"
+    assert not sorted(set(flags) - INVALID.keys() - NO_INVALID_VALUE.keys()), (
+        "add these flags to INVALID or NO_INVALID_VALUE"
+    )
     assert not sorted((INVALID.keys() | NO_INVALID_VALUE.keys()) - set(flags)), "these flags are gone from --help"
     assert not INVALID.keys() & NO_INVALID_VALUE.keys()
 

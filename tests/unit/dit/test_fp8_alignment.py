@@ -13,11 +13,11 @@ import torch
 from megatron.core import parallel_state as ps
 
 from data.loader.rank_split import pad_multiple
-from dit.runtime import distributed as runtime
-from dit.model.config import dit_config
 from dit.errors import ConfigError
+from dit.model.config import dit_config
 from dit.model.fp8 import check_fp8_device, check_fp8_widths, fp8_rows
 from dit.model.model import DiTModel
+from dit.runtime import distributed as runtime
 from dit.runtime.distributed import ParallelLayout
 from tests.distributed import run_distributed
 from tests.model_setup import cp_share, make_microbatch, randomize, tiny_config
@@ -32,9 +32,16 @@ def _linear_shapes(layout: ParallelLayout, sequence_parallel: bool) -> dict[str,
     """Per recipe: (input rows, input width, weight shape) of every linear call in the transformer block."""
     runtime.initialize_model_parallel(layout)
     runtime.set_random_seed(1, per_data_parallel_rank=False)
-    config = tiny_config(hidden_size=64, num_layers=2, conditioning="text", position_embedding="rope3d",
-                         tensor_model_parallel_size=layout.tensor, context_parallel_size=layout.context,
-                         pipeline_model_parallel_size=layout.pipeline, sequence_parallel=sequence_parallel)
+    config = tiny_config(
+        hidden_size=64,
+        num_layers=2,
+        conditioning="text",
+        position_embedding="rope3d",
+        tensor_model_parallel_size=layout.tensor,
+        context_parallel_size=layout.context,
+        pipeline_model_parallel_size=layout.pipeline,
+        sequence_parallel=sequence_parallel,
+    )
     first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
     model = DiTModel(config, pre_process=first, post_process=last)
     randomize(model, seed=2)
@@ -42,8 +49,9 @@ def _linear_shapes(layout: ParallelLayout, sequence_parallel: bool) -> dict[str,
     # the backend's linears (TE's on a GPU); the adaLN projection is Megatron's own linear, which FP8 leaves alone
     linears = [m for name, m in model.decoder.named_modules() if name.rsplit(".", 1)[-1] in TE_LINEARS]
     for linear in linears:
-        linear.register_forward_pre_hook(lambda mod, args: seen.append(
-            (args[0].shape[:-1].numel(), args[0].shape[-1], tuple(mod.weight.shape))))
+        linear.register_forward_pre_hook(
+            lambda mod, args: seen.append((args[0].shape[:-1].numel(), args[0].shape[-1], tuple(mod.weight.shape)))
+        )
     shapes = {}
     for recipe in RECIPES:
         model.fp8_recipe = recipe  # the FP8 padding on, the math in fp32
@@ -51,8 +59,11 @@ def _linear_shapes(layout: ParallelLayout, sequence_parallel: bool) -> dict[str,
         seen.clear()
         for length in TEXT_LENGTHS:
             grids = [(1, 2 * (1 + length % 3), 6)] + [(1, 4, 4)] * (length % 2)  # 1 or 2 samples of 12-36 tokens
-            mb = cp_share(make_microbatch(length, grids, pad_multiple=multiple, text_lengths=[length] * len(grids)),
-                          layout.context, ps.get_context_parallel_rank())
+            mb = cp_share(
+                make_microbatch(length, grids, pad_multiple=multiple, text_lengths=[length] * len(grids)),
+                layout.context,
+                ps.get_context_parallel_rank(),
+            )
             if not first:  # what the previous stage would send: this rank's (SP slice of its) CP share
                 rows = mb.batch.tokens.shape[0] // (layout.tensor if sequence_parallel else 1)
                 model.set_input_tensor(torch.randn(rows, 1, config.hidden_size))
@@ -80,9 +91,15 @@ def test_every_fp8_linear_input_follows_tes_rule_in_one_process(single_process):
 
 @pytest.mark.dist
 @pytest.mark.slow
-@pytest.mark.parametrize("layout, sequence_parallel", [
-    (ParallelLayout(tensor=2), True), (ParallelLayout(context=2), False), (ParallelLayout(pipeline=2), False),
-], ids=["tp2-sp", "cp2", "pp2"])
+@pytest.mark.parametrize(
+    "layout, sequence_parallel",
+    [
+        (ParallelLayout(tensor=2), True),
+        (ParallelLayout(context=2), False),
+        (ParallelLayout(pipeline=2), False),
+    ],
+    ids=["tp2-sp", "cp2", "pp2"],
+)
 def test_every_fp8_linear_input_follows_tes_rule_per_rank(layout, sequence_parallel):
     _assert_te_accepts(run_distributed(_linear_shapes, 2, layout, sequence_parallel))
 
@@ -93,20 +110,33 @@ def test_fp8_rows_per_recipe():
 
 def test_widths_that_break_the_rule_are_refused_with_one_line():
     xl = dit_config("DiT-XL", tensor_model_parallel_size=8)  # 1152 / 8 = 144 per TP rank
-    widths = {"hidden width": xl.hidden_size, "MLP width / tp=8": xl.ffn_hidden_size // 8,
-              "query width / tp=8": xl.hidden_size // 8}
+    widths = {
+        "hidden width": xl.hidden_size,
+        "MLP width / tp=8": xl.ffn_hidden_size // 8,
+        "query width / tp=8": xl.hidden_size // 8,
+    }
     check_fp8_widths("delayed", widths)  # 144 = 9 x 16
-    with pytest.raises(ConfigError, match=r"hidden_size: FP8 \(mxfp8\).* multiple of 32, and the query width / "
-                                          r"tp=8 is 144"):
+    with pytest.raises(
+        ConfigError,
+        match=r"hidden_size: FP8 \(mxfp8\).* multiple of 32, and the query width / "
+        r"tp=8 is 144",
+    ):
         check_fp8_widths("mxfp8", widths)
     with pytest.raises(ConfigError, match="hidden_size: FP8 .*multiple of 32"):  # DiTConfig names its field
         dit_config("DiT-XL", tensor_model_parallel_size=8, fp8="hybrid", fp8_recipe="mxfp8")
 
 
-@pytest.mark.parametrize("recipe, capability, ok", [
-    ("delayed", (9, 0), True), ("tensorwise", (8, 9), True), ("delayed", (8, 0), False),
-    ("blockwise", (9, 0), True), ("mxfp8", (9, 0), False), ("mxfp8", (10, 0), True),
-])
+@pytest.mark.parametrize(
+    "recipe, capability, ok",
+    [
+        ("delayed", (9, 0), True),
+        ("tensorwise", (8, 9), True),
+        ("delayed", (8, 0), False),
+        ("blockwise", (9, 0), True),
+        ("mxfp8", (9, 0), False),
+        ("mxfp8", (10, 0), True),
+    ],
+)
 def test_recipes_are_refused_on_gpus_without_their_kernels(recipe, capability, ok):
     if ok:
         check_fp8_device(recipe, capability, "GPU")

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import pretrain_dit
-from dit.checkpoint.files import find_checkpoint
-from dit.training.arguments import load_run_config
 from dit import generate
+from dit.checkpoint.files import find_checkpoint
 from dit.diffusion import build_objective
 from dit.diffusion.flow import TIMESTEP_SCALE
 from dit.diffusion.guidance import Condition, GuidedPrediction
 from dit.model.model import DiTModel
+from dit.training.arguments import load_run_config
 from dit.training.pretrain import pretrain
 from tests.distributed import run_distributed
 from tests.launch import ROOT
@@ -43,8 +43,11 @@ def test_guidance_is_uncond_plus_g_times_the_difference(single_process, conditio
     assert torch.allclose(run(conds, 2.5), uncond + 2.5 * (cond - uncond), atol=1e-5)  # one pass of 2 x 3 samples
 
 
-@pytest.mark.parametrize("flow_shift, shift", [(3.0, 3.0), ("auto", (6 / 256) ** 0.5)],  # 1 x 4 x 6 at patch 2: 6 tokens
-                         ids=["fixed", "auto"])
+@pytest.mark.parametrize(
+    "flow_shift, shift",
+    [(3.0, 3.0), ("auto", (6 / 256) ** 0.5)],  # 1 x 4 x 6 at patch 2: 6 tokens
+    ids=["fixed", "auto"],
+)
 def test_the_flow_samplers_time_grid_is_the_training_shift(single_process, flow_shift, shift):
     """The network sees t' = a t / (1 + (a - 1) t) of t uniform from 1 to 0 (SD3's shift), a = --flow-shift or
     sqrt(tokens / 256): every level the Euler sampler of ``dit.generate`` asks for, written out by hand."""
@@ -53,10 +56,33 @@ def test_the_flow_samplers_time_grid_is_the_training_shift(single_process, flow_
     randomize(model, seed=3)
     seen: list[torch.Tensor] = []
     model.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[1] / TIMESTEP_SCALE))  # (x, timesteps, batch)
-    args = generate.build_parser().parse_args(["--load", "x", "--latent-shape", "4,1,4,6", "--output", "x",
-                                               "--sampler", "euler", "--steps", "4", "--guidance", "1", "--num-samples", "1"])
-    generate.sample(args, model, build_objective("flow", flow_shift=flow_shift), config, [Condition(label=1)],
-                    (4, 1, 4, 6), torch.device("cpu"))
+    args = generate.build_parser().parse_args(
+        [
+            "--load",
+            "x",
+            "--latent-shape",
+            "4,1,4,6",
+            "--output",
+            "x",
+            "--sampler",
+            "euler",
+            "--steps",
+            "4",
+            "--guidance",
+            "1",
+            "--num-samples",
+            "1",
+        ]
+    )
+    generate.sample(
+        args,
+        model,
+        build_objective("flow", flow_shift=flow_shift),
+        config,
+        [Condition(label=1)],
+        (4, 1, 4, 6),
+        torch.device("cpu"),
+    )
     uniform = [1.0, 0.75, 0.5, 0.25]  # Euler evaluates at every time but the last (t = 0)
     expected = torch.tensor([shift * t / (1 + (shift - 1) * t) for t in uniform])
     assert len(seen) == len(uniform)
@@ -69,8 +95,9 @@ FLAGS = TINY_RUN + ["--lr", "1e-2", "--ema-decay", "0.5", "--global-batch-size",
 def _train(data_path: str, save: str) -> dict:
     import torch.distributed as dist
 
-    run = load_run_config(FLAGS + ["--data-path", data_path, "--save", save,
-                                             "--tensor-model-parallel-size", "2"], dist.get_world_size())
+    run = load_run_config(
+        FLAGS + ["--data-path", data_path, "--save", save, "--tensor-model-parallel-size", "2"], dist.get_world_size()
+    )
     result = pretrain(run, pretrain_dit.HOOKS)
     with result.ema.applied():
         return full_weights(result.setup.model[0].module, result.setup.config)
@@ -79,8 +106,9 @@ def _train(data_path: str, save: str) -> dict:
 def _loaded(save: str, no_ema: bool) -> dict:
     from dit import generate
 
-    args = generate.build_parser().parse_args(["--load", save, "--latent-shape", "4,4,4", "--output", "x.pt"]
-                                              + (["--no-ema"] if no_ema else []))
+    args = generate.build_parser().parse_args(
+        ["--load", save, "--latent-shape", "4,4,4", "--output", "x.pt"] + (["--no-ema"] if no_ema else [])
+    )
     model, _, which = generate.load_model(args, find_checkpoint(args.load), torch.device("cpu"))
     assert which == ("raw" if no_ema else "EMA")
     return {n: p.detach().clone().numpy() for n, p in model.named_parameters()}
@@ -97,10 +125,33 @@ def test_a_tp2_checkpoint_samples_in_one_cpu_process(tmp_path):
     for name, weights in ema.items():
         assert (loaded[name] == weights).all(), name  # the TP=2 shards of the EMA, put together
     assert any((raw[n] != ema[n]).any() for n in ema)  # and the raw weights are other weights
-    out = subprocess.run([sys.executable, "-m", "dit.generate", "--load", str(tmp_path / "ckpt"), "--latent-shape",
-                          "4,2,4,4", "--num-samples", "3", "--steps", "4", "--guidance", "2", "--seed", "1",
-                          "--output", str(tmp_path / "x.pt"), "--text-embedding", *_prompts(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dit.generate",
+            "--load",
+            str(tmp_path / "ckpt"),
+            "--latent-shape",
+            "4,2,4,4",
+            "--num-samples",
+            "3",
+            "--steps",
+            "4",
+            "--guidance",
+            "2",
+            "--seed",
+            "1",
+            "--output",
+            str(tmp_path / "x.pt"),
+            "--text-embedding",
+            *_prompts(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     latents = torch.load(tmp_path / "x.pt")
     assert latents.shape == (6, 4, 2, 4, 4) and torch.isfinite(latents).all()
@@ -142,12 +193,12 @@ def test_the_png_grid_has_a_gap_between_cells_and_each_rows_label(tmp_path):
         top = gap + r * (cell + gap)
         for k in range(3):
             x = left + gap + k * (cell + gap)
-            painted[top:top + cell, x:x + cell] = round((float(values[3 * r + k]) + 1) * 127.5)
+            painted[top : top + cell, x : x + cell] = round((float(values[3 * r + k]) + 1) * 127.5)
     cells = painted != bg
     assert torch.equal(image[cells], painted[cells])  # each cell in its place, its own value
     labels = image[:, :left]
     assert torch.equal(image[:, left:][~cells[:, left:]], painted[:, left:][~cells[:, left:]])  # gaps: background
-    bands = [labels[gap + r * (cell + gap):gap + r * (cell + gap) + cell] for r in range(2)]
+    bands = [labels[gap + r * (cell + gap) : gap + r * (cell + gap) + cell] for r in range(2)]
     assert all((band != bg).any() for band in bands)  # a label in each row's band
     assert not torch.equal(bands[0], bands[1])  # and not the same one
-    assert (labels[:gap] == bg).all() and (labels[gap + cell:2 * gap + cell] == bg).all()  # none in the margins
+    assert (labels[:gap] == bg).all() and (labels[gap + cell : 2 * gap + cell] == bg).all()  # none in the margins

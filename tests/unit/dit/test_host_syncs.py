@@ -35,13 +35,15 @@ def _count(data_path: str, extra: list[str], plant_read: bool) -> dict:
     import torch.distributed as dist
 
     import pretrain_dit
-    from dit.training.host_syncs import count_iterations
     from dit.training.arguments import load_run_config
+    from dit.training.host_syncs import count_iterations
     from dit.training.pretrain import TrainingLoop, setup_training
     from dit.training.state import TrainState
 
-    run = load_run_config(TINY_RUN + ["--data-path", data_path, "--train-iters", "10",
-                                                "--log-interval", "100"] + extra, dist.get_world_size())
+    run = load_run_config(
+        TINY_RUN + ["--data-path", data_path, "--train-iters", "10", "--log-interval", "100"] + extra,
+        dist.get_world_size(),
+    )
     setup = setup_training(run, pretrain_dit.HOOKS)
     loop = TrainingLoop(setup, pretrain_dit.train_data_provider(run), pretrain_dit.forward_step, TrainState())
     loop.iterate()  # warm-up: the optimizer's state exists from here on
@@ -56,8 +58,11 @@ def _count(data_path: str, extra: list[str], plant_read: bool) -> dict:
 
         dit.model.layer_spec.gated_residual = reading_residual
     counter = count_iterations(loop, COUNTED_STEPS)
-    return {"inside": counter.by_site(inside=True), "backward": counter.by_site(backward=True),
-            "all": counter.by_site()}
+    return {
+        "inside": counter.by_site(inside=True),
+        "backward": counter.by_site(backward=True),
+        "all": counter.by_site(),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +70,15 @@ def dataset(tmp_path_factory):
     return str(write_dataset(tmp_path_factory.mktemp("syncs"), good_entries(24, seed=6)))
 
 
-@pytest.mark.parametrize("world, extra", [
-    (1, []),
-    (1, ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]),
-    pytest.param(2, ["--context-parallel-size", "2"], marks=pytest.mark.dist),
-], ids=["single", "recompute", "cp2"])
+@pytest.mark.parametrize(
+    "world, extra",
+    [
+        (1, []),
+        (1, ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]),
+        pytest.param(2, ["--context-parallel-size", "2"], marks=pytest.mark.dist),
+    ],
+    ids=["single", "recompute", "cp2"],
+)
 def test_layers_read_nothing_and_a_step_only_the_named_reads(dataset, world, extra):
     for reads in run_distributed(_count, world, dataset, extra, False):
         assert reads["inside"] == Counter() and reads["backward"] == Counter(), reads

@@ -23,7 +23,7 @@ def _brute_force(q, k, v, q_rows, q_real, k_starts, k_real):
     """Each sample's queries attend to its own real keys; pad queries output zero. ``[t, np*hn]``."""
     out, start = [], 0
     for rows, real, k0, kn in zip(q_rows, q_real, k_starts, k_real):
-        qs, ks, vs = (x.transpose(0, 1) for x in (q[start:start + rows], k[k0:k0 + kn], v[k0:k0 + kn]))
+        qs, ks, vs = (x.transpose(0, 1) for x in (q[start : start + rows], k[k0 : k0 + kn], v[k0 : k0 + kn]))
         weights = torch.softmax(qs @ ks.transpose(1, 2) / math.sqrt(HEAD_DIM), dim=-1)  # [np, rows, kn]
         o = (weights @ vs).transpose(0, 1)  # [rows, np, hn]
         out.append(torch.cat([o[:real], torch.zeros_like(o[real:])]))
@@ -50,11 +50,20 @@ def test_grouped_attention_equals_per_sample_softmax(single_process, case):
     g = torch.Generator().manual_seed(3)
     q = torch.randn(sum(c["q_padded"]), HEADS, HEAD_DIM, generator=g, requires_grad=True)
     k, v = (torch.randn(sum(k_padded), HEADS, HEAD_DIM, generator=g, requires_grad=True) for _ in range(2))
-    params = attention_params(PackedSeqParams(
-        qkv_format="thd", cu_seqlens_q=_cu(c["q_real"]), cu_seqlens_q_padded=_cu(c["q_padded"]),
-        cu_seqlens_kv=_cu(k_real), cu_seqlens_kv_padded=_cu(k_padded)), cp=1, cp_rank=0)
-    attention = PackedAttention(tiny_config(), 1, AttnMaskType.no_mask, "self",
-                                pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+    params = attention_params(
+        PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=_cu(c["q_real"]),
+            cu_seqlens_q_padded=_cu(c["q_padded"]),
+            cu_seqlens_kv=_cu(k_real),
+            cu_seqlens_kv_padded=_cu(k_padded),
+        ),
+        cp=1,
+        cp_rank=0,
+    )
+    attention = PackedAttention(
+        tiny_config(), 1, AttnMaskType.no_mask, "self", pg_collection=ProcessGroupCollection.use_mpu_process_groups()
+    )
     out = attention(q, k, v, None, packed_seq_params=params)
     expected = _brute_force(q, k, v, c["q_padded"], c["q_real"], _cu(k_padded).tolist(), k_real)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)  # fp32, only summation order differs
@@ -79,20 +88,31 @@ def test_attention_memory_is_linear_in_the_sample_length(single_process):
 def _te_217_infers_padding(params: PackedSeqParams) -> bool:
     """How Transformer Engine 2.9 to 2.17 decides ``pad_between_seqs`` when it is not given
     (``dot_product_attention.py``: the offsets of all samples but the last compared)."""
-    return not (torch.equal(params.cu_seqlens_q_padded[:-1], params.cu_seqlens_q[:-1])
-                and torch.equal(params.cu_seqlens_kv_padded[:-1], params.cu_seqlens_kv[:-1]))
+    return not (
+        torch.equal(params.cu_seqlens_q_padded[:-1], params.cu_seqlens_q[:-1])
+        and torch.equal(params.cu_seqlens_kv_padded[:-1], params.cu_seqlens_kv[:-1])
+    )
 
 
-@pytest.mark.parametrize("real, padded, expected, te_217", [
-    ([30], [32], True, False),  # one sample padded at its end (a long video under CP): TE 2.17 misses it
-    ([8, 6], [8, 8], True, False),  # the pack's last sample padded
-    ([6, 8], [8, 8], True, True),
-    ([8, 8], [8, 8], False, False),
-])
+@pytest.mark.parametrize(
+    "real, padded, expected, te_217",
+    [
+        ([30], [32], True, False),  # one sample padded at its end (a long video under CP): TE 2.17 misses it
+        ([8, 6], [8, 8], True, False),  # the pack's last sample padded
+        ([6, 8], [8, 8], True, True),
+        ([8, 8], [8, 8], False, False),
+    ],
+)
 def test_pad_between_seqs_is_set_from_the_pack(real, padded, expected, te_217):
     """The flag ``dit.model.te_attention.PackedTEAttention`` hands TE: padding anywhere, the tail included."""
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=_cu(real), cu_seqlens_kv=_cu(real),
-                             cu_seqlens_q_padded=_cu(padded), cu_seqlens_kv_padded=_cu(padded),
-                             max_seqlen_q=max(padded), max_seqlen_kv=max(padded))
+    params = PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=_cu(real),
+        cu_seqlens_kv=_cu(real),
+        cu_seqlens_q_padded=_cu(padded),
+        cu_seqlens_kv_padded=_cu(padded),
+        max_seqlen_q=max(padded),
+        max_seqlen_kv=max(padded),
+    )
     assert attention_params(params, cp=2, cp_rank=0).pad_between_seqs is expected
     assert _te_217_infers_padding(params) is te_217

@@ -16,8 +16,9 @@ def test_per_sample_loss_ignores_pads_even_when_they_are_nan(single_process):
     group = parallel_state.get_context_parallel_group()
     losses = per_sample_loss(prediction, mb.target, mb.batch, group)
     torch.testing.assert_close(losses, hand_loss(prediction, mb))
-    loss, logged = microbatch_loss(prediction, target=mb.target, batch=mb.batch, cp_group=group,
-                                   samples_per_microbatch=1.5)
+    loss, logged = microbatch_loss(
+        prediction, target=mb.target, batch=mb.batch, cp_group=group, samples_per_microbatch=1.5
+    )
     assert loss.item() == pytest.approx(losses.sum().item() / 1.5)
     assert logged["loss"].tolist() == pytest.approx([losses.sum().item(), 3.0])
     loss.backward()

@@ -11,7 +11,9 @@ from tests.model_setup import make_microbatch, randomize, tiny_config
 
 def _sample_rows(batch, i, real_only=True):
     start, end = batch.cu_seqlens_padded[i].item(), batch.cu_seqlens_padded[i + 1].item()
-    return slice(start, start + (batch.cu_seqlens[i + 1] - batch.cu_seqlens[i]).item()) if real_only else slice(start, end)
+    return (
+        slice(start, start + (batch.cu_seqlens[i + 1] - batch.cu_seqlens[i]).item()) if real_only else slice(start, end)
+    )
 
 
 def _check_isolation(model, mb):
@@ -20,7 +22,7 @@ def _check_isolation(model, mb):
     # change everything of sample 1: its latent tokens, its timestep, its text
     tokens, text = b.tokens.clone(), b.text.clone()
     tokens[_sample_rows(b, 1, real_only=False)] = torch.randn_like(tokens[_sample_rows(b, 1, real_only=False)])
-    text[b.cu_seqlens_text[1]:b.cu_seqlens_text[2]] += 1.0
+    text[b.cu_seqlens_text[1] : b.cu_seqlens_text[2]] += 1.0
     timesteps = mb.timesteps.clone()
     timesteps[1] += 0.5
     after = model(tokens, timesteps, replace(b, tokens=tokens, text=text))
@@ -42,8 +44,10 @@ def _check_isolation(model, mb):
 def test_samples_of_a_pack_are_isolated_and_pads_are_inert(single_process):
     mb = make_microbatch(11, [(1, 4, 6), (1, 2, 4), (1, 6, 2)], pad_multiple=8)
     assert (~mb.batch.loss_mask).sum() > 0, "the pack must contain pad tokens"
-    for fields in (dict(conditioning="text", position_embedding="rope3d"),
-                   dict(conditioning="class", position_embedding="sincos3d")):
+    for fields in (
+        dict(conditioning="text", position_embedding="rope3d"),
+        dict(conditioning="class", position_embedding="sincos3d"),
+    ):
         model = DiTModel(tiny_config(**fields))
         randomize(model, seed=5)
         with torch.no_grad():

@@ -19,6 +19,7 @@ from tests.model_setup import tiny_config
 
 def paper_2d_table(embed_dim: int, rows: int, cols: int) -> np.ndarray:
     """facebookresearch/DiT's get_2d_sincos_pos_embed (from MAE), written out for a rows x cols grid."""
+
     def one_d(dim, pos):
         omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
         out = np.einsum("m,d->md", pos.reshape(-1), omega)
@@ -102,15 +103,17 @@ def _tp2_init():
     runtime.initialize_model_parallel(ParallelLayout(tensor=2))
     for cpu_initialization in (False, True):
         runtime.set_random_seed(1234, per_data_parallel_rank=False)
-        model = DiTModel(tiny_config(**FIELDS, tensor_model_parallel_size=2,
-                                     use_cpu_initialization=cpu_initialization))
+        model = DiTModel(tiny_config(**FIELDS, tensor_model_parallel_size=2, use_cpu_initialization=cpu_initialization))
         _check_paper_init(model, tp=2)
     full = {}
     for name, p in model.named_parameters():  # gathered to full tensors
         parts = [torch.empty_like(p) for _ in range(2)]
         torch.distributed.all_gather(parts, p.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
-        full[name] = torch.cat(parts, p.partition_dim).numpy() if getattr(p, "tensor_model_parallel", False) \
+        full[name] = (
+            torch.cat(parts, p.partition_dim).numpy()
+            if getattr(p, "tensor_model_parallel", False)
             else p.detach().numpy()
+        )
     ps.destroy_model_parallel()
     return full
 
@@ -129,9 +132,19 @@ def test_tp2_initialisation_has_the_full_matrix_distribution(single_process):
 
 
 def test_dit_xl_2_with_the_papers_settings_counts_675129632(single_process):
-    config = dit_config("DiT-XL", conditioning="class", latent_channels=4, patch_size=2, max_latent_grid=(1, 32, 32),
-                        position_embedding="sincos3d", qk_layernorm=False, learn_sigma=True,
-                        use_cpu_initialization=True, perform_initialization=False, transformer_impl="local")
+    config = dit_config(
+        "DiT-XL",
+        conditioning="class",
+        latent_channels=4,
+        patch_size=2,
+        max_latent_grid=(1, 32, 32),
+        position_embedding="sincos3d",
+        qk_layernorm=False,
+        learn_sigma=True,
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        transformer_impl="local",
+    )
     with torch.device("meta"):
         count = sum(p.numel() for p in DiTModel(config).parameters())
     # the paper stores its fixed 256 x 1152 position table as a (frozen) parameter; ours is a buffer

@@ -5,17 +5,21 @@ import pytest
 import torch
 
 from dit.model.config import dit_config
-from dit.model.sizes import MODEL_SIZES
 from dit.model.model import DiTModel
+from dit.model.sizes import MODEL_SIZES
 
 
 def hand_count(layers, h, heads, *, conditioning, token_width, text_dim=1024, num_classes=1000, qk_norm=True):
     """Written out from the architecture, independently of the model code."""
     linear = lambda n_in, n_out: n_in * n_out + n_out  # noqa: E731  weight + bias
     head_dim = h // heads
-    per_layer = (linear(h, 3 * h) + linear(h, h)  # self-attention qkv, out projection
-                 + (2 * head_dim if qk_norm else 0)  # q and k RMSNorm weights
-                 + linear(h, 4 * h) + linear(4 * h, h))  # MLP
+    per_layer = (
+        linear(h, 3 * h)
+        + linear(h, h)  # self-attention qkv, out projection
+        + (2 * head_dim if qk_norm else 0)  # q and k RMSNorm weights
+        + linear(h, 4 * h)
+        + linear(4 * h, h)
+    )  # MLP
     chunks = 6
     if conditioning == "text":
         per_layer += linear(h, h) + linear(h, 2 * h) + linear(h, h)  # cross-attention q, kv, out
@@ -30,8 +34,9 @@ def hand_count(layers, h, heads, *, conditioning, token_width, text_dim=1024, nu
 
 
 def _count(size, **fields):
-    config = dit_config(size, use_cpu_initialization=True, perform_initialization=False, transformer_impl="local",
-                        **fields)
+    config = dit_config(
+        size, use_cpu_initialization=True, perform_initialization=False, transformer_impl="local", **fields
+    )
     with torch.device("meta"):  # DiT-7B does not fit in this machine's memory, and need not
         model = DiTModel(config)
     return sum(p.numel() for p in model.parameters())

@@ -9,11 +9,14 @@ from dit.model.patchify import patchify, unpatchify
 from tests.model_setup import make_microbatch, tiny_config
 
 
-@pytest.mark.parametrize("shape, temporal_patch", [
-    ((4, 6, 8), 1),  # image [C, H, W]
-    ((4, 5, 6, 8), 1),  # video
-    ((4, 6, 6, 4), 2),  # video, two frames per token
-])
+@pytest.mark.parametrize(
+    "shape, temporal_patch",
+    [
+        ((4, 6, 8), 1),  # image [C, H, W]
+        ((4, 5, 6, 8), 1),  # video
+        ((4, 6, 6, 4), 2),  # video, two frames per token
+    ],
+)
 def test_round_trip(shape, temporal_patch):
     latent = torch.randn(shape)
     tokens, positions = patchify(latent, 2, temporal_patch)
@@ -24,12 +27,15 @@ def test_round_trip(shape, temporal_patch):
     assert torch.equal(back, latent if len(shape) == 4 else latent.unsqueeze(1))
 
 
-@pytest.mark.parametrize("shape, temporal_patch, message", [
-    ((4, 5, 8), 1, "height 5 is not divisible"),
-    ((4, 3, 6, 7), 1, "width 7 is not divisible"),
-    ((4, 3, 6, 8), 2, "frames 3 is not divisible"),
-    ((4, 6, 8), 2, "frames 1 is not divisible"),  # an image cannot take a temporal patch of 2
-])
+@pytest.mark.parametrize(
+    "shape, temporal_patch, message",
+    [
+        ((4, 5, 8), 1, "height 5 is not divisible"),
+        ((4, 3, 6, 7), 1, "width 7 is not divisible"),
+        ((4, 3, 6, 8), 2, "frames 3 is not divisible"),
+        ((4, 6, 8), 2, "frames 1 is not divisible"),  # an image cannot take a temporal patch of 2
+    ],
+)
 def test_odd_grids_are_rejected(shape, temporal_patch, message):
     with pytest.raises(ValueError, match=message):
         patchify(torch.randn(shape), 2, temporal_patch)
@@ -43,6 +49,6 @@ def test_model_unpatchify_returns_each_sample(single_process):
     assert [tuple(x.shape) for x in latents] == [(4, *g) for g in grids]
     for latent, start in zip(latents, mb.batch.cu_seqlens_padded.tolist()):
         tokens, _ = patchify(latent, 2, 2)
-        assert torch.equal(tokens, mb.batch.tokens[start:start + tokens.shape[0]])
+        assert torch.equal(tokens, mb.batch.tokens[start : start + tokens.shape[0]])
     with pytest.raises(ValueError, match="whole pack"):
         model.unpatchify(mb.batch.tokens[:-4], mb.batch)

@@ -32,7 +32,7 @@ def test_rope3d_angles_match_the_hand_formula_axis_by_axis(head_dim, split):
     for axis, row in ((0, 1), (1, 2), (2, 3)):
         start = sum(split[:axis])
         moved = torch.zeros(head_dim // 2, dtype=torch.bool)
-        moved[start:start + split[axis]] = True
+        moved[start : start + split[axis]] = True
         assert torch.equal(angles[row, 0, 0] != 0, torch.cat([moved, moved]))
 
 

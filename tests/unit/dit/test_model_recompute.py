@@ -8,11 +8,14 @@ from tests.model_setup import RTOL, make_microbatch, reference_run
 FIELDS = dict(conditioning="text", fps_conditioning=True, num_layers=3)
 
 
-@pytest.mark.parametrize("recompute", [
-    dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
-    dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=2),
-    dict(recompute_granularity="selective"),
-])
+@pytest.mark.parametrize(
+    "recompute",
+    [
+        dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+        dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=2),
+        dict(recompute_granularity="selective"),
+    ],
+)
 def test_recompute_matches_no_recompute(single_process, recompute):
     microbatches = [make_microbatch(41, [(1, 4, 6), (1, 2, 2)]), make_microbatch(42, [(1, 4, 4)])]
     loss, grads, _ = reference_run(FIELDS, microbatches)

@@ -16,9 +16,19 @@ from dit.model.te_attention import PackedTEAttention
 def _slots(spec):
     s = spec.submodules
     sa, ca, mlp = s.self_attention.submodules, s.cross_attention.submodules, s.mlp.submodules
-    return dict(qkv=sa.linear_qkv, core=sa.core_attention, proj=sa.linear_proj, q_norm=sa.q_layernorm,
-                k_norm=sa.k_layernorm, q=ca.linear_q, kv=ca.linear_kv, cross_core=ca.core_attention,
-                cross_proj=ca.linear_proj, fc1=mlp.linear_fc1, fc2=mlp.linear_fc2)
+    return dict(
+        qkv=sa.linear_qkv,
+        core=sa.core_attention,
+        proj=sa.linear_proj,
+        q_norm=sa.q_layernorm,
+        k_norm=sa.k_layernorm,
+        q=ca.linear_q,
+        kv=ca.linear_kv,
+        cross_core=ca.core_attention,
+        cross_proj=ca.linear_proj,
+        fc1=mlp.linear_fc1,
+        fc2=mlp.linear_fc2,
+    )
 
 
 def test_one_function_gives_te_and_local_variants():
@@ -68,15 +78,20 @@ def test_bf16_local_model_matches_fp32(single_process):
         assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in bf16.parameters())
 
 
-_MISSING = [what for what, present in (
-    ("Transformer Engine is not importable (it ships in the NGC PyTorch container)", have_transformer_engine()),
-    ("no CUDA GPU", torch.cuda.is_available())) if not present]
+_MISSING = [
+    what
+    for what, present in (
+        ("Transformer Engine is not importable (it ships in the NGC PyTorch container)", have_transformer_engine()),
+        ("no CUDA GPU", torch.cuda.is_available()),
+    )
+    if not present
+]
 
 
 @pytest.mark.skipif(bool(_MISSING), reason="the TE spec runs with TE on a GPU: " + "; ".join(_MISSING))
 def test_te_spec_matches_local_spec_on_gpu():
-    from dit.runtime import distributed as runtime
     from dit.model.model import DiTModel
+    from dit.runtime import distributed as runtime
     from tests.model_setup import make_microbatch, randomize, tiny_config
 
     runtime.init_distributed()

@@ -6,14 +6,17 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from dit.diffusion.draws import sample_generator
-from dit.runtime import cpu_backend, distributed as runtime
+from dit.runtime import cpu_backend
+from dit.runtime import distributed as runtime
 from tests.distributed import run_distributed
 
 
 def _groups(tp, pp, cp):
     runtime.initialize_model_parallel(runtime.ParallelLayout(tensor=tp, pipeline=pp, context=cp))
+
     def ranks(group):
         return sorted(dist.get_process_group_ranks(group))
+
     return {
         "rank": dist.get_rank(),
         "tp": ranks(ps.get_tensor_model_parallel_group()),
@@ -29,11 +32,15 @@ def _groups(tp, pp, cp):
 def _expected_groups(world, tp, pp, cp):
     """Megatron's default rank order is tp-cp-dp-pp (tp fastest): derive each group by hand."""
     dp = world // (tp * pp * cp)
+
     def coords(r):
         return r % tp, (r // tp) % cp, (r // (tp * cp)) % dp, r // (tp * cp * dp)
+
     def group(r, axis):
-        return sorted(q for q in range(world)
-                      if all(a == b for i, (a, b) in enumerate(zip(coords(q), coords(r))) if i != axis))
+        return sorted(
+            q for q in range(world) if all(a == b for i, (a, b) in enumerate(zip(coords(q), coords(r))) if i != axis)
+        )
+
     return {r: {"tp": group(r, 0), "cp": group(r, 1), "dp": group(r, 2), "pp": group(r, 3)} for r in range(world)}
 
 
@@ -69,8 +76,15 @@ def _rng_draws(seed):
         tp_region = torch.rand(4)
     after_fork = torch.rand(4)  # the fork must leave the default stream where it was
     sample = torch.rand(4, generator=sample_generator(seed, 7, "shard_0/sample_3"))
-    return dict(tp=ps.get_tensor_model_parallel_rank(), dp=ps.get_data_parallel_rank(),
-                init=init, data=data, tp_region=tp_region, after_fork=after_fork, sample=sample)
+    return dict(
+        tp=ps.get_tensor_model_parallel_rank(),
+        dp=ps.get_data_parallel_rank(),
+        init=init,
+        data=data,
+        tp_region=tp_region,
+        after_fork=after_fork,
+        sample=sample,
+    )
 
 
 @pytest.mark.dist
@@ -84,7 +98,7 @@ def test_rng_contract_tp2_dp2():
     assert not torch.equal(by[0, 0]["data"], by[0, 1]["data"])
     # tracked TP-region state (dropout inside TP layers): distinct on every rank
     regions = [x["tp_region"] for x in r]
-    assert all(not torch.equal(a, b) for i, a in enumerate(regions) for b in regions[i + 1:])
+    assert all(not torch.equal(a, b) for i, a in enumerate(regions) for b in regions[i + 1 :])
     # per-sample draws: identical on all ranks
     assert all(torch.equal(x["sample"], r[0]["sample"]) for x in r)
     # forking did not consume the default stream

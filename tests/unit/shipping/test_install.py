@@ -19,8 +19,12 @@ def test_a_wheel_runs_the_commands_outside_the_repository(tmp_path):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel"), str(source)],
-                   check=True, cwd=tmp_path, timeout=300)
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel"), str(source)],
+        check=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     (wheel,) = (tmp_path / "wheel").glob("megatron_dit-*.whl")
     site = tmp_path / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, timeout=300)
@@ -28,16 +32,25 @@ def test_a_wheel_runs_the_commands_outside_the_repository(tmp_path):
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}  # ahead of any editable install of this checkout
     for module in ("dit.generate", "data.report"):
-        result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=elsewhere, env=env,
-                                capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            [sys.executable, "-m", module, "--help"],
+            cwd=elsewhere,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         assert result.stdout.startswith("usage: "), result.stdout[:500]
-    every_module = ("import importlib, pkgutil, dit, data\n"  # each one from the wheel, subpackages included
-                    "for root in (dit, data):\n"
-                    "    for m in pkgutil.walk_packages(root.__path__, root.__name__ + '.'):\n"
-                    "        print(importlib.import_module(m.name).__file__)\n")
-    where = subprocess.run([sys.executable, "-c", every_module], cwd=elsewhere, env=env, capture_output=True,
-                           text=True, timeout=300)
+    every_module = (
+        "import importlib, pkgutil, dit, data\n"  # each one from the wheel, subpackages included
+        "for root in (dit, data):\n"
+        "    for m in pkgutil.walk_packages(root.__path__, root.__name__ + '.'):\n"
+        "        print(importlib.import_module(m.name).__file__)\n"
+    )
+    where = subprocess.run(
+        [sys.executable, "-c", every_module], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300
+    )
     assert where.returncode == 0, where.stderr[-3000:]
     files = where.stdout.split()
     assert len(files) > 60 and all(path.startswith(str(site)) for path in files), files

@@ -9,10 +9,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from data.loader.dataloader import build_train_loader
-from dit.runtime import distributed as runtime
-from dit.training.arguments import load_run_config
 from dit.diffusion.draws import draw, drop_conditioning
 from dit.model.packed import thd_partition_indices
+from dit.runtime import distributed as runtime
+from dit.training.arguments import load_run_config
 from tests.distributed import run_distributed
 from tests.model_setup import make_microbatch
 from tests.tiny_data import TINY_RUN, payloads, write_dataset
@@ -33,7 +33,7 @@ def test_draws_depend_on_seed_iteration_and_key_only():
     single = draw(alone, seed=3, iteration=5, drop_prob=0.5)
     start, length = int(pack.cu_seqlens_padded[1]), int(pack.cu_seqlens[2] - pack.cu_seqlens[1])
     assert single.z.item() == a.z[1].item()
-    assert torch.equal(single.noise[:length], a.noise[start:start + length])
+    assert torch.equal(single.noise[:length], a.noise[start : start + length])
     # pad rows get no noise (the loss never sees them)
     assert not a.noise[~pack.loss_mask].any()
 
@@ -53,17 +53,37 @@ def test_guidance_dropout_rate_and_null_conditioning():
 
 
 def _rank_draws(data_path: str, tp: int, cp: int) -> dict:
-    run = load_run_config(TINY_RUN + [
-        "--max-seq-length", "64", "--packing-buffer-size", "16", "--tensor-model-parallel-size", str(tp),
-        "--context-parallel-size", str(cp), "--data-path", data_path], dist.get_world_size())
+    run = load_run_config(
+        TINY_RUN
+        + [
+            "--max-seq-length",
+            "64",
+            "--packing-buffer-size",
+            "16",
+            "--tensor-model-parallel-size",
+            str(tp),
+            "--context-parallel-size",
+            str(cp),
+            "--data-path",
+            data_path,
+        ],
+        dist.get_world_size(),
+    )
     runtime.initialize_model_parallel(runtime.ParallelLayout(tensor=tp, context=cp))
     loader = build_train_loader(run)
     pack = next(loader)
     loader.close()
     drawn = draw(pack, seed=9, iteration=3, drop_prob=0.5, cp_size=cp, cp_rank=ps.get_context_parallel_rank())
-    return {"dp": ps.get_data_parallel_rank(), "cp": ps.get_context_parallel_rank(), "keys": pack.keys,
-            "z": drawn.z, "dropped": drawn.dropped, "noise": drawn.noise, "cu_padded": pack.cu_seqlens_padded,
-            "cu_seqlens": pack.cu_seqlens}
+    return {
+        "dp": ps.get_data_parallel_rank(),
+        "cp": ps.get_context_parallel_rank(),
+        "keys": pack.keys,
+        "z": drawn.z,
+        "dropped": drawn.dropped,
+        "noise": drawn.noise,
+        "cu_padded": pack.cu_seqlens_padded,
+        "cu_seqlens": pack.cu_seqlens,
+    }
 
 
 @pytest.mark.dist
@@ -93,5 +113,10 @@ def _whole_pack_like(rank: dict):
     """A whole pack (CP=1) with the rank's keys and lengths: draws need nothing else."""
     base = make_microbatch(0, [(1, 2, 2)]).batch
     total, width = int(rank["cu_padded"][-1]), rank["noise"].shape[1]
-    return replace(base, tokens=torch.zeros(total, width), cu_seqlens_padded=rank["cu_padded"],
-                   cu_seqlens=rank["cu_seqlens"], keys=rank["keys"])
+    return replace(
+        base,
+        tokens=torch.zeros(total, width),
+        cu_seqlens_padded=rank["cu_padded"],
+        cu_seqlens=rank["cu_seqlens"],
+        keys=rank["keys"],
+    )

@@ -24,7 +24,8 @@ def test_edm_preconditioning_and_weight_by_hand():
 def test_edm_level_is_log_normal():
     edm = build_objective("edm", edm_p_mean=-1.2, edm_p_std=1.2)
     assert edm.level(torch.tensor([0.0, 1.0, -1.0]), torch.ones(3)).tolist() == pytest.approx(
-        [math.exp(-1.2), math.exp(0.0), math.exp(-2.4)])
+        [math.exp(-1.2), math.exp(0.0), math.exp(-2.4)]
+    )
 
 
 def test_edm_target_is_the_papers_loss_in_terms_of_the_network_output():

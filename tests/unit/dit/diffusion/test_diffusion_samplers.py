@@ -34,19 +34,29 @@ def _order(errors: list[float]) -> list[float]:
 def test_edm_heun_is_second_order_and_exact_in_the_limit():
     sigma_max = 80.0
     exact = MU + (NOISE * sigma_max - MU) * S / math.sqrt(S**2 + sigma_max**2)
-    errors = [(edm_heun(gaussian_denoiser, NOISE, edm_sigmas(n, sigma_min=0.002, sigma_max=sigma_max)) - exact).abs().max().item()
-              for n in (16, 32, 64, 128)]
+    errors = [
+        (edm_heun(gaussian_denoiser, NOISE, edm_sigmas(n, sigma_min=0.002, sigma_max=sigma_max)) - exact)
+        .abs()
+        .max()
+        .item()
+        for n in (16, 32, 64, 128)
+    ]
     assert errors[-1] < 1e-3
     assert all(1.9 < p < 2.3 for p in _order(errors)), (errors, _order(errors))
 
 
 def test_edm_heun_corrects_at_the_next_point():
     """The reference implementations' mistake, the slope re-evaluated at the current point, is first order."""
+
     def wrong_heun(denoise, noise, sigmas):
         x = noise.double() * sigmas[0]
         for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
             d = (x - denoise(x, sigma)) / sigma
-            x = x + (sigma_next - sigma) * (d + (x - denoise(x, sigma)) / sigma) / 2 if sigma_next > 0 else x + (sigma_next - sigma) * d
+            x = (
+                x + (sigma_next - sigma) * (d + (x - denoise(x, sigma)) / sigma) / 2
+                if sigma_next > 0
+                else x + (sigma_next - sigma) * d
+            )
         return x
 
     exact = MU + (NOISE * 80.0 - MU) * S / math.sqrt(S**2 + 80.0**2)

@@ -7,9 +7,9 @@ import signal
 import pytest
 
 import pretrain_dit
-from dit.training.arguments import load_run_config
-from dit.training import checkpointing
 from dit.checkpoint.files import TRACKER, read_tracker, retain, write_tracker
+from dit.training import checkpointing
+from dit.training.arguments import load_run_config
 from dit.training.pretrain import pretrain
 from dit.training.run_config import CheckpointConfig
 from tests.distributed import RankFailed, pretrain_main, run_distributed
@@ -31,7 +31,11 @@ def test_tracker_and_retention(tmp_path):
     assert read_tracker(tmp_path) == 4 and not (tmp_path / (TRACKER + ".tmp")).exists()
     retain(tmp_path, 2)
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
-        "iter_0000004", "iter_0000006", "iter_0000008", "iter_0000010.partial"]  # the tracker's one is kept
+        "iter_0000004",
+        "iter_0000006",
+        "iter_0000008",
+        "iter_0000010.partial",
+    ]  # the tracker's one is kept
     assert read_tracker(tmp_path / "nowhere") is None
 
 
@@ -55,16 +59,20 @@ def _train(data_path: str, extra: list[str], die_on_save: int | None = None) -> 
         checkpointing.dist_checkpointing.save = save
     run = load_run_config(FLAGS + ["--data-path", data_path] + extra, dist.get_world_size())
     result = pretrain(run, pretrain_dit.HOOKS)
-    return {"iteration": result.state.iteration, "losses": {r.iteration: r.loss for r in result.history},
-            "exit": result.exit_reason}
+    return {
+        "iteration": result.state.iteration,
+        "losses": {r.iteration: r.loss for r in result.history},
+        "exit": result.exit_reason,
+    }
 
 
 @pytest.mark.dist
 def test_a_save_killed_midway_leaves_the_last_checkpoint(tmp_path, dataset):
     ckpt = tmp_path / "ckpt"
     with pytest.raises(RankFailed, match="rank 1 of 2 died"):
-        run_distributed(_train, 2, dataset, ["--save", str(ckpt), "--save-interval", "2", "--train-iters", "4"], 2,
-                        timeout=120)
+        run_distributed(
+            _train, 2, dataset, ["--save", str(ckpt), "--save-interval", "2", "--train-iters", "4"], 2, timeout=120
+        )
     assert read_tracker(ckpt) == 2  # unchanged: the save of iteration 4 never published
     assert (ckpt / "iter_0000004.partial").is_dir() and not (ckpt / "iter_0000004").exists()
     resumed = run_distributed(_train, 2, dataset, ["--save", str(ckpt), "--save-interval", "2", "--train-iters", "4"])
@@ -73,8 +81,12 @@ def test_a_save_killed_midway_leaves_the_last_checkpoint(tmp_path, dataset):
 
 
 def test_exit_interval_saves_and_stops(tmp_path, dataset):
-    r = run_distributed(_train, 1, dataset, ["--save", str(tmp_path), "--train-iters", "10", "--exit-interval", "3",
-                                             "--save-interval", "100"])[0]
+    r = run_distributed(
+        _train,
+        1,
+        dataset,
+        ["--save", str(tmp_path), "--train-iters", "10", "--exit-interval", "3", "--save-interval", "100"],
+    )[0]
     assert r["iteration"] == 3 and r["exit"] == "--exit-interval 3" and read_tracker(tmp_path) == 3
 
 
@@ -92,15 +104,18 @@ def test_checkpoint_mistakes_are_one_line(tmp_path, dataset, capfd):
     empty.mkdir()
     assert _error_line(capfd, "--data-path", dataset, "--load", str(empty)) == (
         f"pretrain_dit.py: error: --load: {empty} holds no checkpoint (no {TRACKER}); point it at a --save folder "
-        "of an earlier run, or drop --load to start from scratch")
+        "of an earlier run, or drop --load to start from scratch"
+    )
     ckpt = tmp_path / "ckpt"
     assert run_distributed(_train, 1, dataset, ["--save", str(ckpt), "--train-iters", "2"])[0]["iteration"] == 2
     assert _error_line(capfd, "--data-path", dataset, "--load", str(ckpt), "--hidden-size", "96") == (
         f"pretrain_dit.py: error: --hidden-size: the checkpoint {ckpt / 'iter_0000002'} was trained with "
-        "48, this run has 96; set it to 48 (or start from scratch)")
+        "48, this run has 96; set it to 48 (or start from scratch)"
+    )
     assert _error_line(capfd, "--data-path", dataset, "--load", str(ckpt), "--ckpt-step", "7") == (
         f"pretrain_dit.py: error: --ckpt-step: {ckpt / 'iter_0000007'} is not a complete checkpoint; pick "
-        "another --ckpt-step")
+        "another --ckpt-step"
+    )
 
 
 class Crash(Exception):
@@ -123,6 +138,7 @@ def _publish_dying_at(root, crash_at: int, monkeypatch: pytest.MonkeyPatch) -> b
             if changes["n"] == crash_at:
                 raise Crash
             return change(*a, **kw)
+
         return wrapper
 
     with monkeypatch.context() as m:
@@ -137,7 +153,8 @@ def _publish_dying_at(root, crash_at: int, monkeypatch: pytest.MonkeyPatch) -> b
 
 
 def test_a_crash_at_any_point_of_publication_leaves_the_tracker_on_a_complete_checkpoint(
-        single_process, tmp_path, monkeypatch):
+    single_process, tmp_path, monkeypatch
+):
     """Killed before each rename or delete of the publication (folder rename, tracker replace, retention), the
     tracker names a checkpoint that is on disk; the last run completes it."""
     crash_at = 1

@@ -23,8 +23,8 @@ def test_the_old_stacks_checkpoint_resumes_with_its_losses(tmp_path):
 def test_the_old_checkpoints_flags_give_its_model(tmp_path):
     """Written before checkpoints stored ``model_config``: its saved flags rebuild the model (dit.convert export,
     dit.generate) that its recipe describes, field for field."""
-    from dit.training.arguments import load_run_config
     from dit.convert import checkpoint_config, resolve_checkpoint
+    from dit.training.arguments import load_run_config
 
     config = checkpoint_config(resolve_checkpoint(old_checkpoint.ASSET))
     run = load_run_config([*old_checkpoint.FLAGS, "--save", str(tmp_path)], need_data=False)

@@ -14,8 +14,17 @@ from tests.launch import ROOT
 from tests.tiny_data import TINY_RUN as TINY
 from tests.tiny_data import good_entries, payloads, write_dataset
 
-COMMAND_LINES = {"dit/training/arguments.py", "dit/training/main.py", "dit/generate.py", "dit/convert.py", "data/report.py",
-                 "data/prepare.py", "data/digits.py", "data/digits_score.py", "data/synthetic.py"}
+COMMAND_LINES = {
+    "dit/training/arguments.py",
+    "dit/training/main.py",
+    "dit/generate.py",
+    "dit/convert.py",
+    "data/report.py",
+    "data/prepare.py",
+    "data/digits.py",
+    "data/digits_score.py",
+    "data/synthetic.py",
+}
 """The modules that own a command line: the only ones that may hold an argparse Namespace."""
 
 
@@ -25,9 +34,15 @@ def dataset(tmp_path_factory):
 
 
 def _labelled(root: Path, labels: list[int], channels: int = 4) -> str:
-    entries = [(f"img_{i:03d}", payloads((channels, 2, 2 + 2 * (i % 2)), seed=i,
-                                         meta={"caption": "x", "height": 16, "width": 16, "label": label}))
-               for i, label in enumerate(labels)]
+    entries = [
+        (
+            f"img_{i:03d}",
+            payloads(
+                (channels, 2, 2 + 2 * (i % 2)), seed=i, meta={"caption": "x", "height": 16, "width": 16, "label": label}
+            ),
+        )
+        for i, label in enumerate(labels)
+    ]
     return str(write_dataset(root, entries))
 
 
@@ -44,8 +59,14 @@ def _main(capsys, *argv: str) -> tuple[int, str]:
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "pretrain_dit.py"), *argv], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [sys.executable, str(ROOT / "pretrain_dit.py"), *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def _reads_a_namespace(tree: ast.AST) -> list[str]:
@@ -84,44 +105,64 @@ def test_validate_only_checks_the_checkpoint_flags(tmp_path, dataset, capsys):
     base = [*TINY, "--data-path", dataset, "--validate-only"]
     out = _run(*base, "--save", str(tmp_path / "file" / "ckpt"))
     assert (out.returncode, out.stderr.strip()) == (
-        2, f"pretrain_dit.py: error: --save: {tmp_path / 'file' / 'ckpt'} is under {tmp_path / 'file'}, which is a "
-           "file; give a directory")
+        2,
+        f"pretrain_dit.py: error: --save: {tmp_path / 'file' / 'ckpt'} is under {tmp_path / 'file'}, which is a "
+        "file; give a directory",
+    )
     assert _main(capsys, *base, "--load", str(tmp_path / "empty")) == (
-        2, f"pretrain_dit.py: error: --load: {tmp_path / 'empty'} holds no checkpoint (no "
-           "latest_checkpointed_iteration.txt); point it at a --save folder of an earlier run, or drop --load to "
-           "start from scratch")
+        2,
+        f"pretrain_dit.py: error: --load: {tmp_path / 'empty'} holds no checkpoint (no "
+        "latest_checkpointed_iteration.txt); point it at a --save folder of an earlier run, or drop --load to "
+        "start from scratch",
+    )
     assert _main(capsys, *base, "--save", str(tmp_path / "empty"), "--ckpt-step", "3") == (
-        2, f"pretrain_dit.py: error: --ckpt-step: {tmp_path / 'empty' / 'iter_0000003'} is not a complete checkpoint; "
-           "pick another --ckpt-step")
+        2,
+        f"pretrain_dit.py: error: --ckpt-step: {tmp_path / 'empty' / 'iter_0000003'} is not a complete checkpoint; "
+        "pick another --ckpt-step",
+    )
     assert _main(capsys, *base, "--save", str(tmp_path / "empty"), "--finetune") == (
-        2, f"pretrain_dit.py: error: --finetune: needs a checkpoint to load, and --save {tmp_path / 'empty'} holds "
-           "none: pass --load DIR (a --save folder of an earlier run), or drop the flag to train from scratch")
+        2,
+        f"pretrain_dit.py: error: --finetune: needs a checkpoint to load, and --save {tmp_path / 'empty'} holds "
+        "none: pass --load DIR (a --save folder of an earlier run), or drop the flag to train from scratch",
+    )
     assert _main(capsys, *base, "--save", str(tmp_path / "new"))[0] == 0  # a folder yet to be made is fine
 
 
 def test_a_negative_number_in_exponent_form_is_a_value(dataset):
     out = _run(*TINY, "--data-path", dataset, "--validate-only", "--lr", "-1e-3")
-    assert (out.returncode, out.stderr.strip()) == (2, "pretrain_dit.py: error: --lr: must be a positive number, "
-                                                       "got -0.001")
+    assert (out.returncode, out.stderr.strip()) == (
+        2,
+        "pretrain_dit.py: error: --lr: must be a positive number, got -0.001",
+    )
 
 
 def test_labels_past_num_classes_are_caught_at_launch(tmp_path, capsys):
     """Some probed samples train, others would be skipped all run long for their label: a launch mistake."""
     data = _labelled(tmp_path / "data", [0, 7, 1, 9, 2, 3, 4, 5])  # the first 4 are probed
-    status, line = _main(capsys, *TINY, "--data-path", data, "--validate-only", "--conditioning", "class",
-                         "--num-classes", "5")
-    assert (status, line) == (2, f"pretrain_dit.py: error: --num-classes: the labels of {data} need --num-classes 10 "
-                                 "(or more) (2 of the 4 samples probed have a label past the last class)")
-    assert _main(capsys, *TINY, "--data-path", data, "--validate-only", "--conditioning", "class",
-                 "--num-classes", "10")[0] == 0
+    status, line = _main(
+        capsys, *TINY, "--data-path", data, "--validate-only", "--conditioning", "class", "--num-classes", "5"
+    )
+    assert (status, line) == (
+        2,
+        f"pretrain_dit.py: error: --num-classes: the labels of {data} need --num-classes 10 "
+        "(or more) (2 of the 4 samples probed have a label past the last class)",
+    )
+    assert (
+        _main(capsys, *TINY, "--data-path", data, "--validate-only", "--conditioning", "class", "--num-classes", "10")[
+            0
+        ]
+        == 0
+    )
 
 
 def test_validation_data_of_another_shape_is_named(tmp_path, dataset, capsys):
     valid = _labelled(tmp_path / "valid", [0] * 4, channels=3)
     status, line = _main(capsys, *TINY, "--data-path", dataset, "--validate-only", "--valid-data-path", valid)
     assert status == 2
-    assert line.startswith(f"pretrain_dit.py: error: --valid-data-path: {valid} does not match the training data: "
-                           "none of its 4 samples probed fits this run's --latent-channels (")
+    assert line.startswith(
+        f"pretrain_dit.py: error: --valid-data-path: {valid} does not match the training data: "
+        "none of its 4 samples probed fits this run's --latent-channels ("
+    )
     assert line.endswith("give validation data prepared like --data-path")
 
 
@@ -129,8 +170,10 @@ def test_virtual_pipeline_flags_are_refused_in_a_recipe_too(tmp_path, dataset, c
     recipe = tmp_path / "r.yaml"
     recipe.write_text("virtual-pipeline-model-parallel-size: 2\n")
     assert _main(capsys, "--config", str(recipe)) == (
-        2, f"pretrain_dit.py: error: --config: {recipe}: --virtual-pipeline-model-parallel-size: virtual pipeline "
-           "stages are not supported (the conditioning embedders are not tied across model chunks); drop the flag")
+        2,
+        f"pretrain_dit.py: error: --config: {recipe}: --virtual-pipeline-model-parallel-size: virtual pipeline "
+        "stages are not supported (the conditioning embedders are not tied across model chunks); drop the flag",
+    )
 
 
 def test_a_bug_keeps_its_traceback(dataset):
@@ -153,9 +196,24 @@ def test_a_bad_data_stop_on_one_rank_ends_every_rank_quietly(tmp_path):
     broken = [(f"bad_{i:03d}", payloads((3, 2, 2), seed=i)) for i in range(8)]  # 3 latent channels, not 4
     data = str(write_dataset(tmp_path / "data", good_entries(8, seed=2) + broken, per_shard=8))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    out = subprocess.run([*torchrun, str(ROOT / "pretrain_dit.py"), *TINY, "--data-path", data,
-                          "--max-bad-sample-fraction", "0.5", "--train-iters", "4"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        [
+            *torchrun,
+            str(ROOT / "pretrain_dit.py"),
+            *TINY,
+            "--data-path",
+            data,
+            "--max-bad-sample-fraction",
+            "0.5",
+            "--train-iters",
+            "4",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert out.returncode != 0
     lines = [line for line in out.stderr.splitlines() if line.startswith("pretrain_dit.py: error: ")]
     assert len(lines) == 1 and "--max-bad-sample-fraction 0.5" in lines[0], out.stderr

@@ -4,8 +4,8 @@ the gradient as it is below it; read back from Adam's first moment after one ste
 import pytest
 import torch
 
-from dit.training.arguments import load_run_config
 from dit.model.model import DiTModel
+from dit.training.arguments import load_run_config
 from dit.training.optimizer import build_optimizer, wrap_model
 from dit.training.step import apply_gradients
 from tests.model_setup import tiny_config

@@ -36,4 +36,6 @@ def test_a_resumed_run_continues_on_exactly_the_next_samples(straight: dict[int,
     assert sorted(resumed) == list(range(RESUMED_AT + 1, loss_curve.ITERS + 1))  # it started after the checkpoint
     for it, record in resumed.items():
         assert record["keys"] == straight[it]["keys"], it  # the same samples in the same order
-        assert (record["loss"], record["grad_norm"]) == (straight[it]["loss"], straight[it]["grad_norm"]), it  # bit-exact
+        assert (record["loss"], record["grad_norm"]) == (straight[it]["loss"], straight[it]["grad_norm"]), (
+            it
+        )  # bit-exact

@@ -3,8 +3,8 @@ samples' text as zeros and their class as the null class, each sample whole, at 
 
 import torch
 
-from dit.training.arguments import load_run_config
 from dit.diffusion import build_objective
+from dit.training.arguments import load_run_config
 from dit.training.step import StepCounts, TrainingSetup, prepare_microbatches
 from tests.model_setup import make_microbatch, tiny_config
 
@@ -12,8 +12,15 @@ from tests.model_setup import make_microbatch, tiny_config
 def test_a_training_microbatch_drops_text_to_zeros_and_labels_to_the_null_class(single_process):
     run = load_run_config(["--text-drop-prob", "0.5", "--seed", "5"], need_data=False)
     config = tiny_config(conditioning="class")  # num_classes 10: label 10 is the null class
-    setup = TrainingSetup(run=run, config=config, model=[], optimizer=None, scheduler=None,
-                          objective=build_objective("flow"), device=torch.device("cpu"))
+    setup = TrainingSetup(
+        run=run,
+        config=config,
+        model=[],
+        optimizer=None,
+        scheduler=None,
+        objective=build_objective("flow"),
+        device=torch.device("cpu"),
+    )
     packs = [make_microbatch(seed, [(1, 2, 2)] * 50).batch for seed in range(4)]  # 200 samples, text of 3 to 6 rows
     counts = StepCounts(packs=4, samples=200, real_tokens=200, flops=0.0)
     dropped = 0

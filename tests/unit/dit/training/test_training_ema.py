@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import pretrain_dit
-from dit.training.arguments import load_run_config
 from dit.runtime.mcore019 import megatron_fsdp_missing
+from dit.training.arguments import load_run_config
 from dit.training.ema import ema_decay
 from dit.training.pretrain import pretrain
 from tests.distributed import run_distributed
@@ -74,14 +74,27 @@ def _run(data_path: str, extra: list[str], record: bool = False, fused_adam_cont
     result = pretrain(run, hooks)
     model = result.setup.model[0].module
     final = {n: p.detach().clone() for n, p in model.named_parameters()} if record else {}
-    state_keys = {name for chained in result.setup.optimizer.chained_optimizers
-                  for per_param in chained.optimizer.state.values() for name in per_param}
+    state_keys = {
+        name
+        for chained in result.setup.optimizer.chained_optimizers
+        for per_param in chained.optimizer.state.values()
+        for name in per_param
+    }
     optimizers = {type(chained.optimizer).__name__ for chained in result.setup.optimizer.chained_optimizers}
     with result.ema.applied():
-        ema = (fsdp_main_weights(result.setup.model[0], result.setup.config) if run.optimizer.use_megatron_fsdp
-               else full_weights(model, result.setup.config))
-    return {"ema": ema, "final": final, "seen": _seen, "updates": result.ema.updates, "state_keys": state_keys,
-            "optimizers": optimizers}
+        ema = (
+            fsdp_main_weights(result.setup.model[0], result.setup.config)
+            if run.optimizer.use_megatron_fsdp
+            else full_weights(model, result.setup.config)
+        )
+    return {
+        "ema": ema,
+        "final": final,
+        "seen": _seen,
+        "updates": result.ema.updates,
+        "state_keys": state_keys,
+        "optimizers": optimizers,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +180,14 @@ def test_a_dp_sharded_ema_is_saved_whole_for_a_fully_reshardable_checkpoint(data
     layout, which one process loads (dit.generate's loader) equal to the run's EMA."""
     from tests.unit.dit.test_generate import _loaded
 
-    flags = ["--train-iters", "3", "--use-distributed-optimizer", "--dist-ckpt-optim-fully-reshardable",
-             "--save", str(tmp_path)]
+    flags = [
+        "--train-iters",
+        "3",
+        "--use-distributed-optimizer",
+        "--dist-ckpt-optim-fully-reshardable",
+        "--save",
+        str(tmp_path),
+    ]
     ema = run_distributed(_run, 2, dataset, flags)[0]["ema"]
     loaded = run_distributed(_loaded, 1, str(tmp_path), False)[0]
     assert loaded.keys() == ema.keys()

@@ -5,9 +5,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from data.loader.bad_data import DataStats
 from dit.model.config import dit_config
 from dit.model.model import DiTModel
-from data.loader.bad_data import DataStats
 from dit.training.arguments import load_run_config
 from dit.training.flops import forward_flops, pack_flops, peak_tflops
 from dit.training.metrics import TrainingLogger
@@ -33,8 +33,14 @@ def test_attention_counts_each_samples_own_length():
     assert one - two == pytest.approx(layers * 4 * h * (256**2 - 2 * 128**2) - adaln)
 
 
-@pytest.mark.parametrize("fields", [dict(conditioning="text"), dict(conditioning="class", fps_conditioning=True),
-                                    dict(conditioning="text", adaln_lora_rank=4)])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(conditioning="text"),
+        dict(conditioning="class", fps_conditioning=True),
+        dict(conditioning="text", adaln_lora_rank=4),
+    ],
+)
 def test_forward_flops_equal_torchs_count_on_the_model(single_process, fields):  # noqa: F811
     """torch counts every matmul the real forward runs (attention through SDPA's math path, whose matmuls it
     sees); with no padding in the pack our formula must give exactly that."""

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import pretrain_dit
-from dit.training.arguments import load_run_config
 from dit.errors import TrainingStopped
+from dit.training.arguments import load_run_config
 from dit.training.pretrain import pretrain
 from tests.distributed import run_distributed
 from tests.tiny_data import TINY_RUN, good_entries, write_dataset
@@ -26,6 +26,7 @@ def _poisoning_forward_step(poisoned: set[int]):
         if _calls["n"] in poisoned:
             output.register_hook(lambda grad: grad * float("nan"))
         return output, loss_func
+
     return forward_step
 
 
@@ -43,10 +44,18 @@ def _run(data_path: str, extra: list[str], poisoned: set[int]):
     ema = None
     if result.ema is not None:
         with result.ema.applied():
-            ema = {"weights": {n: p.detach().clone() for n, p in model.named_parameters()}, "updates": result.ema.updates}
-    return {"history": [(r.iteration, r.skipped, r.loss, r.grad_norm, r.learning_rate) for r in result.history],
-            "skipped": result.state.skipped_steps, "adam_steps": steps, "weights": _calls["weights"],
-            "final": {n: p.detach().clone() for n, p in model.named_parameters()}, "ema": ema}
+            ema = {
+                "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
+                "updates": result.ema.updates,
+            }
+    return {
+        "history": [(r.iteration, r.skipped, r.loss, r.grad_norm, r.learning_rate) for r in result.history],
+        "skipped": result.state.skipped_steps,
+        "adam_steps": steps,
+        "weights": _calls["weights"],
+        "final": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "ema": ema,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -85,5 +94,5 @@ def test_a_poisoned_step_leaves_the_ema_and_its_update_count_alone(dataset):
     w = [{n.removeprefix("module."): p for n, p in step.items()} for step in r["weights"]] + [r["final"]]
     assert r["ema"]["updates"] == 3
     for name, ema in r["ema"]["weights"].items():
-        closed = d ** 3 * w[0][name] + (1 - d) * (d ** 2 * w[1][name] + d * w[3][name] + w[4][name])
+        closed = d**3 * w[0][name] + (1 - d) * (d**2 * w[1][name] + d * w[3][name] + w[4][name])
         assert torch.allclose(ema, closed, atol=1e-6), name

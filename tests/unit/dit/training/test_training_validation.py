@@ -4,11 +4,11 @@ weights differ), and TP=2 and CP=2 give the same value to fp32 tolerance."""
 import pytest
 
 import pretrain_dit
+from data import shards
 from dit.training.arguments import load_run_config
 from dit.training.pretrain import pretrain
 from tests.distributed import run_distributed
 from tests.tiny_data import TINY_RUN, payloads
-from data import shards
 
 pytestmark = pytest.mark.slow
 
