@@ -33,6 +33,7 @@ PER_SHARD = 8
 LOST = 1  # the shard deleted after prepare
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(hostile(Path("markers"))))
 def test_each_hostile_sample_is_its_own_kind_of_skip_or_trains(tmp_path, name):
     files, kind = hostile(tmp_path)[name]
@@ -62,6 +63,7 @@ def hostile_dataset(tmp_path_factory):
     return root, markers, entries, list(cases.values())
 
 
+@pytest.mark.slow
 def test_hostile_shards_are_counted_exactly_nothing_runs_and_the_rest_trains(hostile_dataset):
     root, markers, entries, cases = hostile_dataset
     lost = {key for key, _ in entries[LOST * PER_SHARD : (LOST + 1) * PER_SHARD]}

@@ -156,6 +156,7 @@ def _report(*argv):
     return subprocess.run([sys.executable, "-m", "data.report", *argv], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mistake", ["missing dataset", "missing --config"])
 def test_user_mistakes_are_one_line_naming_the_flag_and_exit_2(tmp_path, mixed_dataset, mistake):
     if mistake == "missing dataset":

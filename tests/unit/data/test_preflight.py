@@ -85,6 +85,7 @@ def test_broken_samples_only_name_the_data_path(tmp_path):
     assert e.flag == "--data-path" and "none of the 4 samples probed" in str(e) and "[corrupt_member=4]" in str(e)
 
 
+@pytest.mark.slow
 def test_lost_shards_pass_while_one_reads_and_fail_when_none_does(tmp_path):
     root = write_dataset(tmp_path / "ds", good_entries(24, seed=8), per_shard=8)
     (root / shard_name(0)).unlink()

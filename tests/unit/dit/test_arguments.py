@@ -206,6 +206,7 @@ def test_data_path_that_is_a_file_a_shard_or_an_empty_index(tmp_path, dataset, m
         ),
     ],
 )
+@pytest.mark.slow
 def test_a_dataset_energon_prepare_refused_names_the_real_fix(tmp_path, shards, words):
     """Running prepare again would fail the same way: the line says what in the shards to fix."""
     for name, n in shards.items():  # n < 0: -n samples, the second with a .json cut short

@@ -89,6 +89,7 @@ def test_there_is_a_recipe_per_size_and_workload():
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.stem)
 def test_recipe_passes_the_launch_check_at_its_declared_world_size(config, datasets, capsys):
     world = declared_world_size(config)

@@ -97,6 +97,7 @@ def test_no_module_below_the_command_line_reads_a_namespace():
     assert _reads_a_namespace(ast.parse("def f(args):\n    return args.lr\n"))  # the scan sees a reader
 
 
+@pytest.mark.slow
 def test_validate_only_checks_the_checkpoint_flags(tmp_path, dataset, capsys):
     """--save under a file, --load without a checkpoint, --ckpt-step of none and --finetune with nothing to load
     each passed --validate-only and failed (or trained from scratch) once launched."""
