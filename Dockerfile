@@ -9,7 +9,7 @@ ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:26.05-py3
 FROM ${BASE_IMAGE}
 
 WORKDIR /workspace/megatron-dit
-# The versions the test suite runs with (inside pyproject.toml's ranges; tests/test_shipping.py checks both).
+# The versions the test suite runs with (inside pyproject.toml's ranges; tests/unit/shipping/test_shipping.py checks both).
 RUN pip install --no-cache-dir megatron-core==0.19.2 megatron-energon==7.4.1
 # Dependencies first (a cached layer), then the code.
 COPY pyproject.toml README.md ./

@@ -32,7 +32,8 @@ quiet_library_warnings()
 
 
 def launch_check(run: RunConfig) -> Launch:
-    """The checked run against its layout and the dataset itself, before any process group (data/loader/launch_check.py)."""
+    """The checked run against its layout and the dataset itself, before any process group
+    (data/loader/launch_check.py)."""
     from data.loader.launch_check import check_launch
 
     return check_launch(run)

@@ -11,8 +11,9 @@ Each step's rates (``benchmarks/throughput.py``): real tokens/s, model TFLOP/s o
 cu_seqlens (``dit.training.flops``) and, on a GPU, MFU against its dense peak (fp8's under --fp8-format).
 Every pack holds as many same-sized images (256 tokens each), so both steps do the FLOPs of the first pack.
 ``host_syncs_per_step``: host reads of device tensors (device-to-host syncs on a GPU) in a recipe step, counted by
-``dit.training.host_syncs`` over a few untimed steps (on the CPU as if on a GPU), with the site of each and those inside the
-DiT layers apart; on a GPU also ``cuda_sync_warnings_per_step``, CUDA's count under ``set_sync_debug_mode("warn")``.
+``dit.training.host_syncs`` over a few untimed steps (on the CPU as if on a GPU), with the site of each and those
+inside the DiT layers apart; on a GPU also ``cuda_sync_warnings_per_step``, CUDA's count under
+``set_sync_debug_mode("warn")``.
 
     python benchmarks/bench_step.py                      # DiT-S, packs of up to 4096 tokens, CPU
     python benchmarks/bench_step.py --device cuda --model-size DiT-XL --max-seq-length 8192 --bf16

@@ -86,8 +86,11 @@ def read_video(path: Path, spec: PixelSpec) -> Clip:
         source_fps = float(stream.average_rate or stream.guessed_rate or 0) or None
         if source_fps is None and spec.fps is not None:
             raise MediaError("no frame rate", "the video states no frame rate, so --fps cannot resample it")
-        fps = source_fps if spec.fps is None or source_fps is None else min(spec.fps, source_fps)
-        step = 1.0 if spec.fps is None or source_fps is None else source_fps / fps  # source frames per kept frame
+        fps: float | None = source_fps
+        step = 1.0  # source frames per kept frame
+        if spec.fps is not None and source_fps is not None:
+            fps = min(spec.fps, source_fps)
+            step = source_fps / fps
         for index, frame in enumerate(container.decode(stream)):
             if index < round(len(frames) * step):
                 continue

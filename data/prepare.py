@@ -124,9 +124,9 @@ def _check(config: PrepareConfig) -> None:
     ):
         if value < low:
             raise ConfigError(flag, f"must be >= {low}, got {value}")
-    for flag, value in (("--resolution", config.resolution), ("--fps", config.fps)):
-        if value is not None and value <= 0:
-            raise ConfigError(flag, f"must be > 0, got {value}")
+    for flag, positive in (("--resolution", config.resolution), ("--fps", config.fps)):
+        if positive is not None and positive <= 0:
+            raise ConfigError(flag, f"must be > 0, got {positive}")
 
 
 def _manifest(config: PrepareConfig, items: list[MediaItem]) -> dict:

@@ -6,10 +6,10 @@
 Any training flag (``--packing-buffer-size``, ``--num-workers``, ``--text-embed-dim``,
 ``--no-packing``, ...) applies with its training default. It prints samples read and skipped by
 kind, the writers recognised (this recipe's format, NeMo DiT, DFM DiT, Wan, Flux) and what was
-normalised to read them, with counts, packs built, ``packing_efficiency`` = real tokens / (packs x max-seq-length), the padding
-added for CP/SP alignment, the histogram of sample lengths and the loader's tokens/s; then the same
-samples packed the way NeMo/DFM do it (each padded to a multiple of 64; and padded to
-max-seq-length without packing), simulated over the same packing-buffer windows of the stream as
+normalised to read them, with counts, packs built, ``packing_efficiency`` = real tokens /
+(packs x max-seq-length), the padding added for CP/SP alignment, the histogram of sample lengths and
+the loader's tokens/s; then the same samples packed the way NeMo/DFM do it (each padded to a multiple
+of 64; and padded to max-seq-length without packing), simulated over the same packing-buffer windows of the stream as
 read (each worker's read order, not the packs' order), and with DFM's default buffer of 40 samples.
 """
 

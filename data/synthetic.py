@@ -18,6 +18,7 @@ import argparse
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +35,8 @@ def synthetic_sample(rng: random.Random, video: bool, channels: int = 16, text_e
     """One random image or video sample in the on-disk format."""
     g = torch.Generator().manual_seed(rng.getrandbits(62))
     text = np.random.default_rng(rng.getrandbits(62)).standard_normal((rng.randint(16, 120), text_embed_dim))
+    shape: tuple[int, ...]
+    meta: dict[str, Any]
     if video:
         (h, w), frames = rng.choice(VIDEO_SIZES), rng.choice(VIDEO_FRAMES)
         shape = (channels, (frames - 1) // TEMPORAL + 1, h // SPATIAL, w // SPATIAL)

@@ -202,8 +202,8 @@ def state_dict_to_diffusers(state: dict[str, Tensor], config: DiTConfig) -> dict
     )
     sigma = config.prediction_width // config.token_width
     for kind in ("weight", "bias"):
-        x = state[f"final_layer.linear.{kind}"]
-        theirs[f"proj_out_2.{kind}"] = x.unflatten(0, (sigma, p * p, c)).transpose(0, 1).flatten(0, 2)
+        w = state[f"final_layer.linear.{kind}"]
+        theirs[f"proj_out_2.{kind}"] = w.unflatten(0, (sigma, p * p, c)).transpose(0, 1).flatten(0, 2)
     return {name: x.contiguous() for name, x in theirs.items()}
 
 
@@ -219,7 +219,7 @@ def _single_process_model(config: DiTConfig):
     if not parallel_state.model_parallel_is_initialized():
         runtime.initialize_model_parallel(runtime.ParallelLayout())
     return DiTModel(
-        dataclasses.replace(
+        dataclasses.replace(  # type: ignore[call-arg]  # the layout fields are Megatron's TransformerConfig's
             config,
             tensor_model_parallel_size=1,
             pipeline_model_parallel_size=1,

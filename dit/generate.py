@@ -20,9 +20,13 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dit.errors import ConfigError, flag_error
 from dit.runtime.console import quiet_library_warnings, user_error
+
+if TYPE_CHECKING:
+    import torch
 
 PROG = "python -m dit.generate"
 
@@ -71,7 +75,7 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
         shape = ()
     if len(shape) not in (3, 4) or min(shape) < 1:
         raise ConfigError("--latent-shape", f"expected C,T,H,W or C,H,W of positive integers, got {text!r}")
-    return shape if len(shape) == 4 else (shape[0], 1, *shape[1:])
+    return (shape[0], shape[1], shape[2], shape[3]) if len(shape) == 4 else (shape[0], 1, shape[1], shape[2])
 
 
 def conditions(args: argparse.Namespace, config) -> list:

@@ -21,12 +21,11 @@ from dit.model.config import DiTConfig
 from dit.model.model import DiTModel
 from dit.model.packed import PackedBatch, thd_partition_indices
 from dit.model.patchify import patchify
+from dit.model.sizes import MODEL_SIZES
 from dit.runtime import distributed as runtime
 
 TINY = dict(
-    num_layers=2,
-    hidden_size=48,
-    num_attention_heads=4,
+    **MODEL_SIZES["DiT-debug"]._asdict(),
     latent_channels=4,
     patch_size=2,
     text_embed_dim=16,

@@ -47,15 +47,11 @@ FLAGS = [
 
 Entry = tuple[str, dict[str, bytes]]
 
-# pretrain_dit.py flags of a tiny DiT for these datasets (head dim 12: 3D RoPE gives t, h and w a pair each);
+# pretrain_dit.py flags of the DiT-debug size (dit/model/sizes.py) for these datasets;
 # tests add their own after these (argparse keeps the last value)
 TINY_RUN = [
-    "--num-layers",
-    "2",
-    "--hidden-size",
-    "48",
-    "--num-attention-heads",
-    "4",
+    "--model-size",
+    "DiT-debug",
     "--latent-channels",
     "4",
     "--patch-size",

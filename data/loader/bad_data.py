@@ -21,7 +21,7 @@ from dit.errors import TrainingStopped
 MAX_EXAMPLES = 8  # skipped samples remembered by key and shard, for the log
 
 
-class SkipKind(str, enum.Enum):
+class SkipKind(str, enum.Enum):  # noqa: UP042 -- StrEnum would change str()/format() of members (f"{e.kind}")
     """Why a sample was left out of training."""
 
     CORRUPT_MEMBER = "corrupt_member"  # a .pth / .pickle payload that does not decode (truncated, garbage)

@@ -5,14 +5,15 @@ reads ``loader.stats`` at its log interval, and stores ``loader.state_dict()`` i
 a loader restored with :meth:`DiTDataLoader.load_state_dict` yields exactly the next pack.
 
 No silent hang: a loader worker process that dies (killed for memory, a crash in a library) ends
-the run with one line (:func:`worker_died`) instead of a traceback, or a wait. When every sample is skipped (all longer than ``--max-seq-length``, say) energon
-would keep filling packing buffers forever. Once this process has read :func:`stall_limit`
-samples without one it could train, the loader stops the run with one line naming the likely flag.
+the run with one line (:func:`worker_died`) instead of a traceback, or a wait. When every sample is
+skipped (all longer than ``--max-seq-length``, say) energon would keep filling packing buffers forever.
+Once this process has read :func:`stall_limit` samples without one it could train, the loader stops
+the run with one line naming the likely flag.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ def worker_died(error: RuntimeError) -> BadDataError | None:
     )
 
 
-def iterate_packs(loader: SavableDataLoader) -> Iterator[LoadedPack]:
+def iterate_packs(loader: SavableDataLoader) -> Generator[LoadedPack, None, None]:
     """energon's packs, a dead worker raised as :func:`worker_died`'s line; closing it stops the workers now."""
     packs = iter(loader)
     try:
@@ -136,7 +137,7 @@ class DiTDataLoader:
         self.stall_samples = stall_samples
         self.stats = DataStats()  # over every pack this rank has consumed, restored with the state
         self._here = DataStats()  # over the packs of this process only: the stall check's view
-        self._packs: Iterator[LoadedPack] | None = None
+        self._packs: Generator[LoadedPack, None, None] | None = None
         self._furthest: dict[
             int, int
         ] = {}  # loader worker -> samples it has read: to the end of the furthest buffer seen
@@ -182,7 +183,7 @@ class DiTDataLoader:
     def _stalled(self) -> ConfigError:
         """The line for a stream in which nothing trains: the flag the skips point at."""
         here = self._here
-        kind = max(here.skipped, key=here.skipped.get)
+        kind = max(here.skipped, key=lambda k: here.skipped[k])
         first = next((e for e in here.examples if e.kind == kind), None)
         detail = f" ({first.detail})" if first else ""
         if kind == SkipKind.OVERSIZE.value:
@@ -248,6 +249,7 @@ def build_train_loader(run: RunConfig) -> DiTDataLoader:
 def build_valid_loader(run: RunConfig) -> DiTDataLoader:
     """The validation loader: the same packs in the same order every time it is built."""
     data = run.data
+    assert data.validation is not None, "the run has no validation dataset"
     path, split = data.validation
     layout = RankLayout.from_parallel_state(run.model)
     loader = energon_loader(

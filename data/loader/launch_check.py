@@ -66,7 +66,7 @@ class Launch:
 
 
 def check_launch(run: RunConfig) -> Launch:
-    """Every check a checked run (``dit.arguments.run_config``) can still make before it starts: its layout
+    """Every check a checked run (``dit.training.arguments.run_config``) can still make before it starts: its layout
     against the sequence length, and the datasets themselves; raises :class:`ConfigError` on the first mistake."""
     config, world = run.model, run.world_size
     multiple = pad_multiple(
@@ -138,7 +138,9 @@ def _first_samples(root: Path, shard: str, count: int) -> Iterator[dict]:
             if too_large:
                 sample[TOO_LARGE] = f"{shard} {too_large}"
             else:
-                sample[ext] = tar.extractfile(member).read()
+                data = tar.extractfile(member)
+                assert data is not None  # a regular file (isfile above)
+                sample[ext] = data.read()
     if sample:
         yield sample
 
@@ -176,7 +178,7 @@ def check_dataset(path: str, flag: str, encoder: DiTTaskEncoder) -> str:
         )
     if not trainable:
         raise _mismatch(flag, path, failures)
-    labels = [p.value for f in failures for p in (f, *f.also) if p.flag == "--num-classes"]
+    labels = [p.value for f in failures for p in (f, *f.also) if p.flag == "--num-classes" and p.value is not None]
     if labels:  # the rest trains, but these labels would be skipped for the whole run
         raise ConfigError(
             "--num-classes",

@@ -2,12 +2,13 @@
 
 Their writers differ from this recipe's format in small ways that their own readers absorb:
 
-| writer | what differs |
-|---|---|
-| NeMo ``prepare_energon_dataset.py`` | members ``KEY..pth`` (sample dict keys ``".pth"``); latent ``[1, C, T, H, W]``; text ``[1, 512, D]`` zero-padded; no caption |
-| DFM DiT ``prepare_energon_dataset_butterfly.py`` | as NeMo's with plain member names; json ``image_height: 1`` (read after a rearrange) |
-| DFM / Megatron-Bridge Wan ``prepare_dataset_wan.py`` | fp16 text ``[226, D]`` zero-padded; no fps |
-| DFM / Megatron-Bridge Flux ``prepare_energon_dataset_flux.py`` | ``.pickle`` a dict ``{prompt_embeds, pooled_prompt_embeds}``; T5 padding rows not zero |
+- NeMo ``prepare_energon_dataset.py``: members ``KEY..pth`` (sample dict keys ``".pth"``); latent
+  ``[1, C, T, H, W]``; text ``[1, 512, D]`` zero-padded; no caption.
+- DFM DiT ``prepare_energon_dataset_butterfly.py``: as NeMo's with plain member names; json ``image_height: 1``
+  (read after a rearrange).
+- DFM / Megatron-Bridge Wan ``prepare_dataset_wan.py``: fp16 text ``[226, D]`` zero-padded; no fps.
+- DFM / Megatron-Bridge Flux ``prepare_energon_dataset_flux.py``: ``.pickle`` a dict
+  ``{prompt_embeds, pooled_prompt_embeds}``; T5 padding rows not zero.
 
 :class:`Notes` collects what was normalised in one sample (the names of :data:`NORMALISATIONS`) and
 :func:`recognise` names its writer; both travel with the sample and are counted in the pack.

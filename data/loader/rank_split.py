@@ -90,9 +90,10 @@ def shard_for_rank(batch: PackedBatch, layout: RankLayout) -> PackedBatch:
     """This rank's part of a pack: its CP share of the latent tokens; none on middle PP stages.
 
     The pack is still on the host: the indices come from its layout there (TE's
-    ``thd_get_partitioned_indices`` gives the same, tests/test_data_rank_split.py, but would cost a copy to
+    ``thd_get_partitioned_indices`` gives the same, tests/unit/data/test_data_rank_split.py, but would cost a copy to
     the GPU and a read back per pack)."""
     if layout.cp_size > 1:
+        assert batch.tokens is not None and batch.loss_mask is not None  # a whole pack from the loader
         idx = thd_partition_indices(batch.cu_seqlens_padded, layout.cp_size, layout.cp_rank)  # [S / cp]
         batch = replace(batch, tokens=batch.tokens[idx], positions=batch.positions[idx], loss_mask=batch.loss_mask[idx])
     if not (layout.first_stage or layout.last_stage):

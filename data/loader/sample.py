@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -193,7 +193,9 @@ def _latent_shape(payload: bytes, fmt: LatentFormat, notes: Notes) -> tuple[int,
         raise BadSample(SkipKind.NOT_A_LATENT, f".pth holds a {type(header).__name__}, not a tensor")
     _check_dense(".pth", header)
     try:
-        shape = tuple(as_video(peer_formats.squeeze_batch(header, 4, "latent", notes)).shape)
+        shape = cast(
+            "tuple[int, int, int, int]", tuple(as_video(peer_formats.squeeze_batch(header, 4, "latent", notes)).shape)
+        )
     except ValueError:
         raise BadSample(
             SkipKind.NOT_A_LATENT, f".pth has shape {tuple(header.shape)}, not [C, T, H, W] or [C, H, W]"
@@ -356,6 +358,8 @@ def read_header(crude: dict, fmt: LatentFormat) -> Header:
     if metadata is not None and fmt.num_classes is not None:
         problems.attempt(_check_label, metadata.get("label"), fmt.num_classes)
     problems.raise_any()
+    # raise_any raised if a member was missing or a check failed: every part is here
+    assert shape is not None and grid is not None and metadata is not None and text is not None
     return Header(shape, grid, metadata, text, files["pth"], peer_formats.recognise(notes, metadata), notes.applied)
 
 

@@ -1,5 +1,6 @@
-"""Checkpoints on disk, for every reader: the file layout (``files``) and the model's weights (``weights``).
+"""Checkpoints on disk, for every reader: the file layout (``files``), what a checkpoint says of its model
+(``description``: architecture and objective) and the model's weights (``weights``).
 
 Training adds the rest of a run's state (``dit.training.checkpointing``); sampling and export read only
-these two, so they import nothing from training.
+these, so they import nothing from training.
 """

@@ -42,5 +42,5 @@ def saved_architecture(common: dict[str, Any], path: Path) -> dict[str, Any]:
 
 def saved_objective(common: dict[str, Any]) -> ObjectiveConfig | None:
     """The objective a checkpoint was trained with (None: an imported model, trained elsewhere)."""
-    saved = common.get("objective") if "model_config" in common else common["args"]
+    saved = common.get("objective") if "model_config" in common else common.get("args")  # None: an old import
     return None if saved is None else ObjectiveConfig.from_dict(saved)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Literal, overload
 
 from dit.errors import ConfigError
 
@@ -77,6 +78,23 @@ def retain(root: Path, keep: int | None) -> None:
     for old in saved[:-keep]:
         if int(old.name[5:]) != latest:
             shutil.rmtree(old)
+
+
+@overload
+def find_checkpoint(
+    root: str | Path,
+    step: int | None = None,
+    *,
+    flag: str = ...,
+    required: Literal[True] = ...,
+    fix: str = ...,
+) -> Path: ...
+
+
+@overload
+def find_checkpoint(
+    root: str | Path, step: int | None = None, *, flag: str = ..., required: bool, fix: str = ...
+) -> Path | None: ...
 
 
 def find_checkpoint(

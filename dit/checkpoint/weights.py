@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from dit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from megatron.core.transformer.module import MegatronModule
 
 # How a checkpoint keeps the EMA (its common state's ``ema.layout``), chosen with the optimizer's format
 # (dit.training.checkpointing.ema_layout):
@@ -32,7 +35,7 @@ def saved_ema_layout(common: dict, path: Path, flag: str) -> str | None:
     return common["ema"]["layout"]
 
 
-def load_model_weights(model: torch.nn.Module, path: Path, use_ema: bool) -> str:
+def load_model_weights(model: MegatronModule, path: Path, use_ema: bool) -> str:
     """Only the weights of ``path`` into a bare model of any layout (sampling, export): its EMA, saved under
     ``ema.<key>`` in the model's layout, or the trained weights. Returns which."""
     common = dist_checkpointing.load_common_state_dict(str(path))

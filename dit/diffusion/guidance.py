@@ -75,8 +75,9 @@ class GuidedPrediction:
             cond.text if cond.text is not None else torch.zeros(1, c.text_embed_dim) for cond in self.pack_conditions
         ]
         labels = [cond.label if cond.label is not None else c.num_classes for cond in self.pack_conditions]
+        packed_tokens = torch.cat(tokens)
         batch = PackedBatch(
-            tokens=torch.cat(tokens),
+            tokens=packed_tokens,
             positions=torch.cat(positions),
             loss_mask=mask,
             cu_seqlens=_cumulative([length] * n),
@@ -88,7 +89,7 @@ class GuidedPrediction:
             fps=torch.tensor([cond.fps for cond in self.pack_conditions], dtype=torch.float32),
             labels=torch.tensor(labels) if c.conditioning == "class" else None,
         )
-        return batch, grids, batch.tokens
+        return batch, grids, packed_tokens
 
     @torch.no_grad()
     def __call__(self, x: Tensor, level: float) -> Tensor:
@@ -96,6 +97,7 @@ class GuidedPrediction:
         whole = batch.cu_seqlens_padded
         if self.cp > 1:  # this rank's share of every sample (TE's 2*cp chunk scheme)
             rows = thd_partition_indices(whole, self.cp, ps.get_context_parallel_rank())
+            assert batch.tokens is not None and batch.loss_mask is not None  # built whole by _pack
             batch = replace(
                 batch, tokens=batch.tokens[rows], positions=batch.positions[rows], loss_mask=batch.loss_mask[rows]
             )

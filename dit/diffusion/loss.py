@@ -23,6 +23,7 @@ def per_sample_loss(prediction: Tensor, target: Tensor, batch: PackedBatch, cp_g
     """
     # Mask the difference itself: pad rows may hold anything, even NaN, and neither their value nor a
     # 0 * NaN in the backward may reach the real tokens.
+    assert batch.loss_mask is not None  # the last stage's pack has its tokens
     diff = torch.where(batch.loss_mask[:, None], prediction.float() - target.float(), 0.0)  # [s, D]
     per_token = diff.square().mean(dim=-1)  # [s]
     sample = cp_token_samples(batch.cu_seqlens_padded, cp_group.size())  # [s], host

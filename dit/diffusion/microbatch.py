@@ -42,6 +42,7 @@ def diffusion_microbatch(
     inputs = target = None
     weights = torch.ones_like(level)
     if batch.tokens is not None:
+        assert draws.noise is not None  # drawn wherever the pack has tokens
         token_sample = cp_token_samples(batch.cu_seqlens_padded, cp_size).to(device, non_blocking=True)  # [s]
         level_tok = level[token_sample][:, None]  # [s, 1]
         x0, noise = batch.tokens.float(), draws.noise.to(device)

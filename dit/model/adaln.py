@@ -62,7 +62,8 @@ class AdaLNModulation(MegatronModule):
         self.num_chunks = num_chunks
         width, rank = config.hidden_size, config.adaln_lora_rank
         # The input is one vector per sample, not a sequence: never all-gather it as SP would.
-        per_sample_config = dataclasses.replace(config, sequence_parallel=False)
+        # (a field of Megatron's TransformerConfig, which mypy does not see)
+        per_sample_config = dataclasses.replace(config, sequence_parallel=False)  # type: ignore[call-arg]
         self.down = (
             nn.Linear(width, rank, bias=False, dtype=config.params_dtype) if rank else nn.Identity()
         )  # replicated, rank << h

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +61,7 @@ class PackedAttentionParams(PackedSeqParams):
 
     def to(self, device: torch.device) -> PackedAttentionParams:
         """The tensors the kernels read (cu_seqlens, row mask, key order) copied from the host to ``device``."""
-        moved = {
+        moved: dict[str, Any] = {
             f.name: value.to(device, non_blocking=True)
             for f in dataclasses.fields(self)
             if isinstance(value := getattr(self, f.name), Tensor)
@@ -140,6 +141,7 @@ class PackedAttention(MegatronModule):
         pg_collection: ProcessGroupCollection | None = None,
     ):
         super().__init__(config=config)
+        assert pg_collection is not None, "Megatron passes the layer's process groups"
         # Cross-attention keys (the text) are never split across CP, so only self-attention gathers.
         self.cp_group = pg_collection.cp if attention_type == "self" else None
         self.softmax_scale = softmax_scale
@@ -159,7 +161,9 @@ class PackedAttention(MegatronModule):
         Masking comes from ``packed_seq_params`` alone; ``attention_mask`` and ``attention_bias`` are unused.
         """
         p = packed_seq_params
+        assert p is not None, "PackedAttention masks from packed_seq_params alone"
         if self.cp_group is not None and self.cp_group.size() > 1:
+            assert p.kv_order is not None  # set for self-attention under CP > 1
             key, value = (self._gather_pack(x, p.kv_order) for x in (key, value))  # [S, np, hn]
         queries = split_rows(query, [g.samples * g.q_rows for g in p.groups])
         keys, values = (split_rows(x, [g.samples * g.k_stride for g in p.groups]) for x in (key, value))

@@ -2,7 +2,7 @@
 it (:data:`ARCHITECTURE_FIELDS`), and a named size -> config (:func:`dit_config`, sizes in ``dit/model/sizes.py``).
 
 Its checks raise :class:`ConfigError` named after its own fields (``timestep_freq_shift``); the command
-line (``dit.arguments``) maps them to flags."""
+line (``dit.training.arguments``) maps them to flags."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ class DiTConfig(TransformerConfig):
     )
 
     def __post_init__(self) -> None:
-        if self.pipeline_dtype is None:
+        if self.pipeline_dtype is None:  # type: ignore[has-type]  # a TransformerConfig field (Megatron, untyped here)
             self.pipeline_dtype = self.params_dtype  # stages exchange activations in the parameter dtype
         if self.pre_mlp_layernorm_epsilon is None:
             self.pre_mlp_layernorm_epsilon = self.layernorm_epsilon
@@ -173,7 +173,7 @@ class DiTConfig(TransformerConfig):
 
     @property
     def active_fp8_recipe(self) -> str | None:
-        """The FP8 recipe whose shape rule the packs follow, None without FP8 (``dit.fp8.active_recipe``)."""
+        """The FP8 recipe whose shape rule the packs follow, None without FP8 (``dit.model.fp8.active_recipe``)."""
         return active_recipe(self.fp8, self.fp8_recipe)
 
     @property

@@ -9,6 +9,7 @@ sums their gradients across stages (``DiTConfig.has_cond_embedder``). Under PP,
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from megatron.core import parallel_state
@@ -36,7 +37,7 @@ def sinusoid(
 def mark_pipeline_replicated(module: nn.Module) -> nn.Module:
     """Tag every parameter for the cross-stage gradient all-reduce of ``finalize_model_grads``."""
     for param in module.parameters():
-        param.pipeline_parallel = True
+        param.pipeline_parallel = True  # type: ignore[attr-defined]  # Megatron's parameter attribute
     return module
 
 
@@ -62,8 +63,8 @@ def tie_pipeline_replicated(module: nn.Module) -> None:
             value = param.data.to(device)  # NCCL needs a GPU tensor; parameters may still be on the CPU
             torch.distributed.broadcast(value, src=first_rank, group=group)
             param.data.copy_(value)
-        param.shared_embedding = True
-        param.shared = not first_stage
+        param.shared_embedding = True  # type: ignore[attr-defined]  # Megatron's parameter attribute
+        param.shared = not first_stage  # type: ignore[attr-defined]  # Megatron's parameter attribute
 
 
 class ScalarEmbedder(MegatronModule):
@@ -81,7 +82,7 @@ class ScalarEmbedder(MegatronModule):
 
     def forward(self, values: Tensor) -> Tensor:
         features = sinusoid(values, FREQUENCY_EMBEDDING_SIZE, freq_shift=self.freq_shift)  # [n, 256] fp32
-        features = features.to(self.mlp[0].weight.dtype)
+        features = features.to(cast(nn.Linear, self.mlp[0]).weight.dtype)
         return self.mlp(features)  # [n, h]
 
 
@@ -139,6 +140,10 @@ class SinCos3D(nn.Module):
     varies with each of t, h and w. Grids past ``max_latent_grid`` raise (:meth:`check_grids`) instead of
     wrapping around (the reference implementations alias).
     """
+
+    table_t: Tensor  # buffers, registered in __init__
+    table_h: Tensor
+    table_w: Tensor
 
     def __init__(self, config: DiTConfig):
         super().__init__()

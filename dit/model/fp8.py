@@ -8,7 +8,7 @@ its width must divide by 16, and by 32 under MXFP8's 1x32 scaling blocks (Megatr
 ``fp8_utils.get_fp8_align_size`` says the same). TE checks each rank's *local* input: under sequence
 parallelism that is the rank's 1/tp slice, before TE's all-gather, and under context parallelism the CP
 rank's share. No FP8 kernel runs on the CPU, but the rules do: they shape the padding (``dit.model.sequence``,
-``data.loader.rank_split``), are checked at launch, and ``tests/test_fp8_alignment.py`` holds them.
+``data.loader.rank_split``), are checked at launch, and ``tests/unit/dit/test_fp8_alignment.py`` holds them.
 """
 
 from __future__ import annotations

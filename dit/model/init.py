@@ -37,8 +37,9 @@ def initialize_weights(model: nn.Module, config: DiTConfig) -> None:
             rules.update((id(p), "normal") for p in module.parameters() if p.dim() > 1)
         elif isinstance(module, AdaLNModulation):
             rules.update((id(p), "zero") for p in module.up.parameters())
-    if getattr(model, "final_layer", None) is not None:
-        rules.update((id(p), "zero") for p in model.final_layer.linear.parameters())
+    final_layer = getattr(model, "final_layer", None)
+    if final_layer is not None:
+        rules.update((id(p), "zero") for p in final_layer.linear.parameters())
     with torch.no_grad():
         for name, param in model.named_parameters():
             rule = rules.get(id(param)) or ("xavier" if param.dim() > 1 else "zero" if name.endswith("bias") else "one")
@@ -54,7 +55,7 @@ def full_shape(param: nn.Parameter) -> list[int]:
     """The shape of the whole matrix a (possibly tensor-parallel) weight is a shard of."""
     shape = list(param.shape)
     if getattr(param, "tensor_model_parallel", False):
-        shape[param.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()
+        shape[param.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()  # type: ignore[attr-defined]  # Megatron's parameter attribute
     return shape
 
 
@@ -70,10 +71,11 @@ def _xavier_uniform(param: nn.Parameter, config: DiTConfig) -> None:
     if shape == list(param.shape):  # replicated
         param.uniform_(-bound, bound)
     elif config.use_cpu_initialization:
-        if param.partition_stride != 1:
+        if param.partition_stride != 1:  # type: ignore[attr-defined]  # Megatron's parameter attribute
             raise ValueError("strided tensor-parallel weights are not used by DiT layers")
         full = torch.empty(shape, dtype=param.dtype).uniform_(-bound, bound)
-        shard = full.chunk(parallel_state.get_tensor_model_parallel_world_size(), dim=param.partition_dim)
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        shard = full.chunk(tp, dim=param.partition_dim)  # type: ignore[attr-defined]  # Megatron's parameter attribute
         param.copy_(shard[parallel_state.get_tensor_model_parallel_rank()])
     else:
         with tensor_parallel.get_cuda_rng_tracker().fork():

@@ -132,7 +132,8 @@ class DiTLayer(TransformerLayer):
         # build it below from a CP=1 copy of the config (TE's attention reads CP from the config).
         super().__init__(
             config,
-            dataclasses.replace(submodules, cross_attention=IdentityOp),
+            # (a field of Megatron's TransformerLayerSubmodules, which mypy does not see)
+            dataclasses.replace(submodules, cross_attention=IdentityOp),  # type: ignore[call-arg]
             layer_number,
             hidden_dropout,
             pg_collection,
@@ -140,7 +141,7 @@ class DiTLayer(TransformerLayer):
         )
         self.cross_attention = build_module(
             submodules.cross_attention,
-            config=dataclasses.replace(config, context_parallel_size=1),
+            config=dataclasses.replace(config, context_parallel_size=1),  # type: ignore[call-arg]  # Megatron's field
             layer_number=self.layer_number,
             pg_collection=self.pg_collection,
         )
@@ -167,6 +168,7 @@ class DiTLayer(TransformerLayer):
     ) -> tuple[Tensor, Tensor | None]:
         """hidden_states ``[s, 1, h]``; attention_mask: the conditioning ``[N, h]``. ``unused``: the
         inference, RoPE cos/sin and MoE arguments the block always passes."""
+        assert packed_seq_params is not None, "DiTModel always passes the pack's PackedSequence"
         seq, runs = packed_seq_params, packed_seq_params.token_runs
         mods = self.adaln(attention_mask)  # 6 or 9 x [N, h], one row per sample
         x = hidden_states

@@ -58,7 +58,7 @@ class FinalLayer(MegatronModule):
         self.norm = ModulatedNorm(config, config.hidden_size, config.layernorm_epsilon)
         self.linear = nn.Linear(config.hidden_size, config.prediction_width, dtype=config.params_dtype)
         for param in self.linear.parameters():
-            param.sequence_parallel = config.sequence_parallel
+            param.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]  # Megatron's parameter attribute
 
     def forward(self, x: Tensor, cond: Tensor, runs: list[SampleRun]) -> Tensor:
         shift, scale = self.adaln(cond)  # 2 x [N, h]
@@ -162,7 +162,8 @@ class DiTModel(VisionModule):
         text = F.pad(text, (0, 0, 0, 0, 0, pad))  # [K + pad, 1, h]
         return scatter_to_sequence_parallel_region(text) if self.config.sequence_parallel else text
 
-    def _embed(self, tokens: Tensor, batch: PackedBatch) -> Tensor:
+    def _embed(self, tokens: Tensor | None, batch: PackedBatch) -> Tensor:
+        assert tokens is not None, "the first pipeline stage embeds the tokens"
         x = self.patch_embed(tokens.to(self.patch_embed.weight.dtype))  # [s, h] in the parameter dtype
         if self.pos_embed is not None:
             self.pos_embed.check_grids(batch.grid_sizes)

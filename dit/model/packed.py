@@ -15,7 +15,7 @@ pack of same-size images is a single run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -49,9 +49,10 @@ class PackedBatch:
         """This host pack's per-token and per-sample data on ``device``; the layout (``LAYOUT``) stays on the
         host, where the attention parameters, the draws and the loss read it without a device-to-host sync."""
         moved = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in LAYOUT}
-        return replace(
-            self, **{k: v.to(device, non_blocking=True) for k, v in moved.items() if isinstance(v, torch.Tensor)}
-        )
+        tensors: dict[str, Any] = {
+            k: v.to(device, non_blocking=True) for k, v in moved.items() if isinstance(v, torch.Tensor)
+        }
+        return replace(self, **tensors)
 
 
 def thd_partition_indices(cu_seqlens_padded: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
@@ -100,7 +101,7 @@ class SampleRun(NamedTuple):
     """``count`` consecutive samples from sample ``first`` on, each with ``rows`` rows of a tensor."""
 
     first: int
-    count: int
+    count: int  # type: ignore[assignment]  # a field named as tuple.count, which it shadows (as intended)
     rows: int
 
 

@@ -61,7 +61,7 @@ def packed_sequence(batch: PackedBatch, sequence_parallel: bool, fp8_recipe: str
     max_len = int((cu_padded[1:] - cu_padded[:-1]).max())
     max_text = int((cu_text_padded[1:] - cu_text_padded[:-1]).max())
     cu_local = cu_padded // cp
-    bounds = cu_local.tolist()  # each sample's rows of this rank's CP share [S/cp]
+    bounds: list[int] = cu_local.tolist()  # each sample's rows of this rank's CP share [S/cp]
     if sequence_parallel:
         if bounds[-1] % tp:
             raise ValueError(
@@ -71,7 +71,7 @@ def packed_sequence(batch: PackedBatch, sequence_parallel: bool, fp8_recipe: str
         share = bounds[-1] // tp
         offset = parallel_state.get_tensor_model_parallel_rank() * share
         bounds = [min(max(b - offset, 0), share) for b in bounds]  # this TP rank's slice [S/cp/tp]
-    rows = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    sample_rows = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
     cp_rank = parallel_state.get_context_parallel_rank()
     return PackedSequence(
         self_attention=attention_params(
@@ -100,5 +100,5 @@ def packed_sequence(batch: PackedBatch, sequence_parallel: bool, fp8_recipe: str
             1,
             0,
         ),
-        token_runs=[run for run in sample_runs(rows) if run.rows],
+        token_runs=[run for run in sample_runs(sample_rows) if run.rows],
     )

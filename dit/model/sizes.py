@@ -12,6 +12,7 @@ class ModelSize(NamedTuple):
 
 
 MODEL_SIZES: dict[str, ModelSize] = {
+    "DiT-debug": ModelSize(2, 48, 4),  # runs anywhere in seconds: the tests and debugging (head dim 12: RoPE's 3 axes)
     "DiT-S": ModelSize(12, 384, 6),
     "DiT-B": ModelSize(12, 768, 12),
     "DiT-L": ModelSize(24, 1024, 16),

@@ -3,9 +3,10 @@
 Megatron-Core (0.16 to 0.19) assumes CUDA in a few places: it allocates with ``device="cuda"`` or
 ``device=torch.cuda.current_device()``, calls ``torch.cuda.synchronize()`` in p2p, waits on
 ``torch.cuda.current_stream()`` before each gradient reduction (0.17 and later), runs Megatron-FSDP's
-collectives on side streams of its own (``torch.cuda.Stream``, ``torch.cuda.stream``, ``torch.cuda.Event``), asserts
-``param.type() == "torch.cuda.FloatTensor"`` in its optimizers and grad clipping, and keeps its
-dropout RNG states with ``torch.cuda.get_rng_state`` (Megatron-FSDP copies them across TP ranks). This module maps all of that onto the CPU.
+collectives on side streams of its own (``torch.cuda.Stream``, ``torch.cuda.stream``, ``torch.cuda.Event``),
+asserts ``param.type() == "torch.cuda.FloatTensor"`` in its optimizers and grad clipping, and keeps its
+dropout RNG states with ``torch.cuda.get_rng_state`` (Megatron-FSDP copies them across TP ranks).
+This module maps all of that onto the CPU.
 It is enabled only when no CUDA device exists and never touches a GPU run.
 """
 

@@ -26,7 +26,7 @@ def async_save_options() -> dict[str, str]:
 def megatron_fsdp_missing() -> str | None:
     """Why ``--use-megatron-fsdp`` cannot run on the installed stack, or None when it can.
 
-    It is proven (tests/test_training_layouts.py) with megatron-core 0.19 only; Megatron-Core's FSDP adapter
+    It is proven (tests/integration/test_training_layouts.py) with megatron-core 0.19 only; Megatron-Core's FSDP adapter
     also needs einops, which megatron-core itself does not require."""
     if not SINCE_017:
         return f"needs megatron-core 0.17+ (Python 3.12), found {MCORE_VERSION}; drop the flag on this stack"

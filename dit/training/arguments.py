@@ -572,8 +572,9 @@ def _check_parallel(args: argparse.Namespace, world_size: int) -> None:
 
 
 def _check_megatron_fsdp(args: argparse.Namespace) -> None:
-    """What Megatron-FSDP runs with here: proven against DDP with DP, TP and CP (tests/test_training_layouts.py),
-    its checkpoints to and from DDP runs (tests/test_checkpoint_fsdp.py)."""
+    """What Megatron-FSDP runs with here: proven against DDP with DP, TP and CP
+    (tests/integration/test_training_layouts.py), its checkpoints to and from DDP runs
+    (tests/integration/test_checkpoint_fsdp.py)."""
     if not args.use_megatron_fsdp:
         return
     from dit.runtime.mcore019 import megatron_fsdp_missing

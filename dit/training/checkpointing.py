@@ -205,6 +205,7 @@ class Checkpointer:
 
     def save(self, setup: TrainingSetup, state: TrainState, loader: TrainLoader, ema: EMA | None) -> None:
         """Write ``SAVE/iter_NNNNNNN.partial``, then publish it: rename, tracker, ``--save-retain``."""
+        assert self.root is not None, "save() runs only with --save"
         final = checkpoint_dir(self.root, state.iteration)
         partial = partial_dir(final)
         start = time.monotonic()
@@ -236,6 +237,7 @@ class Checkpointer:
     def _publish(self, partial: Path, final: Path, iteration: int, start: float) -> None:
         dist.barrier()  # every rank's shards are on disk
         if dist.get_rank() == 0:
+            assert self.root is not None  # save() ran
             publish(self.root, partial, final, iteration)
             retain(self.root, self.retain)
             print(

@@ -6,7 +6,7 @@ command line answers ``--help`` and flag mistakes at once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -21,6 +21,8 @@ class TrainLoader(Protocol):
     """What the train data provider returns: this rank's packs, its bad-data counts and a savable state."""
 
     stats: Any  # data.loader.bad_data.DataStats: .read, .bad, .skipped, .examples, .add()
+
+    def __iter__(self) -> Iterator[PackedBatch]: ...
 
     def __next__(self) -> PackedBatch: ...
 

@@ -9,8 +9,8 @@ a GPU would live, on the device:
 - on a GPU: any CUDA tensor;
 - on the CPU (``simulate=True``): tensors registered with :meth:`HostSyncCounter.on_device` (the model's
   parameters, buffers and gradient buffers, the optimizer's state), tensors moved or created with a CUDA device
-  (the step then runs with ``device = cuda``, which ``dit.runtime.cpu_backend`` maps to the CPU; a move copies, as it would
-  to GPU memory), and every tensor computed from one of those, whose ``.device`` then answers ``cuda``.
+  (the step then runs with ``device = cuda``, which ``dit.runtime.cpu_backend`` maps to the CPU; a move copies, as it
+  would to GPU memory), and every tensor computed from one of those, whose ``.device`` then answers ``cuda``.
   Everything else is host data (the loader's packs, their layout, the draws).
 
 Backward runs with the counter on (torch 2.13 runs ``torch.autograd.backward`` with the modes popped): reads
@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import CodeType
+from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -110,7 +110,7 @@ def _site(frame: Any) -> str:
     return text if library is None else f"{text} <- {_where(library, Path(library.f_code.co_filename).name)}"
 
 
-def _where(frame: Any, path: Path) -> str:
+def _where(frame: Any, path: Path | str) -> str:
     return f"{path} ({frame.f_code.co_name})"  # no line: the names below stay valid as the code moves
 
 
@@ -193,7 +193,8 @@ class HostSyncCounter(TorchFunctionMode):
 
     def _record(self, op: str) -> None:
         frame = sys._getframe(1)
-        inside, probe = False, frame
+        inside = False
+        probe: FrameType | None = frame
         while probe is not None and not inside:
             inside, probe = probe.f_code in self.inside, probe.f_back
         self.reads.append(HostRead(op, _site(frame), inside, self._backward))
@@ -236,7 +237,7 @@ def _device_tensors(obj: Any) -> Iterator[Tensor]:
         for param in obj.parameters():
             yield param
             if getattr(param, "main_grad", None) is not None:
-                yield param.main_grad
+                yield param.main_grad  # type: ignore[attr-defined]  # Megatron's DDP attaches it at run time
         yield from nn.Module.buffers(obj)  # Megatron's DDP shadows the method with a list
         for module in obj.modules():  # Megatron's DDP keeps its flat parameter and gradient buffers in a list
             flat = getattr(module, "buffers", None)
@@ -255,7 +256,8 @@ def count_iterations(loop: TrainingLoop, steps: int) -> HostSyncCounter:
     """Run ``steps`` iterations of the training loop under a counter whose ``inside`` is ``DiTLayer.forward``.
 
     Without a GPU the iterations run as on one (``simulate``): the step's device is ``cuda``, which
-    ``dit.runtime.cpu_backend`` maps to the CPU, and the model, the optimizer and the EMA are registered as device tensors.
+    ``dit.runtime.cpu_backend`` maps to the CPU, and the model, the optimizer and the EMA are registered as device
+    tensors.
     On a GPU, CUDA's own count comes too (``cuda_sync_warnings``: ``torch.cuda.set_sync_debug_mode("warn")``
     also sees syncs no Python call shows, such as blocking copies from pageable host memory).
     """

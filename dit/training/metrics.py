@@ -108,6 +108,7 @@ class TrainingLogger:
             print(self._line(state, metrics, data_stats, i), flush=True)
             self._show_new_skips(data_stats)
             self._show_new_notes(data_stats)
+            assert self.writers is not None  # made on the logging rank
             self.writers.write(state.iteration, metrics)
         self.interval = Interval()
         return metrics
@@ -148,6 +149,7 @@ class TrainingLogger:
             metrics.update(
                 {f"validation/loss_q{q:.3f}": v for q, v in zip(level_quantiles().tolist(), result.per_level)}
             )
+            assert self.writers is not None  # made on the logging rank
             self.writers.write(iteration, metrics)
 
     def _show_new_skips(self, data_stats: Any) -> None:

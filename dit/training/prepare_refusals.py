@@ -43,7 +43,9 @@ def _first_jsons(shard: Path, samples: int = 2) -> list[tuple[str, bytes]]:
             if len(keys) > samples:
                 break
             if match.group(2) == "json":
-                found.append((match.group(1), tar.extractfile(member).read(2**20)))
+                data = tar.extractfile(member)
+                assert data is not None  # a regular file (isfile above)
+                found.append((match.group(1), data.read(2**20)))
     return found
 
 

@@ -209,6 +209,7 @@ class TrainingLoop:
 
     def validate(self) -> None:
         iteration = self.result.state.iteration
+        assert self.validator is not None, "a validator is built whenever validation runs"
         outcome = self.validator.run()
         self.result.validations.append((iteration, outcome))
         self.logger.log_validation(iteration, outcome, self.validator.ema is not None)
@@ -234,7 +235,7 @@ class TrainingLoop:
 
 
 def pretrain(run: RunConfig, hooks: Hooks) -> TrainResult:
-    """Train the run (``dit.arguments.run_config``), from ``--load`` / ``--save`` when they hold a checkpoint.
+    """Train the run (``dit.training.arguments.run_config``), from ``--load`` / ``--save`` when they hold a checkpoint.
     The process groups stay up for the caller (tests read the model)."""
     setup = setup_training(run, hooks)
     evaluation = run.evaluation
@@ -247,7 +248,12 @@ def pretrain(run: RunConfig, hooks: Hooks) -> TrainResult:
             load_checkpoint(setup, state, loader, ema, path)
         validator = None
         if evaluation.eval_interval or evaluation.skip_train:
-            validator = Validator(setup, hooks.forward_step, lambda: hooks.valid_data_provider(run), ema)
+
+            def valid_loader() -> TrainLoader:
+                assert hooks.valid_data_provider is not None, "validation needs Hooks.valid_data_provider"
+                return hooks.valid_data_provider(run)
+
+            validator = Validator(setup, hooks.forward_step, valid_loader, ema)
         return TrainingLoop(setup, loader, hooks.forward_step, state, ema, validator).run()
     finally:
         loader.close()

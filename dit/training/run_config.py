@@ -1,6 +1,6 @@
 """One run's configuration: the model's ``DiTConfig`` and the run's own parts, each a dataclass.
 
-``dit.arguments.run_config`` builds it once from the command line and the YAML recipe, after every
+``dit.training.arguments.run_config`` builds it once from the command line and the YAML recipe, after every
 check; the training loop, the loaders, checkpoints and logs read only this, never an argparse
 Namespace. Field names follow the flags (``--lr`` -> ``optimizer.lr``), so an error found past the
 command line can still name the flag. Light on purpose: no torch import (``dit.training.hooks``).
@@ -172,7 +172,7 @@ class EvaluationConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything a training run reads, built once by ``dit.arguments.run_config``."""
+    """Everything a training run reads, built once by ``dit.training.arguments.run_config``."""
 
     model: DiTConfig
     """The model, its parallel layout and precision."""

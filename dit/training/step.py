@@ -6,7 +6,7 @@ DP before the backward, and each micro-batch's loss is divided by the step's sam
 (``dit.diffusion.loss.microbatch_loss``): the update then depends on neither the layout nor the micro-batch split.
 A step whose loss or gradient norm is not finite changes no weight and no optimizer state.
 On a GPU a step reads device tensors on the host three times ("host read" below; the layers never do),
-which ``tests/test_host_syncs.py`` holds it to.
+which ``tests/unit/dit/test_host_syncs.py`` holds it to.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def raise_agreed_stop(stop: ConfigError | TrainingStopped | None) -> None:
         if isinstance(stop, ConfigError)
         else (None, str(stop))
     )
-    stops = [None] * ps.get_data_parallel_world_size()
+    stops: list[tuple[str | None, str] | None] = [None] * ps.get_data_parallel_world_size()
     dist.all_gather_object(stops, mine, group=ps.get_data_parallel_group())
     flag, message = next(s for s in stops if s is not None)
     raise ConfigError(flag, message) if flag is not None else TrainingStopped(message)

@@ -62,7 +62,8 @@ part() {
     echo "   exit $rc after $((SECONDS - start)) s"
 }
 skip_part() {
-    printf '%s\tskipped\t0\t0\t%s\n' "$1" "$2" >> "$work/parts.tsv"
+    local reason=${2//[$'\t\n']/ }  # one row of the table
+    printf '%s\tskipped\t0\t0\t%s\n' "$1" "$reason" >> "$work/parts.tsv"
     echo "== $1: skipped, $2"
 }
 
@@ -132,8 +133,8 @@ else
 fi
 
 # 6. Megatron-FSDP (megatron-core 0.17+) on every GPU (DP = their count), bf16: proven against DDP on the CPU over
-#    gloo (tests/test_training_layouts.py); here its GPU path (NCCL, side streams, PREMUL_SUM) trains 10 steps
-fsdp_missing=$("$python" -c "from dit.mcore019 import megatron_fsdp_missing as m; print(m() or '')" 2>&1)
+#    gloo (tests/integration/test_training_layouts.py); here its GPU path (NCCL, side streams, PREMUL_SUM) trains 10 steps
+fsdp_missing=$("$python" -c "from dit.runtime.mcore019 import megatron_fsdp_missing as m; print(m() or '')" 2>&1)
 if [ -z "$fsdp_missing" ]; then
     ranks=$( ((dry)) && echo 2 || "$python" -c "import torch; print(torch.cuda.device_count())")
     fsdp_iters=$( ((dry)) && echo 2 || echo 10)

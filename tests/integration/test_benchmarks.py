@@ -1,6 +1,7 @@
 """The benchmarks and the GPU check script run here, on the CPU: ``run_gpu_checks.sh --dry-run`` takes every
 step of the GPU run (install check, GPU tests, synthetic dataset, training saved and resumed, the 2-rank
-parallel check, both benchmarks; FP8 skips) at tiny sizes and writes the summary the GPU run writes; ``bench_data.py`` prints its JSON line."""
+parallel check, both benchmarks; FP8 skips) at tiny sizes and writes the summary the GPU run writes;
+``bench_data.py`` prints its JSON line."""
 
 import json
 import math

@@ -22,12 +22,8 @@ from tests.tiny_data import payloads, write_dataset
 pytestmark = pytest.mark.dist
 
 FLAGS = [
-    "--num-layers",
-    "2",
-    "--hidden-size",
-    "48",
-    "--num-attention-heads",
-    "4",
+    "--model-size",
+    "DiT-debug",
     "--latent-channels",
     "4",
     "--patch-size",

@@ -16,12 +16,8 @@ from tests.tiny_data import good_entries, write_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
-    "--num-layers",
-    "2",
-    "--hidden-size",
-    "48",
-    "--num-attention-heads",
-    "4",
+    "--model-size",
+    "DiT-debug",
     "--latent-channels",
     "4",
     "--text-embed-dim",
@@ -63,6 +59,7 @@ def test_the_error_line_goes_to_stderr_and_into_torchruns_summary(tmp_path, monk
     assert message["extraInfo"]["py_callstack"] == "prog: error: --lr: must be positive"  # what torchrun shows
 
 
+@pytest.mark.slow  # 40-85 s in the one-process tier on the loaded 2-core machine
 def test_validate_only_checks_a_launch_of_n_processes_in_one_plain_process(dataset):
     ok = _run(*TINY, "--data-path", dataset, "--validate-only", "--world-size", "2")
     assert (ok.returncode, ok.stderr) == (0, "")

@@ -16,12 +16,8 @@ from tests.model_setup import global_name
 pytestmark = pytest.mark.dist
 
 FLAGS = [
-    "--num-layers",
-    "2",
-    "--hidden-size",
-    "48",
-    "--num-attention-heads",
-    "4",
+    "--model-size",
+    "DiT-debug",
     "--latent-channels",
     "4",
     "--text-embed-dim",

@@ -33,6 +33,7 @@ PER_SHARD = 8
 LOST = 1  # the shard deleted after prepare
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(hostile(Path("markers"))))
 def test_each_hostile_sample_is_its_own_kind_of_skip_or_trains(tmp_path, name):
     files, kind = hostile(tmp_path)[name]
@@ -62,6 +63,7 @@ def hostile_dataset(tmp_path_factory):
     return root, markers, entries, list(cases.values())
 
 
+@pytest.mark.slow
 def test_hostile_shards_are_counted_exactly_nothing_runs_and_the_rest_trains(hostile_dataset):
     root, markers, entries, cases = hostile_dataset
     lost = {key for key, _ in entries[LOST * PER_SHARD : (LOST + 1) * PER_SHARD]}
@@ -78,6 +80,7 @@ def test_hostile_shards_are_counted_exactly_nothing_runs_and_the_rest_trains(hos
     assert list(markers.iterdir()) == []  # the pickles' commands never ran, in any worker
 
 
+@pytest.mark.slow  # 40-85 s in the one-process tier on the loaded 2-core machine
 def test_a_packing_buffer_of_only_broken_samples_is_counted_exactly(tmp_path):
     """Shard 1 cut to nothing after prepare: its 8 samples in a row exceed the buffer of 4, so at least one
     buffer holds only markers; energon drops samples that no pack holds, so that pack must still come."""
@@ -93,6 +96,7 @@ def test_a_packing_buffer_of_only_broken_samples_is_counted_exactly(tmp_path):
     assert sum(p.stats.skipped.get("corrupt_shard", 0) for p in packs) == 8
 
 
+@pytest.mark.slow  # 40-85 s in the one-process tier on the loaded 2-core machine
 def test_a_sparse_tar_member_declaring_a_tib_is_counted_unread(tmp_path):
     """A GNU sparse member's header can declare a TiB in 512 bytes: read, it is allocated in full (MemoryError
     in the worker). Its declared size is checked against the bytes its sample occupies before any read."""

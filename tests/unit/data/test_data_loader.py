@@ -15,6 +15,7 @@ from tests.tiny_data import DEFECTS, GOOD, TRUNCATED_GOOD, good_entries, write_d
 from tests.tiny_data import tiny_loader as _loader
 
 
+@pytest.mark.slow
 def test_every_defect_is_skipped_and_counted_exactly_once_across_workers(mixed_dataset):
     with closing(_loader(mixed_dataset, workers=2, repeat=False)) as loader:
         keys = [k for pack in loader for k in pack.keys]
@@ -30,6 +31,7 @@ def test_every_defect_is_skipped_and_counted_exactly_once_across_workers(mixed_d
     assert all(e.shard.startswith("shard_") and e.key.startswith(e.shard + "/samples/bad_") for e in stats.examples)
 
 
+@pytest.mark.slow
 def test_a_shard_cut_short_after_prepare_is_skipped_and_counted_across_workers(truncated_dataset):
     root, lost = truncated_dataset
     assert 0 < len(lost) < 8  # the cut falls inside the shard: some of its samples still read
@@ -121,6 +123,7 @@ def _same(a, b):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_restored_loader_continues_on_the_next_pack(mixed_dataset, workers):
     with closing(_loader(mixed_dataset, workers=workers)) as first:
@@ -146,6 +149,7 @@ def test_without_packing_each_sample_is_padded_to_max_length(mixed_dataset):
     assert loader.stats.skipped[SkipKind.OVERSIZE.value] == 1
 
 
+@pytest.mark.slow
 def test_the_bad_fraction_is_judged_over_every_sample_read_not_only_those_in_packs(tmp_path):
     """One broken sample at the start of each packing buffer of 20 (5%): each buffer's skip comes with its first
     pack, before the rest of the buffer's samples. Judged over the packs' samples alone, the second buffer's first

@@ -73,6 +73,7 @@ def _report(path, *extra, capsys):
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(peer_writers.WRITERS))
 def test_the_report_reads_every_sample_and_names_the_format_and_what_it_normalised(peer_datasets, name, capsys):
     r = _report(peer_datasets[name], capsys=capsys)

@@ -156,6 +156,7 @@ def _report(*argv):
     return subprocess.run([sys.executable, "-m", "data.report", *argv], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mistake", ["missing dataset", "missing --config"])
 def test_user_mistakes_are_one_line_naming_the_flag_and_exit_2(tmp_path, mixed_dataset, mistake):
     if mistake == "missing dataset":
@@ -166,6 +167,7 @@ def test_user_mistakes_are_one_line_naming_the_flag_and_exit_2(tmp_path, mixed_d
     assert result.stderr.startswith(f"data.report: error: {flag}: ") and result.stderr.count("\n") == 1, result.stderr
 
 
+@pytest.mark.slow  # 40-85 s in the one-process tier on the loaded 2-core machine
 def test_report_shows_no_library_warnings_and_names_itself_in_flag_mistakes(mixed_dataset):
     ok = _report(
         str(mixed_dataset),

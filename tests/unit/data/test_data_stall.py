@@ -38,6 +38,7 @@ def test_the_limit_is_a_buffer_from_every_worker_and_never_below_the_minimum():
     assert stall_limit(2000, 0) == 2000
 
 
+@pytest.mark.slow
 def test_when_no_sample_fits_the_loader_stops_naming_max_seq_length(oversize_dataset):
     with closing(tiny_loader(oversize_dataset, "--max-seq-length", "12")) as loader, pytest.raises(ConfigError) as e:
         next(loader)  # the stream repeats: without the check this would never return
@@ -59,6 +60,7 @@ def test_when_every_sample_is_broken_and_the_limit_allows_it_the_loader_names_th
             next(loader)
 
 
+@pytest.mark.slow
 def test_a_run_that_trained_is_not_stopped_by_a_long_stretch_of_skips(tmp_path):
     """Once something trained, the stream (which repeats) will come back to it: no stall."""
     entries = [("fits", payloads((4, 2, 4)))] + [(f"long{i:02d}", payloads((4, 8, 8), seed=i)) for i in range(23)]
@@ -71,17 +73,14 @@ def test_a_run_that_trained_is_not_stopped_by_a_long_stretch_of_skips(tmp_path):
     assert loader.stats.skipped == {"oversize": loader.stats.read - 4}
 
 
+@pytest.mark.slow
 def test_a_launch_whose_every_sample_is_oversize_stops_with_one_line(oversize_dataset):
     out = subprocess.run(
         [
             sys.executable,
             str(ROOT / "pretrain_dit.py"),
-            "--num-layers",
-            "2",
-            "--hidden-size",
-            "48",
-            "--num-attention-heads",
-            "4",
+            "--model-size",
+            "DiT-debug",
             "--latent-channels",
             "4",
             "--text-embed-dim",

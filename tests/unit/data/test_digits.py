@@ -6,6 +6,7 @@ import pickle
 import tarfile
 
 import numpy as np
+import pytest
 import torch
 from sklearn.datasets import load_digits
 
@@ -18,6 +19,7 @@ def _members(data: bytes) -> dict:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
 
 
+@pytest.mark.slow
 def test_digits_shards_hold_the_images_captions_and_word_embeddings(tmp_path):
     assert write_digits(tmp_path, text_embed_dim=8, samples_per_shard=600) == 1797
     assert sorted(p.name for p in tmp_path.glob("*.tar")) == [shard_name(i) for i in range(3)]  # 600 + 600 + 597
@@ -39,6 +41,7 @@ def test_digits_shards_hold_the_images_captions_and_word_embeddings(tmp_path):
     assert not np.array_equal(a[3], b[3])  # the digit's own word differs
 
 
+@pytest.mark.slow
 def test_rerun_rewrites_only_missing_shards(tmp_path):
     write_digits(tmp_path, text_embed_dim=8, samples_per_shard=900)
     first, second = tmp_path / shard_name(0), tmp_path / shard_name(1)

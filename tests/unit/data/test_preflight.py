@@ -15,12 +15,8 @@ from dit.training.arguments import load_run_config
 from tests.tiny_data import FMT, good_entries, payloads, torch_bytes, with_members, write_dataset
 
 FLAGS = [
-    "--num-layers",
-    "2",
-    "--hidden-size",
-    "48",
-    "--num-attention-heads",
-    "4",
+    "--model-size",
+    "DiT-debug",
     "--latent-channels",
     "4",
     "--text-embed-dim",
@@ -89,6 +85,7 @@ def test_broken_samples_only_name_the_data_path(tmp_path):
     assert e.flag == "--data-path" and "none of the 4 samples probed" in str(e) and "[corrupt_member=4]" in str(e)
 
 
+@pytest.mark.slow
 def test_lost_shards_pass_while_one_reads_and_fail_when_none_does(tmp_path):
     root = write_dataset(tmp_path / "ds", good_entries(24, seed=8), per_shard=8)
     (root / shard_name(0)).unlink()
@@ -109,7 +106,8 @@ def test_lost_shards_pass_while_one_reads_and_fail_when_none_does(tmp_path):
         ),
         (
             ["--no-packing", "--max-seq-length", "30", "--context-parallel-size", "2"],
-            "--no-packing pads every sample to 30 tokens, which must split into multiples of 4 for this layout (cp=2); use 28",
+            "--no-packing pads every sample to 30 tokens, which must split into multiples of 4 for this layout (cp=2);"
+            " use 28",
         ),
     ],
 )

@@ -178,6 +178,7 @@ def mixed(models, tmp_path_factory) -> tuple[Path, Path, object]:
     return inp, out, summary
 
 
+@pytest.mark.slow
 def test_shards_hold_the_format(mixed):
     _, out, _ = mixed
     assert sorted(p.name for p in out.glob("shard_*.tar")) == ["shard_000000.tar", "shard_000001.tar"]
@@ -253,6 +254,7 @@ def test_broken_and_uncaptioned_inputs_are_counted(mixed):
     assert any(example.startswith("b.png (unreadable") for example in summary.examples)
 
 
+@pytest.mark.slow
 def test_video_vae_compresses_time(models, tmp_path):
     """12 frames at 24 fps -> --fps 12 keeps 6 -> a causal 2x VAE takes 1 + 2k, so 5 -> 3 latent frames."""
     from diffusers import AutoencoderKLWan
@@ -273,6 +275,7 @@ def test_video_vae_compresses_time(models, tmp_path):
     torch.testing.assert_close(image["pth"].float(), (z - MEAN) / STD, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.slow  # 40-85 s in the one-process tier on the loaded 2-core machine
 def test_resume_writes_only_missing_shards(models, tmp_path, monkeypatch, capsys):
     inp, out = tmp_path / "in", tmp_path / "out"
     inp.mkdir()
@@ -325,6 +328,7 @@ def test_resume_writes_only_missing_shards(models, tmp_path, monkeypatch, capsys
     assert "error: OUT:" in err and "other samples_per_shard;" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
 def test_caption_list(models, tmp_path, suffix):
     inp, out = tmp_path / "in", tmp_path / "out"

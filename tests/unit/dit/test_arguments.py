@@ -179,7 +179,8 @@ def test_data_path_mistakes(tmp_path, dataset):
         (lambda ds, tmp: (tmp / "m.yaml").write_text("- a\n") and tmp / "m.yaml", "is not an energon metadataset"),
         (
             lambda ds, tmp: (tmp / "e" / ".nv-meta").mkdir(parents=True) or tmp / "e",
-            ".nv-meta lacks dataset.yaml, split.yaml, .info.json, index.sqlite: an interrupted prepare? run `energon prepare",
+            ".nv-meta lacks dataset.yaml, split.yaml, .info.json, index.sqlite: an interrupted prepare?"
+            " run `energon prepare",
         ),
     ],
 )
@@ -205,6 +206,7 @@ def test_data_path_that_is_a_file_a_shard_or_an_empty_index(tmp_path, dataset, m
         ),
     ],
 )
+@pytest.mark.slow
 def test_a_dataset_energon_prepare_refused_names_the_real_fix(tmp_path, shards, words):
     """Running prepare again would fail the same way: the line says what in the shards to fix."""
     for name, n in shards.items():  # n < 0: -n samples, the second with a .json cut short

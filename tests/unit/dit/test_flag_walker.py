@@ -13,12 +13,8 @@ from dit.training.arguments import build_parser, load_run_config
 
 # a launch that passes every check on the tiny dataset ({dataset} stands for its folder)
 BASE = [
-    "--num-layers",
-    "2",
-    "--hidden-size",
-    "48",
-    "--num-attention-heads",
-    "4",
+    "--model-size",
+    "DiT-debug",
     "--latent-channels",
     "4",
     "--text-embed-dim",

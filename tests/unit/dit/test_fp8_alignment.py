@@ -84,6 +84,7 @@ def _assert_te_accepts(per_rank: list[dict]) -> None:
                 assert all(d % rows == 0 for d in weight), (recipe, weight)
 
 
+@pytest.mark.slow
 def test_every_fp8_linear_input_follows_tes_rule_in_one_process(single_process):
     ps.destroy_model_parallel()
     _assert_te_accepts([_linear_shapes(ParallelLayout(), False)])

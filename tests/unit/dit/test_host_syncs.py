@@ -79,6 +79,7 @@ def dataset(tmp_path_factory):
     ],
     ids=["single", "recompute", "cp2"],
 )
+@pytest.mark.slow
 def test_layers_read_nothing_and_a_step_only_the_named_reads(dataset, world, extra):
     for reads in run_distributed(_count, world, dataset, extra, False):
         assert reads["inside"] == Counter() and reads["backward"] == Counter(), reads

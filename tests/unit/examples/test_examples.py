@@ -89,6 +89,7 @@ def test_there_is_a_recipe_per_size_and_workload():
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.stem)
 def test_recipe_passes_the_launch_check_at_its_declared_world_size(config, datasets, capsys):
     world = declared_world_size(config)
@@ -204,7 +205,7 @@ def complete_env(launcher: str, tmp: Path) -> dict[str, str]:
     return {var: str(tmp / var.lower()) if var in ("DATA", "SAVE") else "1" for var in REQUIRED[launcher]}
 
 
-@pytest.mark.parametrize("launcher, missing", [(l, v) for l, names in REQUIRED.items() for v in names])
+@pytest.mark.parametrize("launcher, missing", [(launcher, v) for launcher, names in REQUIRED.items() for v in names])
 def test_launcher_without_a_required_variable_stops_naming_it(launchers, tmp_path, launcher, missing):
     env = complete_env(launcher, tmp_path)
     del env[missing]

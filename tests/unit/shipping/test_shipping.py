@@ -33,9 +33,9 @@ def test_dockerfile_pins_fit_pyproject():
     assert {"megatron-core", "megatron-energon"} <= pins.keys() and "torch" not in pins
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     ranges = {Requirement(r).name: Requirement(r).specifier for r in project["dependencies"]}
-    for name, version in pins.items():
+    for name, pinned in pins.items():
         assert name in ranges, f"the Dockerfile pins {name}, which pyproject.toml does not depend on"
-        assert ranges[name].contains(version), f"{name}=={version} is outside pyproject.toml's {ranges[name]}"
+        assert ranges[name].contains(pinned), f"{name}=={pinned} is outside pyproject.toml's {ranges[name]}"
 
 
 def test_dockerfile_pins_what_the_default_stack_tests():

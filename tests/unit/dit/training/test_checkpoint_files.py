@@ -80,6 +80,7 @@ def test_a_save_killed_midway_leaves_the_last_checkpoint(tmp_path, dataset):
     assert read_tracker(ckpt) == 4 and not (ckpt / "iter_0000004.partial").exists()
 
 
+@pytest.mark.slow
 def test_exit_interval_saves_and_stops(tmp_path, dataset):
     r = run_distributed(
         _train,
@@ -99,6 +100,7 @@ def _error_line(capfd, *argv: str) -> str:
     return out.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_checkpoint_mistakes_are_one_line(tmp_path, dataset, capfd):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from data.loader.bad_data import DataStats
 from dit.model.config import dit_config
 from dit.model.model import DiTModel
-from dit.training.arguments import parse_args
+from dit.training.arguments import load_run_config
 from dit.training.flops import forward_flops, pack_flops, peak_tflops
 from dit.training.metrics import TrainingLogger
 from dit.training.state import TrainState
@@ -66,8 +66,8 @@ def test_peak_by_device_name():
 def test_the_logged_tflops_and_mfu_are_per_gpu(capsys):
     """A step of 8e12 model FLOPs over all ranks in 2 s on a world of 4 GPUs of peak 10 TFLOP/s: 1 TFLOP/s
     per GPU and 10% MFU (not 4 TFLOP/s and 40%: the world's total)."""
-    args = parse_args(["--train-iters", "10", "--peak-tflops", "10"])
-    logger = TrainingLogger(args, world_size=4, peak_tflops=10.0, pack_capacity=32, logging_rank=True, objective="flow")
+    run = load_run_config(["--train-iters", "10", "--peak-tflops", "10"], need_data=False)
+    logger = TrainingLogger(run, world_size=4, peak_tflops=10.0, pack_capacity=32, logging_rank=True, objective="flow")
     counts = StepCounts(packs=8, samples=32, real_tokens=1000, flops=8e12)
     logger.record(StepResult(loss=0.5, grad_norm=1.0, skipped=False, counts=counts, keys=[]), seconds=2.0)
     metrics = logger.log(TrainState(iteration=1), 1e-4, DataStats())

@@ -40,12 +40,21 @@ def _run(data_path: str, extra: list[str], poisoned: set[int]):
         return {"stopped": str(e), "calls": _calls["n"]}
     adam = result.setup.optimizer.chained_optimizers[0].optimizer
     steps = {int(s["step"]) for s in adam.state.values()}
+    model = result.setup.model[0].module
+    ema = None
+    if result.ema is not None:
+        with result.ema.applied():
+            ema = {
+                "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
+                "updates": result.ema.updates,
+            }
     return {
         "history": [(r.iteration, r.skipped, r.loss, r.grad_norm, r.learning_rate) for r in result.history],
         "skipped": result.state.skipped_steps,
         "adam_steps": steps,
         "weights": _calls["weights"],
-        "final": {n: p.detach().clone() for n, p in result.setup.model[0].module.named_parameters()},
+        "final": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "ema": ema,
     }
 
 
@@ -73,3 +82,17 @@ def test_consecutive_poisoned_steps_stop_the_run(dataset):
     assert r["calls"] == 4  # steps 2, 3 and 4 were skipped, then it stopped
     assert "3 consecutive steps had a non-finite loss or gradient norm (iteration 4" in r["stopped"]
     assert "--max-skipped-steps 3" in r["stopped"]
+
+
+def test_a_poisoned_step_leaves_the_ema_and_its_update_count_alone(dataset):
+    """Steps 1, 3 and 4 update the EMA, step 2 (poisoned) does not: with w_i the weights after step i,
+    ema = d^3 w_0 + (1 - d) (d^2 w_1 + d w_3 + w_4) (updating on step 2 too would add a term and a count)."""
+    d = 0.8
+    r = run_distributed(_run, 1, dataset, ["--train-iters", "4", "--ema-decay", str(d), "--no-ema-warmup"], {2})[0]
+    assert [it for it, was_skipped, *_ in r["history"] if was_skipped] == [2]
+    # w_0 .. w_4: the weights at the start of steps 1 to 4 (recorded through DDP: "module." names), then the end
+    w = [{n.removeprefix("module."): p for n, p in step.items()} for step in r["weights"]] + [r["final"]]
+    assert r["ema"]["updates"] == 3
+    for name, ema in r["ema"]["weights"].items():
+        closed = d**3 * w[0][name] + (1 - d) * (d**2 * w[1][name] + d * w[3][name] + w[4][name])
+        assert torch.allclose(ema, closed, atol=1e-6), name

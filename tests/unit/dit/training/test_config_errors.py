@@ -10,27 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.launch import ROOT
+from tests.tiny_data import TINY_RUN as TINY
 from tests.tiny_data import good_entries, payloads, write_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "--num-layers",
-    "2",
-    "--hidden-size",
-    "48",
-    "--num-attention-heads",
-    "4",
-    "--latent-channels",
-    "4",
-    "--text-embed-dim",
-    "8",
-    "--max-seq-length",
-    "32",
-    "--num-workers",
-    "0",
-]
 COMMAND_LINES = {
-    "dit/arguments.py",
+    "dit/training/arguments.py",
     "dit/training/main.py",
     "dit/generate.py",
     "dit/convert.py",
@@ -100,7 +85,7 @@ def _reads_a_namespace(tree: ast.AST) -> list[str]:
 
 
 def test_no_module_below_the_command_line_reads_a_namespace():
-    """Arguments become a RunConfig once (dit.arguments.run_config); everything else takes configs."""
+    """Arguments become a RunConfig once (dit.training.arguments.run_config); everything else takes configs."""
     readers = {}
     for path in sorted([*ROOT.glob("dit/**/*.py"), *ROOT.glob("data/**/*.py")]):
         name = path.relative_to(ROOT).as_posix()
@@ -112,6 +97,7 @@ def test_no_module_below_the_command_line_reads_a_namespace():
     assert _reads_a_namespace(ast.parse("def f(args):\n    return args.lr\n"))  # the scan sees a reader
 
 
+@pytest.mark.slow
 def test_validate_only_checks_the_checkpoint_flags(tmp_path, dataset, capsys):
     """--save under a file, --load without a checkpoint, --ckpt-step of none and --finetune with nothing to load
     each passed --validate-only and failed (or trained from scratch) once launched."""
@@ -204,6 +190,7 @@ def test_a_bug_keeps_its_traceback(dataset):
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 def test_a_bad_data_stop_on_one_rank_ends_every_rank_quietly(tmp_path):
     """DP rank 1 reads only broken samples: both ranks stop at the same step with its line, printed once,
     and no rank dies inside a collective ("Connection closed by peer")."""
