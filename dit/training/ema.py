@@ -55,9 +55,10 @@ def main_weights(optimizer: MegatronOptimizer) -> list[MainWeight]:
         if isinstance(chained, DistributedOptimizer) and chained.ddp_config.use_megatron_fsdp:
             # Megatron-FSDP's fp32 main weights: each rank's flat slice of every parameter, which its optimizer
             # steps; the EMA keeps the same slices
-            from dit.training.fsdp import shards  # megatron-core 0.17+ only
+            from dit.training import fsdp  # megatron-core 0.17+ only
 
-            weights += [MainWeight(s.main, s.param, s.start, s.end, s.group) for s in shards(chained.model_chunks[0])]
+            slices = fsdp.shards(chained.model_chunks[0])
+            weights += [MainWeight(s.main, s.param, s.start, s.end, s.group) for s in slices]
         elif isinstance(chained, DistributedOptimizer):
             groups = (
                 (chained.model_float16_groups, chained.shard_fp32_from_float16_groups),
