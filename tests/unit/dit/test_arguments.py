@@ -104,7 +104,7 @@ def test_megatron_fsdp_mistakes(dataset, argv, words):
 @pytest.mark.skipif(megatron_fsdp_missing() is not None, reason="Megatron-FSDP needs megatron-core 0.17+")
 def test_megatron_fsdp_implies_the_distributed_optimizer(dataset):
     """Megatron's DistributedOptimizer steps FSDP's main-weight shards (as Megatron-LM sets it)."""
-    assert check(TINY + ["--data-path", dataset] + FSDP, 2).use_distributed_optimizer
+    assert check(TINY + ["--data-path", dataset] + FSDP, 2).optimizer.use_distributed_optimizer
 
 
 def test_transformer_engine_asked_without_te(dataset, monkeypatch):
