@@ -49,6 +49,7 @@ def test_when_no_sample_fits_the_loader_stops_naming_max_seq_length(oversize_dat
     assert loader.stats.skipped == {"oversize": first_multiple}
 
 
+@pytest.mark.slow
 def test_when_every_sample_is_broken_and_the_limit_allows_it_the_loader_names_the_data(tmp_path):
     entries = [(f"s{i}", {**payloads((4, 2, 4), seed=i), "pth": b"not a zip"}) for i in range(6)]
     with closing(tiny_loader(write_dataset(tmp_path / "ds", entries), max_bad=1.0, stall_samples=60)) as loader:
@@ -113,6 +114,7 @@ def _cooked_or_die(encoder, crude):
 _COOKED = DiTTaskEncoder.cooked
 
 
+@pytest.mark.slow
 def test_a_loader_worker_that_dies_ends_the_run_with_one_line_within_a_minute(oversize_dataset, monkeypatch, capsys):
     monkeypatch.setattr(DiTTaskEncoder, "cooked", _cooked_or_die)  # the workers fork: they inherit it
     start = time.monotonic()

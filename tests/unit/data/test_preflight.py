@@ -45,6 +45,7 @@ def dataset(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("ds"), good_entries(24, seed=7))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra, flag, words",
     [
@@ -59,6 +60,7 @@ def test_a_dataset_that_contradicts_a_flag_names_the_flag_and_the_value(dataset,
     assert e.flag == flag and words in str(e), str(e)
 
 
+@pytest.mark.slow
 def test_no_probed_sample_fits_max_seq_length(tmp_path):
     # 12 samples of 16 and 24 tokens (latents [4, 8, 8] and [4, 2, 6, 8] at patch 2): none fits 12
     entries = [(f"s{i}", payloads((4, 8, 8) if i % 2 else (4, 2, 6, 8), seed=i)) for i in range(12)]
@@ -67,18 +69,21 @@ def test_no_probed_sample_fits_max_seq_length(tmp_path):
     assert "they take 16 to 24 tokens in this layout; pass --max-seq-length 24 (at least 16)" in str(e)
 
 
+@pytest.mark.slow
 def test_text_longer_than_max_text_length(tmp_path):
     entries = [(f"s{i}", payloads((4, 2, 4), seed=i, text_len=3 + i % 3)) for i in range(6)]  # 3 to 5 rows
     e = mistake(write_dataset(tmp_path / "ds", entries), "--max-text-length", "2")
     assert e.flag == "--max-text-length" and "have 3 to 5 rows: pass --max-text-length 5" in str(e), str(e)
 
 
+@pytest.mark.slow
 def test_labels_outside_num_classes_name_the_count_needed(tmp_path):
     entries = [(f"s{i}", payloads((4, 2, 4), seed=i, meta={"caption": "c", "label": 10 + i})) for i in range(4)]
     e = mistake(write_dataset(tmp_path / "ds", entries), "--conditioning", "class", "--num-classes", "10")
     assert e.flag == "--num-classes" and "need --num-classes 14 (or more)" in str(e)
 
 
+@pytest.mark.slow
 def test_broken_samples_only_name_the_data_path(tmp_path):
     entries = [(f"s{i}", {**payloads((4, 2, 4), seed=i), "pth": b"not a zip"}) for i in range(4)]
     e = mistake(write_dataset(tmp_path / "ds", entries), "--max-seq-length", "32")
@@ -127,6 +132,7 @@ def test_the_summary_counts_the_probed_samples(dataset):
     assert f"{expected} of {expected} samples probed could train" in launch(dataset).summary
 
 
+@pytest.mark.slow
 def test_the_launch_line_lists_every_problem_of_the_samples_probed(tmp_path):
     files = with_members(
         json=b"[]",

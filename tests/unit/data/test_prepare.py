@@ -394,6 +394,7 @@ def test_uncaptioned_folder_is_a_user_error(models, tmp_path, capsys):
     assert "no caption .txt beside any" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_command_line_exit_code(tmp_path):
     result = subprocess.run(
         [
@@ -418,6 +419,7 @@ def test_command_line_exit_code(tmp_path):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("vae, frames", [("vae", 1), ("video_vae", 3)])
 def test_vae_decode_for_sampling(models, tmp_path, vae, frames):
     """VaeEncoder.decode undoes the normalisation and decodes as diffusers does; dit.generate writes the

@@ -23,6 +23,7 @@ from tests.model_setup import full_weights, randomize, tiny_config
 from tests.tiny_data import TINY_RUN, good_entries, write_dataset
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("conditioning", ["text", "class"])
 def test_guidance_is_uncond_plus_g_times_the_difference(single_process, conditioning):
     config = tiny_config(conditioning=conditioning)

@@ -137,6 +137,7 @@ def test_a_negative_number_in_exponent_form_is_a_value(dataset):
     )
 
 
+@pytest.mark.slow
 def test_labels_past_num_classes_are_caught_at_launch(tmp_path, capsys):
     """Some probed samples train, others would be skipped all run long for their label: a launch mistake."""
     data = _labelled(tmp_path / "data", [0, 7, 1, 9, 2, 3, 4, 5])  # the first 4 are probed
@@ -156,6 +157,7 @@ def test_labels_past_num_classes_are_caught_at_launch(tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
 def test_validation_data_of_another_shape_is_named(tmp_path, dataset, capsys):
     valid = _labelled(tmp_path / "valid", [0] * 4, channels=3)
     status, line = _main(capsys, *TINY, "--data-path", dataset, "--validate-only", "--valid-data-path", valid)

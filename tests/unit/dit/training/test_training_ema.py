@@ -102,6 +102,7 @@ def dataset(tmp_path_factory):
     return str(write_dataset(tmp_path_factory.mktemp("ema"), good_entries(32, seed=4)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("warmup", ["--ema-warmup", "--no-ema-warmup"])
 def test_ema_is_its_closed_form(dataset, warmup):
     """ema_k = prod_j d_j w_0 + sum_i (1 - d_i) prod_{j > i} d_j w_i over the weights w_i after step i."""

@@ -63,6 +63,7 @@ def dataset(tmp_path_factory):
     return str(write_dataset(tmp_path_factory.mktemp("nan"), good_entries(24, seed=3)))
 
 
+@pytest.mark.slow
 def test_a_poisoned_step_changes_nothing_and_is_counted(dataset):
     r = run_distributed(_run, 1, dataset, ["--train-iters", "4", "--lr-warmup-iters", "2"], {2})[0]
     skipped = [it for it, was_skipped, *_ in r["history"] if was_skipped]
