@@ -73,7 +73,7 @@ def _run(data_path: str, extra: list[str], record: bool = False, fused_adam_cont
         torch.optim.AdamW = FusedAdamContract  # this rank's process only
     result = pretrain(run, hooks)
     model = result.setup.model[0].module
-    final = {n: p.detach().clone() for n, p in model.named_parameters()} if record else {}
+    final = {} if run.optimizer.use_megatron_fsdp else {n: p.detach().clone() for n, p in model.named_parameters()}
     state_keys = {
         name
         for chained in result.setup.optimizer.chained_optimizers
