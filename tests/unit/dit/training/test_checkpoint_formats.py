@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from dit.errors import ConfigError
+from dit.runtime.mcore019 import megatron_fsdp_missing
 from dit.training.checkpointing import Layout, check_optimizer_format, optimizer_format
 
 
@@ -22,6 +23,7 @@ def test_megatron_fsdp_refuses_a_dp_reshardable_optimizer_state():
         check_optimizer_format({"optimizer_format": "dp_reshardable"}, True, layout, layout, Path("c"), True)
 
 
+@pytest.mark.skipif(megatron_fsdp_missing() is not None, reason="Megatron-FSDP needs megatron-core 0.17+")
 def test_megatron_fsdp_checkpoints_beside_tp_are_refused_in_one_line(tiny_dataset):
     from dit.training.arguments import load_run_config
     from tests.tiny_data import TINY_RUN
