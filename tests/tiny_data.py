@@ -47,6 +47,10 @@ FLAGS = [
 
 Entry = tuple[str, dict[str, bytes]]
 
+DEBUG_MODEL = ["--model-size", "DiT-debug", "--latent-channels", "4", "--text-embed-dim", "8"]
+DEBUG_LAUNCH = [*DEBUG_MODEL, "--max-seq-length", "32", "--num-workers", "0"]
+"""The DiT-debug model on these datasets, loaded in the main process: a launch the checks pass."""
+
 # pretrain_dit.py flags of the DiT-debug size (dit/model/sizes.py) for these datasets;
 # tests add their own after these (argparse keeps the last value)
 TINY_RUN = [

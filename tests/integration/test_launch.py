@@ -12,21 +12,10 @@ from data.loader.launch_check import check_launch
 from dit.errors import ConfigError
 from dit.runtime import console as launch
 from dit.training.arguments import load_run_config
-from tests.tiny_data import good_entries, write_dataset
+from tests.tiny_data import DEBUG_LAUNCH, good_entries, write_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = [
-    "--model-size",
-    "DiT-debug",
-    "--latent-channels",
-    "4",
-    "--text-embed-dim",
-    "8",
-    "--max-seq-length",
-    "32",
-    "--num-workers",
-    "0",
-]
+TINY = DEBUG_LAUNCH
 TORCHRUN_LAUNCHES = (
     2  # one per mistake below; the 20 in a row of docs/command_line.md were measured by hand (command there)
 )

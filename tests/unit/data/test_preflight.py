@@ -12,20 +12,9 @@ from data.loader.task_encoder import DiTTaskEncoder
 from data.shards import shard_name
 from dit.errors import ConfigError
 from dit.training.arguments import load_run_config
-from tests.tiny_data import FMT, good_entries, payloads, torch_bytes, with_members, write_dataset
+from tests.tiny_data import DEBUG_LAUNCH, FMT, good_entries, payloads, torch_bytes, with_members, write_dataset
 
-FLAGS = [
-    "--model-size",
-    "DiT-debug",
-    "--latent-channels",
-    "4",
-    "--text-embed-dim",
-    "8",
-    "--max-seq-length",
-    "32",
-    "--num-workers",
-    "0",
-]
+FLAGS = DEBUG_LAUNCH
 
 
 def launch(data, *extra):

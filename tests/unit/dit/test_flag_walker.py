@@ -10,22 +10,10 @@ import pytest
 from data.loader.launch_check import check_launch
 from dit.errors import ConfigError
 from dit.training.arguments import build_parser, load_run_config
+from tests.tiny_data import DEBUG_LAUNCH
 
 # a launch that passes every check on the tiny dataset ({dataset} stands for its folder)
-BASE = [
-    "--model-size",
-    "DiT-debug",
-    "--latent-channels",
-    "4",
-    "--text-embed-dim",
-    "8",
-    "--max-seq-length",
-    "32",
-    "--num-workers",
-    "0",
-    "--data-path",
-    "{dataset}",
-]
+BASE = [*DEBUG_LAUNCH, "--data-path", "{dataset}"]
 SHARD = "{dataset}/shard_000000.tar"  # an existing file that is not a dataset or a directory
 
 INVALID: dict[str, list[str]] = {
