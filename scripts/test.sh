@@ -12,5 +12,5 @@ if [ $# -gt 0 ]; then
     exec "$python" -m pytest -q "$@"
 fi
 bash scripts/lint.sh
-"$python" -m pytest -q -m "not slow and not dist"
-exec "$python" -m pytest -q -m "slow or dist"
+"$python" -m pytest -q --durations=15 -m "not slow and not dist"
+exec "$python" -m pytest -q --durations=25 -m "slow or dist"
