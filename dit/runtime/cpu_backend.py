@@ -6,18 +6,26 @@ Megatron-Core (0.16 to 0.19) assumes CUDA in a few places: it allocates with ``d
 collectives on side streams of its own (``torch.cuda.Stream``, ``torch.cuda.stream``, ``torch.cuda.Event``),
 asserts ``param.type() == "torch.cuda.FloatTensor"`` in its optimizers and grad clipping, and keeps its
 dropout RNG states with ``torch.cuda.get_rng_state`` (Megatron-FSDP copies them across TP ranks).
-This module maps all of that onto the CPU.
+This module maps all of that onto the CPU. On the CPU every stream is the one host stream, whose events are
+complete when recorded; so that this holds, every collective runs to its end where it is issued (gloo would
+run an ``async_op`` one on a thread of its own, and Megatron-FSDP frees and reallocates bucket storage right
+after an event that on a GPU orders that after the collective: on the CPU the collective would then write
+into freed memory, a rare heap corruption).
 It is enabled only when no CUDA device exists and never touches a GPU run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
 from dit.runtime.console import is_main_process
@@ -101,6 +109,45 @@ class _HostStream:
 
     def synchronize(self) -> None:
         pass
+
+
+_COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "broadcast",
+    "all_to_all_single",
+)
+_MEGATRON_FSDP_BUFFERS = "megatron.core.distributed.fsdp.src.megatron_fsdp.param_and_grad_buffer"
+
+
+def _synchronous(collective: Callable) -> Callable:
+    """``collective`` waited for before it returns, ``async_op`` or not (its work is returned, complete)."""
+    signature = inspect.signature(collective)
+
+    @functools.wraps(collective)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        work = collective(*args, **kwargs)
+        asynchronous = signature.bind(*args, **kwargs).arguments.get("async_op", False)
+        # inside a coalescing block the collective is only recorded (its work is illegal to wait on)
+        if asynchronous and work is not None and not isinstance(work, dist.distributed_c10d._IllegalWork):
+            work.wait()
+        return work
+
+    return run
+
+
+def _synchronous_coalescing(coalescing: Callable) -> Callable:
+    """``_coalescing_manager`` whose block's collectives have run when the block ends, ``async_ops`` or not."""
+
+    @contextlib.contextmanager
+    def manager(group: Any = None, device: Any = None, async_ops: bool = False) -> Iterator[Any]:
+        with coalescing(group, device, async_ops=False) as cm:
+            yield cm
+
+    return manager
 
 
 def _tracker_class():
@@ -188,6 +235,13 @@ def enable() -> bool:
     patch(torch.cuda, "get_rng_state", lambda device="cuda": torch.get_rng_state())
     patch(torch.cuda, "set_rng_state", lambda state, device="cuda": torch.set_rng_state(state))
     patch(mcore_random, "CudaRNGStatesTracker", _tracker_class())
+    for name in _COLLECTIVES:
+        patch(dist, name, _synchronous(getattr(dist, name)))
+    coalescing = _synchronous_coalescing(dist.distributed_c10d._coalescing_manager)
+    patch(dist, "_coalescing_manager", coalescing)
+    patch(dist.distributed_c10d, "_coalescing_manager", coalescing)
+    if _MEGATRON_FSDP_BUFFERS in sys.modules:  # imported already (0.17+), with the name bound at its import
+        patch(sys.modules[_MEGATRON_FSDP_BUFFERS], "_coalescing_manager", coalescing)
     mcore_random.initialize_rng_tracker(force_reset=True)
 
     mode = _CudaToCpu()
