@@ -172,7 +172,8 @@ def format_text(r: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from dit.runtime.console import quiet_library_warnings
-    from dit.training.arguments import ArgumentParser, check_energon_dataset, loader_run_config, parse_args
+    from dit.training.arguments import ArgumentParser, loader_run_config, parse_args
+    from dit.training.dataset_folder import check_energon_dataset
 
     quiet_library_warnings()
     p = ArgumentParser(

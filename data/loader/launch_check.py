@@ -29,7 +29,7 @@ from data.loader.rank_split import pad_multiple
 from data.loader.shard_reads import READ_ERRORS, TOO_LARGE, declared_size_error
 from data.loader.task_encoder import DiTTaskEncoder
 from dit.errors import ConfigError, one_line
-from dit.training.arguments import has_split
+from dit.training.dataset_folder import has_split
 from dit.training.run_config import RunConfig
 
 PROBE_SHARDS = 8

@@ -23,6 +23,7 @@ import yaml
 from dit.errors import ConfigError, flag_error
 from dit.model import te
 from dit.model.sizes import MODEL_SIZES
+from dit.training.dataset_folder import check_energon_dataset, has_split
 
 if TYPE_CHECKING:
     from dit.model.config import DiTConfig
@@ -758,57 +759,6 @@ def _check_intervals(args: argparse.Namespace) -> None:
         )
 
 
-NV_META = (("dataset.yaml",), ("split.yaml",), (".info.json", ".info.yaml"), ("index.sqlite",))
-"""What ``energon prepare`` writes into ``.nv-meta`` (either name of a tuple), all needed to read."""
-
-
-def check_energon_dataset(path: str | Path, flag: str = "--data-path") -> None:
-    """An existing dataset prepared by ``energon prepare`` (a folder with .nv-meta, or a metadataset file)."""
-    path = Path(path)
-    prepare = f"`energon prepare {path} --non-interactive --split-ratio 1,0,0 --sample-type CrudeWebdataset`"
-    if not path.exists():
-        raise ConfigError(flag, f"{path} does not exist")
-    if path.is_file():
-        _check_metadataset(path, flag)
-    elif not (path / ".nv-meta").is_dir():
-        raise ConfigError(flag, f"{path} is not an energon dataset (no .nv-meta); run {prepare} first")
-    else:
-        missing = [names[0] for names in NV_META if not any((path / ".nv-meta" / n).is_file() for n in names)]
-        if missing:
-            from dit.training.prepare_refusals import prepare_refusal
-
-            refusal = prepare_refusal(path)
-            raise ConfigError(
-                flag,
-                f"{path}/.nv-meta lacks {', '.join(missing)}: "
-                + (
-                    f"energon prepare refused the dataset: {refusal}; then run {prepare}"
-                    if refusal
-                    else f"an interrupted prepare? run {prepare} again"
-                ),
-            )
-
-
-def _check_metadataset(path: Path, flag: str) -> None:
-    """A file is a dataset only as energon's metadataset YAML; a shard or anything else is a mistake."""
-    if path.suffix == ".tar":
-        raise ConfigError(flag, f"{path} is one shard; give the folder that holds the shards and .nv-meta")
-    _require(
-        flag,
-        path.suffix in (".yaml", ".yml"),
-        f"{path} is a file, not an energon dataset folder (with .nv-meta) or metadataset .yaml",
-    )
-    try:
-        recipe = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(flag, f"{path} is not valid YAML ({type(e).__name__})") from None
-    _require(
-        flag,
-        isinstance(recipe, dict) and "__module__" in recipe,
-        f"{path} is not an energon metadataset (a YAML mapping with __module__ and __class__)",
-    )
-
-
 def check_loader_flags(args: argparse.Namespace) -> None:
     """The loader's flags, which energon or the task encoder would otherwise reject with a traceback."""
     if not 0.0 <= args.max_bad_sample_fraction <= 1.0:
@@ -823,15 +773,6 @@ def check_loader_flags(args: argparse.Namespace) -> None:
             "with sequence packing a micro-batch is one pack; use 1 and size "
             "--max-seq-length instead, or pass --no-packing",
         )
-
-
-def has_split(path: str | Path, split: str) -> bool:
-    """Whether an energon dataset folder lists shards for ``split`` (``.nv-meta/split.yaml``)."""
-    meta = Path(path) / ".nv-meta" / "split.yaml"
-    if not meta.is_file():
-        return False
-    parts = (yaml.safe_load(meta.read_text()) or {}).get("split_parts") or {}
-    return bool(parts.get(split))
 
 
 def validation_source(args: argparse.Namespace) -> tuple[str, str] | None:

@@ -10,7 +10,8 @@ from data.shards import energon_prepare, write_shard
 from dit.errors import ConfigError
 from dit.model import te
 from dit.runtime.mcore019 import megatron_fsdp_missing
-from dit.training.arguments import MIN_ROPE_HEAD_DIM, check_energon_dataset, load_run_config, parse_args
+from dit.training.arguments import MIN_ROPE_HEAD_DIM, load_run_config, parse_args
+from dit.training.dataset_folder import check_energon_dataset
 from tests.tiny_data import good_entries
 
 ROOT = Path(__file__).resolve().parents[3]
