@@ -68,10 +68,10 @@ def measure(run: RunConfig, data_path: str) -> dict[str, Any]:
     """One pass over the dataset through the real loader; the report as a dict."""
     from data.loader.bad_data import DataStats  # the loader's imports take seconds: after the flags are checked
     from data.loader.dataloader import build_task_encoder, energon_loader, iterate_packs
-    from data.loader.rank_split import RankLayout
+    from data.loader.rank_split import RankPlace
 
     config, data = run.model, run.data
-    layout = RankLayout(
+    layout = RankPlace(
         cp_size=config.context_parallel_size,
         tp_size=config.tensor_model_parallel_size,
         sequence_parallel=config.sequence_parallel,

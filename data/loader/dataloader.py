@@ -20,7 +20,7 @@ from typing import Any
 from megatron.energon import SavableDataLoader, get_savable_loader, get_train_dataset, get_val_dataset
 
 from data.loader.bad_data import SIZING, BadDataError, DataStats, SkipKind
-from data.loader.rank_split import RankLayout, shard_for_rank
+from data.loader.rank_split import RankPlace, shard_for_rank
 from data.loader.sample import LatentFormat
 from data.loader.task_encoder import DiTTaskEncoder, LoadedPack
 from dit.errors import ConfigError, one_line
@@ -85,7 +85,7 @@ def build_task_encoder(model: DiTConfig, data: DataConfig, pad_multiple: int) ->
 def energon_loader(
     data_path: str | Path,
     encoder: DiTTaskEncoder,
-    layout: RankLayout,
+    layout: RankPlace,
     *,
     num_workers: int,
     seed: int,
@@ -120,7 +120,7 @@ class DiTDataLoader:
     def __init__(
         self,
         loader: SavableDataLoader,
-        layout: RankLayout,
+        layout: RankPlace,
         *,
         max_bad_sample_fraction: float,
         num_workers: int,
@@ -225,7 +225,7 @@ class DiTDataLoader:
 def build_train_loader(run: RunConfig) -> DiTDataLoader:
     """The training loader of a run; Megatron's parallel state must be initialised."""
     data = run.data
-    layout = RankLayout.from_parallel_state(run.model)
+    layout = RankPlace.from_parallel_state(run.model)
     loader = energon_loader(
         data.data_path,
         build_task_encoder(run.model, data, layout.pad_multiple),
@@ -251,7 +251,7 @@ def build_valid_loader(run: RunConfig) -> DiTDataLoader:
     data = run.data
     assert data.validation is not None, "the run has no validation dataset"
     path, split = data.validation
-    layout = RankLayout.from_parallel_state(run.model)
+    layout = RankPlace.from_parallel_state(run.model)
     loader = energon_loader(
         path,
         build_task_encoder(run.model, data, layout.pad_multiple),

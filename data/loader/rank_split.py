@@ -40,7 +40,7 @@ def pad_multiple(cp_size: int, tp_size: int, sequence_parallel: bool, fp8_recipe
 
 
 @dataclass(frozen=True)
-class RankLayout:
+class RankPlace:
     """This rank's place in the parallel layout, as far as the data path cares."""
 
     dp_rank: int = 0
@@ -54,7 +54,7 @@ class RankLayout:
     last_stage: bool = True
 
     @classmethod
-    def from_parallel_state(cls, config: DiTConfig) -> RankLayout:
+    def from_parallel_state(cls, config: DiTConfig) -> RankPlace:
         """Read Megatron's initialised parallel state (DP without CP: CP ranks share the data); the model's
         config gives sequence parallelism and the FP8 recipe."""
         return cls(
@@ -86,7 +86,7 @@ class RankLayout:
         )
 
 
-def shard_for_rank(batch: PackedBatch, layout: RankLayout) -> PackedBatch:
+def shard_for_rank(batch: PackedBatch, layout: RankPlace) -> PackedBatch:
     """This rank's part of a pack: its CP share of the latent tokens; none on middle PP stages.
 
     The pack is still on the host: the indices come from its layout there (TE's

@@ -71,11 +71,34 @@ def current_device() -> torch.device:
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """The model-parallel sizes of a run; DP is what is left of the world."""
+    """The parallel sizes of a run. A run asks for the model-parallel ones; DP is what is left of the world
+    (:meth:`current` reads it back, and a checkpoint records it)."""
 
     tensor: int = 1
     pipeline: int = 1
     context: int = 1
+    data: int = 1
+
+    @classmethod
+    def current(cls) -> ParallelLayout:
+        """The layout of Megatron's initialised parallel state."""
+        return cls(
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_context_parallel_world_size(),
+            parallel_state.get_data_parallel_world_size(),
+        )
+
+    def saved(self) -> dict[str, int]:
+        """As checkpoints record it (the keys every checkpoint of this recipe has held)."""
+        return {"tp": self.tensor, "pp": self.pipeline, "cp": self.context, "dp": self.data}
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, int]) -> ParallelLayout:
+        return cls(saved["tp"], saved["pp"], saved["cp"], saved["dp"])
+
+    def __str__(self) -> str:
+        return f"tp={self.tensor} pp={self.pipeline} cp={self.context} dp={self.data}"
 
 
 def initialize_model_parallel(layout: ParallelLayout) -> None:

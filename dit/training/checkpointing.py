@@ -17,7 +17,6 @@ import logging
 import random
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from dit.checkpoint.description import model_description, saved_architecture
 from dit.checkpoint.files import checkpoint_dir, folder_size, partial_dir, publish, retain
 from dit.checkpoint.weights import DP_SHARDS, MODEL_SPACE, saved_ema_layout
 from dit.errors import ConfigError
+from dit.runtime.distributed import ParallelLayout
 from dit.runtime.mcore019 import async_save_options
 from dit.training.ema import EMA
 from dit.training.hooks import TrainLoader
@@ -44,23 +44,6 @@ from dit.training.state import TrainState
 from dit.training.step import TrainingSetup
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Layout:
-    tp: int
-    pp: int
-    cp: int
-    dp: int
-
-    @classmethod
-    def current(cls) -> Layout:
-        return cls(
-            ps.get_tensor_model_parallel_world_size(),
-            ps.get_pipeline_model_parallel_world_size(),
-            ps.get_context_parallel_world_size(),
-            ps.get_data_parallel_world_size(),
-        )
 
 
 def _rng_state() -> dict[str, Any]:
@@ -180,7 +163,7 @@ def sharded_state(setup: TrainingSetup, state: TrainState, loader: TrainLoader, 
         "ema": None if ema is None else {**ema.state_dict(), "layout": ema_form},
         "ema_weights": {} if ema is None else ema.sharded_state_dict(model, ema_form),
         **model_description(setup.config, setup.run.objective),
-        "layout": Layout.current().__dict__,
+        "layout": ParallelLayout.current().saved(),
         "rng": _per_rank("rng_state", _rng_state()),
         "data": _per_replica("data_state", loader.state_dict()),
     }
@@ -264,7 +247,12 @@ def find_checkpoint(ckpt: CheckpointConfig) -> Path | None:
 
 
 def check_optimizer_format(
-    common: dict, distributed: bool, saved: Layout, layout: Layout, path: Path, megatron_fsdp: bool = False
+    common: dict,
+    distributed: bool,
+    saved: ParallelLayout,
+    layout: ParallelLayout,
+    path: Path,
+    megatron_fsdp: bool = False,
 ) -> None:
     fmt = common["optimizer_format"]
     if megatron_fsdp and fmt == "dp_reshardable":
@@ -279,11 +267,11 @@ def check_optimizer_format(
             f"the checkpoint {path} holds a {'distributed' if fmt != 'regular' else 'regular'} "
             "optimizer's state; match its --use-distributed-optimizer or pass --no-load-optim",
         )
-    if fmt == "dp_reshardable" and (saved.tp, saved.pp) != (layout.tp, layout.pp):
+    if fmt == "dp_reshardable" and (saved.tensor, saved.pipeline) != (layout.tensor, layout.pipeline):
         raise ConfigError(
             "--no-load-optim",
-            f"the distributed optimizer state in {path} was saved for tp={saved.tp} pp={saved.pp} and "
-            f"loads only under that layout (this run: tp={layout.tp} pp={layout.pp}); pass "
+            f"the distributed optimizer state in {path} was saved for tp={saved.tensor} pp={saved.pipeline} and "
+            f"loads only under that layout (this run: tp={layout.tensor} pp={layout.pipeline}); pass "
             "--no-load-optim, or save it with --dist-ckpt-optim-fully-reshardable",
         )
 
@@ -334,7 +322,7 @@ def load_checkpoint(setup: TrainingSetup, state: TrainState, loader: TrainLoader
     common = dist_checkpointing.load_common_state_dict(str(path))
     setup.config.check_architecture(saved_architecture(common, path), str(path))
     weights_only = ckpt.finetune
-    layout, saved_layout = Layout.current(), Layout(**common["layout"])
+    layout, saved_layout = ParallelLayout.current(), ParallelLayout.from_saved(common["layout"])
     model = _model_state(setup)
     request = {"model": _with_data(setup, model, is_loading=True)}
     if not weights_only and ckpt.load_optim:
@@ -352,7 +340,7 @@ def load_checkpoint(setup: TrainingSetup, state: TrainState, loader: TrainLoader
     load_rng = not weights_only and ckpt.load_rng and saved_layout == layout
     if load_rng:
         request["rng"] = _per_rank("rng_state", None)
-    load_data = not weights_only and saved_layout.dp == layout.dp
+    load_data = not weights_only and saved_layout.data == layout.data
     if load_data:
         request["data"] = _per_replica("data_state", None)
     loaded = dist_checkpointing.load(request, str(path))
@@ -379,8 +367,8 @@ def load_checkpoint(setup: TrainingSetup, state: TrainState, loader: TrainLoader
         notes = []
         if not weights_only and not load_data:
             notes.append(
-                f"WARNING: the checkpoint was saved with {saved_layout.dp} data-parallel replicas and this "
-                f"run has {layout.dp}; their loader states cannot be split differently, so the data "
+                f"WARNING: the checkpoint was saved with {saved_layout.data} data-parallel replicas and this "
+                f"run has {layout.data}; their loader states cannot be split differently, so the data "
                 "stream restarts from the beginning of the epoch"
             )
         if not weights_only and ckpt.load_rng and not load_rng:

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 from data.loader.dataloader import build_task_encoder, build_train_loader, energon_loader
-from data.loader.rank_split import RankLayout, shard_for_rank
+from data.loader.rank_split import RankPlace, shard_for_rank
 from dit.model.packed import PackedBatch, thd_partition_indices
 from dit.runtime import distributed as runtime
 from dit.training.arguments import load_run_config
@@ -62,12 +62,12 @@ def _pack(total=16):
 
 def test_pipeline_middle_stages_get_only_conditioning():
     pack = _pack()
-    middle = shard_for_rank(pack, RankLayout(first_stage=False, last_stage=False))
+    middle = shard_for_rank(pack, RankPlace(first_stage=False, last_stage=False))
     assert middle.tokens is None and middle.loss_mask is None
     assert middle.text is pack.text and middle.positions is pack.positions and middle.keys == pack.keys
     for first, last in ((True, False), (False, True)):
-        assert shard_for_rank(pack, RankLayout(first_stage=first, last_stage=last)).tokens is pack.tokens
-    cp_share = shard_for_rank(pack, RankLayout(cp_size=2, cp_rank=1))
+        assert shard_for_rank(pack, RankPlace(first_stage=first, last_stage=last)).tokens is pack.tokens
+    cp_share = shard_for_rank(pack, RankPlace(cp_size=2, cp_rank=1))
     assert torch.equal(cp_share.tokens, pack.tokens[[2, 3, 4, 5, 10, 11, 12, 13]])
     assert torch.equal(cp_share.cu_seqlens_padded, pack.cu_seqlens_padded)  # the whole pack's, as TE expects
 
@@ -119,7 +119,7 @@ def _read_packs(data_path):
 def _reference_packs(data_path, dp_rank, dp_size, cp):
     """The same stream read in this process, unsplit: what every rank of replica ``dp_rank`` must see."""
     run = load_run_config(FLAGS + ["--data-path", str(data_path)], need_data=False)
-    layout = RankLayout(dp_rank=dp_rank, dp_size=dp_size)
+    layout = RankPlace(dp_rank=dp_rank, dp_size=dp_size)
     loader = energon_loader(
         data_path,
         build_task_encoder(run.model, run.data, 2 * cp),
