@@ -574,7 +574,7 @@ def _check_parallel(args: argparse.Namespace, world_size: int) -> None:
 
 def _check_megatron_fsdp(args: argparse.Namespace) -> None:
     """What Megatron-FSDP runs with here: proven against DDP with DP, TP and CP
-    (tests/integration/test_training_layouts.py), its checkpoints to and from DDP runs
+    (tests/integration/test_training_layouts.py), its checkpoints to and from DDP runs, beside TP and CP
     (tests/integration/test_checkpoint_fsdp.py)."""
     if not args.use_megatron_fsdp:
         return
@@ -586,13 +586,6 @@ def _check_megatron_fsdp(args: argparse.Namespace) -> None:
         "--use-megatron-fsdp",
         args.pipeline_model_parallel_size == 1,
         "not proven with pipeline parallelism yet; use TP/CP beside it, or DDP with PP",
-    )
-    _require(
-        "--use-megatron-fsdp",
-        (args.save is None and args.load is None)
-        or (args.tensor_model_parallel_size == 1 and args.context_parallel_size == 1),
-        "checkpoints (--save/--load) are proven with data parallelism only so far (with TP the model's "
-        "sharded state is built over FSDP's DTensors, whose shapes are not TP-local); drop TP/CP or --save/--load",
     )
     args.use_distributed_optimizer = True  # FSDP's main weights are stepped by Megatron's DistributedOptimizer
 

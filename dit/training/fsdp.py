@@ -99,10 +99,25 @@ def whole(shard: Shard, local: torch.Tensor) -> torch.Tensor:
 
 def model_sharded_state(fsdp: FullyShardedDataParallel) -> dict:
     """The model's sharded state over its own parameters (whose storage FSDP frees): the keys, shapes and TP
-    offsets of a DDP run's checkpoint, for :func:`with_data` to fill."""
-    model = fsdp.module.module
-    sharded = model.sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group(None))
-    raw = fsdp.module.raw_param
+    offsets of a DDP run's checkpoint, for :func:`with_data` to fill.
+
+    Built while the module holds its raw (TP-local) parameters: between steps it holds FSDP's DTensors, whose
+    shape under TP is the whole, TP-gathered one (``make_fsdp_dtensor``), and the TP offsets would be computed
+    from it. FSDP swaps the same way around its own state dicts (``MegatronFSDP._replace_param_with_raw_if_needed``),
+    and puts the DTensors back in a ``state_dict`` pre-hook of every submodule, which ``sharded_state_dict`` runs:
+    that swap is held off (an instance attribute shadowing the method the hook calls) until the state is built.
+    """
+    inner = fsdp.module
+    distributed = inner.is_param_fsdp_distributed
+    inner._replace_param_with_raw_if_needed()
+    inner._replace_param_with_distributed_if_needed = lambda: None
+    try:
+        sharded = inner.module.sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group(None))
+    finally:
+        del inner._replace_param_with_distributed_if_needed
+        if distributed:
+            inner._replace_param_with_distributed_if_needed()
+    raw = inner.raw_param
     return {k: replace(v, data=raw[k]) if isinstance(v, ShardedTensor) and k in raw else v for k, v in sharded.items()}
 
 
