@@ -35,10 +35,16 @@ import sys
 from pathlib import Path
 
 import torch
+from megatron.core import dist_checkpointing, parallel_state
 from torch import Tensor
 
+from dit.checkpoint.description import model_description, saved_architecture
+from dit.checkpoint.files import find_checkpoint
+from dit.checkpoint.weights import load_model_weights
 from dit.errors import ConfigError
 from dit.model.config import DiTConfig
+from dit.model.model import DiTModel
+from dit.runtime import distributed as runtime
 
 # What diffusers' DiTTransformer2DModel must have for our model to compute the same function.
 _DIFFUSERS_FIXED = dict(
@@ -210,11 +216,6 @@ def state_dict_to_diffusers(state: dict[str, Tensor], config: DiTConfig) -> dict
 def _single_process_model(config: DiTConfig):
     """Our DiTModel (uninitialised) at TP = PP = CP = 1 in this process, local backend (gloo; the CPU layer
     where there is no GPU), whatever layout and backend ``config`` was trained with."""
-    from megatron.core import parallel_state
-
-    from dit.model.model import DiTModel
-    from dit.runtime import distributed as runtime
-
     runtime.init_distributed()
     if not parallel_state.model_parallel_is_initialized():
         runtime.initialize_model_parallel(runtime.ParallelLayout())
@@ -235,10 +236,7 @@ def _single_process_model(config: DiTConfig):
 
 def import_diffusers(source: str, out: Path, subfolder: str | None = None) -> DiTConfig:
     """A diffusers DiT (hub name or folder) -> a dist checkpoint of our model and its config in ``out``."""
-    from diffusers import DiTTransformer2DModel
-    from megatron.core import dist_checkpointing
-
-    from dit.checkpoint.description import model_description
+    from diffusers import DiTTransformer2DModel  # the prep extra
 
     try:
         theirs = DiTTransformer2DModel.from_pretrained(source, subfolder=subfolder)
@@ -262,7 +260,6 @@ def load_parameters(model: torch.nn.Module, state: dict[str, Tensor]) -> None:
 
 def resolve_checkpoint(path: Path) -> Path:
     """A training run's ``--save`` folder (its tracker names the latest checkpoint) or one checkpoint folder."""
-    from dit.checkpoint.files import find_checkpoint
 
     checkpoint = find_checkpoint(path, flag="checkpoint", required=False) or path
     if not (checkpoint / "metadata.json").is_file():
@@ -276,9 +273,6 @@ def resolve_checkpoint(path: Path) -> Path:
 
 def checkpoint_config(checkpoint: Path) -> DiTConfig:
     """The model's config, from the architecture the checkpoint stores (training's and import's alike)."""
-    from megatron.core import dist_checkpointing
-
-    from dit.checkpoint.description import saved_architecture
 
     common = dist_checkpointing.load_common_state_dict(str(checkpoint))
     return DiTConfig.from_architecture(saved_architecture(common, checkpoint), transformer_impl="local")
@@ -288,7 +282,6 @@ def read_checkpoint(checkpoint: Path, config: DiTConfig, use_ema: bool = True) -
     """The model's weights in a Megatron dist checkpoint saved under any parallel layout (by this module's
     import or by ``pretrain_dit.py``, whose checkpoints hold them under the same keys, and their EMA)
     -> full tensors. ``use_ema``: a training run's EMA where it has one."""
-    from dit.checkpoint.weights import load_model_weights
 
     model = _single_process_model(config)
     load_model_weights(model, checkpoint, use_ema)
@@ -297,7 +290,7 @@ def read_checkpoint(checkpoint: Path, config: DiTConfig, use_ema: bool = True) -
 
 def export_diffusers(state: dict[str, Tensor], config: DiTConfig, out: Path) -> None:
     """Our full parameters -> a diffusers folder (``save_pretrained``: config.json and the weights)."""
-    from diffusers import DiTTransformer2DModel
+    from diffusers import DiTTransformer2DModel  # the prep extra
 
     theirs = DiTTransformer2DModel(**diffusers_config(config))
     theirs.load_state_dict(state_dict_to_diffusers(state, config))  # strict: every parameter, nothing else

@@ -20,13 +20,26 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from dit.checkpoint.description import saved_architecture, saved_objective
+from dit.checkpoint.files import find_checkpoint
+from dit.checkpoint.weights import load_model_weights
+from dit.diffusion.guidance import Condition, GuidedPrediction
+from dit.diffusion.objective import Objective
+from dit.diffusion.samplers import SamplingOptions
+from dit.encoders import TextEncoder, VaeEncoder
 from dit.errors import ConfigError, flag_error
+from dit.model import te
+from dit.model.config import DiTConfig
+from dit.model.model import DiTModel
+from dit.runtime import distributed as runtime
 from dit.runtime.console import quiet_library_warnings, user_error
-
-if TYPE_CHECKING:
-    import torch
+from dit.safe_pickle import loads
 
 PROG = "python -m dit.generate"
 
@@ -78,11 +91,7 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
     return (shape[0], shape[1], shape[2], shape[3]) if len(shape) == 4 else (shape[0], 1, shape[1], shape[2])
 
 
-def conditions(args: argparse.Namespace, config) -> list:
-    import torch
-
-    from dit.diffusion.guidance import Condition
-
+def conditions(args: argparse.Namespace, config: DiTConfig) -> list[Condition]:
     given = [bool(args.text_embedding), bool(args.caption), bool(args.class_label)]
     if sum(given) > 1:
         raise ConfigError("--text-embedding", "give one of --text-embedding, --caption and --class-label")
@@ -99,8 +108,6 @@ def conditions(args: argparse.Namespace, config) -> list:
         raise ConfigError("--class-label", "this model is text-conditioned: pass --text-embedding or --caption")
     texts = []
     for name in args.text_embedding:
-        from dit.safe_pickle import loads
-
         try:
             value = loads(Path(name).read_bytes())
         except (OSError, Exception) as e:  # a missing file, or a pickle that is not plain data
@@ -116,8 +123,6 @@ def conditions(args: argparse.Namespace, config) -> list:
             raise ConfigError(
                 "--caption", "needs --text-encoder NAME_OR_FOLDER (the one the dataset was prepared with)"
             )
-        from dit.encoders import TextEncoder
-
         texts = TextEncoder(args.text_encoder, args.text_encoder_subfolder, args.tokenizer_subfolder).encode(
             args.caption
         )
@@ -125,29 +130,26 @@ def conditions(args: argparse.Namespace, config) -> list:
     return [Condition(text=t, fps=args.fps) for t in texts] or [Condition(text=null, fps=args.fps)]
 
 
-def sample(args: argparse.Namespace, model, objective, config, conds: list, shape: tuple, device) -> torch.Tensor:
+def sample(
+    args: argparse.Namespace,
+    model: DiTModel,
+    objective: Objective,
+    config: DiTConfig,
+    conds: list[Condition],
+    shape: tuple,
+    device: torch.device,
+) -> torch.Tensor:
     """Latents ``[len(conds) * num_samples, C, T, H, W]``: the samples of each condition in a row."""
-    import torch
-
-    from dit.diffusion import samplers
-    from dit.diffusion.edm import EDM
-    from dit.diffusion.guidance import GuidedPrediction
-
     per_sample = [c for c in conds for _ in range(args.num_samples)]
     predict = GuidedPrediction(model, objective, config, per_sample, args.guidance, device)
     noise = torch.randn(
         len(per_sample), *shape, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64
     )
-    if isinstance(objective, EDM):
-        return samplers.edm_heun(
-            predict, noise, samplers.edm_sigmas(args.steps, args.sigma_min, args.sigma_max, args.rho)
-        )
     tokens = math.prod(
         s // p for s, p in zip(shape[1:], (config.temporal_patch_size, config.patch_size, config.patch_size))
     )
-    shift = float(objective.resolution_shift(torch.tensor([tokens])))
-    solve = samplers.flow_heun if args.sampler == "heun" else samplers.flow_euler
-    return solve(predict, noise, samplers.flow_times(args.steps, shift))
+    options = SamplingOptions(args.steps, args.sampler, args.sigma_min, args.sigma_max, args.rho)
+    return objective.sample(predict, noise, options, tokens)
 
 
 GRID_GAP = 4  # px of background between the cells, around them, and between the labels and the first column
@@ -165,18 +167,17 @@ def row_labels(args: argparse.Namespace) -> list[str]:
     return ["unconditional"]
 
 
-def write_grid(latents, labels: list[str], path: str) -> None:
+def write_grid(latents: torch.Tensor, labels: list[str], path: str) -> None:
     """Pixels in [-1, 1] ``[N, C, 1, H, W]`` (C = 1 or 3) as a PNG grid, one row per label written at its left,
     cells of >= 64 px ``GRID_GAP`` px apart on a white canvas."""
-    import numpy as np
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw, ImageFont  # pillow: the quickstart and prep extras
 
     n, c, _, h, w = latents.shape
     if c not in (1, 3):
         raise ConfigError("--png-grid", f"needs 1 or 3 channels of pixels, the latents have {c}; decode with --vae")
     scale = max(1, 64 // max(h, w))
-    cells = ((latents[:, :, 0].clamp(-1, 1) + 1) * 127.5).round().byte()  # [N, C, H, W]
-    cells = cells.repeat_interleave(scale, 2).repeat_interleave(scale, 3).permute(0, 2, 3, 1).numpy()  # [N, h, w, C]
+    pixels = ((latents[:, :, 0].clamp(-1, 1) + 1) * 127.5).round().byte()  # [N, C, H, W]
+    cells = pixels.repeat_interleave(scale, 2).repeat_interleave(scale, 3).permute(0, 2, 3, 1).numpy()  # [N, h, w, C]
     rows, (cell_h, cell_w) = len(labels), cells.shape[1:3]
     cols = n // rows
     font = ImageFont.load_default()
@@ -195,14 +196,12 @@ def write_grid(latents, labels: list[str], path: str) -> None:
     grid.save(path)
 
 
-def decode_to_files(args: argparse.Namespace, latents) -> list[str]:
-    from dit.encoders import VaeEncoder
-
+def decode_to_files(args: argparse.Namespace, latents: torch.Tensor) -> list[str]:
     pixels = VaeEncoder(args.vae, args.vae_subfolder).decode(latents)  # [N, T, 3, H, W] uint8
     stem, written = Path(args.output).with_suffix(""), []
     for i, clip in enumerate(pixels):
         if clip.shape[0] == 1:
-            from PIL import Image
+            from PIL import Image  # pillow and av: the prep extra, which --vae needs anyway
 
             path = f"{stem}_{i:03d}.png"
             Image.fromarray(clip[0].permute(1, 2, 0).numpy()).save(path)
@@ -213,8 +212,8 @@ def decode_to_files(args: argparse.Namespace, latents) -> list[str]:
     return written
 
 
-def _write_video(path: str, clip, fps: float) -> None:
-    import av
+def _write_video(path: str, clip: torch.Tensor, fps: float) -> None:
+    import av  # the prep extra
 
     with av.open(path, "w") as container:
         stream = container.add_stream("mpeg4", rate=round(fps))  # in every PyAV wheel (x264 is not)
@@ -238,19 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         return user_error(PROG, flag_error(e))
 
 
-def load_model(args: argparse.Namespace, path: Path, device) -> tuple:
+def load_model(args: argparse.Namespace, path: Path, device: torch.device) -> tuple:
     """The checkpoint's model on this rank's layout, with its EMA (or raw) weights: (model, its objective
     config, which weights)."""
-    import torch
-    from megatron.core import dist_checkpointing
-
-    from dit.checkpoint.description import saved_architecture, saved_objective
-    from dit.checkpoint.weights import load_model_weights
-    from dit.model import te
-    from dit.model.config import DiTConfig
-    from dit.model.model import DiTModel
-    from dit.runtime import distributed as runtime
-
     common = dist_checkpointing.load_common_state_dict(str(path))
     objective = saved_objective(common)
     if objective is None:
@@ -277,12 +266,6 @@ def load_model(args: argparse.Namespace, path: Path, device) -> tuple:
 
 
 def generate(args: argparse.Namespace, shape: tuple) -> int:
-    import torch
-    import torch.distributed as dist
-
-    from dit.checkpoint.files import find_checkpoint
-    from dit.runtime import distributed as runtime
-
     path = find_checkpoint(args.load, args.ckpt_step)
     runtime.init_distributed()
     try:

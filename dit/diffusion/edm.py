@@ -14,6 +14,14 @@ import torch
 from torch import Tensor
 
 from dit.diffusion.objective import Objective
+from dit.diffusion.samplers import Predict, SamplingOptions, edm_heun
+
+
+def edm_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
+    """Karras et al. eq. 5: ``steps`` levels from sigma_max to sigma_min, then 0 (float64)."""
+    i = torch.arange(steps, dtype=torch.float64)
+    sigmas = (sigma_max ** (1 / rho) + i / max(steps - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
 
 
 class Preconditioning(NamedTuple):
@@ -65,3 +73,10 @@ class EDM(Objective):
         c = self.preconditioning(level_tok)
         weight = self.loss_weight(level) * self.preconditioning(level).c_out ** 2  # = 1 up to rounding
         return (x0 - c.c_skip * x) / c.c_out, weight
+
+    def prediction(self, output: Tensor, x: Tensor, level_tok: Tensor) -> Tensor:
+        return self.denoised(output, x, level_tok)
+
+    def sample(self, predict: Predict, noise: Tensor, options: SamplingOptions, num_tokens: int) -> Tensor:
+        """Heun (Algorithm 2) down Karras' levels; the size of a sample changes nothing."""
+        return edm_heun(predict, noise, edm_sigmas(options.steps, options.sigma_min, options.sigma_max, options.rho))

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from dit.diffusion.objective import Objective
+from dit.diffusion.samplers import Predict, SamplingOptions, flow_euler, flow_heun
 
 SHIFT_BASE_TOKENS = 256
 TIMESTEP_SCALE = 1000.0
@@ -22,6 +23,11 @@ TIMESTEP_SCALE = 1000.0
 def shift_time(t: Tensor, shift: Tensor | float) -> Tensor:
     """t' = s t / (1 + (s - 1) t): s > 1 moves samples towards noise, s = 1 leaves t as it is."""
     return shift * t / (1 + (shift - 1) * t)
+
+
+def flow_times(steps: int, shift: float = 1.0) -> Tensor:
+    """``steps + 1`` times from 1 to 0, uniform before the resolution shift (float64)."""
+    return shift_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
 
 
 class RectifiedFlow(Objective):
@@ -52,3 +58,14 @@ class RectifiedFlow(Objective):
         self, x0: Tensor, noise: Tensor, x: Tensor, level_tok: Tensor, level: Tensor
     ) -> tuple[Tensor, Tensor]:
         return noise - x0, torch.ones_like(level)
+
+    def prediction(self, output: Tensor, x: Tensor, level_tok: Tensor) -> Tensor:
+        return output  # the velocity
+
+    def sample(self, predict: Predict, noise: Tensor, options: SamplingOptions, num_tokens: int) -> Tensor:
+        """Heun or Euler from t = 1 to 0 on the time grid of the training shift for ``num_tokens`` tokens."""
+        solvers = {"heun": flow_heun, "euler": flow_euler}
+        if options.solver not in solvers:
+            raise ValueError(f"unknown flow solver {options.solver!r}: use {' or '.join(solvers)}")
+        shift = float(self.resolution_shift(torch.tensor([num_tokens])))
+        return solvers[options.solver](predict, noise, flow_times(options.steps, shift))

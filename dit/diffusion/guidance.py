@@ -13,7 +13,6 @@ import torch
 from megatron.core import parallel_state as ps
 from torch import Tensor
 
-from dit.diffusion.edm import EDM
 from dit.diffusion.objective import Objective
 from dit.model.config import DiTConfig
 from dit.model.model import DiTModel
@@ -108,8 +107,7 @@ class GuidedPrediction:
         level_tok = torch.full((x_tok.shape[0], 1), level, device=self.device)
         out = self.model(self.objective.network_input(x_tok, level_tok), self.objective.timestep(levels), batch)
         out = out[:, : self.config.token_width].float()
-        if isinstance(self.objective, EDM):
-            out = self.objective.denoised(out, x_tok, level_tok)
+        out = self.objective.prediction(out, x_tok, level_tok)
         if self.cp > 1:
             out = gather_cp_shares(out, whole, ps.get_context_parallel_group())
         c, n = self.config, len(x)

@@ -5,7 +5,8 @@ sigma; flow: logit-normal t), so training and the stratified validation levels s
 (:meth:`Objective.level`). Training regresses the raw network output onto
 :meth:`Objective.training_target` with a per-sample weight, which is the paper's loss rewritten in
 terms of ``F`` (for EDM: lambda * |D - x0|^2 = lambda * c_out^2 * |F - (x0 - c_skip x) / c_out|^2).
-Samplers call the network the same way (:meth:`Objective.network_input`, :meth:`Objective.timestep`).
+Samplers call the network the same way (:meth:`Objective.network_input`, :meth:`Objective.timestep`) and
+integrate :meth:`Objective.prediction` on the objective's own grid (:meth:`Objective.sample`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from torch import Tensor
+
+from dit.diffusion.samplers import Predict, SamplingOptions
 
 
 class Objective(ABC):
@@ -42,3 +45,12 @@ class Objective(ABC):
         self, x0: Tensor, noise: Tensor, x: Tensor, level_tok: Tensor, level: Tensor
     ) -> tuple[Tensor, Tensor]:
         """(regression target of the raw network output ``[s, D]``, loss weight per sample ``[N]``)."""
+
+    @abstractmethod
+    def prediction(self, output: Tensor, x: Tensor, level_tok: Tensor) -> Tensor:
+        """What the sampler integrates, from the raw network output at ``x``."""
+
+    @abstractmethod
+    def sample(self, predict: Predict, noise: Tensor, options: SamplingOptions, num_tokens: int) -> Tensor:
+        """Data from standard-normal ``noise`` (float64) by ``predict`` (:meth:`prediction` of the network) on
+        this objective's grid, for samples of ``num_tokens`` tokens."""

@@ -1,7 +1,8 @@
 """ODE samplers: EDM's Heun (Karras et al. 2022, Algorithm 2) and Euler / Heun on the rectified-flow ODE.
 
-A sampler calls ``model(x, level)`` with the whole batch at one noise level and gets the objective's
-prediction: the denoised D(x; sigma) for EDM, the velocity v(x, t) for flow (see
+The noise grids live with their objectives (``edm.edm_sigmas``, ``flow.flow_times``), whose ``sample`` method
+picks the integrator. A sampler calls ``model(x, level)`` with the whole batch at one noise level and gets the
+objective's prediction: the denoised D(x; sigma) for EDM, the velocity v(x, t) for flow (see
 ``dit.diffusion.guidance`` for the network behind it, with classifier-free guidance).
 The EDM correction is evaluated at (x_next, sigma_next), as in the paper and NVlabs/edm's
 ``generate.py``, and skipped on the last step, which goes to sigma = 0 (NeMo and DFM evaluate it at
@@ -11,20 +12,22 @@ The EDM correction is evaluated at (x_next, sigma_next), as in the paper and NVl
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
-import torch
 from torch import Tensor
-
-from dit.diffusion.flow import shift_time
 
 Predict = Callable[[Tensor, float], Tensor]  # (x, sigma or t) -> D(x; sigma) or v(x, t)
 
 
-def edm_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
-    """Karras et al. eq. 5: ``steps`` levels from sigma_max to sigma_min, then 0 (float64)."""
-    i = torch.arange(steps, dtype=torch.float64)
-    sigmas = (sigma_max ** (1 / rho) + i / max(steps - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to walk from noise to data: each objective reads its own fields (``dit.generate``'s flags)."""
+
+    steps: int = 32
+    solver: str = "heun"  # flow: "heun" or "euler"; EDM always takes Heun
+    sigma_min: float = 0.002  # EDM: the last level before 0
+    sigma_max: float = 80.0  # EDM: the first level
+    rho: float = 7.0  # EDM: the spacing exponent of the levels
 
 
 def edm_heun(denoise: Predict, noise: Tensor, sigmas: Tensor) -> Tensor:
@@ -38,11 +41,6 @@ def edm_heun(denoise: Predict, noise: Tensor, sigmas: Tensor) -> Tensor:
             x_next = x + (sigma_next - sigma) * (d + d_next) / 2
         x = x_next
     return x
-
-
-def flow_times(steps: int, shift: float = 1.0) -> Tensor:
-    """``steps + 1`` times from 1 to 0, uniform before the resolution shift (float64)."""
-    return shift_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
 
 
 def flow_euler(velocity: Predict, noise: Tensor, times: Tensor) -> Tensor:

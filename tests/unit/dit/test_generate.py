@@ -90,6 +90,28 @@ def test_the_flow_samplers_time_grid_is_the_training_shift(single_process, flow_
     assert torch.allclose(torch.stack(seen).flatten(), expected, rtol=1e-6), (torch.stack(seen).flatten(), expected)
 
 
+def test_the_edm_sampler_walks_karras_levels_with_heun(single_process):
+    """EDM's Heun (Algorithm 2) evaluates at sigma_0, then at each next level twice (the correction there and
+    the next step's start), and once at the last level before 0; the network sees c_noise = ln(sigma) / 4 of
+    Karras' eq. 5 levels, written out by hand for --sigma-min/--sigma-max/--rho."""
+    config = tiny_config(conditioning="class")
+    model = DiTModel(config).eval()
+    randomize(model, seed=3)
+    seen: list[torch.Tensor] = []
+    model.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[1]))
+    flags = "--sigma-min 0.5 --sigma-max 10 --rho 3 --steps 3 --guidance 1 --num-samples 1 --sampler euler"
+    args = generate.build_parser().parse_args(
+        ["--load", "x", "--latent-shape", "4,1,4,6", "--output", "x"] + flags.split()
+    )
+    generate.sample(
+        args, model, build_objective("edm"), config, [Condition(label=1)], (4, 1, 4, 6), torch.device("cpu")
+    )
+    levels = [(10 ** (1 / 3) + i / 2 * (0.5 ** (1 / 3) - 10 ** (1 / 3))) ** 3 for i in range(3)]  # 10 ... 0.5
+    calls = [levels[0], levels[1], levels[1], levels[2], levels[2]]  # --sampler is the flow's: EDM takes Heun
+    expected = torch.tensor(calls).log() / 4
+    assert torch.allclose(torch.stack(seen).flatten(), expected, rtol=1e-6), (torch.stack(seen).flatten(), expected)
+
+
 FLAGS = TINY_RUN + ["--lr", "1e-2", "--ema-decay", "0.5", "--global-batch-size", "2", "--train-iters", "3"]
 
 

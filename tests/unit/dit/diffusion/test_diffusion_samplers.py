@@ -13,7 +13,9 @@ import math
 import pytest
 import torch
 
-from dit.diffusion.samplers import edm_heun, edm_sigmas, flow_euler, flow_heun, flow_times
+from dit.diffusion.edm import edm_sigmas
+from dit.diffusion.flow import flow_times
+from dit.diffusion.samplers import edm_heun, flow_euler, flow_heun
 
 MU, S = 0.7, 0.3
 NOISE = torch.randn(64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
