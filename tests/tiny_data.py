@@ -24,26 +24,16 @@ import torch
 from data import shards
 from data.loader.bad_data import SkipKind
 from data.loader.dataloader import DiTDataLoader, build_task_encoder, energon_loader
-from data.loader.rank_split import RankLayout
+from data.loader.rank_split import RankPlace
 from data.loader.sample import LatentFormat
 from data.shards import ShardSample, encode_sample
 
 FMT = LatentFormat(patch_size=2, temporal_patch_size=1, latent_channels=4, text_embed_dim=8)
 
-FLAGS = [
-    "--max-seq-length",
-    "32",
-    "--patch-size",
-    "2",
-    "--latent-channels",
-    "4",
-    "--text-embed-dim",
-    "8",
-    "--packing-buffer-size",
-    "6",
-    "--micro-batch-size",
-    "3",
-]  # the command line of FMT for tiny_loader
+DATA_FLAGS = ["--max-seq-length", "32", "--patch-size", "2", "--latent-channels", "4", "--text-embed-dim", "8"]
+DATA_FLAGS += ["--packing-buffer-size", "6"]
+"""The command line of FMT: packs of 32 tokens from a buffer of 6 samples."""
+FLAGS = [*DATA_FLAGS, "--micro-batch-size", "3"]  # for tiny_loader, whose tests pack or not
 
 Entry = tuple[str, dict[str, bytes]]
 
@@ -128,7 +118,7 @@ def tiny_loader(
     loader = energon_loader(
         path,
         build_task_encoder(run.model, run.data, pad_multiple=4),
-        RankLayout(),
+        RankPlace(),
         num_workers=workers,
         seed=3,
         packing_buffer_size=run.data.packing_buffer_size,
@@ -137,7 +127,7 @@ def tiny_loader(
     )
     return DiTDataLoader(
         loader,
-        RankLayout(),
+        RankPlace(),
         max_bad_sample_fraction=max_bad,
         num_workers=workers,
         buffer_size=run.data.buffer_samples,

@@ -17,30 +17,11 @@ from dit.model.model import DiTModel
 from dit.runtime import distributed as runtime
 from dit.training.arguments import load_run_config
 from tests.distributed import run_distributed
-from tests.tiny_data import payloads, write_dataset
+from tests.tiny_data import TINY_RUN, payloads, write_dataset
 
 pytestmark = pytest.mark.dist
 
-FLAGS = [
-    "--model-size",
-    "DiT-debug",
-    "--latent-channels",
-    "4",
-    "--patch-size",
-    "2",
-    "--text-embed-dim",
-    "8",
-    "--max-seq-length",
-    "64",
-    "--packing-buffer-size",
-    "16",
-    "--num-workers",
-    "0",
-    "--transformer-impl",
-    "local",
-    "--seed",
-    "7",
-]
+FLAGS = TINY_RUN + ["--max-seq-length", "64", "--packing-buffer-size", "16", "--seed", "7"]
 
 
 def _first_pack_loss_and_grads(data_path: str, cp: int) -> dict:

@@ -12,14 +12,14 @@ from megatron.energon import stateless
 
 from data.loader.dataloader import build_task_encoder, energon_loader
 from data.loader.packing import padded_length
-from data.loader.rank_split import RankLayout
+from data.loader.rank_split import RankPlace
 from data.loader.sample import sample_key
 from data.loader.task_encoder import DiTTaskEncoder
 from data.report import histogram, main, read_order, simulated_efficiency
 from data.shards import shard_name
 from data.synthetic import synthetic_samples, write_synthetic
 from dit.training.arguments import load_run_config
-from tests.tiny_data import DEFECTS, GOOD, good_entries
+from tests.tiny_data import DATA_FLAGS, DEFECTS, GOOD, good_entries
 
 
 def _tokens(files):
@@ -33,20 +33,9 @@ def test_report_json_matches_hand_counts(mixed_dataset, capsys):
         [
             str(mixed_dataset),
             "--json",
-            "--max-seq-length",
-            "32",
-            "--patch-size",
-            "2",
-            "--temporal-patch-size",
-            "1",
+            *DATA_FLAGS,
             "--context-parallel-size",
             "2",
-            "--latent-channels",
-            "4",
-            "--text-embed-dim",
-            "8",
-            "--packing-buffer-size",
-            "6",
             "--num-workers",
             "0",
         ]
@@ -72,18 +61,9 @@ def test_report_simulates_the_buffer_windows_of_the_stream_as_read(truncated_dat
         [
             str(truncated_dataset[0]),
             "--json",
-            "--max-seq-length",
-            "32",
-            "--patch-size",
-            "2",
+            *DATA_FLAGS,
             "--context-parallel-size",
             "2",
-            "--latent-channels",
-            "4",
-            "--text-embed-dim",
-            "8",
-            "--packing-buffer-size",
-            "6",
             "--num-workers",
             "2",
         ]
@@ -111,7 +91,7 @@ def test_packs_carry_each_samples_place_in_the_read_order(mixed_dataset, monkeyp
     loader = energon_loader(
         mixed_dataset,
         build_task_encoder(run.model, run.data, 4),
-        RankLayout(),
+        RankPlace(),
         num_workers=0,
         seed=3,
         packing_buffer_size=6,
@@ -171,16 +151,7 @@ def test_user_mistakes_are_one_line_naming_the_flag_and_exit_2(tmp_path, mixed_d
 def test_report_shows_no_library_warnings_and_names_itself_in_flag_mistakes(mixed_dataset):
     ok = _report(
         str(mixed_dataset),
-        "--max-seq-length",
-        "32",
-        "--patch-size",
-        "2",
-        "--latent-channels",
-        "4",
-        "--text-embed-dim",
-        "8",
-        "--packing-buffer-size",
-        "6",
+        *DATA_FLAGS,
     )
     assert ok.returncode == 0 and "samples read" in ok.stdout
     assert "Warning" not in ok.stderr and "Transformer Engine" not in ok.stderr, ok.stderr

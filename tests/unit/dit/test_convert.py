@@ -16,7 +16,7 @@ from dit.model.packed import PackedBatch
 from dit.model.patchify import patchify
 from tests.distributed import run_distributed
 from tests.model_setup import full_weights
-from tests.tiny_data import payloads, write_dataset
+from tests.tiny_data import TINY_RUN, payloads, write_dataset
 
 SMALL = dict(
     num_attention_heads=4,
@@ -117,29 +117,9 @@ def test_export_refuses_a_model_diffusers_would_compute_differently(single_proce
         convert.diffusers_config(config)
 
 
-TRAIN_FLAGS = [
-    "--num-layers",
-    "2",
+TRAIN_FLAGS = TINY_RUN + [  # the tiny run, at the shapes diffusers' DiT has (class labels, sin-cos, no qk-norm)
     "--hidden-size",
     "32",
-    "--num-attention-heads",
-    "4",
-    "--latent-channels",
-    "4",
-    "--patch-size",
-    "2",
-    "--text-embed-dim",
-    "8",
-    "--max-seq-length",
-    "32",
-    "--packing-buffer-size",
-    "8",
-    "--num-workers",
-    "0",
-    "--transformer-impl",
-    "local",
-    "--log-interval",
-    "1",
     "--train-iters",
     "2",
     "--tensor-model-parallel-size",
