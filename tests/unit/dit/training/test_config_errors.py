@@ -129,6 +129,23 @@ def test_validate_only_checks_the_checkpoint_flags(tmp_path, dataset, capsys):
     assert _main(capsys, *base, "--save", str(tmp_path / "new"))[0] == 0  # a folder yet to be made is fine
 
 
+def test_validate_only_refuses_a_save_folder_this_user_cannot_write(tmp_path, dataset, capsys):
+    """A folder without write permission (root writes anywhere, but not on a read-only mount such as a
+    container's /proc/sys): refused at --validate-only, not at the first save with a traceback."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    unwritable = next((p for p in (locked, Path("/proc/sys")) if not os.access(p, os.W_OK | os.X_OK)), None)
+    if unwritable is None:
+        pytest.skip("root on a machine without a read-only folder: every folder here is writable")
+    save = unwritable / "ckpt"
+    assert _main(capsys, *TINY, "--data-path", dataset, "--validate-only", "--save", str(save)) == (
+        2,
+        f"pretrain_dit.py: error: --save: {save} cannot be written ({unwritable} is not writable for this user); "
+        "give a directory you can write",
+    )
+
+
 def test_a_negative_number_in_exponent_form_is_a_value(dataset):
     out = _run(*TINY, "--data-path", dataset, "--validate-only", "--lr", "-1e-3")
     assert (out.returncode, out.stderr.strip()) == (
