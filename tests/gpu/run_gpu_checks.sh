@@ -8,9 +8,8 @@
 #      checkpoint, whose losses are compared with the first run's;
 #   4. a 10-iteration FP8 run per recipe this GPU has kernels for (dit.model.fp8.MIN_CAPABILITY), where TE imports;
 #   5. with 2 or more GPUs, TE's CP=2 and TP=2 with SP against one GPU (tests/gpu/te_parallel.py);
-#   6. bench_step.py (with host_syncs_per_step from dit.training.host_syncs' counter, and the warnings of
 #   6. a 10-iteration --use-megatron-fsdp run on every GPU (megatron-core 0.17+; skipped on 0.16);
-#   7. bench_step.py (with host_syncs_per_step from dit.host_syncs' counter, and the warnings of
+#   7. bench_step.py (with host_syncs_per_step from dit.training.host_syncs' counter, and the warnings of
 #      torch.cuda.set_sync_debug_mode("warn")) and
 #      bench_model.py for DiT-B and DiT-XL at 8192 tokens in bf16, and in FP8 where TE imports.
 # Every part has its own time limit, cut to what is left of the whole run's budget (BUDGET_S, 470 s).
@@ -122,10 +121,10 @@ else
     skip_part fp8 "transformer_engine does not import (or --dry-run): no FP8 runs"
 fi
 
-# 5. TE's context and tensor parallel on 2 GPUs; the same script's wiring with the local layers in the dry run
+# 5. TE's context and tensor parallel on 2 GPUs (the same script's wiring with the local layers is a test of the
+#    suite's slow tier, tests/gpu/test_gpu_te_parallel.py, so the dry run does not repeat it)
 if ((dry)); then
-    part te_parallel 90 "" "$python" -m torch.distributed.run --nproc-per-node 2 tests/gpu/te_parallel.py \
-        --transformer-impl local
+    skip_part te_parallel "--dry-run: its wiring is tests/gpu/test_gpu_te_parallel.py's CPU test"
 elif (($("$python" -c "import torch; print(torch.cuda.device_count())") >= 2)) && ((${#fp8[@]})); then
     part te_parallel 90 "" "$python" -m torch.distributed.run --nproc-per-node 2 tests/gpu/te_parallel.py
 else

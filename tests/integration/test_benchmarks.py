@@ -1,7 +1,7 @@
 """The benchmarks and the GPU check script run here, on the CPU: ``run_gpu_checks.sh --dry-run`` takes every
-step of the GPU run (install check, GPU tests, synthetic dataset, training saved and resumed, the 2-rank
-parallel check, both benchmarks; FP8 skips) at tiny sizes and writes the summary the GPU run writes;
-``bench_data.py`` prints its JSON line."""
+step of the GPU run (install check, GPU tests, synthetic dataset, training saved and resumed, Megatron-FSDP,
+both benchmarks; FP8 and the 2-rank TE check skip, the latter's wiring being a test of its own) at tiny sizes
+and writes the summary the GPU run writes; ``bench_data.py`` prints its JSON line."""
 
 import json
 import math
@@ -54,7 +54,7 @@ def test_gpu_checks_dry_run_writes_every_part(tmp_path):
     assert fsdp["status"] == "skipped" if megatron_fsdp_missing() else fsdp["result"]["last"]["iteration"] == 2
     resume = parts["resume"]["result"]  # from the checkpoint of iteration 1, with its EMA, to iteration 3
     assert resume["last"]["iteration"] == 3 and resume["max_loss_difference"] == 0.0  # bit-exact on the CPU
-    assert max(parts["te_parallel"]["result"].values()) < 1e-5  # the 2-rank check's wiring, local layers
+    assert parts["te_parallel"]["status"] == "skipped"  # its wiring is a test of its own (test_gpu_te_parallel.py)
     assert parts["install"]["status"] == "skipped"  # everything imports here
     tests = parts["tests"]["result"]
     assert tests["passed"] >= 2 and not tests["failed"]  # the local-spec GPU tests ran on the CPU
