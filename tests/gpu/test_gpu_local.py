@@ -26,5 +26,8 @@ def test_local_attention_memory_grows_linearly(single_process, device):
     peaks = {
         n: attention_peak_bytes(n, heads=6, head_dim=64, device=device, dtype=torch.bfloat16) for n in (short, long)
     }
-    assert peaks[long] < 0.05 * long**2 * 6 * 2, peaks  # bf16 scores: 2 bytes each (CPU 4k: 0.024 of them)
+    # bf16 scores, 2 bytes each: far below them (CPU 4k: 0.024 of them on one Xeon, 0.056 on one with AMX, whose
+    # kernel packs its blocks into buffers of its own)
+    share = 0.05 if device.type == "cuda" else 0.1
+    assert peaks[long] < share * long**2 * 6 * 2, peaks
     assert peaks[long] < 2.5 * peaks[short], peaks  # quadratic would be 4x
