@@ -91,9 +91,9 @@ def test_the_flow_samplers_time_grid_is_the_training_shift(single_process, flow_
 
 
 def test_the_edm_sampler_walks_karras_levels_with_heun(single_process):
-    """EDM's Heun (Algorithm 2) evaluates at sigma_0, then at each next level twice (the correction there and
-    the next step's start), and once at the last level before 0; the network sees c_noise = ln(sigma) / 4 of
-    Karras' eq. 5 levels, written out by hand for --sigma-min/--sigma-max/--rho."""
+    """EDM's Heun (Algorithm 2) evaluates at sigma_0, then twice at each later level (the correction of the step
+    that reached it and the start of the next), with no correction on the last step, to 0; the network sees
+    c_noise = ln(sigma) / 4 of Karras' eq. 5 levels, written out by hand for --sigma-min/--sigma-max/--rho."""
     config = tiny_config(conditioning="class")
     model = DiTModel(config).eval()
     randomize(model, seed=3)
