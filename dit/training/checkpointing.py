@@ -13,10 +13,13 @@ them. Where the folders go and how a save is published: :mod:`dit.checkpoint.fil
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
@@ -198,7 +202,8 @@ class Checkpointer:
         dist.barrier()
         contents = sharded_state(setup, state, loader, ema)
         if self.queue is None:
-            dist_checkpointing.save(contents, str(partial))
+            with _results_in_process():
+                dist_checkpointing.save(contents, str(partial))
             self._publish(partial, final, state.iteration, start)
             return
         request = dist_checkpointing.save(contents, str(partial), async_sharded_save=True, **async_save_options())
@@ -230,6 +235,23 @@ class Checkpointer:
             )
         dist.barrier()
         self.last = final
+
+
+@contextlib.contextmanager
+def _results_in_process() -> Iterator[None]:
+    """A synchronous save's write results passed through a queue of this process.
+
+    Megatron-Core's file writer hands them back through one ``multiprocessing.Manager`` queue per process, made for
+    the background writer of an async save. Its server is a spawned interpreter that imports torch to unpickle the
+    first results: several seconds of CPU per rank at the first save (about a third of the time of the suite's
+    checkpoint tests on 2 cores). A synchronous save writes in this process, so a plain queue carries the results.
+    """
+    shared = filesystem_async._results_queue
+    filesystem_async._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        filesystem_async._results_queue = shared
 
 
 def find_checkpoint(ckpt: CheckpointConfig) -> Path | None:
