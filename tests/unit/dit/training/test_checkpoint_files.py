@@ -63,6 +63,8 @@ def _train(data_path: str, extra: list[str], die_on_save: int | None = None) -> 
         "iteration": result.state.iteration,
         "losses": {r.iteration: r.loss for r in result.history},
         "exit": result.exit_reason,
+        "helpers": [child.name for child in multiprocessing.active_children()],
+        "results_manager": checkpointing.filesystem_async._results_queue is not None,
     }
 
 
@@ -89,6 +91,8 @@ def test_exit_interval_saves_and_stops(tmp_path, dataset):
         ["--save", str(tmp_path), "--train-iters", "10", "--exit-interval", "3", "--save-interval", "100"],
     )[0]
     assert r["iteration"] == 3 and r["exit"] == "--exit-interval 3" and read_tracker(tmp_path) == 3
+    # a synchronous save starts no process: Megatron's results Manager costs each rank seconds of CPU
+    assert r["helpers"] == [] and not r["results_manager"]
 
 
 def _error_line(capfd, *argv: str) -> str:
