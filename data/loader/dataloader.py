@@ -225,22 +225,10 @@ class DiTDataLoader:
 def build_train_loader(run: RunConfig) -> DiTDataLoader:
     """The training loader of a run; Megatron's parallel state must be initialised."""
     data = run.data
-    layout = RankPlace.from_parallel_state(run.model)
-    loader = energon_loader(
+    return _build_loader(
+        run,
         data.data_path,
-        build_task_encoder(run.model, data, layout.pad_multiple),
-        layout,
-        num_workers=data.num_workers,
-        seed=run.training.seed,
-        packing_buffer_size=data.packing_buffer_size,
-        micro_batch_size=run.training.micro_batch_size,
-    )
-    return DiTDataLoader(
-        loader,
-        layout,
-        max_bad_sample_fraction=data.max_bad_sample_fraction,
-        num_workers=data.num_workers,
-        buffer_size=data.buffer_samples,
+        None,
         reject_oversize=data.oversize_policy == "error",
         stall_samples=stall_limit(data.packing_buffer_size, data.num_workers),
     )
@@ -248,9 +236,20 @@ def build_train_loader(run: RunConfig) -> DiTDataLoader:
 
 def build_valid_loader(run: RunConfig) -> DiTDataLoader:
     """The validation loader: the same packs in the same order every time it is built."""
+    assert run.data.validation is not None, "the run has no validation dataset"
+    path, split = run.data.validation
+    return _build_loader(run, path, split)
+
+
+def _build_loader(
+    run: RunConfig,
+    path: str | Path,
+    split: str | None,
+    reject_oversize: bool = False,
+    stall_samples: int = STALL_SAMPLES,
+) -> DiTDataLoader:
+    """The loader of this rank's replica over ``path`` (its ``split``, or the shuffled train split)."""
     data = run.data
-    assert data.validation is not None, "the run has no validation dataset"
-    path, split = data.validation
     layout = RankPlace.from_parallel_state(run.model)
     loader = energon_loader(
         path,
@@ -268,4 +267,6 @@ def build_valid_loader(run: RunConfig) -> DiTDataLoader:
         max_bad_sample_fraction=data.max_bad_sample_fraction,
         num_workers=data.num_workers,
         buffer_size=data.buffer_samples,
+        reject_oversize=reject_oversize,
+        stall_samples=stall_samples,
     )
