@@ -17,29 +17,15 @@ are pixels already (the digits quick start) as one grid.
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
 import sys
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from megatron.core import dist_checkpointing
-
-from dit.checkpoint.description import saved_architecture, saved_objective
-from dit.checkpoint.files import find_checkpoint
-from dit.checkpoint.weights import load_model_weights
-from dit.diffusion.guidance import Condition, GuidedPrediction
-from dit.diffusion.objective import Objective
-from dit.diffusion.samplers import SamplingOptions
-from dit.encoders import TextEncoder, VaeEncoder
 from dit.errors import ConfigError, flag_error
-from dit.model import te
-from dit.model.config import DiTConfig
-from dit.model.model import DiTModel
-from dit.runtime import distributed as runtime
 from dit.runtime.console import quiet_library_warnings, user_error
-from dit.safe_pickle import loads
+
+if TYPE_CHECKING:
+    from dit.inference import GenerateOptions
 
 PROG = "python -m dit.generate"
 
@@ -91,210 +77,32 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
     return (shape[0], shape[1], shape[2], shape[3]) if len(shape) == 4 else (shape[0], 1, shape[1], shape[2])
 
 
-def conditions(args: argparse.Namespace, config: DiTConfig) -> list[Condition]:
-    given = [bool(args.text_embedding), bool(args.caption), bool(args.class_label)]
-    if sum(given) > 1:
-        raise ConfigError("--text-embedding", "give one of --text-embedding, --caption and --class-label")
-    if config.conditioning == "class":
-        if args.text_embedding or args.caption:
-            raise ConfigError("--class-label", "this model is class-conditioned: pass --class-label K")
-        bad = [k for k in args.class_label if not 0 <= k < config.num_classes]
-        if bad:
-            raise ConfigError("--class-label", f"{bad[0]} is outside [0, {config.num_classes})")
-        return [Condition(label=k, fps=args.fps) for k in args.class_label] or [
-            Condition(label=config.num_classes, fps=args.fps)
-        ]
-    if args.class_label:
-        raise ConfigError("--class-label", "this model is text-conditioned: pass --text-embedding or --caption")
-    texts = []
-    for name in args.text_embedding:
-        try:
-            value = loads(Path(name).read_bytes())
-        except (OSError, Exception) as e:  # a missing file, or a pickle that is not plain data
-            raise ConfigError("--text-embedding", f"cannot read {name}: {e}") from None
-        value = torch.as_tensor(value).float()
-        if value.dim() != 2 or value.shape[1] != config.text_embed_dim:
-            raise ConfigError(
-                "--text-embedding", f"{name} holds {tuple(value.shape)}, not [L, {config.text_embed_dim}]"
-            )
-        texts.append(value)
-    if args.caption:
-        if args.text_encoder is None:
-            raise ConfigError(
-                "--caption", "needs --text-encoder NAME_OR_FOLDER (the one the dataset was prepared with)"
-            )
-        texts = TextEncoder(args.text_encoder, args.text_encoder_subfolder, args.tokenizer_subfolder).encode(
-            args.caption
-        )
-    null = torch.zeros(1, config.text_embed_dim)
-    return [Condition(text=t, fps=args.fps) for t in texts] or [Condition(text=null, fps=args.fps)]
+def options(args: argparse.Namespace) -> GenerateOptions:
+    """The flags as :class:`dit.inference.GenerateOptions`; torch and Megatron-Core load here, once the flags are
+    understood, so that ``--help`` and a flag mistake answer at once and without their import-time warnings."""
+    from dit.inference import GenerateOptions
 
-
-def sample(
-    args: argparse.Namespace,
-    model: DiTModel,
-    objective: Objective,
-    config: DiTConfig,
-    conds: list[Condition],
-    shape: tuple,
-    device: torch.device,
-) -> torch.Tensor:
-    """Latents ``[len(conds) * num_samples, C, T, H, W]``: the samples of each condition in a row."""
-    per_sample = [c for c in conds for _ in range(args.num_samples)]
-    predict = GuidedPrediction(model, objective, config, per_sample, args.guidance, device)
-    noise = torch.randn(
-        len(per_sample), *shape, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64
-    )
-    tokens = math.prod(
-        s // p for s, p in zip(shape[1:], (config.temporal_patch_size, config.patch_size, config.patch_size))
-    )
-    options = SamplingOptions(args.steps, args.sampler, args.sigma_min, args.sigma_max, args.rho)
-    return objective.sample(predict, noise, options, tokens)
-
-
-GRID_GAP = 4  # px of background between the cells, around them, and between the labels and the first column
-GRID_BACKGROUND, GRID_INK = 255, 0  # white canvas, black labels: apart from the cells' own black backgrounds
-
-
-def row_labels(args: argparse.Namespace) -> list[str]:
-    """What each row of samples is conditioned on, for the grid: the class, the caption or the embedding's file."""
-    if args.class_label:
-        return [f"class {k}" for k in args.class_label]
-    if args.caption:
-        return list(args.caption)
-    if args.text_embedding:
-        return [Path(name).stem for name in args.text_embedding]
-    return ["unconditional"]
-
-
-def write_grid(latents: torch.Tensor, labels: list[str], path: str) -> None:
-    """Pixels in [-1, 1] ``[N, C, 1, H, W]`` (C = 1 or 3) as a PNG grid, one row per label written at its left,
-    cells of >= 64 px ``GRID_GAP`` px apart on a white canvas."""
-    from PIL import Image, ImageDraw, ImageFont  # pillow: the quickstart and prep extras
-
-    n, c, _, h, w = latents.shape
-    if c not in (1, 3):
-        raise ConfigError("--png-grid", f"needs 1 or 3 channels of pixels, the latents have {c}; decode with --vae")
-    scale = max(1, 64 // max(h, w))
-    pixels = ((latents[:, :, 0].clamp(-1, 1) + 1) * 127.5).round().byte()  # [N, C, H, W]
-    cells = pixels.repeat_interleave(scale, 2).repeat_interleave(scale, 3).permute(0, 2, 3, 1).numpy()  # [N, h, w, C]
-    rows, (cell_h, cell_w) = len(labels), cells.shape[1:3]
-    cols = n // rows
-    font = ImageFont.load_default()
-    left = GRID_GAP + max(round(ImageDraw.Draw(Image.new("L", (1, 1))).textlength(t, font=font)) for t in labels)
-    mode, fill = ("L", GRID_BACKGROUND) if c == 1 else ("RGB", (GRID_BACKGROUND,) * 3)
-    grid = Image.new(mode, (left + GRID_GAP + cols * (cell_w + GRID_GAP), GRID_GAP + rows * (cell_h + GRID_GAP)), fill)
-    draw = ImageDraw.Draw(grid)
-    for r, label in enumerate(labels):
-        top = GRID_GAP + r * (cell_h + GRID_GAP)
-        draw.text(
-            (GRID_GAP, top + cell_h // 2), label, fill=GRID_INK if c == 1 else (GRID_INK,) * 3, font=font, anchor="lm"
-        )
-        for k in range(cols):
-            cell = np.ascontiguousarray(cells[r * cols + k].squeeze(-1) if c == 1 else cells[r * cols + k])
-            grid.paste(Image.fromarray(cell), (left + GRID_GAP + k * (cell_w + GRID_GAP), top))
-    grid.save(path)
-
-
-def decode_to_files(args: argparse.Namespace, latents: torch.Tensor) -> list[str]:
-    pixels = VaeEncoder(args.vae, args.vae_subfolder).decode(latents)  # [N, T, 3, H, W] uint8
-    stem, written = Path(args.output).with_suffix(""), []
-    for i, clip in enumerate(pixels):
-        if clip.shape[0] == 1:
-            from PIL import Image  # pillow and av: the prep extra, which --vae needs anyway
-
-            path = f"{stem}_{i:03d}.png"
-            Image.fromarray(clip[0].permute(1, 2, 0).numpy()).save(path)
-        else:
-            path = f"{stem}_{i:03d}.mp4"
-            _write_video(path, clip, args.fps or 16.0)
-        written.append(path)
-    return written
-
-
-def _write_video(path: str, clip: torch.Tensor, fps: float) -> None:
-    import av  # the prep extra
-
-    with av.open(path, "w") as container:
-        stream = container.add_stream("mpeg4", rate=round(fps))  # in every PyAV wheel (x264 is not)
-        stream.height, stream.width = clip.shape[2], clip.shape[3]
-        stream.pix_fmt = "yuv420p"
-        for frame in clip:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame.permute(1, 2, 0).numpy(), format="rgb24")))
-        container.mux(stream.encode())
+    shape = parse_shape(args.latent_shape)
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerateOptions) if f.name != "shape"}
+    return GenerateOptions(shape=shape, **flags)
 
 
 def main(argv: list[str] | None = None) -> int:
     quiet_library_warnings()
     try:
         args = build_parser().parse_args(argv)
-        shape = parse_shape(args.latent_shape)
+        parse_shape(args.latent_shape)
         for flag, value in (("--num-samples", args.num_samples), ("--steps", args.steps)):
             if value < 1:
                 raise ConfigError(flag, f"must be >= 1, got {value}")
-        return generate(args, shape)
+        sampling = options(args)
+        from dit.inference import generate  # loaded by options()
+
+        summary = generate(sampling)
     except ConfigError as e:
         return user_error(PROG, flag_error(e))
-
-
-def load_model(args: argparse.Namespace, path: Path, device: torch.device) -> tuple:
-    """The checkpoint's model on this rank's layout, with its EMA (or raw) weights: (model, its objective
-    config, which weights)."""
-    common = dist_checkpointing.load_common_state_dict(str(path))
-    objective = saved_objective(common)
-    if objective is None:
-        raise ConfigError(
-            "--load",
-            f"{path} holds an imported model, which names no training objective to sample "
-            "with; sample it with diffusers, or train from it (--finetune)",
-        )
-    impl = "transformer_engine" if te.have_transformer_engine() and args.bf16 else "local"
-    config = DiTConfig.from_architecture(
-        saved_architecture(common, path),
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        context_parallel_size=args.context_parallel_size,
-        transformer_impl=impl,
-        bf16=args.bf16,
-        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-    )
-    runtime.initialize_model_parallel(
-        runtime.ParallelLayout(tensor=args.tensor_model_parallel_size, context=args.context_parallel_size)
-    )
-    runtime.set_random_seed(args.seed, per_data_parallel_rank=False)
-    model = DiTModel(config).to(device).eval()
-    return model, objective, load_model_weights(model, path, use_ema=not args.no_ema)
-
-
-def generate(args: argparse.Namespace, shape: tuple) -> int:
-    path = find_checkpoint(args.load, args.ckpt_step)
-    runtime.init_distributed()
-    try:
-        device = runtime.current_device()
-        model, trained_with, weights = load_model(args, path, device)
-        config = model.config
-        if shape[0] != config.latent_channels:
-            raise ConfigError(
-                "--latent-shape", f"the model takes {config.latent_channels} latent channels, not {shape[0]}"
-            )
-        objective = trained_with.build()
-        conds = conditions(args, config)
-        latents = sample(args, model, objective, config, conds, shape, device).float()
-        if dist.get_rank() == 0:
-            torch.save(latents, args.output)
-            notes = [f"latents {tuple(latents.shape)} -> {args.output}"]
-            if args.png_grid:
-                write_grid(latents, row_labels(args), args.png_grid)
-                notes.append(f"grid of {len(conds)} rows -> {args.png_grid}")
-            if args.vae:
-                files = decode_to_files(args, latents)
-                notes.append(f"{len(files)} decoded files -> {Path(files[0]).parent}")
-            print(
-                f"{PROG}: {path} ({weights} weights, {trained_with.objective}, {args.steps} steps, guidance "
-                f"{args.guidance}): " + "; ".join(notes),
-                flush=True,
-            )
-    finally:
-        runtime.destroy()
+    if summary is not None:
+        print(f"{PROG}: {summary}", flush=True)
     return 0
 
 

@@ -424,12 +424,11 @@ def test_command_line_exit_code(tmp_path):
 def test_vae_decode_for_sampling(models, tmp_path, vae, frames):
     """VaeEncoder.decode undoes the normalisation and decodes as diffusers does; dit.generate writes the
     decoded samples as PNG images or MP4 videos of the right size."""
-    from argparse import Namespace
-
     from diffusers import AutoModel
 
     from dit.encoders import VaeEncoder
-    from dit.generate import decode_to_files
+    from dit.generate import build_parser, options
+    from dit.inference import decode_to_files
 
     latents = torch.randn(2, 4, frames, 4, 6, generator=torch.Generator().manual_seed(0))
     pixels = VaeEncoder(str(models[vae])).decode(latents)  # [N, T, 3, H, W] uint8
@@ -441,9 +440,8 @@ def test_vae_decode_for_sampling(models, tmp_path, vae, frames):
         expected = reference.decode(latents * STD + MEAN).sample.transpose(1, 2)  # [N, T, 3, H, W]
     expected = ((expected.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     assert pixels.shape == expected.shape and (pixels.int() - expected.int()).abs().max() <= 1
-    files = decode_to_files(
-        Namespace(vae=str(models[vae]), vae_subfolder=None, output=str(tmp_path / "s.pt"), fps=8.0), latents
-    )
+    flags = ["--load", "x", "--latent-shape", "4,4,6", "--output", str(tmp_path / "s.pt"), "--fps", "8"]
+    files = decode_to_files(options(build_parser().parse_args([*flags, "--vae", str(models[vae])])), latents)
     assert len(files) == 2
     if frames == 1:
         assert files[0].endswith(".png") and Image.open(files[0]).size == (pixels.shape[-1], pixels.shape[-2])

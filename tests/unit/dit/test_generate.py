@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pretrain_dit
-from dit import generate
+from dit import generate, inference
 from dit.checkpoint.files import find_checkpoint
 from dit.diffusion import build_objective
 from dit.diffusion.flow import TIMESTEP_SCALE
@@ -75,13 +75,12 @@ def test_the_flow_samplers_time_grid_is_the_training_shift(single_process, flow_
             "1",
         ]
     )
-    generate.sample(
-        args,
+    inference.sample(
+        generate.options(args),
         model,
         build_objective("flow", flow_shift=flow_shift),
         config,
         [Condition(label=1)],
-        (4, 1, 4, 6),
         torch.device("cpu"),
     )
     uniform = [1.0, 0.75, 0.5, 0.25]  # Euler evaluates at every time but the last (t = 0)
@@ -103,8 +102,8 @@ def test_the_edm_sampler_walks_karras_levels_with_heun(single_process):
     args = generate.build_parser().parse_args(
         ["--load", "x", "--latent-shape", "4,1,4,6", "--output", "x"] + flags.split()
     )
-    generate.sample(
-        args, model, build_objective("edm"), config, [Condition(label=1)], (4, 1, 4, 6), torch.device("cpu")
+    inference.sample(
+        generate.options(args), model, build_objective("edm"), config, [Condition(label=1)], torch.device("cpu")
     )
     levels = [(10 ** (1 / 3) + i / 2 * (0.5 ** (1 / 3) - 10 ** (1 / 3))) ** 3 for i in range(3)]  # 10 ... 0.5
     calls = [levels[0], levels[1], levels[1], levels[2], levels[2]]  # --sampler is the flow's: EDM takes Heun
@@ -127,12 +126,10 @@ def _train(data_path: str, save: str) -> dict:
 
 
 def _loaded(save: str, no_ema: bool) -> dict:
-    from dit import generate
-
     args = generate.build_parser().parse_args(
         ["--load", save, "--latent-shape", "4,4,4", "--output", "x.pt"] + (["--no-ema"] if no_ema else [])
     )
-    model, _, which = generate.load_model(args, find_checkpoint(args.load), torch.device("cpu"))
+    model, _, which = inference.load_model(generate.options(args), find_checkpoint(args.load), torch.device("cpu"))
     assert which == ("raw" if no_ema else "EMA")
     return {n: p.detach().clone().numpy() for n, p in model.named_parameters()}
 
@@ -205,9 +202,9 @@ def test_the_png_grid_has_a_gap_between_cells_and_each_rows_label(tmp_path):
 
     values = torch.linspace(-1, 0.9, 6)  # [-1, 1]: pixel (v + 1) * 127.5, none of them the background's 255
     latents = values[:, None, None, None, None].expand(6, 1, 1, 4, 4)
-    generate.write_grid(latents, ["class 0", "class 1"], str(tmp_path / "grid.png"))
+    inference.write_grid(latents, ["class 0", "class 1"], str(tmp_path / "grid.png"))
     image = torch.from_numpy(np.array(Image.open(tmp_path / "grid.png"))).int()  # [height, width]
-    gap, cell, bg = generate.GRID_GAP, 64, generate.GRID_BACKGROUND
+    gap, cell, bg = inference.GRID_GAP, 64, inference.GRID_BACKGROUND
     assert gap >= 2  # a gap that shows
     left = image.shape[1] - 3 * (cell + gap) - gap  # the label column
     assert image.shape[0] == gap + 2 * (cell + gap) and left > gap
@@ -225,3 +222,11 @@ def test_the_png_grid_has_a_gap_between_cells_and_each_rows_label(tmp_path):
     assert all((band != bg).any() for band in bands)  # a label in each row's band
     assert not torch.equal(bands[0], bands[1])  # and not the same one
     assert (labels[:gap] == bg).all() and (labels[gap + cell : 2 * gap + cell] == bg).all()  # none in the margins
+
+
+def test_the_command_line_answers_before_torch_loads():
+    """--help and a flag mistake answer at once: dit.generate loads torch and Megatron-Core (seconds, and their
+    import-time warnings) only in options(), once the flags are understood."""
+    probe = "import sys, dit.generate; print(sorted(m for m in ('megatron', 'torch') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stderr
