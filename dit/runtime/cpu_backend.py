@@ -7,10 +7,11 @@ collectives on side streams of its own (``torch.cuda.Stream``, ``torch.cuda.stre
 asserts ``param.type() == "torch.cuda.FloatTensor"`` in its optimizers and grad clipping, and keeps its
 dropout RNG states with ``torch.cuda.get_rng_state`` (Megatron-FSDP copies them across TP ranks).
 This module maps all of that onto the CPU. On the CPU every stream is the one host stream, whose events are
-complete when recorded; so that this holds, every collective runs to its end where it is issued (gloo would
-run an ``async_op`` one on a thread of its own, and Megatron-FSDP frees and reallocates bucket storage right
-after an event that on a GPU orders that after the collective: on the CPU the collective would then write
-into freed memory, a rare heap corruption).
+complete when recorded; so that this holds, a collective called through ``torch.distributed`` runs to its end
+where it is issued (gloo would run an ``async_op`` one on a thread of its own, and Megatron-FSDP frees and
+reallocates bucket storage right after an event that on a GPU orders that after the collective: on the CPU the
+collective would then write into freed memory, a rare heap corruption). Megatron's DDP buffers and TP layers bind
+some collectives at import, beyond this reach, and wait on their handles before they use the data.
 It is enabled only when no CUDA device exists and never touches a GPU run.
 """
 
