@@ -43,26 +43,8 @@ DEBUG_LAUNCH = [*DEBUG_MODEL, "--max-seq-length", "32", "--num-workers", "0"]
 
 # pretrain_dit.py flags of the DiT-debug size (dit/model/sizes.py) for these datasets;
 # tests add their own after these (argparse keeps the last value)
-TINY_RUN = [
-    "--model-size",
-    "DiT-debug",
-    "--latent-channels",
-    "4",
-    "--patch-size",
-    "2",
-    "--text-embed-dim",
-    "8",
-    "--max-seq-length",
-    "32",
-    "--packing-buffer-size",
-    "8",
-    "--num-workers",
-    "0",
-    "--transformer-impl",
-    "local",
-    "--log-interval",
-    "1",
-]
+TINY_RUN = [*DEBUG_LAUNCH, "--patch-size", "2", "--packing-buffer-size", "8", "--transformer-impl", "local"]
+TINY_RUN += ["--log-interval", "1"]
 
 
 def payloads(
