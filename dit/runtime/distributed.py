@@ -97,9 +97,6 @@ class ParallelLayout:
     def from_saved(cls, saved: dict[str, int]) -> ParallelLayout:
         return cls(saved["tp"], saved["pp"], saved["cp"], saved["dp"])
 
-    def __str__(self) -> str:
-        return f"tp={self.tensor} pp={self.pipeline} cp={self.context} dp={self.data}"
-
 
 def initialize_model_parallel(layout: ParallelLayout) -> None:
     """Build Megatron's process groups (TP, PP, CP, DP) for ``layout`` over the default group.
