@@ -260,7 +260,6 @@ def load_parameters(model: torch.nn.Module, state: dict[str, Tensor]) -> None:
 
 def resolve_checkpoint(path: Path) -> Path:
     """A training run's ``--save`` folder (its tracker names the latest checkpoint) or one checkpoint folder."""
-
     checkpoint = find_checkpoint(path, flag="checkpoint", required=False) or path
     if not (checkpoint / "metadata.json").is_file():
         raise ConfigError(
@@ -273,7 +272,6 @@ def resolve_checkpoint(path: Path) -> Path:
 
 def checkpoint_config(checkpoint: Path) -> DiTConfig:
     """The model's config, from the architecture the checkpoint stores (training's and import's alike)."""
-
     common = dist_checkpointing.load_common_state_dict(str(checkpoint))
     return DiTConfig.from_architecture(saved_architecture(common, checkpoint), transformer_impl="local")
 
@@ -282,7 +280,6 @@ def read_checkpoint(checkpoint: Path, config: DiTConfig, use_ema: bool = True) -
     """The model's weights in a Megatron dist checkpoint saved under any parallel layout (by this module's
     import or by ``pretrain_dit.py``, whose checkpoints hold them under the same keys, and their EMA)
     -> full tensors. ``use_ema``: a training run's EMA where it has one."""
-
     model = _single_process_model(config)
     load_model_weights(model, checkpoint, use_ema)
     return {name: p.detach() for name, p in model.named_parameters()}
